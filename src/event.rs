@@ -1,0 +1,344 @@
+//! The event: identifiers, the envelope, and its stored byte format.
+//!
+//! Invariant: the stored bytes of an event are `[ENVELOPE_FORMAT] ++ rkyv archive of StoredEvent`,
+//! little-endian with 32-bit relative pointers and no alignment padding, and an event's hash is
+//! blake3 over exactly those bytes. Once released, this layout never changes: a new envelope field
+//! means a new `ENVELOPE_FORMAT`, a new payload field a new version of that event kind.
+//!
+//! Boundary: this module knows rkyv and blake3 and nothing about storage, kinds or JSON. Bytes
+//! handed to [`decode`] may come from a disk or a peer; they are checked, never trusted.
+
+use std::fmt;
+
+use rkyv::rancor;
+
+/// The first byte of every stored event: the version of the envelope layout.
+pub const ENVELOPE_FORMAT: u8 = 1;
+
+/// Upper bound on the encoded payload of one event (the kind's own archive).
+pub const PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Upper bound on a stream name, an actor, a kind name, an id or an idempotency key, in bytes.
+pub const NAME_BYTES_MAX: usize = 256;
+/// Upper bound on the number of `deps` entries (one per other origin).
+pub const DEPS_MAX: usize = 1024;
+
+/// A node's identity in the log: 16 random bytes made at `spool init`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Origin(pub [u8; 16]);
+
+/// A blake3 hash.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub const ZERO: Hash = Hash([0; 32]);
+
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+macro_rules! hex_newtype {
+    ($ty:ident, $len:expr, $what:expr) => {
+        impl $ty {
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+
+            /// Parses exactly `2 * len` hex digits.
+            pub fn from_hex(text: &str) -> Result<Self, ParseIdError> {
+                let mut out = [0u8; $len];
+                hex::decode_to_slice(text, &mut out).map_err(|_| ParseIdError {
+                    what: $what,
+                    text: text.chars().take(80).collect(),
+                    digits: 2 * $len,
+                })?;
+                Ok($ty(out))
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($ty), self.to_hex())
+            }
+        }
+    };
+}
+
+hex_newtype!(Origin, 16, "origin id");
+hex_newtype!(Hash, 32, "hash");
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what} must be {digits} hex digits, got {text:?}")]
+pub struct ParseIdError {
+    pub what: &'static str,
+    pub text: String,
+    pub digits: usize,
+}
+
+/// `(origin, seq)`: an event's identity, the same on every node.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct EventId {
+    pub origin: Origin,
+    pub seq: u64,
+}
+
+/// One entry of the causal context: the highest seq of `origin` applied before this event.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Dep {
+    pub origin: Origin,
+    pub seq: u64,
+}
+
+/// The envelope and payload of an event, as the writer builds it and a reader gets it back.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Event {
+    pub origin: Origin,
+    pub seq: u64,
+    pub hlc: u64,
+    pub prev: Hash,
+    pub deps: Vec<Dep>,
+    pub stream: String,
+    pub actor: String,
+    pub kind: String,
+    pub version: u16,
+    pub correlation: Option<String>,
+    pub causation: Option<String>,
+    pub key: Option<String>,
+    /// The kind's own archive (see `kinds`); opaque here.
+    pub payload: Vec<u8>,
+}
+
+impl Event {
+    pub fn id(&self) -> EventId {
+        EventId {
+            origin: self.origin,
+            seq: self.seq,
+        }
+    }
+}
+
+/// The archived layout of format 1. Field order and types are frozen.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct StoredEvent {
+    origin: [u8; 16],
+    seq: u64,
+    hlc: u64,
+    prev: [u8; 32],
+    deps: Vec<StoredDep>,
+    stream: String,
+    actor: String,
+    kind: String,
+    version: u16,
+    correlation: Option<String>,
+    causation: Option<String>,
+    key: Option<String>,
+    payload: Vec<u8>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct StoredDep {
+    origin: [u8; 16],
+    seq: u64,
+}
+
+/// Why stored bytes could not be read as an event. Says nothing about where they came from:
+/// callers add the origin, seq or position they expected.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("empty event bytes")]
+    Empty,
+    #[error("unknown envelope format {0} (this build reads format {ENVELOPE_FORMAT})")]
+    UnknownFormat(u8),
+    #[error("invalid archive: {0}")]
+    Archive(String),
+}
+
+/// Encodes an event into its stored bytes.
+pub fn encode(event: &Event) -> Vec<u8> {
+    let stored = StoredEvent {
+        origin: event.origin.0,
+        seq: event.seq,
+        hlc: event.hlc,
+        prev: event.prev.0,
+        deps: event
+            .deps
+            .iter()
+            .map(|d| StoredDep {
+                origin: d.origin.0,
+                seq: d.seq,
+            })
+            .collect(),
+        stream: event.stream.clone(),
+        actor: event.actor.clone(),
+        kind: event.kind.clone(),
+        version: event.version,
+        correlation: event.correlation.clone(),
+        causation: event.causation.clone(),
+        key: event.key.clone(),
+        payload: event.payload.clone(),
+    };
+    let mut out = Vec::with_capacity(160 + event.payload.len() + event.stream.len());
+    out.push(ENVELOPE_FORMAT);
+    // Serializing plain owned data into a Vec has no failure mode but allocation.
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(&stored, out)
+        .expect("serializing an owned event into memory cannot fail")
+}
+
+/// A checked, zero-copy view of stored bytes.
+pub struct EventRef<'a> {
+    archived: &'a ArchivedStoredEvent,
+}
+
+/// Checks stored bytes (format byte and archive structure) and gives a view of them.
+/// Does not check the hash: the caller knows which hash the bytes must have.
+pub fn decode(bytes: &[u8]) -> Result<EventRef<'_>, DecodeError> {
+    let (&format, archive) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if format != ENVELOPE_FORMAT {
+        return Err(DecodeError::UnknownFormat(format));
+    }
+    let archived = rkyv::access::<ArchivedStoredEvent, rancor::Error>(archive)
+        .map_err(|e| DecodeError::Archive(e.to_string()))?;
+    Ok(EventRef { archived })
+}
+
+impl EventRef<'_> {
+    pub fn origin(&self) -> Origin {
+        Origin(self.archived.origin)
+    }
+    pub fn seq(&self) -> u64 {
+        self.archived.seq.to_native()
+    }
+    pub fn id(&self) -> EventId {
+        EventId {
+            origin: self.origin(),
+            seq: self.seq(),
+        }
+    }
+    pub fn hlc(&self) -> u64 {
+        self.archived.hlc.to_native()
+    }
+    pub fn prev(&self) -> Hash {
+        Hash(self.archived.prev)
+    }
+    pub fn stream(&self) -> &str {
+        self.archived.stream.as_str()
+    }
+    pub fn kind(&self) -> &str {
+        self.archived.kind.as_str()
+    }
+    pub fn version(&self) -> u16 {
+        self.archived.version.to_native()
+    }
+    pub fn key(&self) -> Option<&str> {
+        self.archived.key.as_ref().map(|k| k.as_str())
+    }
+    pub fn payload(&self) -> &[u8] {
+        self.archived.payload.as_slice()
+    }
+
+    /// Copies the view into an owned event.
+    pub fn to_event(&self) -> Event {
+        let a = self.archived;
+        let opt = |s: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>| {
+            s.as_ref().map(|s| s.as_str().to_owned())
+        };
+        Event {
+            origin: self.origin(),
+            seq: self.seq(),
+            hlc: self.hlc(),
+            prev: self.prev(),
+            deps: a
+                .deps
+                .iter()
+                .map(|d| Dep {
+                    origin: Origin(d.origin),
+                    seq: d.seq.to_native(),
+                })
+                .collect(),
+            stream: a.stream.as_str().to_owned(),
+            actor: a.actor.as_str().to_owned(),
+            kind: a.kind.as_str().to_owned(),
+            version: self.version(),
+            correlation: opt(&a.correlation),
+            causation: opt(&a.causation),
+            key: opt(&a.key),
+            payload: a.payload.as_slice().to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Event {
+        Event {
+            origin: Origin([7; 16]),
+            seq: 3,
+            hlc: (1_700_000_000_000 << 16) | 5,
+            prev: Hash([9; 32]),
+            deps: vec![Dep {
+                origin: Origin([1; 16]),
+                seq: 42,
+            }],
+            stream: "task/abc".into(),
+            actor: "agent:triage".into(),
+            kind: "activity.logged".into(),
+            version: 1,
+            correlation: Some("corr-1".into()),
+            causation: None,
+            key: Some("k-1".into()),
+            payload: vec![1, 2, 3, 4],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_stored_bytes() {
+        let event = sample();
+        let bytes = encode(&event);
+        assert_eq!(bytes[0], ENVELOPE_FORMAT);
+        let view = decode(&bytes).unwrap();
+        assert_eq!(view.to_event(), event);
+        assert_eq!(view.id(), event.id());
+        assert_eq!(view.key(), Some("k-1"));
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        assert_eq!(encode(&sample()), encode(&sample()));
+    }
+
+    #[test]
+    fn bad_bytes_are_errors_not_panics() {
+        assert_eq!(decode(&[]).err(), Some(DecodeError::Empty));
+        assert_eq!(
+            decode(&[9, 0, 0]).err(),
+            Some(DecodeError::UnknownFormat(9))
+        );
+        let mut bytes = encode(&sample());
+        // Truncations and single-byte changes anywhere must never panic.
+        for cut in 0..bytes.len() {
+            let _ = decode(&bytes[..cut]).map(|v| v.to_event());
+        }
+        for i in 1..bytes.len() {
+            bytes[i] ^= 0xff;
+            let _ = decode(&bytes).map(|v| v.to_event());
+            bytes[i] ^= 0xff;
+        }
+    }
+
+    #[test]
+    fn hex_ids_parse_and_name_what_was_wrong() {
+        let o = Origin([0xab; 16]);
+        assert_eq!(Origin::from_hex(&o.to_hex()).unwrap(), o);
+        let err = Origin::from_hex("xyz").unwrap_err();
+        assert!(err.to_string().contains("origin id must be 32 hex digits"));
+    }
+}

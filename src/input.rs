@@ -1,0 +1,276 @@
+//! Client input: a JSON append request (from CLI flags, stdin lines, or later the daemon's API)
+//! turned into a validated [`NewEvent`].
+//!
+//! Invariant: a `NewEvent` that leaves this module names a known kind, carries a payload that passed
+//! the kind's schema and is within every stated limit. Whatever is refused is refused with an error
+//! naming the line and the field, before anything reaches the log.
+//!
+//! Boundary: knows serde_json and the kinds catalogue; nothing about storage.
+
+use std::io::BufRead;
+
+use serde_json::Value;
+
+use crate::event::{NAME_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use crate::kinds::{self, DataError};
+
+/// Upper bound on events in one atomic batch.
+pub const BATCH_EVENTS_MAX: usize = 100_000;
+/// Upper bound on one JSON line of input.
+pub const LINE_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Upper bound on the JSON text of one atomic batch.
+pub const BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// An event as a client asks for it; the writer adds origin, seq, hlc, deps and prev.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub stream: String,
+    pub actor: String,
+    pub kind: String,
+    pub version: u16,
+    pub correlation: Option<String>,
+    pub causation: Option<String>,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// The JSON shape of one append request.
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AppendRequest {
+    pub kind: String,
+    pub stream: String,
+    pub actor: String,
+    pub data: Value,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub correlation: Option<String>,
+    #[serde(default)]
+    pub causation: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("line {line}: {error}")]
+    Line { line: usize, error: Box<InputError> },
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("field `{field}`: {problem}")]
+    Field { field: String, problem: String },
+    #[error("unknown event kind {0:?} (`spool schema list` shows the kinds)")]
+    UnknownKind(String),
+    #[error("{kind}: {error}")]
+    Data { kind: String, error: DataError },
+    #[error("{kind}: encoded payload is {bytes} bytes, over the limit of {PAYLOAD_BYTES_MAX}")]
+    PayloadTooLarge { kind: String, bytes: usize },
+    #[error("a batch holds at most {BATCH_EVENTS_MAX} events")]
+    BatchTooLarge,
+    #[error("a batch holds at most {BATCH_BYTES_MAX} bytes of JSON")]
+    BatchBytesTooLarge,
+    #[error("a line holds at most {LINE_BYTES_MAX} bytes")]
+    LineTooLong,
+    #[error("no events given (expected JSON lines on standard input)")]
+    Empty,
+    #[error("reading input: {0}")]
+    Read(String),
+}
+
+/// Parses one JSON request text.
+pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let request: AppendRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || field == "." {
+            InputError::Json(inner.to_string())
+        } else {
+            InputError::Field {
+                field,
+                problem: strip_position(&inner.to_string()),
+            }
+        }
+    })?;
+    new_event(request)
+}
+
+/// Validates a request and encodes its data.
+pub fn new_event(request: AppendRequest) -> Result<NewEvent, InputError> {
+    check_name("stream", &request.stream)?;
+    check_name("actor", &request.actor)?;
+    for (field, value) in [
+        ("key", &request.key),
+        ("correlation", &request.correlation),
+        ("causation", &request.causation),
+    ] {
+        if let Some(value) = value {
+            check_name(field, value)?;
+        }
+    }
+    let spec = kinds::lookup(&request.kind)
+        .ok_or_else(|| InputError::UnknownKind(request.kind.clone()))?;
+    let payload = spec
+        .encode(&request.data)
+        .map_err(|error| InputError::Data {
+            kind: spec.name.to_owned(),
+            error,
+        })?;
+    if payload.len() > PAYLOAD_BYTES_MAX {
+        return Err(InputError::PayloadTooLarge {
+            kind: spec.name.to_owned(),
+            bytes: payload.len(),
+        });
+    }
+    Ok(NewEvent {
+        stream: request.stream,
+        actor: request.actor,
+        kind: request.kind,
+        version: spec.version,
+        correlation: request.correlation,
+        causation: request.causation,
+        key: request.key,
+        payload,
+    })
+}
+
+/// Reads JSON lines (blank lines skipped) into one batch, refusing the whole batch on any error.
+pub fn parse_lines(mut input: impl BufRead) -> Result<Vec<NewEvent>, InputError> {
+    let mut events = Vec::new();
+    let mut line = Vec::new();
+    let mut total = 0usize;
+    for number in 1.. {
+        line.clear();
+        let n = std::io::Read::take(&mut input, LINE_BYTES_MAX as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| InputError::Read(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        let at_line = |error| InputError::Line {
+            line: number,
+            error: Box::new(error),
+        };
+        if n > LINE_BYTES_MAX {
+            return Err(at_line(InputError::LineTooLong));
+        }
+        total += n;
+        if total > BATCH_BYTES_MAX {
+            return Err(at_line(InputError::BatchBytesTooLarge));
+        }
+        let text = std::str::from_utf8(&line)
+            .map_err(|e| at_line(InputError::Json(format!("not UTF-8: {e}"))))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        if events.len() == BATCH_EVENTS_MAX {
+            return Err(at_line(InputError::BatchTooLarge));
+        }
+        events.push(parse_request(text).map_err(at_line)?);
+    }
+    if events.is_empty() {
+        return Err(InputError::Empty);
+    }
+    Ok(events)
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), InputError> {
+    let problem = if value.is_empty() {
+        "must not be empty".to_owned()
+    } else if value.len() > NAME_BYTES_MAX {
+        format!(
+            "is {} bytes, over the limit of {NAME_BYTES_MAX}",
+            value.len()
+        )
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(InputError::Field {
+        field: field.to_owned(),
+        problem,
+    })
+}
+
+/// serde_json appends " at line 1 column 9" to its messages; the field name says more.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(kind: &str, stream: &str, data: &str) -> String {
+        format!(r#"{{"kind":"{kind}","stream":"{stream}","actor":"me","data":{data}}}"#)
+    }
+
+    #[test]
+    fn a_good_request_becomes_an_event() {
+        let e = parse_request(&line("activity.logged", "board", r#"{"message":"hi"}"#)).unwrap();
+        assert_eq!(
+            (e.kind.as_str(), e.version, e.stream.as_str()),
+            ("activity.logged", 1, "board")
+        );
+    }
+
+    #[test]
+    fn refusals_name_what_was_wrong() {
+        let check = |text: &str, want: &str| {
+            let err = parse_request(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err:?} lacks {want:?}");
+        };
+        check("{not json", "not valid JSON");
+        check(
+            &line("nope.done", "s", r#"{"message":"m"}"#),
+            "unknown event kind \"nope.done\"",
+        );
+        check(
+            &line("activity.logged", "", r#"{"message":"m"}"#),
+            "field `stream`: must not be empty",
+        );
+        check(
+            &line("activity.logged", "s", r#"{"message":7}"#),
+            "data/message",
+        );
+        check(
+            r#"{"kind":"activity.logged","stream":5,"actor":"a","data":{}}"#,
+            "field `stream`: invalid type: integer `5`, expected a string",
+        );
+        check(
+            r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{"message":"m"},"extra":1}"#,
+            "unknown field `extra`",
+        );
+        check(
+            r#"{"kind":"activity.logged","stream":"s","data":{}}"#,
+            "missing field `actor`",
+        );
+        let long = "x".repeat(NAME_BYTES_MAX + 1);
+        check(
+            &line("activity.logged", &long, r#"{"message":"m"}"#),
+            "over the limit",
+        );
+    }
+
+    #[test]
+    fn a_batch_is_refused_whole_with_the_line_named() {
+        let good = line("activity.logged", "s", r#"{"message":"m"}"#);
+        let bad = line("activity.logged", "s", r#"{"message":1}"#);
+        let text = format!("{good}\n\n{bad}\n{good}\n");
+        let err = parse_lines(text.as_bytes()).unwrap_err();
+        assert!(matches!(err, InputError::Line { line: 3, .. }), "{err}");
+        assert_eq!(
+            parse_lines(format!("{good}\n{good}").as_bytes())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            parse_lines("\n \n".as_bytes()).unwrap_err(),
+            InputError::Empty
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! spool: an event-sourced, hash-chained, append-only log for a small fleet of nodes.
+//!
+//! The library holds everything but argument parsing and printing (see `src/main.rs`):
+//! `event` (envelope and byte format), `hlc` (the clock), `kinds` (the catalogue), `input` (client
+//! requests), `log` (the redb log and its writer), `home` (a node's directory). ARCHITECTURE.md maps
+//! them.
+
+pub mod event;
+pub mod hlc;
+pub mod home;
+pub mod input;
+pub mod kinds;
+pub mod log;

@@ -1,0 +1,588 @@
+//! The log: one redb file per node holding every origin's events.
+//!
+//! Tables (byte-level spec in ARCHITECTURE.md):
+//! - `events`:  position (u64, gapless from 1, this node's apply order) → `hash ++ stored bytes`
+//! - `extents`: (origin, first seq) → (first position, length): runs of one origin's consecutive
+//!   seqs at consecutive positions; the `(origin, seq) → position` index
+//! - `heads`:   origin → (seq, hash) of its highest event: the version vector
+//! - `streams`: (stream, first position of a commit) → the commit's positions in that stream
+//! - `keys`:    idempotency key → position
+//! - `meta`:    `format`, `origin`, `clock`
+//!
+//! Invariants: positions are gapless; each origin's events sit at increasing positions with seqs
+//! 1, 2, 3 … and each `prev` is the hash of the one before; heads, extents, streams and keys agree
+//! with `events` after every commit, because they are written in the same transaction. Nothing is
+//! acknowledged before its commit is durable; a failed commit poisons the writer until reopened.
+//!
+//! Boundary: the only module that imports redb. Knows the event byte format, not kinds or JSON.
+
+mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
+use crate::input::NewEvent;
+
+pub use verify::VerifyReport;
+
+/// The version of the table layout. A log with a higher one is refused, not misread.
+pub const LOG_FORMAT: u32 = 1;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const EXTENTS: TableDefinition<([u8; 16], u64), (u64, u64)> = TableDefinition::new("extents");
+const HEADS: TableDefinition<[u8; 16], (u64, [u8; 32])> = TableDefinition::new("heads");
+const STREAMS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("streams");
+const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Writer tuning; every queue and batch is bounded.
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// A received stamp further than this ahead of the physical clock is clamped.
+    pub max_drift_ms: u64,
+    /// Most events in one group commit (a single larger request still commits alone, whole).
+    pub group_events_max: usize,
+    /// Most payload bytes in one group commit (likewise).
+    pub group_bytes_max: usize,
+    /// Requests that may wait for the writer before appenders block (or are told busy).
+    pub queue_requests_max: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            max_drift_ms: 60_000,
+            group_events_max: 100_000,
+            group_bytes_max: 64 * 1024 * 1024,
+            queue_requests_max: 1024,
+        }
+    }
+}
+
+/// Where an appended event landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub origin: Origin,
+    pub seq: u64,
+    pub position: u64,
+    pub hash: Hash,
+    /// True when an idempotency key matched an earlier event and nothing was written.
+    pub existing: bool,
+}
+
+/// An origin's highest event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub origin: Origin,
+    pub seq: u64,
+    pub hash: Hash,
+}
+
+/// Stored bytes that are not what they must be. Carries the facts, not a sentence.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    #[error(
+        "event at position {position}{}: hash mismatch, expected {expected}, actual {actual}",
+        name(id)
+    )]
+    HashMismatch {
+        position: u64,
+        id: Option<EventId>,
+        expected: Hash,
+        actual: Hash,
+    },
+    #[error("event at position {position}{}: {error}", name(id))]
+    BadArchive {
+        position: u64,
+        id: Option<EventId>,
+        error: DecodeError,
+    },
+    #[error("event at position {position}: stored value is {len} bytes, too short to hold a hash and an event")]
+    Truncated { position: u64, len: usize },
+    #[error("event at position {position} (origin {}, seq {}): chain broken, prev should be {expected} (hash of seq {}) but is {actual}", id.origin, id.seq, id.seq - 1)]
+    ChainBreak {
+        position: u64,
+        id: EventId,
+        expected: Hash,
+        actual: Hash,
+    },
+    #[error(
+        "event at position {position} (origin {origin}): seq {actual} where seq {expected} was due"
+    )]
+    SeqGap {
+        position: u64,
+        origin: Origin,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "position {position}: missing from the position index (next stored position is {found:?})"
+    )]
+    PositionGap { position: u64, found: Option<u64> },
+    #[error("origin {origin}: head says seq {head_seq} hash {head_hash}, the log ends at seq {log_seq} hash {log_hash}")]
+    HeadMismatch {
+        origin: Origin,
+        head_seq: u64,
+        head_hash: Hash,
+        log_seq: u64,
+        log_hash: Hash,
+    },
+    #[error(
+        "origin {origin} seq {seq}: the index points at position {position}, which holds {found:?}"
+    )]
+    IndexMismatch {
+        origin: Origin,
+        seq: u64,
+        position: u64,
+        found: Option<EventId>,
+    },
+}
+
+fn name(id: &Option<EventId>) -> String {
+    match id {
+        Some(id) => format!(" (origin {}, seq {})", id.origin, id.seq),
+        None => String::new(),
+    }
+}
+
+impl Corruption {
+    /// The log position the problem shows at, for ordering reports.
+    pub fn position(&self) -> u64 {
+        match self {
+            Corruption::HashMismatch { position, .. }
+            | Corruption::BadArchive { position, .. }
+            | Corruption::Truncated { position, .. }
+            | Corruption::ChainBreak { position, .. }
+            | Corruption::SeqGap { position, .. }
+            | Corruption::PositionGap { position, .. }
+            | Corruption::IndexMismatch { position, .. } => *position,
+            Corruption::HeadMismatch { .. } => u64::MAX,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{path}: not a spool log ({reason})")]
+    NotALog { path: PathBuf, reason: String },
+    #[error("{path}: log format {found} is newer than this build reads (format {LOG_FORMAT}); use a newer spool")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("{path}: this log belongs to node {found}, not {expected}")]
+    WrongNode {
+        path: PathBuf,
+        expected: Origin,
+        found: Origin,
+    },
+    #[error("{path}: the log is open in another process (is `spool serve` running?)")]
+    Locked { path: PathBuf },
+    #[error("{path} already exists")]
+    Exists { path: PathBuf },
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("the writer is poisoned by a failed commit ({cause}); nothing more is accepted until the log is reopened")]
+    Poisoned { cause: String },
+    #[error("the writer's queue of {0} requests is full; retry")]
+    Busy(usize),
+    #[error("the writer has stopped")]
+    WriterGone,
+    #[error("corrupt log: {0}")]
+    Corrupt(#[from] Corruption),
+}
+
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for LogError {
+            fn from(e: $ty) -> Self {
+                LogError::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// An event read from the log, with its hash and archive already checked.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub position: u64,
+    pub hash: Hash,
+    pub bytes: Vec<u8>,
+}
+
+impl Record {
+    /// Checks a stored `events` value: its hash and its archive.
+    fn check(position: u64, value: &[u8]) -> Result<Record, Corruption> {
+        if value.len() <= 32 {
+            return Err(Corruption::Truncated {
+                position,
+                len: value.len(),
+            });
+        }
+        let (hash, bytes) = value.split_at(32);
+        let expected = Hash(hash.try_into().expect("split at 32"));
+        let actual = Hash::of(bytes);
+        let view = event::decode(bytes);
+        if actual != expected {
+            return Err(Corruption::HashMismatch {
+                position,
+                id: view.ok().map(|v| v.id()),
+                expected,
+                actual,
+            });
+        }
+        if let Err(error) = view {
+            return Err(Corruption::BadArchive {
+                position,
+                id: None,
+                error,
+            });
+        }
+        Ok(Record {
+            position,
+            hash: expected,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// The checked event.
+    pub fn event(&self) -> EventRef<'_> {
+        event::decode(&self.bytes).expect("checked when the record was read")
+    }
+}
+
+/// What `scan` keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub stream: Option<String>,
+    pub kind: Option<String>,
+    pub origin: Option<Origin>,
+}
+
+/// Size and counts of a log.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub events: u64,
+    pub heads: Vec<Head>,
+    pub file_bytes: u64,
+}
+
+/// An open log: one writer thread, any number of concurrent snapshot readers.
+pub struct Log {
+    db: Arc<Database>,
+    path: PathBuf,
+    origin: Origin,
+    writer: writer::Handle,
+}
+
+impl Log {
+    /// Creates a new log file for node `origin`; refuses an existing path.
+    pub fn create(path: &Path, origin: Origin, options: LogOptions) -> Result<Log, LogError> {
+        if path.exists() {
+            return Err(LogError::Exists {
+                path: path.to_owned(),
+            });
+        }
+        let db = Database::create(path).map_err(|e| open_error(path, e))?;
+        Self::init(db, path, origin, options)
+    }
+
+    /// Opens the log of node `origin`.
+    pub fn open(path: &Path, origin: Origin, options: LogOptions) -> Result<Log, LogError> {
+        if !path.is_file() {
+            return Err(LogError::NotALog {
+                path: path.to_owned(),
+                reason: "no such file".into(),
+            });
+        }
+        let db = Database::open(path).map_err(|e| open_error(path, e))?;
+        Self::start(db, path, origin, options)
+    }
+
+    /// Creates or opens a log on a caller-supplied storage backend (fault-injection tests).
+    pub fn with_backend(
+        backend: impl redb::StorageBackend,
+        label: &Path,
+        origin: Origin,
+        options: LogOptions,
+        create: bool,
+    ) -> Result<Log, LogError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| open_error(label, e))?;
+        if create {
+            Self::init(db, label, origin, options)
+        } else {
+            Self::start(db, label, origin, options)
+        }
+    }
+
+    fn init(
+        db: Database,
+        path: &Path,
+        origin: Origin,
+        options: LogOptions,
+    ) -> Result<Log, LogError> {
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(EVENTS)?;
+            txn.open_table(EXTENTS)?;
+            txn.open_table(HEADS)?;
+            txn.open_table(STREAMS)?;
+            txn.open_table(KEYS)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("format", LOG_FORMAT.to_le_bytes().as_slice())?;
+            meta.insert("origin", origin.0.as_slice())?;
+            meta.insert("clock", 0u64.to_le_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        Self::start(db, path, origin, options)
+    }
+
+    fn start(
+        db: Database,
+        path: &Path,
+        origin: Origin,
+        options: LogOptions,
+    ) -> Result<Log, LogError> {
+        check_meta(&db, path, origin)?;
+        let db = Arc::new(db);
+        let writer = writer::Handle::start(db.clone(), origin, options)?;
+        Ok(Log {
+            db,
+            path: path.to_owned(),
+            origin,
+            writer,
+        })
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a batch atomically and returns once it is durable. Events whose idempotency key
+    /// is already in the log are not written; their first event is returned with `existing`.
+    pub fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
+        self.writer.append(events)
+    }
+
+    /// A consistent snapshot for reading; never blocks the writer.
+    pub fn read(&self) -> Result<Reader, LogError> {
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
+    }
+
+    /// Checks every event's hash and archive, every origin's chain, the position index, the
+    /// extents and the heads, using `threads` threads.
+    pub fn verify(&self, threads: usize) -> Result<VerifyReport, LogError> {
+        verify::verify(&self.db.begin_read()?, threads)
+    }
+
+    pub fn stats(&self) -> Result<Stats, LogError> {
+        let reader = self.read()?;
+        Ok(Stats {
+            events: reader.last_position()?,
+            heads: reader.heads()?,
+            file_bytes: std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+        })
+    }
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> LogError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Locked {
+            path: path.to_owned(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            LogError::Locked {
+                path: path.to_owned(),
+            }
+        }
+        other => LogError::NotALog {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn check_meta(db: &Database, path: &Path, origin: Origin) -> Result<(), LogError> {
+    let not_a_log = |reason: &str| LogError::NotALog {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let txn = db.begin_read()?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(not_a_log("no meta table")),
+        Err(e) => return Err(e.into()),
+    };
+    let format = meta
+        .get("format")?
+        .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| not_a_log("no format marker"))?;
+    if format > LOG_FORMAT {
+        return Err(LogError::NewerFormat {
+            path: path.to_owned(),
+            found: format,
+        });
+    }
+    let found = meta
+        .get("origin")?
+        .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
+        .map(Origin)
+        .ok_or_else(|| not_a_log("no origin"))?;
+    if found != origin {
+        return Err(LogError::WrongNode {
+            path: path.to_owned(),
+            expected: origin,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// A snapshot of the log.
+pub struct Reader {
+    txn: redb::ReadTransaction,
+}
+
+impl Reader {
+    /// The highest position (0 for an empty log); positions are 1..=this.
+    pub fn last_position(&self) -> Result<u64, LogError> {
+        let events = self.txn.open_table(EVENTS)?;
+        let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+        Ok(last)
+    }
+
+    /// The event at `position`, checked.
+    pub fn get(&self, position: u64) -> Result<Option<Record>, LogError> {
+        let events = self.txn.open_table(EVENTS)?;
+        let Some(value) = events.get(position)? else {
+            return Ok(None);
+        };
+        Ok(Some(Record::check(position, value.value())?))
+    }
+
+    /// Up to `limit` events after `after` that pass `filter`, in position order.
+    pub fn scan(&self, after: u64, limit: usize, filter: &Filter) -> Result<Vec<Record>, LogError> {
+        let keep = |r: &Record| {
+            let e = r.event();
+            filter.kind.as_deref().is_none_or(|k| e.kind() == k)
+                && filter.origin.is_none_or(|o| e.origin() == o)
+                && filter.stream.as_deref().is_none_or(|s| e.stream() == s)
+        };
+        let mut out = Vec::new();
+        if let Some(stream) = &filter.stream {
+            let events = self.txn.open_table(EVENTS)?;
+            for position in self.stream_positions(stream, after, usize::MAX)? {
+                if out.len() == limit {
+                    break;
+                }
+                let value = events.get(position)?.ok_or(Corruption::IndexMismatch {
+                    origin: Origin::default(),
+                    seq: 0,
+                    position,
+                    found: None,
+                })?;
+                let record = Record::check(position, value.value())?;
+                if keep(&record) {
+                    out.push(record);
+                }
+            }
+            return Ok(out);
+        }
+        let events = self.txn.open_table(EVENTS)?;
+        for entry in events.range(after.saturating_add(1)..)? {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let record = Record::check(k.value(), v.value())?;
+            if keep(&record) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Positions of `stream` after `after`, at most `limit`, ascending.
+    pub fn stream_positions(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, LogError> {
+        let streams = self.txn.open_table(STREAMS)?;
+        let mut out = Vec::new();
+        for entry in streams.range((stream, 0u64)..=(stream, u64::MAX))? {
+            let (_, v) = entry?;
+            for chunk in v.value().chunks_exact(8) {
+                let position = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+                if position > after {
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push(position);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every origin's head: the version vector.
+    pub fn heads(&self) -> Result<Vec<Head>, LogError> {
+        let heads = self.txn.open_table(HEADS)?;
+        let mut out = Vec::new();
+        for entry in heads.iter()? {
+            let (k, v) = entry?;
+            let (seq, hash) = v.value();
+            out.push(Head {
+                origin: Origin(k.value()),
+                seq,
+                hash: Hash(hash),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The position of `(origin, seq)`, if this node holds it.
+    pub fn position_of(&self, id: EventId) -> Result<Option<u64>, LogError> {
+        let extents = self.txn.open_table(EXTENTS)?;
+        let mut range = extents.range((id.origin.0, 0u64)..=(id.origin.0, id.seq))?;
+        let Some(entry) = range.next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = entry?;
+        let (_, first_seq) = k.value();
+        let (first_position, len) = v.value();
+        Ok((id.seq < first_seq + len).then(|| first_position + (id.seq - first_seq)))
+    }
+
+    /// How many events the log holds.
+    pub fn len(&self) -> Result<u64, LogError> {
+        Ok(self.txn.open_table(EVENTS)?.len()?)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, LogError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,415 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::*;
+use crate::input::parse_request;
+
+fn activity(stream: &str, message: &str, key: Option<&str>) -> NewEvent {
+    let key = key.map(|k| format!(r#","key":"{k}""#)).unwrap_or_default();
+    parse_request(&format!(
+        r#"{{"kind":"activity.logged","stream":"{stream}","actor":"test","data":{{"message":"{message}"}}{key}}}"#
+    ))
+    .unwrap()
+}
+
+fn origin() -> Origin {
+    Origin([0x11; 16])
+}
+
+fn temp_log() -> (tempfile::TempDir, Log) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        origin(),
+        LogOptions::default(),
+    )
+    .unwrap();
+    (dir, log)
+}
+
+#[test]
+fn appends_chain_and_read_back() {
+    let (_dir, log) = temp_log();
+    let a = log.append(vec![activity("s1", "one", None)]).unwrap();
+    let b = log
+        .append(vec![
+            activity("s2", "two", None),
+            activity("s1", "three", None),
+        ])
+        .unwrap();
+    assert_eq!((a[0].seq, a[0].position), (1, 1));
+    assert_eq!(
+        b.iter().map(|x| (x.seq, x.position)).collect::<Vec<_>>(),
+        [(2, 2), (3, 3)]
+    );
+    let reader = log.read().unwrap();
+    let all = reader.scan(0, 100, &Filter::default()).unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].event().prev(), Hash::ZERO);
+    assert_eq!(all[1].event().prev(), all[0].hash);
+    assert_eq!(all[2].event().prev(), all[1].hash);
+    assert!(all[0].event().hlc() < all[1].event().hlc());
+    let s1 = Filter {
+        stream: Some("s1".into()),
+        ..Filter::default()
+    };
+    let positions: Vec<u64> = reader
+        .scan(0, 100, &s1)
+        .unwrap()
+        .iter()
+        .map(|r| r.position)
+        .collect();
+    assert_eq!(positions, [1, 3]);
+    assert_eq!(reader.scan(1, 100, &s1).unwrap().len(), 1);
+    assert_eq!(
+        reader.heads().unwrap(),
+        vec![Head {
+            origin: origin(),
+            seq: 3,
+            hash: all[2].hash
+        }]
+    );
+    assert_eq!(
+        reader
+            .position_of(EventId {
+                origin: origin(),
+                seq: 2
+            })
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        reader
+            .position_of(EventId {
+                origin: origin(),
+                seq: 4
+            })
+            .unwrap(),
+        None
+    );
+    assert!(log.verify(2).unwrap().ok());
+}
+
+#[test]
+fn an_idempotency_key_writes_once() {
+    let (_dir, log) = temp_log();
+    let first = log.append(vec![activity("s", "m", Some("k1"))]).unwrap()[0];
+    let again = log
+        .append(vec![activity("s", "other", Some("k1"))])
+        .unwrap()[0];
+    assert!(!first.existing && again.existing);
+    assert_eq!(
+        (again.position, again.hash, again.seq),
+        (first.position, first.hash, first.seq)
+    );
+    // The same key twice inside one batch: the second is the first.
+    let batch = log
+        .append(vec![
+            activity("s", "a", Some("k2")),
+            activity("s", "b", Some("k2")),
+        ])
+        .unwrap();
+    assert_eq!(batch[0].position, batch[1].position);
+    assert!(batch[1].existing);
+    assert_eq!(log.read().unwrap().len().unwrap(), 2);
+}
+
+#[test]
+fn reopening_continues_seq_position_and_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let last_hlc = {
+        let log = Log::create(&path, origin(), LogOptions::default()).unwrap();
+        log.append(vec![activity("s", "a", None), activity("t", "b", None)])
+            .unwrap();
+        let reader = log.read().unwrap();
+        reader.get(2).unwrap().unwrap().event().hlc()
+    };
+    let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
+    let c = log.append(vec![activity("s", "c", None)]).unwrap()[0];
+    assert_eq!((c.seq, c.position), (3, 3));
+    let reader = log.read().unwrap();
+    assert!(reader.get(3).unwrap().unwrap().event().hlc() > last_hlc);
+    assert_eq!(reader.stream_positions("s", 0, 10).unwrap(), [1, 3]);
+    assert!(log.verify(1).unwrap().ok());
+}
+
+#[test]
+fn opening_checks_format_node_and_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    assert!(matches!(
+        Log::open(&path, origin(), LogOptions::default()),
+        Err(LogError::NotALog { .. })
+    ));
+    std::fs::write(&path, b"not a database at all").unwrap();
+    assert!(matches!(
+        Log::open(&path, origin(), LogOptions::default()),
+        Err(LogError::NotALog { .. })
+    ));
+    std::fs::remove_file(&path).unwrap();
+    let log = Log::create(&path, origin(), LogOptions::default()).unwrap();
+    assert!(matches!(
+        Log::create(&path, origin(), LogOptions::default()),
+        Err(LogError::Exists { .. })
+    ));
+    drop(log);
+    let other = Origin([0x22; 16]);
+    assert!(matches!(
+        Log::open(&path, other, LogOptions::default()),
+        Err(LogError::WrongNode { .. })
+    ));
+    // A newer format is refused, not misread.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format", 2u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Log::open(&path, origin(), LogOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, LogError::NewerFormat { found: 2, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn concurrent_appenders_share_commits_and_lose_nothing() {
+    let (_dir, log) = temp_log();
+    let log = Arc::new(log);
+    let threads = 8;
+    let per_thread = 100;
+    let acked: Vec<Appended> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let log = log.clone();
+                s.spawn(move || {
+                    (0..per_thread)
+                        .map(|i| {
+                            log.append(vec![activity(&format!("t{t}"), &format!("{i}"), None)])
+                                .unwrap()[0]
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut positions: Vec<u64> = acked.iter().map(|a| a.position).collect();
+    positions.sort();
+    assert_eq!(
+        positions,
+        (1..=(threads * per_thread) as u64).collect::<Vec<_>>()
+    );
+    let reader = log.read().unwrap();
+    for a in &acked {
+        assert_eq!(reader.get(a.position).unwrap().unwrap().hash, a.hash);
+    }
+    let report = log.verify(2).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.events, (threads * per_thread) as u64);
+}
+
+/// A disk that keeps what was written apart from what a sync made durable, and can fail or hold
+/// a sync on demand.
+#[derive(Debug, Default)]
+struct Disk {
+    written: Mutex<Vec<u8>>,
+    durable: Mutex<Vec<u8>>,
+    fail_sync: AtomicBool,
+    hold_sync: Mutex<bool>,
+    released: Condvar,
+}
+
+impl Disk {
+    /// The disk as a power cut leaves it: only what was synced.
+    fn after_crash(&self) -> Arc<Disk> {
+        let durable = self.durable.lock().unwrap().clone();
+        Arc::new(Disk {
+            written: Mutex::new(durable.clone()),
+            durable: Mutex::new(durable),
+            ..Disk::default()
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Backend(Arc<Disk>);
+
+impl redb::StorageBackend for Backend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.0.written.lock().unwrap().len() as u64)
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let data = self.0.written.lock().unwrap();
+        let start = offset as usize;
+        let src = data
+            .get(start..start + out.len())
+            .ok_or_else(|| std::io::Error::other("read past the end"))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.written.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut held = self.0.hold_sync.lock().unwrap();
+        while *held {
+            held = self.0.released.wait(held).unwrap();
+        }
+        if self.0.fail_sync.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        *self.0.durable.lock().unwrap() = self.0.written.lock().unwrap().clone();
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut written = self.0.written.lock().unwrap();
+        let end = offset as usize + data.len();
+        if written.len() < end {
+            written.resize(end, 0);
+        }
+        written[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn log_on(disk: &Arc<Disk>, create: bool, options: LogOptions) -> Log {
+    Log::with_backend(
+        Backend(disk.clone()),
+        Path::new("mem"),
+        origin(),
+        options,
+        create,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_writer_and_loses_nothing_acknowledged() {
+    let disk = Arc::new(Disk::default());
+    let log = log_on(&disk, true, LogOptions::default());
+    let acked = log
+        .append(vec![activity("s", "a", None), activity("s", "b", None)])
+        .unwrap();
+
+    disk.fail_sync.store(true, Ordering::SeqCst);
+    let err = log.append(vec![activity("s", "lost", None)]).unwrap_err();
+    assert!(matches!(err, LogError::Poisoned { .. }), "{err}");
+    assert!(err.to_string().contains("injected fsync failure"), "{err}");
+    // The disk recovers, the writer does not: no retry after a failed fsync.
+    disk.fail_sync.store(false, Ordering::SeqCst);
+    let err = log.append(vec![activity("s", "later", None)]).unwrap_err();
+    assert!(matches!(err, LogError::Poisoned { .. }), "{err}");
+    drop(log);
+
+    // Power cut: only synced bytes survive. Every acknowledged event is there.
+    let disk = disk.after_crash();
+    let log = log_on(&disk, false, LogOptions::default());
+    let reader = log.read().unwrap();
+    assert_eq!(reader.len().unwrap(), 2);
+    for a in &acked {
+        assert_eq!(reader.get(a.position).unwrap().unwrap().hash, a.hash);
+    }
+    drop(reader);
+    let next = log.append(vec![activity("s", "c", None)]).unwrap()[0];
+    assert_eq!((next.seq, next.position), (3, 3));
+    assert!(log.verify(1).unwrap().ok());
+}
+
+#[test]
+fn a_full_queue_answers_busy_instead_of_growing() {
+    let disk = Arc::new(Disk::default());
+    let options = LogOptions {
+        queue_requests_max: 1,
+        ..LogOptions::default()
+    };
+    let log = log_on(&disk, true, options);
+    *disk.hold_sync.lock().unwrap() = true;
+    let mut pending = Vec::new();
+    let mut busy = false;
+    for i in 0..50 {
+        match log
+            .writer
+            .submit(vec![activity("s", &format!("{i}"), None)])
+        {
+            Ok(answer) => pending.push(answer),
+            Err(LogError::Busy(1)) => {
+                busy = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(busy, "the writer never said busy with its sync held");
+    *disk.hold_sync.lock().unwrap() = false;
+    disk.released.notify_all();
+    for answer in pending {
+        assert!(answer.blocking_recv().unwrap().is_ok());
+    }
+    assert!(log.verify(1).unwrap().ok());
+}
+
+#[test]
+fn verify_names_a_damaged_event() {
+    let disk = Arc::new(Disk::default());
+    let log = log_on(&disk, true, LogOptions::default());
+    let acked = log
+        .append(
+            (0..5)
+                .map(|i| activity("s", &format!("needle-{i}"), None))
+                .collect(),
+        )
+        .unwrap();
+    drop(log);
+    {
+        let mut bytes = disk.written.lock().unwrap();
+        let needle = b"needle-3";
+        let mut hits = 0;
+        for i in 0..bytes.len() - needle.len() {
+            if &bytes[i..i + needle.len()] == needle {
+                bytes[i] ^= 0x20;
+                hits += 1;
+            }
+        }
+        assert!(hits > 0);
+    }
+    let log = log_on(&disk, false, LogOptions::default());
+    let report = log.verify(2).unwrap();
+    assert!(!report.ok());
+    match &report.problems[0] {
+        Corruption::HashMismatch {
+            position,
+            id,
+            expected,
+            actual,
+        } => {
+            assert_eq!(*position, acked[3].position);
+            assert_eq!(
+                *id,
+                Some(EventId {
+                    origin: origin(),
+                    seq: 4
+                })
+            );
+            assert_eq!(*expected, acked[3].hash);
+            assert_ne!(actual, expected);
+        }
+        other => panic!("unexpected first problem {other}"),
+    }
+    // Reads refuse the damaged event instead of returning it.
+    assert!(matches!(
+        log.read().unwrap().get(acked[3].position),
+        Err(LogError::Corrupt(_))
+    ));
+}

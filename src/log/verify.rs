@@ -1,0 +1,315 @@
+//! `verify`: one pass over `events` in position order, split into contiguous ranges checked in
+//! parallel, then stitched: every hash and archive, every origin's chain and seq run, the gapless
+//! position index, the extents and the heads.
+//!
+//! Invariant: memory is bounded by the number of origins and by `PROBLEMS_MAX`, never by the log.
+
+use std::collections::HashMap;
+
+use redb::{ReadTransaction, ReadableTable};
+
+use super::{Corruption, LogError, Record, EVENTS, EXTENTS, HEADS};
+use crate::event::{EventId, Hash, Origin};
+
+/// Problems kept in a report (all are counted).
+pub const PROBLEMS_MAX: usize = 64;
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub origins: u64,
+    pub bytes: u64,
+    /// The first problems, in position order.
+    pub problems: Vec<Corruption>,
+    pub problems_total: u64,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems_total == 0
+    }
+}
+
+/// One origin's events within one range.
+#[derive(Clone, Copy)]
+struct Fragment {
+    first_position: u64,
+    first_seq: u64,
+    first_prev: Hash,
+    last_seq: u64,
+    last_hash: Hash,
+}
+
+#[derive(Default)]
+struct Problems {
+    kept: Vec<Corruption>,
+    total: u64,
+}
+
+impl Problems {
+    fn push(&mut self, problem: Corruption) {
+        self.total += 1;
+        if self.kept.len() < PROBLEMS_MAX {
+            self.kept.push(problem);
+        }
+    }
+}
+
+#[derive(Default)]
+struct RangeResult {
+    fragments: HashMap<Origin, Fragment>,
+    /// Origins in first-seen order, so stitching is deterministic.
+    order: Vec<Origin>,
+    events: u64,
+    bytes: u64,
+    problems: Problems,
+}
+
+pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyReport, LogError> {
+    let last = {
+        let events = txn.open_table(EVENTS)?;
+        let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+        last
+    };
+    let threads = threads.clamp(1, 64) as u64;
+    let step = last.div_ceil(threads).max(1);
+    let ranges: Vec<(u64, u64)> = (0..threads)
+        .map(|i| (1 + i * step, ((i + 1) * step).min(last)))
+        .filter(|(a, b)| a <= b)
+        .collect();
+    let results: Vec<Result<RangeResult, LogError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&(a, b)| scope.spawn(move || check_range(txn, a, b)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+
+    let mut report = VerifyReport::default();
+    let mut problems = Problems::default();
+    let mut chains: HashMap<Origin, (u64, Hash)> = HashMap::new();
+    for result in results {
+        let result = result?;
+        report.events += result.events;
+        report.bytes += result.bytes;
+        let unkept = result.problems.total - result.problems.kept.len() as u64;
+        for p in result.problems.kept {
+            problems.push(p);
+        }
+        problems.total += unkept;
+        for origin in result.order {
+            let f = result.fragments[&origin];
+            let (seq, hash) = chains.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+            link(
+                &mut problems,
+                origin,
+                f.first_position,
+                f.first_seq,
+                f.first_prev,
+                seq,
+                hash,
+            );
+            chains.insert(origin, (f.last_seq, f.last_hash));
+        }
+    }
+    check_heads(txn, &chains, &mut problems)?;
+    check_extents(txn, last, &mut problems)?;
+    report.origins = chains.len() as u64;
+    problems.kept.sort_by_key(Corruption::position);
+    report.problems = problems.kept;
+    report.problems_total = problems.total;
+    Ok(report)
+}
+
+/// Checks that event `seq` of `origin` (whose `prev` is `prev`) follows `(last_seq, last_hash)`.
+fn link(
+    problems: &mut Problems,
+    origin: Origin,
+    position: u64,
+    seq: u64,
+    prev: Hash,
+    last_seq: u64,
+    last_hash: Hash,
+) {
+    if seq != last_seq + 1 {
+        problems.push(Corruption::SeqGap {
+            position,
+            origin,
+            expected: last_seq + 1,
+            actual: seq,
+        });
+    } else if prev != last_hash {
+        problems.push(Corruption::ChainBreak {
+            position,
+            id: EventId { origin, seq },
+            expected: last_hash,
+            actual: prev,
+        });
+    }
+}
+
+fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResult, LogError> {
+    let events = txn.open_table(EVENTS)?;
+    let mut out = RangeResult::default();
+    let mut expected_position = first;
+    for entry in events.range(first..=last)? {
+        let (k, v) = entry?;
+        let position = k.value();
+        if position != expected_position {
+            out.problems.push(Corruption::PositionGap {
+                position: expected_position,
+                found: Some(position),
+            });
+        }
+        expected_position = position + 1;
+        let value = v.value();
+        out.events += 1;
+        out.bytes += value.len() as u64;
+        let record = match Record::check(position, value) {
+            Ok(r) => r,
+            Err(problem) => {
+                out.problems.push(problem);
+                continue;
+            }
+        };
+        let event = record.event();
+        let (origin, seq, prev) = (event.origin(), event.seq(), event.prev());
+        match out.fragments.get_mut(&origin) {
+            Some(f) => {
+                link(
+                    &mut out.problems,
+                    origin,
+                    position,
+                    seq,
+                    prev,
+                    f.last_seq,
+                    f.last_hash,
+                );
+                f.last_seq = seq;
+                f.last_hash = record.hash;
+            }
+            None => {
+                out.order.push(origin);
+                out.fragments.insert(
+                    origin,
+                    Fragment {
+                        first_position: position,
+                        first_seq: seq,
+                        first_prev: prev,
+                        last_seq: seq,
+                        last_hash: record.hash,
+                    },
+                );
+            }
+        }
+    }
+    if expected_position != last + 1 {
+        out.problems.push(Corruption::PositionGap {
+            position: expected_position,
+            found: None,
+        });
+    }
+    Ok(out)
+}
+
+fn check_heads(
+    txn: &ReadTransaction,
+    chains: &HashMap<Origin, (u64, Hash)>,
+    problems: &mut Problems,
+) -> Result<(), LogError> {
+    let heads = txn.open_table(HEADS)?;
+    let mut seen = 0;
+    for entry in heads.iter()? {
+        let (k, v) = entry?;
+        let origin = Origin(k.value());
+        let (head_seq, head_hash) = v.value();
+        let (log_seq, log_hash) = chains.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+        if chains.contains_key(&origin) {
+            seen += 1;
+        }
+        if (head_seq, Hash(head_hash)) != (log_seq, log_hash) {
+            problems.push(Corruption::HeadMismatch {
+                origin,
+                head_seq,
+                head_hash: Hash(head_hash),
+                log_seq,
+                log_hash,
+            });
+        }
+    }
+    if seen != chains.len() {
+        for (&origin, &(log_seq, log_hash)) in chains {
+            if heads.get(origin.0)?.is_none() {
+                problems.push(Corruption::HeadMismatch {
+                    origin,
+                    head_seq: 0,
+                    head_hash: Hash::ZERO,
+                    log_seq,
+                    log_hash,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each origin's extents must cover seqs 1.. contiguously, their ends must hold the events they
+/// name, and together they must cover every position once.
+fn check_extents(
+    txn: &ReadTransaction,
+    last: u64,
+    problems: &mut Problems,
+) -> Result<(), LogError> {
+    let extents = txn.open_table(EXTENTS)?;
+    let events = txn.open_table(EVENTS)?;
+    let mut covered = 0u64;
+    let mut next_seq: HashMap<Origin, u64> = HashMap::new();
+    for entry in extents.iter()? {
+        let (k, v) = entry?;
+        let (origin, first_seq) = k.value();
+        let origin = Origin(origin);
+        let (first_position, len) = v.value();
+        let due = next_seq.get(&origin).copied().unwrap_or(1);
+        let mut bad = |seq: u64, position: u64, found: Option<EventId>| {
+            problems.push(Corruption::IndexMismatch {
+                origin,
+                seq,
+                position,
+                found,
+            })
+        };
+        if first_seq != due || len == 0 {
+            bad(due, first_position, None);
+        }
+        for (seq, position) in [
+            (first_seq, first_position),
+            (
+                first_seq + len.saturating_sub(1),
+                first_position + len.saturating_sub(1),
+            ),
+        ] {
+            let found = match events.get(position)? {
+                Some(v) => Record::check(position, v.value())
+                    .ok()
+                    .map(|r| r.event().id()),
+                None => None,
+            };
+            if found != Some(EventId { origin, seq }) {
+                bad(seq, position, found);
+            }
+        }
+        next_seq.insert(origin, first_seq + len);
+        covered += len;
+    }
+    if covered != last {
+        problems.push(Corruption::PositionGap {
+            position: covered.min(last) + 1,
+            found: None,
+        });
+    }
+    Ok(())
+}
