@@ -63,6 +63,12 @@ macro_rules! hex_newtype {
             }
         }
 
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_hex())
+            }
+        }
+
         impl fmt::Debug for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($ty), self.to_hex())
@@ -83,7 +89,7 @@ pub struct ParseIdError {
 }
 
 /// `(origin, seq)`: an event's identity, the same on every node.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize)]
 pub struct EventId {
     pub origin: Origin,
     pub seq: u64,
@@ -150,7 +156,8 @@ struct StoredDep {
 
 /// Why stored bytes could not be read as an event. Says nothing about where they came from:
 /// callers add the origin, seq or position they expected.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DecodeError {
     #[error("empty event bytes")]
     Empty,

@@ -1,1 +1,298 @@
-pub fn x() {}
+//! A node's home directory: its identity (`node.toml`), its config (`spool.toml`) and its log
+//! (`log.redb`).
+//!
+//! Invariant: a directory is a spool home exactly when it holds a readable `node.toml`; a node's
+//! origin id is made once, at `init`, and is the one its log was created with.
+//!
+//! Boundary: knows toml and the file system; opens the log through `log::Log`.
+
+use std::path::{Path, PathBuf};
+
+use crate::event::Origin;
+use crate::log::{Log, LogError, LogOptions};
+
+const NODE_FILE: &str = "node.toml";
+const CONFIG_FILE: &str = "spool.toml";
+const LOG_FILE: &str = "log.redb";
+/// Upper bound on a node label, in bytes.
+pub const LABEL_BYTES_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("{0} is not a spool home (no {NODE_FILE}); create one with `spool init --home {0}`")]
+    NotAHome(PathBuf),
+    #[error("{0} is already a spool home")]
+    AlreadyAHome(PathBuf),
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error("label: {0}")]
+    BadLabel(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// `node.toml`.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    id: String,
+    label: String,
+}
+
+/// `spool.toml`. Every key is optional; unknown keys are refused by name.
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub writer: WriterConfig,
+    pub clock: ClockConfig,
+}
+
+#[derive(serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    pub group_events_max: usize,
+    pub group_bytes_max: usize,
+    pub queue_requests_max: usize,
+}
+
+#[derive(serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    pub max_drift_ms: u64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        let d = LogOptions::default();
+        WriterConfig {
+            group_events_max: d.group_events_max,
+            group_bytes_max: d.group_bytes_max,
+            queue_requests_max: d.queue_requests_max,
+        }
+    }
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            max_drift_ms: LogOptions::default().max_drift_ms,
+        }
+    }
+}
+
+const CONFIG_TEMPLATE: &str = "\
+# spool node configuration. Every key is optional; the values shown are the defaults.
+
+[writer]
+# Most events and payload bytes one group commit holds.
+# group_events_max = 100000
+# group_bytes_max = 67108864
+# Append requests that may wait for the writer before appenders block or are told to retry.
+# queue_requests_max = 1024
+
+[clock]
+# A stamp from another node further ahead of this node's clock than this is clamped and reported.
+# max_drift_ms = 60000
+";
+
+/// An opened node home.
+#[derive(Clone, Debug)]
+pub struct Home {
+    dir: PathBuf,
+    origin: Origin,
+    label: String,
+    config: Config,
+}
+
+impl Home {
+    /// Makes `dir` a new node home with a fresh origin id and an empty log.
+    pub fn init(dir: &Path, label: &str) -> Result<Home, HomeError> {
+        check_label(label)?;
+        if dir.join(NODE_FILE).exists() {
+            return Err(HomeError::AlreadyAHome(dir.to_owned()));
+        }
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| HomeError::Io { path, source }
+        };
+        create_private_dir(dir).map_err(io(dir))?;
+        let origin = Origin(rand::random());
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.exists() {
+            std::fs::write(&config_path, CONFIG_TEMPLATE).map_err(io(&config_path))?;
+        }
+        let home = Home {
+            dir: dir.to_owned(),
+            origin,
+            label: label.to_owned(),
+            config: Config::default(),
+        };
+        drop(Log::create(&home.log_path(), origin, home.log_options())?);
+        // node.toml last: until it exists the directory is not a home, so a failed init can be
+        // run again.
+        let node = NodeFile {
+            id: origin.to_hex(),
+            label: label.to_owned(),
+        };
+        let text = format!(
+            "# This node's identity. Never copy it to another node: two nodes with one id fork the log.\n{}",
+            toml::to_string(&node).expect("a node file serializes")
+        );
+        let node_path = dir.join(NODE_FILE);
+        write_atomically(&node_path, text.as_bytes()).map_err(io(&node_path))?;
+        Ok(home)
+    }
+
+    /// Opens an existing node home.
+    pub fn open(dir: &Path) -> Result<Home, HomeError> {
+        let node_path = dir.join(NODE_FILE);
+        let text = match std::fs::read_to_string(&node_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HomeError::NotAHome(dir.to_owned()))
+            }
+            Err(source) => {
+                return Err(HomeError::Io {
+                    path: node_path,
+                    source,
+                })
+            }
+        };
+        let bad = |path: &Path, message: String| HomeError::BadFile {
+            path: path.to_owned(),
+            message,
+        };
+        let node: NodeFile = toml::from_str(&text).map_err(|e| bad(&node_path, e.to_string()))?;
+        let origin = Origin::from_hex(&node.id).map_err(|e| bad(&node_path, format!("id: {e}")))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let config = match std::fs::read_to_string(&config_path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| bad(&config_path, e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(source) => {
+                return Err(HomeError::Io {
+                    path: config_path,
+                    source,
+                })
+            }
+        };
+        Ok(Home {
+            dir: dir.to_owned(),
+            origin,
+            label: node.label,
+            config,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    pub fn log_options(&self) -> LogOptions {
+        LogOptions {
+            max_drift_ms: self.config.clock.max_drift_ms,
+            group_events_max: self.config.writer.group_events_max.max(1),
+            group_bytes_max: self.config.writer.group_bytes_max.max(1),
+            queue_requests_max: self.config.writer.queue_requests_max.max(1),
+        }
+    }
+
+    /// Opens this node's log.
+    pub fn open_log(&self) -> Result<Log, HomeError> {
+        Ok(Log::open(
+            &self.log_path(),
+            self.origin,
+            self.log_options(),
+        )?)
+    }
+}
+
+fn check_label(label: &str) -> Result<(), HomeError> {
+    if label.is_empty() || label.len() > LABEL_BYTES_MAX || label.chars().any(char::is_control) {
+        return Err(HomeError::BadLabel(format!(
+            "{label:?} must be 1 to {LABEL_BYTES_MAX} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Writes a file so that a crash leaves either the old one or the new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let home_dir = dir.path().join("node");
+        let home = Home::init(&home_dir, "pi").unwrap();
+        let again = Home::open(&home_dir).unwrap();
+        assert_eq!(again.origin(), home.origin());
+        assert_eq!(again.label(), "pi");
+        again.open_log().unwrap();
+        assert!(matches!(
+            Home::init(&home_dir, "pi"),
+            Err(HomeError::AlreadyAHome(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Home::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("is not a spool home"), "{err}");
+        assert!(matches!(
+            Home::init(&dir.path().join("x"), ""),
+            Err(HomeError::BadLabel(_))
+        ));
+        let home = dir.path().join("n");
+        Home::init(&home, "n").unwrap();
+        std::fs::write(home.join(CONFIG_FILE), "[writer]\ngroup_event_max = 5\n").unwrap();
+        let err = Home::open(&home).unwrap_err().to_string();
+        assert!(
+            err.contains("spool.toml") && err.contains("group_event_max"),
+            "{err}"
+        );
+    }
+}

@@ -83,7 +83,8 @@ pub struct Head {
 }
 
 /// Stored bytes that are not what they must be. Carries the facts, not a sentence.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Corruption {
     #[error(
         "event at position {position}{}: hash mismatch, expected {expected}, actual {actual}",
@@ -257,6 +258,15 @@ impl Record {
     pub fn event(&self) -> EventRef<'_> {
         event::decode(&self.bytes).expect("checked when the record was read")
     }
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    /// The events that passed the filter.
+    pub records: Vec<Record>,
+    /// The last position examined; `None` when there was nothing after `after`.
+    pub last_examined: Option<u64>,
 }
 
 /// What `scan` keeps.
@@ -479,46 +489,38 @@ impl Reader {
         Ok(Some(Record::check(position, value.value())?))
     }
 
-    /// Up to `limit` events after `after` that pass `filter`, in position order.
-    pub fn scan(&self, after: u64, limit: usize, filter: &Filter) -> Result<Vec<Record>, LogError> {
-        let keep = |r: &Record| {
-            let e = r.event();
-            filter.kind.as_deref().is_none_or(|k| e.kind() == k)
+    /// Examines up to `limit` events after `after` (those of `filter.stream` only, when given)
+    /// and returns the ones that pass `filter`, in position order.
+    pub fn scan(&self, after: u64, limit: usize, filter: &Filter) -> Result<Page, LogError> {
+        let events = self.txn.open_table(EVENTS)?;
+        let mut page = Page::default();
+        let mut keep = |position: u64, value: &[u8]| -> Result<(), LogError> {
+            let record = Record::check(position, value)?;
+            let e = record.event();
+            page.last_examined = Some(position);
+            if filter.kind.as_deref().is_none_or(|k| e.kind() == k)
                 && filter.origin.is_none_or(|o| e.origin() == o)
                 && filter.stream.as_deref().is_none_or(|s| e.stream() == s)
+            {
+                page.records.push(record);
+            }
+            Ok(())
         };
-        let mut out = Vec::new();
         if let Some(stream) = &filter.stream {
-            let events = self.txn.open_table(EVENTS)?;
-            for position in self.stream_positions(stream, after, usize::MAX)? {
-                if out.len() == limit {
-                    break;
-                }
-                let value = events.get(position)?.ok_or(Corruption::IndexMismatch {
-                    origin: Origin::default(),
-                    seq: 0,
+            for position in self.stream_positions(stream, after, limit)? {
+                let value = events.get(position)?.ok_or(Corruption::PositionGap {
                     position,
                     found: None,
                 })?;
-                let record = Record::check(position, value.value())?;
-                if keep(&record) {
-                    out.push(record);
-                }
+                keep(position, value.value())?;
             }
-            return Ok(out);
-        }
-        let events = self.txn.open_table(EVENTS)?;
-        for entry in events.range(after.saturating_add(1)..)? {
-            if out.len() == limit {
-                break;
-            }
-            let (k, v) = entry?;
-            let record = Record::check(k.value(), v.value())?;
-            if keep(&record) {
-                out.push(record);
+        } else {
+            for entry in events.range(after.saturating_add(1)..)?.take(limit) {
+                let (k, v) = entry?;
+                keep(k.value(), v.value())?;
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
     /// Positions of `stream` after `after`, at most `limit`, ascending.

@@ -43,7 +43,7 @@ fn appends_chain_and_read_back() {
         [(2, 2), (3, 3)]
     );
     let reader = log.read().unwrap();
-    let all = reader.scan(0, 100, &Filter::default()).unwrap();
+    let all = reader.scan(0, 100, &Filter::default()).unwrap().records;
     assert_eq!(all.len(), 3);
     assert_eq!(all[0].event().prev(), Hash::ZERO);
     assert_eq!(all[1].event().prev(), all[0].hash);
@@ -60,7 +60,7 @@ fn appends_chain_and_read_back() {
         .map(|r| r.position)
         .collect();
     assert_eq!(positions, [1, 3]);
-    assert_eq!(reader.scan(1, 100, &s1).unwrap().len(), 1);
+    assert_eq!(reader.scan(1, 100, &s1).unwrap().records.len(), 1);
     assert_eq!(
         reader.heads().unwrap(),
         vec![Head {

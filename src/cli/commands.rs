@@ -1,0 +1,301 @@
+//! One function per command. Each opens what it needs, does one thing, and prints.
+
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::{json, Map, Value};
+
+use spool::event::Origin;
+use spool::home::Home;
+use spool::input::{self, AppendRequest, InputError};
+use spool::log::{Appended, Filter, Record};
+use spool::{hlc, kinds};
+
+use super::{AppendArgs, Cli, Command, LogArgs, SchemaCommand, Usage};
+
+/// Events read per page by `spool log`: bounds its memory whatever the log's size.
+const PAGE_EVENTS: usize = 1000;
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let home = match cli.home {
+        Some(dir) => dir,
+        None => default_home()?,
+    };
+    match cli.command {
+        Command::Init { label } => init(&home, label),
+        Command::Append(args) => append(&home, args),
+        Command::Log(args) => log(&home, args),
+        Command::Verify { json } => verify(&home, json),
+        Command::Status { json } => status(&home, json),
+        Command::Schema(SchemaCommand::List { json }) => schema_list(json),
+        Command::Schema(SchemaCommand::Show { kind }) => schema_show(&kind),
+    }
+}
+
+fn default_home() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| Usage("no home directory: give --home DIR or set SPOOL_HOME".into()))?;
+    Ok(PathBuf::from(home).join(".spool"))
+}
+
+fn init(dir: &Path, label: Option<String>) -> anyhow::Result<ExitCode> {
+    let label = label.unwrap_or_else(host_name);
+    let home = Home::init(dir, &label)?;
+    println!("{}", home.origin());
+    eprintln!(
+        "spool: node {:?} created in {}",
+        home.label(),
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
+    let events = match args.kind {
+        Some(kind) => {
+            let data_text = args.data.unwrap_or_default();
+            let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
+                field: "data".into(),
+                problem: format!("not valid JSON: {e}"),
+            })?;
+            vec![input::new_event(AppendRequest {
+                kind,
+                stream: args.stream.unwrap_or_default(),
+                actor: args.actor.unwrap_or_default(),
+                data,
+                key: args.key,
+                correlation: args.correlation,
+                causation: args.causation,
+            })?]
+        }
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Usage(
+                    "give --kind, --stream, --actor and --data, or pipe JSON lines on stdin".into(),
+                )
+                .into());
+            }
+            input::parse_lines(stdin.lock())?
+        }
+    };
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let appended = log.append(events)?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for a in appended {
+        writeln!(out, "{}", appended_json(&a))?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn appended_json(a: &Appended) -> Value {
+    json!({"origin": a.origin, "seq": a.seq, "position": a.position, "hash": a.hash})
+}
+
+fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
+    let origin = args
+        .origin
+        .as_deref()
+        .map(Origin::from_hex)
+        .transpose()
+        .map_err(|e| Usage(format!("--origin: {e}")))?;
+    let filter = Filter {
+        stream: args.stream,
+        kind: args.kind,
+        origin,
+    };
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let reader = log.read()?;
+    let mut remaining = args.limit.unwrap_or(u64::MAX);
+    let mut after = args.after;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    while remaining > 0 {
+        let page = reader.scan(after, PAGE_EVENTS, &filter)?;
+        let Some(last) = page.last_examined else {
+            break;
+        };
+        for record in page
+            .records
+            .iter()
+            .take(remaining.min(PAGE_EVENTS as u64) as usize)
+        {
+            writeln!(out, "{}", event_json(record))?;
+            remaining -= 1;
+        }
+        after = last;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An event as `spool log` prints it: envelope and decoded data.
+fn event_json(record: &Record) -> Value {
+    let e = record.event().to_event();
+    let time = UNIX_EPOCH + Duration::from_millis(hlc::physical_ms(e.hlc));
+    let mut out = Map::new();
+    out.insert("position".into(), json!(record.position));
+    out.insert("origin".into(), json!(e.origin));
+    out.insert("seq".into(), json!(e.seq));
+    out.insert("hash".into(), json!(record.hash));
+    out.insert("prev".into(), json!(e.prev));
+    out.insert("hlc".into(), json!(e.hlc));
+    out.insert(
+        "time".into(),
+        json!(humantime::format_rfc3339_millis(time).to_string()),
+    );
+    out.insert(
+        "deps".into(),
+        Value::Array(
+            e.deps
+                .iter()
+                .map(|d| json!({"origin": d.origin, "seq": d.seq}))
+                .collect(),
+        ),
+    );
+    out.insert("stream".into(), json!(e.stream));
+    out.insert("actor".into(), json!(e.actor));
+    out.insert("kind".into(), json!(e.kind));
+    out.insert("version".into(), json!(e.version));
+    out.insert("correlation".into(), json!(e.correlation));
+    out.insert("causation".into(), json!(e.causation));
+    out.insert("key".into(), json!(e.key));
+    match kinds::decode(&e.kind, e.version, &e.payload) {
+        Ok(data) => {
+            out.insert("data".into(), data);
+        }
+        Err(error) => {
+            out.insert("data".into(), Value::Null);
+            out.insert("data_error".into(), json!(error.to_string()));
+        }
+    }
+    Value::Object(out)
+}
+
+fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let started = Instant::now();
+    let report = log.verify(threads).context("verify")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = report.events as f64 / seconds.max(1e-9);
+    if as_json {
+        let problems: Vec<Value> = report
+            .problems
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).expect("a report serializes");
+                v["message"] = json!(p.to_string());
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "ok": report.ok(),
+                "events": report.events,
+                "origins": report.origins,
+                "bytes": report.bytes,
+                "seconds": seconds,
+                "problems_total": report.problems_total,
+                "problems": problems,
+            })
+        );
+    } else if report.ok() {
+        println!(
+            "ok: {} events of {} origins, {} bytes, checked in {seconds:.3} s ({rate:.0} events/s)",
+            report.events, report.origins, report.bytes
+        );
+    } else {
+        println!("FAILED: {}", report.problems[0]);
+        for p in &report.problems[1..] {
+            println!("  also: {p}");
+        }
+        println!(
+            "{} problem(s) in {} events of {} origins",
+            report.problems_total, report.events, report.origins
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let stats = log.stats()?;
+    if as_json {
+        let heads: Vec<Value> = stats
+            .heads
+            .iter()
+            .map(|h| json!({"origin": h.origin, "seq": h.seq, "hash": h.hash, "local": h.origin == home.origin()}))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "node": {"id": home.origin(), "label": home.label()},
+                "home": home.dir(),
+                "events": stats.events,
+                "file_bytes": stats.file_bytes,
+                "heads": heads,
+            })
+        );
+    } else {
+        println!("node    {} ({})", home.origin(), home.label());
+        println!("home    {}", home.dir().display());
+        println!("events  {}", stats.events);
+        println!("file    {} bytes", stats.file_bytes);
+        println!("heads   {} origin(s)", stats.heads.len());
+        for h in &stats.heads {
+            let mark = if h.origin == home.origin() {
+                " (this node)"
+            } else {
+                ""
+            };
+            println!("  {}  seq {}  {}{mark}", h.origin, h.seq, h.hash);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema_list(as_json: bool) -> anyhow::Result<ExitCode> {
+    for kind in kinds::CATALOGUE {
+        if as_json {
+            println!(
+                "{}",
+                json!({"kind": kind.name, "version": kind.version, "readable": kind.readable})
+            );
+        } else {
+            println!(
+                "{:<32} v{}  (reads {:?})",
+                kind.name, kind.version, kind.readable
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema_show(name: &str) -> anyhow::Result<ExitCode> {
+    let kind = kinds::lookup(name).ok_or_else(|| InputError::UnknownKind(name.to_owned()))?;
+    print!("{}", kind.schema);
+    Ok(ExitCode::SUCCESS)
+}

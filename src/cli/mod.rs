@@ -1,0 +1,173 @@
+//! Argument parsing, output and exit codes. The only place that uses clap and anyhow.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use spool::home::HomeError;
+use spool::input::InputError;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "spool",
+    version,
+    about = "An event-sourced, hash-chained log for a fleet of nodes",
+    long_about = None
+)]
+pub struct Cli {
+    /// The node's home directory.
+    #[arg(long, global = true, env = "SPOOL_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a node: its identity, config and empty log. Prints the node id.
+    Init {
+        /// A human label for the node (default: the host name).
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Append one event from flags, or a batch of JSON lines from stdin (all or nothing).
+    Append(AppendArgs),
+    /// Print events as JSON lines.
+    Log(LogArgs),
+    /// Check every chain, archive and index. Exit 1 on any problem.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the node, its heads per origin, the event count and the file size.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The event catalogue: kinds, versions and JSON Schemas.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemaCommand {
+    /// One line per kind: name, current version, readable versions.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The JSON Schema of a kind's current version.
+    Show { kind: String },
+}
+
+#[derive(Args, Debug)]
+pub struct AppendArgs {
+    /// Event kind, e.g. activity.logged (without it, events are read from stdin).
+    #[arg(long, requires_all = ["stream", "actor", "data"])]
+    kind: Option<String>,
+    /// The aggregate the event belongs to, e.g. task/42.
+    #[arg(long, requires = "kind")]
+    stream: Option<String>,
+    /// Who caused it: a user, an agent, a strand.
+    #[arg(long, requires = "kind")]
+    actor: Option<String>,
+    /// The event's data as a JSON object.
+    #[arg(long, requires = "kind")]
+    data: Option<String>,
+    /// Idempotency key: a repeat returns the first event and writes nothing.
+    #[arg(long, requires = "kind")]
+    key: Option<String>,
+    #[arg(long, requires = "kind")]
+    correlation: Option<String>,
+    #[arg(long, requires = "kind")]
+    causation: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    /// Only events after this position.
+    #[arg(long, default_value_t = 0, value_name = "POS")]
+    after: u64,
+    /// At most this many events.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    #[arg(long)]
+    stream: Option<String>,
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only events of this origin (32 hex digits).
+    #[arg(long, value_name = "HEX")]
+    origin: Option<String>,
+}
+
+/// A failure caused by what the user gave us, not by the system: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(String);
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // A damaged file can make the storage engine panic; report it as a failure, never a crash.
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(|| commands::run(cli));
+    match outcome {
+        Ok(Ok(code)) => code,
+        Ok(Err(error)) => {
+            eprintln!("spool: {}", sentence(&error));
+            if is_bad_input(&error) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            eprintln!(
+                "spool: the log could not be read ({what}); the file may be damaged: `spool verify` checks it"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes as one sentence.
+fn sentence(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+fn is_bad_input(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<InputError>()
+            || cause.is::<Usage>()
+            || matches!(
+                cause.downcast_ref::<HomeError>(),
+                Some(
+                    HomeError::NotAHome(_)
+                        | HomeError::AlreadyAHome(_)
+                        | HomeError::BadFile { .. }
+                        | HomeError::BadLabel(_)
+                )
+            )
+    })
+}
