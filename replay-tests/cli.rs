@@ -1,1 +1,261 @@
-fn main() {}
+//! The CLI contract that later tooling relies on.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn new_home() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    let id = ok(&home, &["init", "--label", "desk"], "");
+    assert_eq!(id.trim().len(), 32, "{id}");
+    assert!(id.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    (dir, home)
+}
+
+fn count(home: &std::path::Path) -> usize {
+    ok(home, &["log"], "").lines().count()
+}
+
+#[test]
+fn append_from_flags_then_log_and_status() {
+    let (_d, home) = new_home();
+    let line = ok(
+        &home,
+        &[
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "board",
+            "--actor",
+            "cli",
+            "--data",
+            r#"{"message":"hello","source":"cli","meta":{"n":1}}"#,
+            "--correlation",
+            "c-1",
+        ],
+        "",
+    );
+    let acked = &json_lines(&line)[0];
+    assert_eq!(
+        (acked["seq"].as_u64(), acked["position"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(acked["hash"].as_str().unwrap().len(), 64);
+    let events = json_lines(&ok(&home, &["log"], ""));
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(
+        e["data"],
+        serde_json::json!({"message":"hello","source":"cli","meta":{"n":1}})
+    );
+    assert_eq!(e["kind"], "activity.logged");
+    assert_eq!(e["version"], 1);
+    assert_eq!(e["correlation"], "c-1");
+    assert_eq!(e["hash"], acked["hash"]);
+    assert_eq!(e["origin"], acked["origin"]);
+    assert_eq!(e["prev"], "0".repeat(64));
+    let status: Value = serde_json::from_str(&ok(&home, &["status", "--json"], "")).unwrap();
+    assert_eq!(status["node"]["label"], "desk");
+    assert_eq!(status["events"], 1);
+    assert_eq!(status["heads"][0]["seq"], 1);
+    assert_eq!(status["heads"][0]["hash"], acked["hash"]);
+    assert!(status["file_bytes"].as_u64().unwrap() > 0);
+    let verify: Value = serde_json::from_str(&ok(&home, &["verify", "--json"], "")).unwrap();
+    assert_eq!(verify["ok"], true);
+    assert_eq!(verify["events"], 1);
+}
+
+#[test]
+fn a_stdin_batch_is_atomic() {
+    let (_d, home) = new_home();
+    let good: Vec<String> = (0..5).map(|i| activity("s", &format!("m{i}"))).collect();
+    let out = ok(&home, &["append"], &good.join("\n"));
+    let acked = json_lines(&out);
+    let positions: Vec<u64> = acked
+        .iter()
+        .map(|a| a["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, [1, 2, 3, 4, 5]);
+
+    let mut bad = good.clone();
+    bad.insert(
+        2,
+        r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{"message":7}}"#.into(),
+    );
+    let o = spool(&home, &["append"], &bad.join("\n"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("line 3"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("data/message"), "{}", stderr(&o));
+    assert_eq!(count(&home), 5, "a refused batch wrote something");
+}
+
+#[test]
+fn a_repeated_idempotency_key_prints_the_first_line_and_writes_nothing() {
+    let (_d, home) = new_home();
+    let args = |msg: &'static str| {
+        vec![
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "s",
+            "--actor",
+            "a",
+            "--data",
+            msg,
+            "--key",
+            "run-42",
+        ]
+    };
+    let first = ok(&home, &args(r#"{"message":"one"}"#), "");
+    let again = ok(&home, &args(r#"{"message":"two"}"#), "");
+    assert_eq!(first, again);
+    let line = r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{"message":"x"},"key":"run-42"}"#;
+    assert_eq!(ok(&home, &["append"], line), first);
+    assert_eq!(count(&home), 1);
+}
+
+#[test]
+fn bad_input_is_refused_by_name_and_changes_nothing() {
+    let (_d, home) = new_home();
+    ok(&home, &["append"], &activity("s", "keep me"));
+    let huge = "x".repeat(2 * 1024 * 1024 + 10);
+    let too_big = serde_json::json!({
+        "kind": "activity.logged", "stream": "s", "actor": "a",
+        "data": {"message": "m", "meta": {"blob": huge}},
+    })
+    .to_string();
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "not valid JSON"),
+        (
+            activity("s", "m").replace("activity.logged", "activity.vanished"),
+            "unknown event kind \"activity.vanished\"",
+        ),
+        (
+            activity("s", "m").replace(r#""message":"m""#, r#""message":["m"]"#),
+            "data/message",
+        ),
+        (
+            activity("s", "m").replace(r#""stream":"s""#, r#""stream":7"#),
+            "field `stream`",
+        ),
+        (activity("", "m"), "field `stream`: must not be empty"),
+        (
+            activity("s", "m").replace(r#""actor":"test""#, r#""actor":"test","colour":1"#),
+            "unknown field `colour`",
+        ),
+        (
+            activity("s", "m").replace(r#"{"message":"m"}"#, r#"{"message":"m","extra":true}"#),
+            "extra",
+        ),
+        (too_big, "over the limit"),
+    ];
+    for (line, want) in &cases {
+        let o = spool(&home, &["append"], line);
+        assert_eq!(o.status.code(), Some(2), "{want}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+        assert_eq!(err.trim().lines().count(), 1, "not one sentence: {err}");
+    }
+    let o = spool(
+        &home,
+        &[
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "s",
+            "--actor",
+            "a",
+            "--data",
+            "{",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("field `data`: not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
+    let o = spool(&home, &["append", "--kind", "activity.logged"], "");
+    assert_eq!(o.status.code(), Some(2), "missing flags are bad usage");
+    assert_eq!(count(&home), 1);
+    assert!(spool(&home, &["verify"], "").status.success());
+}
+
+#[test]
+fn log_filters() {
+    let (_d, home) = new_home();
+    let lines: Vec<String> = (0..30)
+        .map(|i| activity(&format!("task/{}", i % 3), &format!("m{i}")))
+        .collect();
+    ok(&home, &["append"], &lines.join("\n"));
+    let all = json_lines(&ok(&home, &["log"], ""));
+    assert_eq!(all.len(), 30);
+    let origin = all[0]["origin"].as_str().unwrap().to_owned();
+    let positions = |args: &[&str]| -> Vec<u64> {
+        json_lines(&ok(&home, args, ""))
+            .iter()
+            .map(|e| e["position"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(positions(&["log", "--after", "25"]), [26, 27, 28, 29, 30]);
+    assert_eq!(positions(&["log", "--after", "3", "--limit", "2"]), [4, 5]);
+    assert_eq!(
+        positions(&["log", "--stream", "task/1", "--limit", "3"]),
+        [2, 5, 8]
+    );
+    assert_eq!(
+        positions(&["log", "--stream", "task/1", "--after", "20"]),
+        [23, 26, 29]
+    );
+    assert_eq!(positions(&["log", "--kind", "activity.logged"]).len(), 30);
+    assert!(positions(&["log", "--kind", "task.created"]).is_empty());
+    assert_eq!(positions(&["log", "--origin", &origin]).len(), 30);
+    assert!(positions(&["log", "--origin", &"0".repeat(32)]).is_empty());
+    let o = spool(&home, &["log", "--origin", "zz"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--origin: origin id must be 32 hex digits"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn homes_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = spool(dir.path(), &["status"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is not a spool home"), "{}", stderr(&o));
+    let home = dir.path().join("n");
+    ok(&home, &["init"], "");
+    let o = spool(&home, &["init"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("already a spool home"));
+    std::fs::write(home.join("spool.toml"), "[writer]\nqueue = 3\n").unwrap();
+    let o = spool(&home, &["status"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("spool.toml") && stderr(&o).contains("queue"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn schema_list_names_every_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let kinds: Vec<String> = json_lines(&ok(dir.path(), &["schema", "list", "--json"], ""))
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(kinds.contains(&"activity.logged".to_owned()));
+    let schema: Value =
+        serde_json::from_str(&ok(dir.path(), &["schema", "show", "activity.logged"], "")).unwrap();
+    assert_eq!(schema["required"], serde_json::json!(["message"]));
+}

@@ -1,0 +1,73 @@
+//! Shared by the integration tests: run the `spool` binary against a home.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SPOOL: &str = env!("CARGO_BIN_EXE_spool");
+
+/// Runs `spool --home HOME ARGS` with `stdin`, giving up (and failing) after 60 s.
+pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(SPOOL)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("SPOOL_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    let mut input = child.stdin.take().unwrap();
+    let text = stdin.to_owned();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(text.as_bytes());
+    });
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "spool {args:?} did not finish in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    feeder.join().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs and insists on exit 0, returning stdout.
+pub fn ok(home: &Path, args: &[&str], stdin: &str) -> String {
+    let o = spool(home, args, stdin);
+    assert!(
+        o.status.success(),
+        "spool {args:?} failed: {}\n{}",
+        o.status,
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// One `activity.logged` request line.
+pub fn activity(stream: &str, message: &str) -> String {
+    serde_json::json!({
+        "kind": "activity.logged", "stream": stream, "actor": "test",
+        "data": {"message": message},
+    })
+    .to_string()
+}
