@@ -28,6 +28,7 @@ use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
 use crate::input::NewEvent;
 
 pub use verify::VerifyReport;
+pub use writer::WriterStats;
 
 /// The version of the table layout. A log with a higher one is refused, not misread.
 pub const LOG_FORMAT: u32 = 1;
@@ -386,6 +387,11 @@ impl Log {
     /// is already in the log are not written; their first event is returned with `existing`.
     pub fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
         self.writer.append(events)
+    }
+
+    /// Commits and events written since this log was opened.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
     }
 
     /// A consistent snapshot for reading; never blocks the writer.

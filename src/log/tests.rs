@@ -56,6 +56,7 @@ fn appends_chain_and_read_back() {
     let positions: Vec<u64> = reader
         .scan(0, 100, &s1)
         .unwrap()
+        .records
         .iter()
         .map(|r| r.position)
         .collect();

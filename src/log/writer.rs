@@ -8,6 +8,7 @@
 //! write that is not there).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,11 +31,28 @@ struct Request {
     reply: Reply,
 }
 
+/// Counters the writer keeps; read at any time.
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    events: AtomicU64,
+}
+
+/// What the writer has committed since the log was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Durable commits.
+    pub commits: u64,
+    /// Events written by them (idempotent repeats not counted).
+    pub events: u64,
+}
+
 /// The appenders' side of the writer.
 pub(super) struct Handle {
     queue: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
     depth: usize,
+    counters: Arc<Counters>,
 }
 
 impl Handle {
@@ -46,15 +64,25 @@ impl Handle {
         let state = State::load(&db, origin, &options)?;
         let (queue, requests) = mpsc::sync_channel(options.queue_requests_max);
         let depth = options.queue_requests_max;
+        let counters = Arc::new(Counters::default());
+        let writer_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(&db, state, requests, &options))
+            .spawn(move || run(&db, state, requests, &options, &writer_counters))
             .map_err(|e| LogError::Storage(redb::Error::Io(e)))?;
         Ok(Handle {
             queue: Some(queue),
             thread: Some(thread),
             depth,
+            counters,
         })
+    }
+
+    pub(super) fn stats(&self) -> WriterStats {
+        WriterStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            events: self.counters.events.load(Ordering::Relaxed),
+        }
     }
 
     /// Appends and waits for durability; blocks while the queue is full.
@@ -154,7 +182,13 @@ impl State {
     }
 }
 
-fn run(db: &Database, mut state: State, requests: Receiver<Request>, options: &LogOptions) {
+fn run(
+    db: &Database,
+    mut state: State,
+    requests: Receiver<Request>,
+    options: &LogOptions,
+    counters: &Counters,
+) {
     let mut poisoned: Option<String> = None;
     while let Ok(first) = requests.recv() {
         let mut events = first.events.len();
@@ -176,6 +210,9 @@ fn run(db: &Database, mut state: State, requests: Receiver<Request>, options: &L
         }
         match commit_group(db, &mut state, &group) {
             Ok(results) => {
+                let written = results.iter().flatten().filter(|a| !a.existing).count();
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters.events.fetch_add(written as u64, Ordering::Relaxed);
                 for (request, result) in group.into_iter().zip(results) {
                     let _ = request.reply.send(Ok(result));
                 }
