@@ -169,6 +169,11 @@ pub enum DecodeError {
 
 /// Encodes an event into its stored bytes.
 pub fn encode(event: &Event) -> Vec<u8> {
+    encode_into(event.clone(), Vec::new())
+}
+
+/// Encodes an event into its stored bytes, moving its fields and reusing `out`'s allocation.
+pub fn encode_into(event: Event, mut out: Vec<u8>) -> Vec<u8> {
     let stored = StoredEvent {
         origin: event.origin.0,
         seq: event.seq,
@@ -182,16 +187,16 @@ pub fn encode(event: &Event) -> Vec<u8> {
                 seq: d.seq,
             })
             .collect(),
-        stream: event.stream.clone(),
-        actor: event.actor.clone(),
-        kind: event.kind.clone(),
+        stream: event.stream,
+        actor: event.actor,
+        kind: event.kind,
         version: event.version,
-        correlation: event.correlation.clone(),
-        causation: event.causation.clone(),
-        key: event.key.clone(),
-        payload: event.payload.clone(),
+        correlation: event.correlation,
+        causation: event.causation,
+        key: event.key,
+        payload: event.payload,
     };
-    let mut out = Vec::with_capacity(160 + event.payload.len() + event.stream.len());
+    out.clear();
     out.push(ENVELOPE_FORMAT);
     // Serializing plain owned data into a Vec has no failure mode but allocation.
     rkyv::api::high::to_bytes_in::<_, rancor::Error>(&stored, out)

@@ -214,6 +214,7 @@ impl Home {
             group_events_max: self.config.writer.group_events_max.max(1),
             group_bytes_max: self.config.writer.group_bytes_max.max(1),
             queue_requests_max: self.config.writer.queue_requests_max.max(1),
+            ..LogOptions::default()
         }
     }
 

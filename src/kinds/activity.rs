@@ -103,6 +103,18 @@ mod tests {
     }
 
     #[test]
+    fn refusals_never_echo_the_value() {
+        let secret = "sk-live-0123456789abcdef".repeat(3000);
+        let err = LOGGED.encode(&json!({ "message": secret })).unwrap_err();
+        assert_eq!(err.field, "/message");
+        assert!(!err.to_string().contains("sk-live"), "{err}");
+        assert!(err.problem.contains("longer than 65536"), "{err}");
+        let err = LOGGED.encode(&json!({"message": 12345})).unwrap_err();
+        assert!(!err.to_string().contains("12345"), "{err}");
+        assert!(err.problem.contains("not of type \"string\""), "{err}");
+    }
+
+    #[test]
     fn garbage_payload_is_an_error() {
         assert!(LOGGED.decode(1, &[1, 2, 3]).is_err());
         assert!(LOGGED.decode(2, &[]).is_err());

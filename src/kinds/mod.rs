@@ -83,7 +83,7 @@ impl KindSpec {
         if let Some(err) = validator.iter_errors(data).next() {
             return Err(DataError {
                 field: err.instance_path().to_string(),
-                problem: err.to_string(),
+                problem: without_value(&err.to_string(), err.instance()),
             });
         }
         (self.encode)(data).map_err(|problem| DataError {
@@ -106,6 +106,15 @@ impl KindSpec {
             version,
             problem,
         })
+    }
+}
+
+/// jsonschema's messages begin with the offending value; a refusal must name the field and the
+/// rule, never echo the value (it may be a secret, or a megabyte).
+fn without_value(message: &str, value: &Value) -> String {
+    match message.strip_prefix(value.to_string().as_str()) {
+        Some(rest) => format!("the value{rest}"),
+        None => message.to_owned(),
     }
 }
 

@@ -1,13 +1,17 @@
 //! The log: one redb file per node holding every origin's events.
 //!
 //! Tables (byte-level spec in ARCHITECTURE.md):
-//! - `events`:  position (u64, gapless from 1, this node's apply order) → `hash ++ stored bytes`
+//! - `events`:  first position of a block → block of `hash ++ stored bytes` entries (`block.rs`);
+//!   positions are gapless from 1 and are this node's apply order
 //! - `extents`: (origin, first seq) → (first position, length): runs of one origin's consecutive
 //!   seqs at consecutive positions; the `(origin, seq) → position` index
 //! - `heads`:   origin → (seq, hash) of its highest event: the version vector
-//! - `streams`: (stream, first position of a commit) → the commit's positions in that stream
+//! - `streams`: (first position of a flush, stream) → that flush's positions in the stream; keyed
+//!   flush-first so that a flush appends to the tree instead of rewriting it. The positions after
+//!   `meta.streams_to` are not flushed yet and are found by scanning the tail
+//! - `flushes`: first position of a flush → its last position
 //! - `keys`:    idempotency key → position
-//! - `meta`:    `format`, `origin`, `clock`
+//! - `meta`:    `format`, `origin`, `clock`, `streams_to`
 //!
 //! Invariants: positions are gapless; each origin's events sit at increasing positions with seqs
 //! 1, 2, 3 … and each `prev` is the hash of the one before; heads, extents, streams and keys agree
@@ -16,13 +20,16 @@
 //!
 //! Boundary: the only module that imports redb. Knows the event byte format, not kinds or JSON.
 
+mod block;
 mod verify;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use block::Block;
 
 use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
 use crate::input::NewEvent;
@@ -36,7 +43,8 @@ pub const LOG_FORMAT: u32 = 1;
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EXTENTS: TableDefinition<([u8; 16], u64), (u64, u64)> = TableDefinition::new("extents");
 const HEADS: TableDefinition<[u8; 16], (u64, [u8; 32])> = TableDefinition::new("heads");
-const STREAMS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("streams");
+const STREAMS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("streams");
+const FLUSHES: TableDefinition<u64, u64> = TableDefinition::new("flushes");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -51,6 +59,10 @@ pub struct LogOptions {
     pub group_bytes_max: usize,
     /// Requests that may wait for the writer before appenders block (or are told busy).
     pub queue_requests_max: usize,
+    /// Stream postings are kept in memory and written with the commit that takes them past this
+    /// many events (or at a clean close): one insert per stream per flush, not per commit.
+    /// Readers scan the unflushed tail, so this also bounds that scan (plus one group).
+    pub stream_flush_events: usize,
 }
 
 impl Default for LogOptions {
@@ -60,6 +72,7 @@ impl Default for LogOptions {
             group_events_max: 100_000,
             group_bytes_max: 64 * 1024 * 1024,
             queue_requests_max: 1024,
+            stream_flush_events: 65_536,
         }
     }
 }
@@ -105,6 +118,8 @@ pub enum Corruption {
     },
     #[error("event at position {position}: stored value is {len} bytes, too short to hold a hash and an event")]
     Truncated { position: u64, len: usize },
+    #[error("block at position {first_position}: {detail}")]
+    BadBlock { first_position: u64, detail: String },
     #[error("event at position {position} (origin {}, seq {}): chain broken, prev should be {expected} (hash of seq {}) but is {actual}", id.origin, id.seq, id.seq - 1)]
     ChainBreak {
         position: u64,
@@ -162,6 +177,7 @@ impl Corruption {
             | Corruption::SeqGap { position, .. }
             | Corruption::PositionGap { position, .. }
             | Corruption::IndexMismatch { position, .. } => *position,
+            Corruption::BadBlock { first_position, .. } => *first_position,
             Corruption::HeadMismatch { .. } => u64::MAX,
         }
     }
@@ -221,37 +237,13 @@ pub struct Record {
 }
 
 impl Record {
-    /// Checks a stored `events` value: its hash and its archive.
-    fn check(position: u64, value: &[u8]) -> Result<Record, Corruption> {
-        if value.len() <= 32 {
-            return Err(Corruption::Truncated {
-                position,
-                len: value.len(),
-            });
-        }
-        let (hash, bytes) = value.split_at(32);
-        let expected = Hash(hash.try_into().expect("split at 32"));
-        let actual = Hash::of(bytes);
-        let view = event::decode(bytes);
-        if actual != expected {
-            return Err(Corruption::HashMismatch {
-                position,
-                id: view.ok().map(|v| v.id()),
-                expected,
-                actual,
-            });
-        }
-        if let Err(error) = view {
-            return Err(Corruption::BadArchive {
-                position,
-                id: None,
-                error,
-            });
-        }
+    /// Checks a stored entry (`hash ++ stored bytes`): its hash and its archive.
+    fn check(position: u64, entry: &[u8]) -> Result<Record, Corruption> {
+        let (hash, _) = check_entry(position, entry)?;
         Ok(Record {
             position,
-            hash: expected,
-            bytes: bytes.to_vec(),
+            hash,
+            bytes: entry[32..].to_vec(),
         })
     }
 
@@ -259,6 +251,116 @@ impl Record {
     pub fn event(&self) -> EventRef<'_> {
         event::decode(&self.bytes).expect("checked when the record was read")
     }
+}
+
+/// Checks an entry without copying it: the stored hash against blake3 of the bytes, then the
+/// archive.
+fn check_entry(position: u64, entry: &[u8]) -> Result<(Hash, EventRef<'_>), Corruption> {
+    if entry.len() <= 32 {
+        return Err(Corruption::Truncated {
+            position,
+            len: entry.len(),
+        });
+    }
+    let (hash, bytes) = entry.split_at(32);
+    let expected = Hash(hash.try_into().expect("split at 32"));
+    let actual = Hash::of(bytes);
+    let view = event::decode(bytes);
+    if actual != expected {
+        return Err(Corruption::HashMismatch {
+            position,
+            id: view.ok().map(|v| v.id()),
+            expected,
+            actual,
+        });
+    }
+    match view {
+        Ok(view) => Ok((expected, view)),
+        Err(error) => Err(Corruption::BadArchive {
+            position,
+            id: None,
+            error,
+        }),
+    }
+}
+
+fn parse_block(first_position: u64, value: &[u8]) -> Result<Block<'_>, Corruption> {
+    Block::parse(value).map_err(|detail| Corruption::BadBlock {
+        first_position,
+        detail,
+    })
+}
+
+/// The checked event at `position` in an `events` table.
+fn entry_at<T>(events: &T, position: u64) -> Result<Option<Record>, LogError>
+where
+    T: ReadableTable<u64, &'static [u8]>,
+{
+    let Some(found) = events.range(..=position)?.next_back() else {
+        return Ok(None);
+    };
+    let (k, v) = found?;
+    let first = k.value();
+    let block = parse_block(first, v.value())?;
+    let index = position - first;
+    if index >= block.len() as u64 {
+        return Ok(None);
+    }
+    Ok(Some(Record::check(position, block.entry(index as usize))?))
+}
+
+/// Calls `visit(position, entry)` for every event from `from` on, in position order, until it
+/// returns `false`. Entries are not checked here; `visit` decides.
+fn each_entry<T>(
+    events: &T,
+    from: u64,
+    mut visit: impl FnMut(u64, &[u8]) -> Result<bool, LogError>,
+) -> Result<(), LogError>
+where
+    T: ReadableTable<u64, &'static [u8]>,
+{
+    let start = match events.range(..=from)?.next_back() {
+        Some(found) => found?.0.value(),
+        None => from,
+    };
+    for found in events.range(start..)? {
+        let (k, v) = found?;
+        let first = k.value();
+        let block = parse_block(first, v.value())?;
+        for (i, entry) in block.entries().enumerate() {
+            let position = first + i as u64;
+            if position >= from && !visit(position, entry)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The highest position in an `events` table (0 when empty).
+fn last_position<T>(events: &T) -> Result<u64, LogError>
+where
+    T: ReadableTable<u64, &'static [u8]>,
+{
+    let Some(found) = events.last()? else {
+        return Ok(0);
+    };
+    let (k, v) = found;
+    let first = k.value();
+    let block = parse_block(first, v.value())?;
+    Ok(first + block.len() as u64 - 1)
+}
+
+/// Reads a little-endian u64 from `meta` (0 when absent).
+fn meta_u64<T>(meta: &T, key: &str) -> Result<u64, LogError>
+where
+    T: ReadableTable<&'static str, &'static [u8]>,
+{
+    Ok(meta
+        .get(key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0))
 }
 
 /// One page of a scan.
@@ -348,11 +450,13 @@ impl Log {
             txn.open_table(EXTENTS)?;
             txn.open_table(HEADS)?;
             txn.open_table(STREAMS)?;
+            txn.open_table(FLUSHES)?;
             txn.open_table(KEYS)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("format", LOG_FORMAT.to_le_bytes().as_slice())?;
             meta.insert("origin", origin.0.as_slice())?;
             meta.insert("clock", 0u64.to_le_bytes().as_slice())?;
+            meta.insert("streams_to", 0u64.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         Self::start(db, path, origin, options)
@@ -481,18 +585,12 @@ pub struct Reader {
 impl Reader {
     /// The highest position (0 for an empty log); positions are 1..=this.
     pub fn last_position(&self) -> Result<u64, LogError> {
-        let events = self.txn.open_table(EVENTS)?;
-        let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-        Ok(last)
+        last_position(&self.txn.open_table(EVENTS)?)
     }
 
     /// The event at `position`, checked.
     pub fn get(&self, position: u64) -> Result<Option<Record>, LogError> {
-        let events = self.txn.open_table(EVENTS)?;
-        let Some(value) = events.get(position)? else {
-            return Ok(None);
-        };
-        Ok(Some(Record::check(position, value.value())?))
+        entry_at(&self.txn.open_table(EVENTS)?, position)
     }
 
     /// Examines up to `limit` events after `after` (those of `filter.stream` only, when given)
@@ -500,46 +598,58 @@ impl Reader {
     pub fn scan(&self, after: u64, limit: usize, filter: &Filter) -> Result<Page, LogError> {
         let events = self.txn.open_table(EVENTS)?;
         let mut page = Page::default();
-        let mut keep = |position: u64, value: &[u8]| -> Result<(), LogError> {
-            let record = Record::check(position, value)?;
+        let mut keep = |record: Record| {
             let e = record.event();
-            page.last_examined = Some(position);
+            page.last_examined = Some(record.position);
             if filter.kind.as_deref().is_none_or(|k| e.kind() == k)
                 && filter.origin.is_none_or(|o| e.origin() == o)
                 && filter.stream.as_deref().is_none_or(|s| e.stream() == s)
             {
                 page.records.push(record);
             }
-            Ok(())
         };
         if let Some(stream) = &filter.stream {
             for position in self.stream_positions(stream, after, limit)? {
-                let value = events.get(position)?.ok_or(Corruption::PositionGap {
+                let record = entry_at(&events, position)?.ok_or(Corruption::PositionGap {
                     position,
                     found: None,
                 })?;
-                keep(position, value.value())?;
+                keep(record);
             }
         } else {
-            for entry in events.range(after.saturating_add(1)..)?.take(limit) {
-                let (k, v) = entry?;
-                keep(k.value(), v.value())?;
-            }
+            let mut examined = 0;
+            each_entry(&events, after.saturating_add(1), |position, entry| {
+                if examined == limit {
+                    return Ok(false);
+                }
+                examined += 1;
+                keep(Record::check(position, entry)?);
+                Ok(true)
+            })?;
         }
         Ok(page)
     }
 
-    /// Positions of `stream` after `after`, at most `limit`, ascending.
+    /// Positions of `stream` after `after`, at most `limit`, ascending: the flushed postings,
+    /// then a scan of the tail not flushed yet (bounded by the writer's flush threshold).
     pub fn stream_positions(
         &self,
         stream: &str,
         after: u64,
         limit: usize,
     ) -> Result<Vec<u64>, LogError> {
+        let streams_to = meta_u64(&self.txn.open_table(META)?, "streams_to")?;
         let streams = self.txn.open_table(STREAMS)?;
+        let flushes = self.txn.open_table(FLUSHES)?;
         let mut out = Vec::new();
-        for entry in streams.range((stream, 0u64)..=(stream, u64::MAX))? {
-            let (_, v) = entry?;
+        for flush in flushes.iter()? {
+            let (first, last) = flush?;
+            if last.value() <= after {
+                continue;
+            }
+            let Some(v) = streams.get((first.value(), stream))? else {
+                continue;
+            };
             for chunk in v.value().chunks_exact(8) {
                 let position = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
                 if position > after {
@@ -550,6 +660,21 @@ impl Reader {
                 }
             }
         }
+        let events = self.txn.open_table(EVENTS)?;
+        each_entry(
+            &events,
+            after.max(streams_to).saturating_add(1),
+            |position, entry| {
+                if out.len() == limit {
+                    return Ok(false);
+                }
+                let (_, event) = check_entry(position, entry)?;
+                if event.stream() == stream {
+                    out.push(position);
+                }
+                Ok(true)
+            },
+        )?;
         Ok(out)
     }
 
@@ -582,9 +707,9 @@ impl Reader {
         Ok((id.seq < first_seq + len).then(|| first_position + (id.seq - first_seq)))
     }
 
-    /// How many events the log holds.
+    /// How many events the log holds (positions are gapless).
     pub fn len(&self) -> Result<u64, LogError> {
-        Ok(self.txn.open_table(EVENTS)?.len()?)
+        self.last_position()
     }
 
     pub fn is_empty(&self) -> Result<bool, LogError> {

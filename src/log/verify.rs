@@ -1,6 +1,6 @@
-//! `verify`: one pass over `events` in position order, split into contiguous ranges checked in
-//! parallel, then stitched: every hash and archive, every origin's chain and seq run, the gapless
-//! position index, the extents and the heads.
+//! `verify`: one pass over `events` in position order, split into contiguous ranges of blocks
+//! checked in parallel, then stitched: every block header, hash and archive, every origin's chain
+//! and seq run, the gapless positions, the extents and the heads.
 //!
 //! Invariant: memory is bounded by the number of origins and by `PROBLEMS_MAX`, never by the log.
 
@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use redb::{ReadTransaction, ReadableTable};
 
-use super::{Corruption, LogError, Record, EVENTS, EXTENTS, HEADS};
+use super::{
+    check_entry, entry_at, last_position, parse_block, Corruption, LogError, EVENTS, EXTENTS, HEADS,
+};
 use crate::event::{EventId, Hash, Origin};
 
 /// Problems kept in a report (all are counted).
@@ -58,6 +60,8 @@ impl Problems {
 
 #[derive(Default)]
 struct RangeResult {
+    /// First position of the range's first block, and the position after its last block.
+    span: Option<(u64, u64)>,
     fragments: HashMap<Origin, Fragment>,
     /// Origins in first-seen order, so stitching is deterministic.
     order: Vec<Origin>,
@@ -67,11 +71,7 @@ struct RangeResult {
 }
 
 pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyReport, LogError> {
-    let last = {
-        let events = txn.open_table(EVENTS)?;
-        let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-        last
-    };
+    let last = last_position(&txn.open_table(EVENTS)?)?;
     let threads = threads.clamp(1, 64) as u64;
     let step = last.div_ceil(threads).max(1);
     let ranges: Vec<(u64, u64)> = (0..threads)
@@ -92,8 +92,18 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
     let mut report = VerifyReport::default();
     let mut problems = Problems::default();
     let mut chains: HashMap<Origin, (u64, Hash)> = HashMap::new();
+    let mut next_position = 1;
     for result in results {
         let result = result?;
+        if let Some((first, after)) = result.span {
+            if first != next_position {
+                problems.push(Corruption::PositionGap {
+                    position: next_position,
+                    found: Some(first),
+                });
+            }
+            next_position = after;
+        }
         report.events += result.events;
         report.bytes += result.bytes;
         let unkept = result.problems.total - result.problems.kept.len() as u64;
@@ -115,6 +125,12 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
             );
             chains.insert(origin, (f.last_seq, f.last_hash));
         }
+    }
+    if next_position != last + 1 {
+        problems.push(Corruption::PositionGap {
+            position: next_position,
+            found: None,
+        });
     }
     check_heads(txn, &chains, &mut problems)?;
     check_extents(txn, last, &mut problems)?;
@@ -152,66 +168,71 @@ fn link(
     }
 }
 
+/// Checks the blocks whose first position lies in `first..=last`.
 fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResult, LogError> {
     let events = txn.open_table(EVENTS)?;
     let mut out = RangeResult::default();
-    let mut expected_position = first;
-    for entry in events.range(first..=last)? {
-        let (k, v) = entry?;
-        let position = k.value();
-        if position != expected_position {
+    for found in events.range(first..=last)? {
+        let (k, v) = found?;
+        let block_first = k.value();
+        let value = v.value();
+        out.bytes += value.len() as u64;
+        let (start, after) = out.span.get_or_insert((block_first, block_first));
+        if block_first != *after && block_first != *start {
             out.problems.push(Corruption::PositionGap {
-                position: expected_position,
-                found: Some(position),
+                position: *after,
+                found: Some(block_first),
             });
         }
-        expected_position = position + 1;
-        let value = v.value();
-        out.events += 1;
-        out.bytes += value.len() as u64;
-        let record = match Record::check(position, value) {
-            Ok(r) => r,
+        let block = match parse_block(block_first, value) {
+            Ok(block) => block,
             Err(problem) => {
+                // Its events cannot be counted; the next block shows up as a gap too.
                 out.problems.push(problem);
                 continue;
             }
         };
-        let event = record.event();
-        let (origin, seq, prev) = (event.origin(), event.seq(), event.prev());
-        match out.fragments.get_mut(&origin) {
-            Some(f) => {
-                link(
-                    &mut out.problems,
-                    origin,
-                    position,
-                    seq,
-                    prev,
-                    f.last_seq,
-                    f.last_hash,
-                );
-                f.last_seq = seq;
-                f.last_hash = record.hash;
-            }
-            None => {
-                out.order.push(origin);
-                out.fragments.insert(
-                    origin,
-                    Fragment {
-                        first_position: position,
-                        first_seq: seq,
-                        first_prev: prev,
-                        last_seq: seq,
-                        last_hash: record.hash,
-                    },
-                );
+        *after = block_first + block.len() as u64;
+        for (i, entry) in block.entries().enumerate() {
+            let position = block_first + i as u64;
+            out.events += 1;
+            let (hash, event) = match check_entry(position, entry) {
+                Ok(checked) => checked,
+                Err(problem) => {
+                    out.problems.push(problem);
+                    continue;
+                }
+            };
+            let (origin, seq, prev) = (event.origin(), event.seq(), event.prev());
+            match out.fragments.get_mut(&origin) {
+                Some(f) => {
+                    link(
+                        &mut out.problems,
+                        origin,
+                        position,
+                        seq,
+                        prev,
+                        f.last_seq,
+                        f.last_hash,
+                    );
+                    f.last_seq = seq;
+                    f.last_hash = hash;
+                }
+                None => {
+                    out.order.push(origin);
+                    out.fragments.insert(
+                        origin,
+                        Fragment {
+                            first_position: position,
+                            first_seq: seq,
+                            first_prev: prev,
+                            last_seq: seq,
+                            last_hash: hash,
+                        },
+                    );
+                }
             }
         }
-    }
-    if expected_position != last + 1 {
-        out.problems.push(Corruption::PositionGap {
-            position: expected_position,
-            found: None,
-        });
     }
     Ok(out)
 }
@@ -292,12 +313,10 @@ fn check_extents(
                 first_position + len.saturating_sub(1),
             ),
         ] {
-            let found = match events.get(position)? {
-                Some(v) => Record::check(position, v.value())
-                    .ok()
-                    .map(|r| r.event().id()),
-                None => None,
-            };
+            let found = entry_at(&events, position)
+                .ok()
+                .flatten()
+                .map(|r| r.event().id());
             if found != Some(EventId { origin, seq }) {
                 bad(seq, position, found);
             }

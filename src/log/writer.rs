@@ -7,7 +7,7 @@
 //! fsync may have dropped pages the kernel claimed were written, so retrying could acknowledge a
 //! write that is not there).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -17,8 +17,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
+use super::block::BlockBuilder;
 use super::{
-    Appended, Corruption, LogError, LogOptions, Record, EVENTS, EXTENTS, HEADS, KEYS, META, STREAMS,
+    check_entry, each_entry, last_position, meta_u64, Appended, Corruption, LogError, LogOptions,
+    EVENTS, EXTENTS, FLUSHES, HEADS, KEYS, META, STREAMS,
 };
 use crate::event::{self, Event, Hash, Origin};
 use crate::hlc::Hlc;
@@ -136,13 +138,17 @@ struct State {
     heads: HashMap<Origin, (u64, Hash)>,
     extents: HashMap<Origin, Extent>,
     clock: Hlc,
+    /// Stream postings of positions after `meta.streams_to`.
+    pending: HashMap<String, Vec<u64>>,
+    pending_events: usize,
+    stream_flush_events: usize,
 }
 
 impl State {
     fn load(db: &Database, origin: Origin, options: &LogOptions) -> Result<State, LogError> {
         let txn = db.begin_read()?;
         let events = txn.open_table(EVENTS)?;
-        let next_position = events.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+        let next_position = last_position(&events)? + 1;
         let mut heads = HashMap::new();
         let mut extents = HashMap::new();
         let extent_table = txn.open_table(EXTENTS)?;
@@ -166,18 +172,36 @@ impl State {
                 );
             }
         }
-        let clock = txn
-            .open_table(META)?
-            .get("clock")?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0);
+        let meta = txn.open_table(META)?;
+        let clock = meta_u64(&meta, "clock")?;
+        // Rebuild the postings not flushed before the last stop. A damaged entry is left out of
+        // the index (reads and verify report it); it must not keep the node from opening.
+        let mut pending: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut pending_events = 0;
+        each_entry(
+            &events,
+            meta_u64(&meta, "streams_to")? + 1,
+            |position, entry| {
+                match check_entry(position, entry) {
+                    Ok((_, event)) => pending
+                        .entry(event.stream().to_owned())
+                        .or_default()
+                        .push(position),
+                    Err(problem) => tracing::warn!(%problem, "not indexing a damaged event"),
+                }
+                pending_events += 1;
+                Ok(true)
+            },
+        )?;
         Ok(State {
             origin,
             next_position,
             heads,
             extents,
             clock: Hlc::new(clock, options.max_drift_ms),
+            pending,
+            pending_events,
+            stream_flush_events: options.stream_flush_events.max(1),
         })
     }
 }
@@ -208,7 +232,7 @@ fn run(
             }
             continue;
         }
-        match commit_group(db, &mut state, &group) {
+        match commit_group(db, &mut state, &mut group) {
             Ok(results) => {
                 let written = results.iter().flatten().filter(|a| !a.existing).count();
                 counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -229,6 +253,11 @@ fn run(
             }
         }
     }
+    if poisoned.is_none() {
+        if let Err(error) = flush_at_close(db, &mut state) {
+            tracing::warn!(%error, "stream index not flushed at close; the next open rebuilds it");
+        }
+    }
 }
 
 fn payload_bytes(request: &Request) -> usize {
@@ -246,28 +275,41 @@ fn now_ms() -> u64 {
 fn commit_group(
     db: &Database,
     state: &mut State,
-    group: &[Request],
+    group: &mut [Request],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
     let txn = db.begin_write()?;
     let mut results = Vec::with_capacity(group.len());
     {
         let mut events = txn.open_table(EVENTS)?;
         let mut keys = txn.open_table(KEYS)?;
-        let mut postings: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
-        let mut touched: Vec<Origin> = Vec::new();
-        let mut closed_extents: Vec<(Origin, Extent)> = Vec::new();
+        let mut keyed_here: HashMap<String, Appended> = HashMap::new();
+        let origin = state.origin;
+        // This node's chain and extent, carried through the group and stored once at its end.
+        let (mut head_seq, mut head_hash) =
+            state.heads.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+        let mut extent = state.extents.get(&origin).copied();
+        let first_position = state.next_position;
+        let mut block = BlockBuilder::default();
+        let mut block_first = state.next_position;
+        let mut encoded = Vec::new();
         let now = now_ms();
-        let mut value = Vec::new();
-        for request in group {
+        for request in group.iter_mut() {
             let mut out = Vec::with_capacity(request.events.len());
-            for new in &request.events {
+            for new in request.events.drain(..) {
                 if let Some(key) = &new.key {
+                    if let Some(first) = keyed_here.get(key) {
+                        out.push(Appended {
+                            existing: true,
+                            ..*first
+                        });
+                        continue;
+                    }
                     if let Some(position) = keys.get(key.as_str())?.map(|v| v.value()) {
-                        let stored = events.get(position)?.ok_or(Corruption::PositionGap {
-                            position,
-                            found: None,
-                        })?;
-                        let record = Record::check(position, stored.value())?;
+                        let record =
+                            super::entry_at(&events, position)?.ok_or(Corruption::PositionGap {
+                                position,
+                                found: None,
+                            })?;
                         let event = record.event();
                         out.push(Appended {
                             origin: event.origin(),
@@ -279,97 +321,132 @@ fn commit_group(
                         continue;
                     }
                 }
-                let origin = state.origin;
-                let (head_seq, head_hash) =
-                    state.heads.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+                let seq = head_seq + 1;
+                let position = state.next_position;
+                match state.pending.get_mut(new.stream.as_str()) {
+                    Some(positions) => positions.push(position),
+                    None => {
+                        state.pending.insert(new.stream.clone(), vec![position]);
+                    }
+                }
+                let key = new.key.clone();
                 let event = Event {
                     origin,
-                    seq: head_seq + 1,
+                    seq,
                     hlc: state.clock.tick(now),
                     prev: head_hash,
                     // A node's own events name what it applied from other origins since its
                     // previous event; this log holds no other origin's events yet.
                     deps: Vec::new(),
-                    stream: new.stream.clone(),
-                    actor: new.actor.clone(),
-                    kind: new.kind.clone(),
+                    stream: new.stream,
+                    actor: new.actor,
+                    kind: new.kind,
                     version: new.version,
-                    correlation: new.correlation.clone(),
-                    causation: new.causation.clone(),
-                    key: new.key.clone(),
-                    payload: new.payload.clone(),
+                    correlation: new.correlation,
+                    causation: new.causation,
+                    key: new.key,
+                    payload: new.payload,
                 };
-                let bytes = event::encode(&event);
-                let hash = Hash::of(&bytes);
-                let position = state.next_position;
-                value.clear();
-                value.extend_from_slice(&hash.0);
-                value.extend_from_slice(&bytes);
-                events.insert(position, value.as_slice())?;
-                if let Some(key) = &new.key {
-                    keys.insert(key.as_str(), position)?;
+                encoded = event::encode_into(event, encoded);
+                let hash = Hash::of(&encoded);
+                if !block.fits(encoded.len()) {
+                    events.insert(block_first, block.seal())?;
+                    block.clear();
+                    block_first = position;
                 }
-                postings
-                    .entry(new.stream.as_str())
-                    .or_default()
-                    .extend_from_slice(&position.to_le_bytes());
-                if let Some(closed) = place(state, origin, event.seq, position) {
-                    closed_extents.push((origin, closed));
-                }
-                state.heads.insert(origin, (event.seq, hash));
-                if !touched.contains(&origin) {
-                    touched.push(origin);
-                }
-                state.next_position += 1;
-                out.push(Appended {
+                block.push(&hash.0, &encoded);
+                let appended = Appended {
                     origin,
-                    seq: event.seq,
+                    seq,
                     position,
                     hash,
                     existing: false,
+                };
+                if let Some(key) = key {
+                    keys.insert(key.as_str(), position)?;
+                    keyed_here.insert(key, appended);
+                }
+                extent = Some(match extent {
+                    Some(e)
+                        if e.first_seq + e.len == seq && e.first_position + e.len == position =>
+                    {
+                        Extent {
+                            len: e.len + 1,
+                            ..e
+                        }
+                    }
+                    _ => Extent {
+                        first_seq: seq,
+                        first_position: position,
+                        len: 1,
+                    },
                 });
+                (head_seq, head_hash) = (seq, hash);
+                state.next_position += 1;
+                state.pending_events += 1;
+                out.push(appended);
             }
             results.push(out);
         }
-        let mut streams = txn.open_table(STREAMS)?;
-        for (stream, positions) in &postings {
-            let first =
-                u64::from_le_bytes(positions[..8].try_into().expect("one position at least"));
-            streams.insert((*stream, first), positions.as_slice())?;
+        if !block.is_empty() {
+            events.insert(block_first, block.seal())?;
         }
-        let mut extents = txn.open_table(EXTENTS)?;
-        let mut heads = txn.open_table(HEADS)?;
-        for (origin, e) in closed_extents {
-            extents.insert((origin.0, e.first_seq), (e.first_position, e.len))?;
+        if let (true, Some(e)) = (state.next_position > first_position, extent) {
+            // Only the last extent can have changed: a group's own events are consecutive.
+            txn.open_table(EXTENTS)?
+                .insert((origin.0, e.first_seq), (e.first_position, e.len))?;
+            txn.open_table(HEADS)?
+                .insert(origin.0, (head_seq, head_hash.0))?;
+            state.extents.insert(origin, e);
+            state.heads.insert(origin, (head_seq, head_hash));
         }
-        for origin in touched {
-            let e = state.extents[&origin];
-            extents.insert((origin.0, e.first_seq), (e.first_position, e.len))?;
-            let (seq, hash) = state.heads[&origin];
-            heads.insert(origin.0, (seq, hash.0))?;
+        let mut meta = txn.open_table(META)?;
+        meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
+        if state.pending_events >= state.stream_flush_events {
+            flush_streams(state, &txn, &mut meta)?;
         }
-        txn.open_table(META)?
-            .insert("clock", state.clock.last().to_le_bytes().as_slice())?;
     }
     txn.commit()?;
     Ok(results)
 }
 
-/// Records that `(origin, seq)` sits at `position`, growing the origin's last extent when it can.
-/// Returns the extent this one closes, which the commit must write in its final length.
-fn place(state: &mut State, origin: Origin, seq: u64, position: u64) -> Option<Extent> {
-    match state.extents.get_mut(&origin) {
-        Some(e) if e.first_seq + e.len == seq && e.first_position + e.len == position => {
-            e.len += 1;
-            None
+/// Writes the stream postings held in memory and moves `streams_to` up to the last position.
+fn flush_streams(
+    state: &mut State,
+    txn: &redb::WriteTransaction,
+    meta: &mut redb::Table<&'static str, &'static [u8]>,
+) -> Result<(), LogError> {
+    let mut streams = txn.open_table(STREAMS)?;
+    let first = meta_u64(meta, "streams_to")? + 1;
+    let last = state.next_position - 1;
+    txn.open_table(FLUSHES)?.insert(first, last)?;
+    let mut value = Vec::new();
+    // Sorted, so the inserts walk the index in key order.
+    let mut pending: Vec<(String, Vec<u64>)> =
+        std::mem::take(&mut state.pending).into_iter().collect();
+    pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (stream, positions) in pending {
+        value.clear();
+        for p in &positions {
+            value.extend_from_slice(&p.to_le_bytes());
         }
-        _ => state.extents.insert(
-            origin,
-            Extent {
-                first_seq: seq,
-                first_position: position,
-                len: 1,
-            },
-        ),
+        streams.insert((first, stream.as_str()), value.as_slice())?;
     }
+    state.pending_events = 0;
+    meta.insert("streams_to", last.to_le_bytes().as_slice())?;
+    Ok(())
+}
+
+/// At a clean stop: flush the stream postings so the next open has no tail to rescan.
+fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
+    if state.pending_events == 0 {
+        return Ok(());
+    }
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        flush_streams(state, &txn, &mut meta)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
