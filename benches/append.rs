@@ -81,13 +81,7 @@ fn main() {
 }
 
 fn append_rate(events: usize, per_commit: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::create(
-        &dir.path().join("log.redb"),
-        Origin([1; 16]),
-        LogOptions::default(),
-    )
-    .unwrap();
+    let (_dir, log) = new_log();
     let mut w = Workload::new(1);
     let batches: Vec<_> = (0..events.div_ceil(per_commit))
         .map(|_| w.events(per_commit))
@@ -102,15 +96,8 @@ fn append_rate(events: usize, per_commit: usize) -> f64 {
 
 /// Returns (events/s, mean events per commit).
 fn concurrent_rate(appenders: usize, each: usize) -> (f64, f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(
-        Log::create(
-            &dir.path().join("log.redb"),
-            Origin([1; 16]),
-            LogOptions::default(),
-        )
-        .unwrap(),
-    );
+    let (_dir, log) = new_log();
+    let log = Arc::new(log);
     let mut w = Workload::new(2);
     let work: Vec<Vec<_>> = (0..appenders).map(|_| w.events(each)).collect();
     let started = Instant::now();
@@ -133,13 +120,7 @@ fn concurrent_rate(appenders: usize, each: usize) -> (f64, f64) {
 }
 
 fn verify_rate(events: usize, runs: usize) -> (f64, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::create(
-        &dir.path().join("log.redb"),
-        Origin([1; 16]),
-        LogOptions::default(),
-    )
-    .unwrap();
+    let (_dir, log) = new_log();
     let mut w = Workload::new(3);
     for _ in 0..events.div_ceil(10_000) {
         log.append(w.events(10_000)).unwrap();
@@ -160,6 +141,18 @@ fn verify_rate(events: usize, runs: usize) -> (f64, u64) {
         rates[rates.len() / 2],
         log.read().unwrap().last_position().unwrap(),
     )
+}
+
+/// An empty log in a fresh temporary directory (kept alive by the returned guard).
+fn new_log() -> (tempfile::TempDir, Log) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        Origin([1; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
+    (dir, log)
 }
 
 fn redb_rate(records: usize, per_commit: usize) -> f64 {

@@ -14,6 +14,21 @@ fn new_home() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, home)
 }
 
+/// `append` with every flag but `--data`'s value given.
+fn append_flags(data: &str) -> Vec<&str> {
+    vec![
+        "append",
+        "--kind",
+        "activity.logged",
+        "--stream",
+        "s",
+        "--actor",
+        "a",
+        "--data",
+        data,
+    ]
+}
+
 fn count(home: &std::path::Path) -> usize {
     ok(home, &["log"], "").lines().count()
 }
@@ -96,19 +111,9 @@ fn a_stdin_batch_is_atomic() {
 fn a_repeated_idempotency_key_prints_the_first_line_and_writes_nothing() {
     let (_d, home) = new_home();
     let args = |msg: &'static str| {
-        vec![
-            "append",
-            "--kind",
-            "activity.logged",
-            "--stream",
-            "s",
-            "--actor",
-            "a",
-            "--data",
-            msg,
-            "--key",
-            "run-42",
-        ]
+        let mut args = append_flags(msg);
+        args.extend(["--key", "run-42"]);
+        args
     };
     let first = ok(&home, &args(r#"{"message":"one"}"#), "");
     let again = ok(&home, &args(r#"{"message":"two"}"#), "");
@@ -160,21 +165,7 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
         assert!(err.contains(want), "expected {want:?} in {err:?}");
         assert_eq!(err.trim().lines().count(), 1, "not one sentence: {err}");
     }
-    let o = spool(
-        &home,
-        &[
-            "append",
-            "--kind",
-            "activity.logged",
-            "--stream",
-            "s",
-            "--actor",
-            "a",
-            "--data",
-            "{",
-        ],
-        "",
-    );
+    let o = spool(&home, &append_flags("{"), "");
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("field `data`: not valid JSON"),
