@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use spool::event::Origin;
 use spool::home::Home;
@@ -146,43 +146,36 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
 fn event_json(record: &Record) -> Value {
     let e = record.event().to_event();
     let time = UNIX_EPOCH + Duration::from_millis(hlc::physical_ms(e.hlc));
-    let mut out = Map::new();
-    out.insert("position".into(), json!(record.position));
-    out.insert("origin".into(), json!(e.origin));
-    out.insert("seq".into(), json!(e.seq));
-    out.insert("hash".into(), json!(record.hash));
-    out.insert("prev".into(), json!(e.prev));
-    out.insert("hlc".into(), json!(e.hlc));
-    out.insert(
-        "time".into(),
-        json!(humantime::format_rfc3339_millis(time).to_string()),
-    );
-    out.insert(
-        "deps".into(),
-        Value::Array(
-            e.deps
-                .iter()
-                .map(|d| json!({"origin": d.origin, "seq": d.seq}))
-                .collect(),
-        ),
-    );
-    out.insert("stream".into(), json!(e.stream));
-    out.insert("actor".into(), json!(e.actor));
-    out.insert("kind".into(), json!(e.kind));
-    out.insert("version".into(), json!(e.version));
-    out.insert("correlation".into(), json!(e.correlation));
-    out.insert("causation".into(), json!(e.causation));
-    out.insert("key".into(), json!(e.key));
+    let deps: Vec<Value> = e
+        .deps
+        .iter()
+        .map(|d| json!({"origin": d.origin, "seq": d.seq}))
+        .collect();
+    let mut out = json!({
+        "position": record.position,
+        "origin": e.origin,
+        "seq": e.seq,
+        "hash": record.hash,
+        "prev": e.prev,
+        "hlc": e.hlc,
+        "time": humantime::format_rfc3339_millis(time).to_string(),
+        "deps": deps,
+        "stream": e.stream,
+        "actor": e.actor,
+        "kind": e.kind,
+        "version": e.version,
+        "correlation": e.correlation,
+        "causation": e.causation,
+        "key": e.key,
+    });
     match kinds::decode(&e.kind, e.version, &e.payload) {
-        Ok(data) => {
-            out.insert("data".into(), data);
-        }
+        Ok(data) => out["data"] = data,
         Err(error) => {
-            out.insert("data".into(), Value::Null);
-            out.insert("data_error".into(), json!(error.to_string()));
+            out["data"] = Value::Null;
+            out["data_error"] = json!(error.to_string());
         }
     }
-    Value::Object(out)
+    out
 }
 
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {

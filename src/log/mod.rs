@@ -533,6 +533,16 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> LogError {
                 path: path.to_owned(),
             }
         }
+        // redb reports a foreign or cut-short file as InvalidData / UnexpectedEof; any other I/O
+        // failure (permissions, a failing disk) is about reading the file, not its contents.
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            LogError::Storage(redb::Error::Io(io))
+        }
         other => LogError::NotALog {
             path: path.to_owned(),
             reason: other.to_string(),

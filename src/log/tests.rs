@@ -154,6 +154,10 @@ fn opening_checks_format_node_and_lock() {
         Log::create(&path, origin(), LogOptions::default()),
         Err(LogError::Exists { .. })
     ));
+    let err = Log::open(&path, origin(), LogOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, LogError::Locked { .. }), "{err}");
     drop(log);
     let other = Origin([0x22; 16]);
     assert!(matches!(
