@@ -131,12 +131,15 @@ impl Event {
 }
 
 /// The archived layout of format 1. Field order and types are frozen.
+///
+/// `prev` is the last field, so it is the last 32 stored bytes (rkyv writes the root struct last,
+/// and this archive format has no padding): an event can be encoded before its predecessor is
+/// hashed, and [`chain`] fills it in (see the writer).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct StoredEvent {
     origin: [u8; 16],
     seq: u64,
     hlc: u64,
-    prev: [u8; 32],
     deps: Vec<StoredDep>,
     stream: String,
     actor: String,
@@ -146,7 +149,11 @@ struct StoredEvent {
     causation: Option<String>,
     key: Option<String>,
     payload: Vec<u8>,
+    prev: [u8; 32],
 }
+
+/// Bytes of `prev` at the end of every stored event.
+const PREV_BYTES: usize = 32;
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct StoredDep {
@@ -169,12 +176,30 @@ pub enum DecodeError {
 
 /// Encodes an event into its stored bytes.
 pub fn encode(event: &Event) -> Vec<u8> {
-    encode_into(event.clone(), Vec::new())
+    encode_into(&mut event.clone(), Vec::new())
 }
 
-/// Encodes an event into its stored bytes, moving its fields and reusing `out`'s allocation.
-pub fn encode_into(event: Event, mut out: Vec<u8>) -> Vec<u8> {
-    let stored = StoredEvent {
+/// Encodes an event into its stored bytes, reusing `out`'s allocation. The event's fields are
+/// moved into the archive and back, so `event` is unchanged and nothing is copied twice.
+pub fn encode_into(event: &mut Event, mut out: Vec<u8>) -> Vec<u8> {
+    out.clear();
+    append_stored(event, out)
+}
+
+/// Sets `prev` in the stored bytes of one event (they end with it) and gives the event's hash.
+/// With [`encode_into`] of an event whose `prev` is not yet known, it lets the writer encode
+/// events on one thread while another hashes the chain.
+pub fn chain(bytes: &mut [u8], prev: Hash) -> Hash {
+    let at = bytes.len() - PREV_BYTES;
+    bytes[at..].copy_from_slice(&prev.0);
+    Hash::of(bytes)
+}
+
+/// Appends an event's stored bytes to `out`. Relative pointers make the bytes the same wherever
+/// in `out` they start.
+pub fn append_stored(event: &mut Event, mut out: Vec<u8>) -> Vec<u8> {
+    use std::mem::take;
+    let mut stored = StoredEvent {
         origin: event.origin.0,
         seq: event.seq,
         hlc: event.hlc,
@@ -187,20 +212,27 @@ pub fn encode_into(event: Event, mut out: Vec<u8>) -> Vec<u8> {
                 seq: d.seq,
             })
             .collect(),
-        stream: event.stream,
-        actor: event.actor,
-        kind: event.kind,
+        stream: take(&mut event.stream),
+        actor: take(&mut event.actor),
+        kind: take(&mut event.kind),
         version: event.version,
-        correlation: event.correlation,
-        causation: event.causation,
-        key: event.key,
-        payload: event.payload,
+        correlation: take(&mut event.correlation),
+        causation: take(&mut event.causation),
+        key: take(&mut event.key),
+        payload: take(&mut event.payload),
     };
-    out.clear();
     out.push(ENVELOPE_FORMAT);
     // Serializing plain owned data into a Vec has no failure mode but allocation.
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(&stored, out)
-        .expect("serializing an owned event into memory cannot fail")
+    let out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&stored, out)
+        .expect("serializing an owned event into memory cannot fail");
+    event.stream = take(&mut stored.stream);
+    event.actor = take(&mut stored.actor);
+    event.kind = take(&mut stored.kind);
+    event.correlation = take(&mut stored.correlation);
+    event.causation = take(&mut stored.causation);
+    event.key = take(&mut stored.key);
+    event.payload = take(&mut stored.payload);
+    out
 }
 
 /// A checked, zero-copy view of stored bytes.
@@ -323,8 +355,43 @@ mod tests {
     }
 
     #[test]
-    fn encoding_is_deterministic() {
+    fn encoding_is_deterministic_and_leaves_the_event_as_it_was() {
         assert_eq!(encode(&sample()), encode(&sample()));
+        let mut event = sample();
+        let bytes = encode_into(&mut event, vec![1, 2, 3]);
+        assert_eq!(event, sample());
+        assert_eq!(bytes, encode(&sample()));
+    }
+
+    #[test]
+    fn prev_is_the_last_stored_bytes() {
+        let event = sample();
+        let bytes = encode(&event);
+        assert_eq!(bytes[bytes.len() - PREV_BYTES..], event.prev.0);
+    }
+
+    #[test]
+    fn appended_then_chained_is_the_plain_encoding() {
+        let mut out = vec![0xee; 5]; // Bytes already in the buffer must not matter.
+        let mut ends = vec![out.len()];
+        let mut events = Vec::new();
+        for i in 0..3u8 {
+            let mut e = sample();
+            e.seq = u64::from(i) + 1;
+            e.payload = vec![i; 100 * usize::from(i)];
+            let mut unchained = Event {
+                prev: Hash::ZERO,
+                ..e.clone()
+            };
+            out = append_stored(&mut unchained, out);
+            ends.push(out.len());
+            events.push(e);
+        }
+        for (i, e) in events.iter().enumerate() {
+            let bytes = &mut out[ends[i]..ends[i + 1]];
+            assert_eq!(chain(bytes, e.prev), Hash::of(&encode(e)));
+            assert_eq!(*bytes, encode(e)[..]);
+        }
     }
 
     #[test]

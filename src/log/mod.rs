@@ -21,6 +21,7 @@
 //! Boundary: the only module that imports redb. Knows the event byte format, not kinds or JSON.
 
 mod block;
+mod postings;
 mod verify;
 mod writer;
 

@@ -508,3 +508,67 @@ fn large_events_and_many_small_ones_share_blocks_correctly() {
     assert_eq!(page.last_examined, Some(160));
     assert!(log.verify(2).unwrap().ok());
 }
+
+#[test]
+fn a_large_group_chains_on_the_helper_exactly_as_a_small_one() {
+    // 3 000 new events take the writer's parallel path; keys repeated inside the batch and keys
+    // already stored must still answer with the first event's position and hash.
+    let (_dir, log) = temp_log();
+    let early = log
+        .append(vec![activity("s", "early", Some("k-old"))])
+        .unwrap()[0];
+    let mut batch = Vec::new();
+    for i in 0..3_000 {
+        let key = match i % 500 {
+            7 => Some(format!("k-{}", i / 500)),
+            9 => Some(format!("k-{}", i / 500)), // Repeats the key two events back.
+            11 => Some("k-old".to_owned()),
+            _ => None,
+        };
+        batch.push(activity(
+            &format!("s{}", i % 37),
+            &format!("{i}"),
+            key.as_deref(),
+        ));
+    }
+    let acked = log.append(batch).unwrap();
+    assert_eq!(acked.len(), 3_000);
+    let reader = log.read().unwrap();
+    let mut previous: Option<Appended> = Some(early);
+    for (i, a) in acked.iter().enumerate() {
+        let stored = reader.get(a.position).unwrap().unwrap();
+        assert_eq!(stored.hash, a.hash, "answer {i}");
+        assert_eq!(stored.event().seq(), a.seq);
+        match i % 500 {
+            9 => assert_eq!((a.existing, a.position), (true, acked[i - 2].position)),
+            11 => assert_eq!((a.existing, a.position, a.hash), (true, 1, early.hash)),
+            _ => {
+                assert!(!a.existing);
+                let p = previous.unwrap();
+                assert_eq!((a.seq, a.position), (p.seq + 1, p.position + 1));
+                assert_eq!(stored.event().prev(), p.hash);
+                previous = Some(*a);
+            }
+        }
+    }
+    assert_eq!(reader.len().unwrap(), 1 + 3_000 - 12);
+    let s5 = Filter {
+        stream: Some("s5".into()),
+        ..Filter::default()
+    };
+    let positions: Vec<u64> = reader
+        .scan(0, 10_000, &s5)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.position)
+        .collect();
+    let expected: Vec<u64> = acked
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| i % 37 == 5 && !a.existing)
+        .map(|(_, a)| a.position)
+        .collect();
+    assert_eq!(positions, expected);
+    assert!(log.verify(2).unwrap().ok());
+}

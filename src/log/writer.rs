@@ -18,6 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
 use super::block::BlockBuilder;
+use super::postings::Postings;
 use super::{
     check_entry, each_entry, last_position, meta_u64, Appended, Corruption, LogError, LogOptions,
     EVENTS, EXTENTS, FLUSHES, HEADS, KEYS, META, STREAMS,
@@ -139,8 +140,7 @@ struct State {
     extents: HashMap<Origin, Extent>,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
-    pending: HashMap<String, Vec<u64>>,
-    pending_events: usize,
+    pending: Postings,
     stream_flush_events: usize,
 }
 
@@ -176,20 +176,15 @@ impl State {
         let clock = meta_u64(&meta, "clock")?;
         // Rebuild the postings not flushed before the last stop. A damaged entry is left out of
         // the index (reads and verify report it); it must not keep the node from opening.
-        let mut pending: HashMap<String, Vec<u64>> = HashMap::new();
-        let mut pending_events = 0;
+        let mut pending = Postings::default();
         each_entry(
             &events,
             meta_u64(&meta, "streams_to")? + 1,
             |position, entry| {
                 match check_entry(position, entry) {
-                    Ok((_, event)) => pending
-                        .entry(event.stream().to_owned())
-                        .or_default()
-                        .push(position),
+                    Ok((_, event)) => pending.push(event.stream().to_owned(), position),
                     Err(problem) => tracing::warn!(%problem, "not indexing a damaged event"),
                 }
-                pending_events += 1;
                 Ok(true)
             },
         )?;
@@ -200,7 +195,6 @@ impl State {
             extents,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
-            pending_events,
             stream_flush_events: options.stream_flush_events.max(1),
         })
     }
@@ -271,70 +265,102 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// New events per chunk: the unit handed between the encoder and the hasher.
+const CHUNK_EVENTS: usize = 256;
+/// A group with at least this many new events has its chain hashed on a helper thread while the
+/// writer encodes the next chunk and stores the last (hashing is about a third of the work).
+const PARALLEL_EVENTS_MIN: usize = 4 * CHUNK_EVENTS;
+
+/// Consecutive new events, encoded with `prev` still unset, then chained.
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    hashes: Vec<Hash>,
+}
+
+impl Chunk {
+    /// Sets each event's `prev` and hashes it, in order.
+    fn chain(&mut self, prev: &mut Hash) {
+        let mut start = 0;
+        for &end in &self.ends {
+            *prev = event::chain(&mut self.bytes[start..end], *prev);
+            self.hashes.push(*prev);
+            start = end;
+        }
+    }
+
+    fn events(&self) -> impl Iterator<Item = (&[u8], &Hash)> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.bytes[start..end])
+            .zip(&self.hashes)
+    }
+}
+
 /// Writes every request of the group in one transaction and commits it durably.
+///
+/// A cheap sequential pass settles which events are new (idempotency keys) and gives each its
+/// seq, position and stamp. The new events are then encoded in chunks, each chunk's chain of
+/// hashes finished in order, and the chunk packed into blocks.
 fn commit_group(
     db: &Database,
     state: &mut State,
     group: &mut [Request],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
     let txn = db.begin_write()?;
-    let mut results = Vec::with_capacity(group.len());
+    let origin = state.origin;
+    let (head_seq, mut head_hash) = state.heads.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+    let first_position = state.next_position;
+    let mut answers: Vec<Appended> = Vec::new();
+    // Answers of events written here, in position order.
+    let mut fresh: Vec<usize> = Vec::new();
+    // Answers repeating a key first written in this group: (answer, the first one's answer).
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    let mut lens = Vec::with_capacity(group.len());
+    let mut new_events = Vec::new();
     {
-        let mut events = txn.open_table(EVENTS)?;
+        let events = txn.open_table(EVENTS)?;
         let mut keys = txn.open_table(KEYS)?;
-        let mut keyed_here: HashMap<String, Appended> = HashMap::new();
-        let origin = state.origin;
-        // This node's chain and extent, carried through the group and stored once at its end.
-        let (mut head_seq, mut head_hash) =
-            state.heads.get(&origin).copied().unwrap_or((0, Hash::ZERO));
-        let mut extent = state.extents.get(&origin).copied();
-        let first_position = state.next_position;
-        let mut block = BlockBuilder::default();
-        let mut block_first = state.next_position;
-        let mut encoded = Vec::new();
+        let mut keyed_here: HashMap<String, usize> = HashMap::new();
         let now = now_ms();
         for request in group.iter_mut() {
-            let mut out = Vec::with_capacity(request.events.len());
+            lens.push(request.events.len());
             for new in request.events.drain(..) {
                 if let Some(key) = &new.key {
-                    if let Some(first) = keyed_here.get(key) {
-                        out.push(Appended {
+                    if let Some(&first) = keyed_here.get(key) {
+                        repeats.push((answers.len(), first));
+                        answers.push(Appended {
                             existing: true,
-                            ..*first
+                            ..answers[first]
                         });
                         continue;
                     }
                     if let Some(position) = keys.get(key.as_str())?.map(|v| v.value()) {
-                        let record =
-                            super::entry_at(&events, position)?.ok_or(Corruption::PositionGap {
-                                position,
-                                found: None,
-                            })?;
-                        let event = record.event();
-                        out.push(Appended {
-                            origin: event.origin(),
-                            seq: event.seq(),
-                            position,
-                            hash: record.hash,
-                            existing: true,
-                        });
+                        answers.push(stored_answer(&events, position)?);
                         continue;
                     }
                 }
-                let seq = head_seq + 1;
-                let position = state.next_position;
-                match state.pending.get_mut(new.stream.as_str()) {
-                    Some(positions) => positions.push(position),
-                    None => {
-                        state.pending.insert(new.stream.clone(), vec![position]);
-                    }
+                let seq = head_seq + 1 + fresh.len() as u64;
+                let position = first_position + fresh.len() as u64;
+                if let Some(key) = &new.key {
+                    keys.insert(key.as_str(), position)?;
+                    keyed_here.insert(key.clone(), answers.len());
                 }
-                let key = new.key.clone();
-                let event = Event {
+                fresh.push(answers.len());
+                answers.push(Appended {
+                    origin,
+                    seq,
+                    position,
+                    hash: Hash::ZERO, // Known once the chain reaches it.
+                    existing: false,
+                });
+                new_events.push(Event {
                     origin,
                     seq,
                     hlc: state.clock.tick(now),
-                    prev: head_hash,
+                    prev: Hash::ZERO, // Set by `Chunk::chain`.
                     // A node's own events name what it applied from other origins since its
                     // previous event; this log holds no other origin's events yet.
                     deps: Vec::new(),
@@ -346,68 +372,170 @@ fn commit_group(
                     causation: new.causation,
                     key: new.key,
                     payload: new.payload,
-                };
-                encoded = event::encode_into(event, encoded);
-                let hash = Hash::of(&encoded);
-                if !block.fits(encoded.len()) {
-                    events.insert(block_first, block.seal())?;
-                    block.clear();
-                    block_first = position;
-                }
-                block.push(&hash.0, &encoded);
-                let appended = Appended {
-                    origin,
-                    seq,
-                    position,
-                    hash,
-                    existing: false,
-                };
-                if let Some(key) = key {
-                    keys.insert(key.as_str(), position)?;
-                    keyed_here.insert(key, appended);
-                }
-                extent = Some(match extent {
-                    Some(e)
-                        if e.first_seq + e.len == seq && e.first_position + e.len == position =>
-                    {
-                        Extent {
-                            len: e.len + 1,
-                            ..e
+                });
+            }
+        }
+    }
+    let written = new_events.len() as u64;
+    {
+        let mut table = txn.open_table(EVENTS)?;
+        let mut blocks = Blocks::new(&mut table, first_position);
+        let mut fresh = fresh.iter();
+        let mut spare = Vec::new();
+        let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
+            for (bytes, hash) in chunk.events() {
+                blocks.push(hash, bytes)?;
+                answers[*fresh.next().expect("one answer per new event")].hash = *hash;
+            }
+            spare.push(chunk);
+            Ok(())
+        };
+        let mut position = first_position;
+        let mut events = new_events.into_iter();
+        let pending = &mut state.pending;
+        let mut encode = |spare: &mut Vec<Chunk>| {
+            let mut chunk: Chunk = spare.pop().unwrap_or_default();
+            chunk.bytes.clear();
+            chunk.ends.clear();
+            chunk.hashes.clear();
+            for mut event in events.by_ref().take(CHUNK_EVENTS) {
+                chunk.bytes = event::append_stored(&mut event, std::mem::take(&mut chunk.bytes));
+                chunk.ends.push(chunk.bytes.len());
+                pending.push(event.stream, position);
+                position += 1;
+            }
+            (!chunk.ends.is_empty()).then_some(chunk)
+        };
+        if written < PARALLEL_EVENTS_MIN as u64 {
+            while let Some(mut chunk) = encode(&mut spare) {
+                chunk.chain(&mut head_hash);
+                store(chunk, &mut spare)?;
+            }
+        } else {
+            let prev = &mut head_hash;
+            std::thread::scope(|scope| -> Result<(), LogError> {
+                // Unbounded, but never longer than the group's chunks.
+                let (to_hash, unhashed) = mpsc::channel::<Chunk>();
+                let (to_store, hashed) = mpsc::channel();
+                scope.spawn(move || {
+                    for mut chunk in unhashed {
+                        chunk.chain(prev);
+                        if to_store.send(chunk).is_err() {
+                            return; // The writer failed and stopped listening.
                         }
                     }
-                    _ => Extent {
-                        first_seq: seq,
-                        first_position: position,
-                        len: 1,
-                    },
                 });
-                (head_seq, head_hash) = (seq, hash);
-                state.next_position += 1;
-                state.pending_events += 1;
-                out.push(appended);
+                while let Some(chunk) = encode(&mut spare) {
+                    to_hash.send(chunk).map_err(|_| LogError::WriterGone)?;
+                    while let Ok(chunk) = hashed.try_recv() {
+                        store(chunk, &mut spare)?;
+                    }
+                }
+                drop(to_hash);
+                hashed.into_iter().try_for_each(|c| store(c, &mut spare))
+            })?;
+        }
+        blocks.close()?;
+    }
+    for (at, first) in repeats {
+        answers[at].hash = answers[first].hash;
+    }
+    state.next_position += written;
+    if written > 0 {
+        // A group's own events are consecutive: they extend the last extent or start one.
+        let extent = match state.extents.get(&origin) {
+            Some(e)
+                if e.first_seq + e.len == head_seq + 1
+                    && e.first_position + e.len == first_position =>
+            {
+                Extent {
+                    len: e.len + written,
+                    ..*e
+                }
             }
-            results.push(out);
-        }
-        if !block.is_empty() {
-            events.insert(block_first, block.seal())?;
-        }
-        if let (true, Some(e)) = (state.next_position > first_position, extent) {
-            // Only the last extent can have changed: a group's own events are consecutive.
-            txn.open_table(EXTENTS)?
-                .insert((origin.0, e.first_seq), (e.first_position, e.len))?;
-            txn.open_table(HEADS)?
-                .insert(origin.0, (head_seq, head_hash.0))?;
-            state.extents.insert(origin, e);
-            state.heads.insert(origin, (head_seq, head_hash));
-        }
+            _ => Extent {
+                first_seq: head_seq + 1,
+                first_position,
+                len: written,
+            },
+        };
+        txn.open_table(EXTENTS)?.insert(
+            (origin.0, extent.first_seq),
+            (extent.first_position, extent.len),
+        )?;
+        let head = (head_seq + written, head_hash);
+        txn.open_table(HEADS)?
+            .insert(origin.0, (head.0, head.1 .0))?;
+        state.extents.insert(origin, extent);
+        state.heads.insert(origin, head);
+    }
+    {
         let mut meta = txn.open_table(META)?;
         meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
-        if state.pending_events >= state.stream_flush_events {
+        if state.pending.len() >= state.stream_flush_events {
             flush_streams(state, &txn, &mut meta)?;
         }
     }
     txn.commit()?;
-    Ok(results)
+    let mut answers = answers.into_iter();
+    Ok(lens
+        .into_iter()
+        .map(|n| answers.by_ref().take(n).collect())
+        .collect())
+}
+
+/// The answer for an idempotency key already in the log.
+fn stored_answer(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    position: u64,
+) -> Result<Appended, LogError> {
+    let record = super::entry_at(events, position)?.ok_or(Corruption::PositionGap {
+        position,
+        found: None,
+    })?;
+    let event = record.event();
+    Ok(Appended {
+        origin: event.origin(),
+        seq: event.seq(),
+        position,
+        hash: record.hash,
+        existing: true,
+    })
+}
+
+/// Packs consecutive events into blocks and inserts each block as it fills.
+struct Blocks<'t, 'txn> {
+    table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
+    block: BlockBuilder,
+    first: u64,
+}
+
+impl<'t, 'txn> Blocks<'t, 'txn> {
+    fn new(table: &'t mut redb::Table<'txn, u64, &'static [u8]>, first: u64) -> Self {
+        Blocks {
+            table,
+            block: BlockBuilder::default(),
+            first,
+        }
+    }
+
+    fn push(&mut self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
+        if !self.block.fits(bytes.len()) {
+            let events = self.block.len() as u64;
+            self.table.insert(self.first, self.block.seal())?;
+            self.block.clear();
+            self.first += events;
+        }
+        self.block.push(&hash.0, bytes);
+        Ok(())
+    }
+
+    fn close(mut self) -> Result<(), LogError> {
+        if !self.block.is_empty() {
+            self.table.insert(self.first, self.block.seal())?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes the stream postings held in memory and moves `streams_to` up to the last position.
@@ -422,24 +550,20 @@ fn flush_streams(
     txn.open_table(FLUSHES)?.insert(first, last)?;
     let mut value = Vec::new();
     // Sorted, so the inserts walk the index in key order.
-    let mut pending: Vec<(String, Vec<u64>)> =
-        std::mem::take(&mut state.pending).into_iter().collect();
-    pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    for (stream, positions) in pending {
+    for (stream, positions) in state.pending.drain() {
         value.clear();
         for p in &positions {
             value.extend_from_slice(&p.to_le_bytes());
         }
         streams.insert((first, stream.as_str()), value.as_slice())?;
     }
-    state.pending_events = 0;
     meta.insert("streams_to", last.to_le_bytes().as_slice())?;
     Ok(())
 }
 
 /// At a clean stop: flush the stream postings so the next open has no tail to rescan.
 fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
-    if state.pending_events == 0 {
+    if state.pending.len() == 0 {
         return Ok(());
     }
     let txn = db.begin_write()?;
