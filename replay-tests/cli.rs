@@ -239,14 +239,71 @@ fn homes_are_checked() {
 }
 
 #[test]
-fn schema_list_names_every_kind() {
+fn schema_list_and_show_print_the_catalogue() {
     let dir = tempfile::tempdir().unwrap();
-    let kinds: Vec<String> = json_lines(&ok(dir.path(), &["schema", "list", "--json"], ""))
+    let listed = json_lines(&ok(dir.path(), &["schema", "list", "--json"], ""));
+    let kinds: Vec<&str> = listed.iter().map(|k| k["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.len(), spool::kinds::CATALOGUE.len());
+    for kind in [
+        "activity.logged",
+        "task.scored",
+        "loom.step_acked",
+        "device.revoked",
+    ] {
+        assert!(kinds.contains(&kind), "{kind}");
+    }
+    let step = listed
         .iter()
-        .map(|k| k["kind"].as_str().unwrap().to_owned())
-        .collect();
-    assert!(kinds.contains(&"activity.logged".to_owned()));
+        .find(|k| k["kind"] == "loom.step_finished")
+        .unwrap();
+    assert_eq!(step["readable"], serde_json::json!([1, 2]));
+    assert!(!step["description"].as_str().unwrap().is_empty());
     let schema: Value =
         serde_json::from_str(&ok(dir.path(), &["schema", "show", "activity.logged"], "")).unwrap();
     assert_eq!(schema["required"], serde_json::json!(["message"]));
+    let v1: Value = serde_json::from_str(&ok(
+        dir.path(),
+        &["schema", "show", "loom.step_finished", "--version", "1"],
+        "",
+    ))
+    .unwrap();
+    assert_eq!(v1["title"], "loom.step_finished v1");
+    let o = spool(
+        dir.path(),
+        &["schema", "show", "loom.step_finished", "--version", "9"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("has no version 9"), "{}", stderr(&o));
+}
+
+#[test]
+fn every_kind_is_validated_at_append_and_the_refusal_names_line_and_field() {
+    let (_d, home) = new_home();
+    let good = r#"{"kind":"task.created","stream":"task/1","actor":"user:carlos","data":{"task_id":"1","title":"Renew snapshots","status":"todo"}}"#;
+    let cases = [
+        (
+            r#""status":"todo""#,
+            r#""status":"todo","colour":"red""#,
+            "colour",
+        ),
+        (r#","status":"todo""#, "", "status"),
+        (
+            r#""title":"Renew snapshots""#,
+            r#""title":42"#,
+            "data/title",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let bad = good.replace(from, to);
+        let o = spool(&home, &["append"], &format!("{good}\n{bad}\n"));
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let err = stderr(&o);
+        assert!(err.contains("line 2: task.created:"), "{err}");
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+    assert_eq!(count(&home), 0, "a refused batch writes nothing");
+    ok(&home, &["append"], good);
+    let logged = json_lines(&ok(&home, &["log", "--kind", "task.created"], ""));
+    assert_eq!(logged[0]["data"]["title"], "Renew snapshots");
 }

@@ -31,7 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { json } => verify(&home, json),
         Command::Status { json } => status(&home, json),
         Command::Schema(SchemaCommand::List { json }) => schema_list(json),
-        Command::Schema(SchemaCommand::Show { kind }) => schema_show(&kind),
+        Command::Schema(SchemaCommand::Show { kind, version }) => schema_show(&kind, version),
     }
 }
 
@@ -272,23 +272,41 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 
 fn schema_list(as_json: bool) -> anyhow::Result<ExitCode> {
     for kind in kinds::CATALOGUE {
+        let description = kind.description().replace('\n', " ");
         if as_json {
             println!(
                 "{}",
-                json!({"kind": kind.name, "version": kind.version, "readable": kind.readable})
+                json!({
+                    "kind": kind.name,
+                    "version": kind.version,
+                    "readable": kind.readable,
+                    "description": description,
+                })
             );
         } else {
-            println!(
-                "{:<32} v{}  (reads {:?})",
-                kind.name, kind.version, kind.readable
-            );
+            let versions = match kind.readable {
+                [_] => String::new(),
+                all => format!(" (reads {all:?})"),
+            };
+            let name_version = format!("{} v{}{versions}", kind.name, kind.version);
+            println!("{name_version:<42} {description}");
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn schema_show(name: &str) -> anyhow::Result<ExitCode> {
-    let kind = kinds::lookup(name).ok_or_else(|| InputError::UnknownKind(name.to_owned()))?;
-    print!("{}", kind.schema);
+fn schema_show(name: &str, version: Option<u16>) -> anyhow::Result<ExitCode> {
+    let current = kinds::lookup(name).ok_or_else(|| InputError::UnknownKind(name.to_owned()))?;
+    let version = version.unwrap_or(current.version);
+    let spec = std::iter::once(current)
+        .chain(kinds::SUPERSEDED.iter().copied())
+        .find(|k| k.name == name && k.version == version)
+        .ok_or_else(|| {
+            let readable = current.readable;
+            Usage(format!(
+                "{name} has no version {version} (it reads {readable:?})"
+            ))
+        })?;
+    print!("{}", spec.schema);
     Ok(ExitCode::SUCCESS)
 }

@@ -54,13 +54,17 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum SchemaCommand {
-    /// One line per kind: name, current version, readable versions.
+    /// One line per kind: name, current version, readable versions, what it records.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// The JSON Schema of a kind's current version.
-    Show { kind: String },
+    /// The JSON Schema of a kind (its current version, or --version N of a superseded one).
+    Show {
+        kind: String,
+        #[arg(long)]
+        version: Option<u16>,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -9,39 +9,259 @@
 //! envelope. Adding a kind is adding a module here, its schema under `schemas/`, and one line in
 //! [`CATALOGUE`].
 
+/// Declares payload structs: serde (unknown fields refused, absent options left out), the JSON
+/// Schema, and the rkyv archive.
+macro_rules! payloads {
+    ($( $(#[$m:meta])* pub struct $name:ident { $($body:tt)* } )*) => {$(
+        #[serde_with::skip_serializing_none]
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        $(#[$m])*
+        pub struct $name { $($body)* }
+    )*};
+}
+
+/// Declares closed sets of values, written in snake_case.
+macro_rules! choices {
+    ($( $(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident),* $(,)? } )*) => {$(
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[derive(schemars::JsonSchema, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        $(#[$m])*
+        pub enum $name { $($(#[$vm])* $variant),* }
+    )*};
+}
+
 mod activity;
+mod devices;
+mod fleet;
+mod loom;
+mod openclaw;
+mod tasks;
+mod types;
+mod vault;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
+use jsonschema::error::ValidationErrorKind;
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
 use serde_json::Value;
 
-/// One event kind.
+/// A payload type: one version of one kind. The type is both the JSON form (serde, with the
+/// JSON Schema derived from it) and the archived form (rkyv); a released version never changes.
+pub trait Payload:
+    serde::Serialize
+    + serde::de::DeserializeOwned
+    + schemars::JsonSchema
+    + rkyv::Archive
+    + for<'a> rkyv::Serialize<HighSerializer<Vec<u8>, ArenaHandle<'a>, rancor::Error>>
+where
+    Self::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<Self, HighDeserializer<rancor::Error>>,
+{
+    /// Rules the schema cannot state. `Err` names the field (a JSON pointer) and the problem.
+    fn check(&self) -> Result<(), DataError> {
+        Ok(())
+    }
+
+    /// Reads an earlier version's payload as this version. Only kinds with an upcaster override
+    /// it, and list the versions it reads in their catalogue entry.
+    fn upcast(version: u16, _payload: &[u8]) -> Result<Self, String> {
+        Err(format!("no upcaster from version {version}"))
+    }
+}
+
+/// One version of one event kind: what the log and the CLI need of it, without its type.
 pub struct KindSpec {
     /// `domain.past_tense_verb`.
     pub name: &'static str,
-    /// The version `encode` writes and `decode` returns.
+    /// The version `encode` writes.
     pub version: u16,
-    /// Versions `decode` reads (the current one and those with an upcaster).
+    /// Versions `decode` reads (earlier ones through an upcaster), ending with `version`.
     pub readable: &'static [u16],
-    /// The JSON Schema of the current version, as shipped under `schemas/`.
+    /// The JSON Schema of `version`, as shipped under `schemas/`.
     pub schema: &'static str,
-    /// Typed JSON (already schema-valid) into a payload archive.
-    encode: fn(&Value) -> Result<Vec<u8>, String>,
-    /// A payload archive of a readable version into JSON of the current version.
-    decode: fn(u16, &[u8]) -> Result<Value, String>,
-    validator: &'static OnceLock<jsonschema::Validator>,
+    encode: fn(&Value) -> Result<Vec<u8>, DataError>,
+    decode: fn(bool, u16, &[u8]) -> Result<Value, String>,
+    /// The schema derived from the type; a test keeps `schema` equal to it.
+    derived_schema: fn(&str, u16) -> Value,
 }
 
-/// Every kind this build knows.
-pub static CATALOGUE: &[&KindSpec] = &[&activity::LOGGED];
+/// Registers payload types: `"kind" version => Type [reads [versions]];`. The schema file is
+/// `schemas/<kind>/v<version>.schema.json`.
+macro_rules! catalogue {
+    (
+        current { $( $name:literal $v:literal => $ty:ty $(, reads $old:expr)? ; )* }
+        superseded { $( $sname:literal $sv:literal => $sty:ty ; )* }
+    ) => {
+        /// Every kind this build writes, at its current version, in `schema list` order.
+        pub static CATALOGUE: &[&KindSpec] = &[$(
+            &catalogue!(@spec $name $v $ty, catalogue!(@readable $v $(, $old)?)),
+        )*];
+        /// Earlier versions, still read (through their kind's upcaster), no longer written.
+        pub static SUPERSEDED: &[&KindSpec] = &[$( &catalogue!(@spec $sname $sv $sty, &[$sv]), )*];
+    };
+    (@spec $name:literal $v:literal $ty:ty, $readable:expr) => {
+        KindSpec {
+            name: $name,
+            version: $v,
+            readable: $readable,
+            schema: include_str!(concat!("../../schemas/", $name, "/v", $v, ".schema.json")),
+            encode: encode_as::<$ty>,
+            decode: decode_as::<$ty>,
+            derived_schema: derived_schema::<$ty>,
+        }
+    };
+    (@readable $v:literal) => { &[$v] };
+    (@readable $v:literal, $old:expr) => { &$old };
+}
+
+catalogue! {
+    current {
+        "task.created" 1 => tasks::TaskCreated;
+        "task.edited" 1 => tasks::TaskEdited;
+        "task.moved" 1 => tasks::TaskMoved;
+        "task.archived" 1 => tasks::TaskArchived;
+        "task.scored" 1 => tasks::TaskScored;
+        "task.score_overridden" 1 => tasks::TaskScoreOverridden;
+        "task.score_locked" 1 => tasks::TaskScoreLocked;
+        "task.score_unlocked" 1 => tasks::TaskScoreUnlocked;
+        "brief.added" 1 => tasks::BriefAdded;
+        "brief.consumed" 1 => tasks::BriefConsumed;
+        "triage.run_started" 1 => tasks::TriageRunStarted;
+        "triage.run_completed" 1 => tasks::TriageRunCompleted;
+        "triage.run_failed" 1 => tasks::TriageRunFailed;
+        "loom.workflow_mirrored" 1 => loom::WorkflowMirrored;
+        "loom.workflow_registered" 1 => loom::WorkflowRegistered;
+        "loom.workflow_unregistered" 1 => loom::WorkflowUnregistered;
+        "loom.run_started" 1 => loom::RunStarted;
+        "loom.run_finished" 1 => loom::RunFinished;
+        "loom.step_started" 1 => loom::StepStarted;
+        "loom.step_finished" 2 => loom::StepFinished, reads [1, 2];
+        "loom.step_acked" 1 => loom::StepAcked;
+        "loom.job_enqueued" 1 => loom::JobEnqueued;
+        "loom.job_claimed" 1 => loom::JobClaimed;
+        "loom.job_completed" 1 => loom::JobCompleted;
+        "loom.cron_run_mirrored" 1 => loom::CronRunMirrored;
+        "fleet.heartbeat_recorded" 1 => fleet::NodeHeartbeat;
+        "bot.heartbeat_recorded" 1 => fleet::BotHeartbeat;
+        "bot.claimed" 1 => fleet::BotClaimed;
+        "bot.released" 1 => fleet::BotReleased;
+        "activity.logged" 1 => activity::Logged;
+        "vault.install_initialised" 1 => vault::InstallInitialised;
+        "vault.recipient_added" 1 => vault::RecipientAdded;
+        "vault.recipient_removed" 1 => vault::RecipientRemoved;
+        "vault.entry_written" 1 => vault::EntryWritten;
+        "vault.entry_rewrapped" 1 => vault::EntryRewrapped;
+        "vault.entry_unlocked" 1 => vault::EntryUnlocked;
+        "pairing.requested" 1 => devices::PairingRequested;
+        "pairing.completed" 1 => devices::PairingCompleted;
+        "pairing.expired" 1 => devices::PairingExpired;
+        "pairing.cancelled" 1 => devices::PairingCancelled;
+        "pairing.attempt_failed" 1 => devices::PairingAttemptFailed;
+        "device.paired" 1 => devices::DevicePaired;
+        "device.revoked" 1 => devices::DeviceRevoked;
+        "openclaw.auth_profile_upserted" 1 => openclaw::AuthProfileUpserted;
+        "openclaw.session_created" 1 => openclaw::SessionCreated;
+        "openclaw.session_updated" 1 => openclaw::SessionUpdated;
+        "openclaw.config_value_set" 1 => openclaw::ConfigValueSet;
+    }
+    superseded {
+        "loom.step_finished" 1 => loom::StepFinishedV1;
+    }
+}
 
 /// Looks a kind up by name.
 pub fn lookup(name: &str) -> Option<&'static KindSpec> {
-    CATALOGUE.iter().copied().find(|k| k.name == name)
+    static BY_NAME: LazyLock<HashMap<&'static str, &'static KindSpec>> =
+        LazyLock::new(|| CATALOGUE.iter().map(|k| (k.name, *k)).collect());
+    BY_NAME.get(name).copied()
+}
+
+/// Compiled validators, by (kind, version), for the catalogue and superseded versions.
+static VALIDATORS: LazyLock<HashMap<(&'static str, u16), jsonschema::Validator>> =
+    LazyLock::new(|| {
+        CATALOGUE
+            .iter()
+            .chain(SUPERSEDED)
+            .map(|k| {
+                let schema: Value = serde_json::from_str(k.schema)
+                    .unwrap_or_else(|e| panic!("schema of {} is not JSON: {e}", k.name));
+                let validator = jsonschema::validator_for(&schema)
+                    .unwrap_or_else(|e| panic!("schema of {} is not a JSON Schema: {e}", k.name));
+                ((k.name, k.version), validator)
+            })
+            .collect()
+    });
+
+fn encode_as<T: Payload>(data: &Value) -> Result<Vec<u8>, DataError>
+where
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
+    let value: T = serde_path_to_error::deserialize(data).map_err(|e| DataError {
+        field: pointer(e.path()),
+        problem: e.into_inner().to_string(),
+    })?;
+    value.check()?;
+    Ok(to_payload(&value))
+}
+
+fn decode_as<T: Payload>(current: bool, version: u16, payload: &[u8]) -> Result<Value, String>
+where
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
+    let value: T = if current {
+        from_payload(payload)?
+    } else {
+        T::upcast(version, payload)?
+    };
+    serde_json::to_value(&value).map_err(|e| e.to_string())
+}
+
+/// The JSON Schema of a payload type, titled with its kind and version.
+fn derived_schema<T: Payload>(name: &str, version: u16) -> Value
+where
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let mut schema = generator.into_root_schema_for::<T>().to_value();
+    let object = schema
+        .as_object_mut()
+        .expect("a payload's schema is an object");
+    object.insert("title".into(), format!("{name} v{version}").into());
+    object.insert(
+        "$id".into(),
+        format!("https://spool.dev/schemas/{name}/v{version}.schema.json").into(),
+    );
+    schema
+}
+
+/// A serde path (`a.b[2]`) as a JSON pointer (`/a/b/2`).
+fn pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("/{index}")),
+            Segment::Map { key } => {
+                out.push('/');
+                out.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            }
+            Segment::Enum { variant } => out.push_str(&format!("/{variant}")),
+            Segment::Unknown => {}
+        }
+    }
+    out
 }
 
 /// Why a client's data was refused. `field` is a JSON pointer into the data (`""` for the whole).
@@ -50,6 +270,21 @@ pub fn lookup(name: &str) -> Option<&'static KindSpec> {
 pub struct DataError {
     pub field: String,
     pub problem: String,
+}
+
+impl DataError {
+    /// A problem with `field`, a JSON pointer into the data.
+    pub fn at(field: &str, problem: &str) -> DataError {
+        DataError {
+            field: field.to_owned(),
+            problem: problem.to_owned(),
+        }
+    }
+
+    /// A problem with the data as a whole.
+    pub fn whole(problem: &str) -> DataError {
+        DataError::at("", problem)
+    }
 }
 
 /// Why a stored payload could not be read.
@@ -72,27 +307,25 @@ pub enum PayloadError {
 }
 
 impl KindSpec {
-    /// Checks `data` against the schema and encodes it as this kind's current version.
+    /// Checks `data` against the schema and encodes it as this version.
     pub fn encode(&self, data: &Value) -> Result<Vec<u8>, DataError> {
-        let validator = self.validator.get_or_init(|| {
-            let schema: Value = serde_json::from_str(self.schema)
-                .unwrap_or_else(|e| panic!("schema of {} is not JSON: {e}", self.name));
-            jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("schema of {} is not a JSON Schema: {e}", self.name))
+        let validator = &VALIDATORS[&(self.name, self.version)];
+        // One error is reported: a missing or unknown field first, as it explains the rest.
+        let err = validator.iter_errors(data).min_by_key(|e| match e.kind() {
+            ValidationErrorKind::Required { .. } => 0,
+            ValidationErrorKind::AdditionalProperties { .. } => 1,
+            _ => 2,
         });
-        if let Some(err) = validator.iter_errors(data).next() {
+        if let Some(err) = err {
             return Err(DataError {
                 field: err.instance_path().to_string(),
                 problem: without_value(&err.to_string(), err.instance()),
             });
         }
-        (self.encode)(data).map_err(|problem| DataError {
-            field: String::new(),
-            problem,
-        })
+        (self.encode)(data)
     }
 
-    /// Decodes a payload of any readable version into JSON of the current version.
+    /// Decodes a payload of any readable version into JSON of this version.
     pub fn decode(&self, version: u16, payload: &[u8]) -> Result<Value, PayloadError> {
         if !self.readable.contains(&version) {
             return Err(PayloadError::UnknownVersion {
@@ -101,11 +334,27 @@ impl KindSpec {
                 readable: self.readable,
             });
         }
-        (self.decode)(version, payload).map_err(|problem| PayloadError::Invalid {
-            kind: self.name.to_owned(),
-            version,
-            problem,
+        (self.decode)(version == self.version, version, payload).map_err(|problem| {
+            PayloadError::Invalid {
+                kind: self.name.to_owned(),
+                version,
+                problem,
+            }
         })
+    }
+
+    /// The schema derived from the payload type. A test keeps `schema` equal to it, so the
+    /// shipped contract and the code cannot drift apart.
+    pub fn derived_schema(&self) -> Value {
+        (self.derived_schema)(self.name, self.version)
+    }
+
+    /// The schema's one-line description (the payload type's doc comment).
+    pub fn description(&self) -> String {
+        serde_json::from_str::<Value>(self.schema)
+            .ok()
+            .and_then(|s| s["description"].as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 }
 
@@ -171,28 +420,37 @@ mod tests {
 
     #[test]
     fn every_schema_compiles_and_names_its_kind() {
-        for kind in CATALOGUE {
+        for kind in CATALOGUE.iter().chain(SUPERSEDED) {
+            assert!(VALIDATORS.contains_key(&(kind.name, kind.version)));
             let schema: Value = serde_json::from_str(kind.schema).unwrap();
-            jsonschema::validator_for(&schema).unwrap();
             let title = schema["title"].as_str().unwrap();
             assert_eq!(title, format!("{} v{}", kind.name, kind.version));
-            assert!(kind.readable.contains(&kind.version));
+            assert_eq!(schema["additionalProperties"], false, "{title}");
+        }
+        for kind in CATALOGUE {
+            assert_eq!(kind.readable.last(), Some(&kind.version));
+            assert_eq!(lookup(kind.name).map(|k| k.version), Some(kind.version));
         }
     }
 
     #[test]
-    fn kind_names_are_unique_and_well_formed() {
-        let mut names: Vec<_> = CATALOGUE.iter().map(|k| k.name).collect();
-        for name in &names {
-            let (domain, verb) = name.split_once('.').unwrap();
-            assert!(!domain.is_empty() && !verb.is_empty(), "{name}");
-            assert!(name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_'));
+    fn a_serde_path_becomes_a_json_pointer() {
+        let data = serde_json::json!({"steps": [{"name": "a/b", "x": 1}]});
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Step {
+            name: String,
+            x: String,
         }
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), CATALOGUE.len());
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Def {
+            steps: Vec<Step>,
+        }
+        let err = serde_path_to_error::deserialize::<_, Def>(&data)
+            .err()
+            .unwrap();
+        assert_eq!(pointer(err.path()), "/steps/0/x");
     }
 
     #[test]
