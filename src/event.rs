@@ -271,6 +271,19 @@ impl EventRef<'_> {
     pub fn prev(&self) -> Hash {
         Hash(self.archived.prev)
     }
+    pub fn deps(&self) -> Vec<Dep> {
+        self.archived
+            .deps
+            .iter()
+            .map(|d| Dep {
+                origin: Origin(d.origin),
+                seq: d.seq.to_native(),
+            })
+            .collect()
+    }
+    pub fn actor(&self) -> &str {
+        self.archived.actor.as_str()
+    }
     pub fn stream(&self) -> &str {
         self.archived.stream.as_str()
     }

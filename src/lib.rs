@@ -11,3 +11,4 @@ pub mod home;
 pub mod input;
 pub mod kinds;
 pub mod log;
+pub mod sync;

@@ -12,9 +12,10 @@ use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
 use spool::log::{Appended, Filter, Record};
+use spool::sync::{file as shipping, Selection, Vector};
 use spool::{hlc, kinds};
 
-use super::{AppendArgs, Cli, Command, LogArgs, SchemaCommand, Usage};
+use super::{AppendArgs, Cli, Command, ExportArgs, LogArgs, SchemaCommand, Usage};
 
 /// Events read per page by `spool log`: bounds its memory whatever the log's size.
 const PAGE_EVENTS: usize = 1000;
@@ -32,6 +33,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => status(&home, json),
         Command::Schema(SchemaCommand::List { json }) => schema_list(json),
         Command::Schema(SchemaCommand::Show { kind, version }) => schema_show(&kind, version),
+        Command::Heads { json } => heads(&home, json),
+        Command::Export(args) => export(&home, args),
+        Command::Ingest { file, json } => ingest(&home, file, json),
     }
 }
 
@@ -236,6 +240,8 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
     let log = home.open_log()?;
     let stats = log.stats()?;
+    let reader = log.read()?;
+    let (pending, forks, halted) = (reader.pending()?, reader.forks()?, reader.halted()?);
     if as_json {
         let heads: Vec<Value> = stats
             .heads
@@ -250,6 +256,9 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                 "events": stats.events,
                 "file_bytes": stats.file_bytes,
                 "heads": heads,
+                "waiting": pending,
+                "forks": forks,
+                "halted": halted,
             })
         );
     } else {
@@ -265,6 +274,17 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                 ""
             };
             println!("  {}  seq {}  {}{mark}", h.origin, h.seq, h.hash);
+        }
+        println!("waiting {pending} shipped event(s) wait for their dependencies");
+        for f in &forks {
+            let held = f.held.map_or("none".to_owned(), |h| h.to_hex());
+            println!(
+                "FORK    origin {} seq {}: holds {held}, refused {} (kept as evidence)",
+                f.id.origin, f.id.seq, f.refused
+            );
+        }
+        if let Some(reason) = &halted {
+            println!("HALTED  own writes are stopped: {reason}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -309,4 +329,116 @@ fn schema_show(name: &str, version: Option<u16>) -> anyhow::Result<ExitCode> {
         })?;
     print!("{}", spec.schema);
     Ok(ExitCode::SUCCESS)
+}
+
+fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let heads = log.read()?.heads()?;
+    if as_json {
+        let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
+        println!("{vector}");
+    } else {
+        for h in &heads {
+            println!("{}  seq {}  {}", h.origin, h.seq, h.hash);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let since = match &args.since {
+        Some(text) => Vector::parse(text).map_err(|e| Usage(format!("--since: {e}")))?,
+        None => Vector::default(),
+    };
+    let origins = args
+        .origin
+        .iter()
+        .map(|o| Origin::from_hex(o).map_err(|e| Usage(format!("--origin: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.out.is_none() && std::io::stdout().is_terminal() {
+        return Err(
+            Usage("the export is binary: redirect it to a file or give --out FILE".into()).into(),
+        );
+    }
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let reader = log.read()?;
+    let selection = Selection { origins, since };
+    let count = match &args.out {
+        Some(path) => {
+            // Written beside the target and renamed, so a reader never sees half a file.
+            let partial = path.with_extension("partial");
+            let file = std::fs::File::create(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            let (count, out) = shipping::export(&reader, &selection, BufWriter::new(file), |_| {})?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&partial, path)?;
+            count
+        }
+        None => {
+            let out = BufWriter::new(std::io::stdout().lock());
+            shipping::export(&reader, &selection, out, |_| {})?.0
+        }
+    };
+    eprintln!("spool: exported {count} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let input: Box<dyn std::io::Read> = match &file {
+        Some(path) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Usage("give an export file, or pipe one on stdin".into()).into());
+            }
+            Box::new(std::io::BufReader::new(stdin))
+        }
+    };
+    let summary = shipping::ingest(&log, input, |_| {})?;
+    let r = &summary.report;
+    let stopped = match (&summary.file_error, &summary.refused) {
+        (_, Some((offset, refused))) => Some(format!(
+            "refused origin {} seq {} ({}, event at byte {offset}): {}; nothing after it was read",
+            refused.id.origin, refused.id.seq, refused.hash, refused.reason
+        )),
+        (Some(error), None) => Some(format!("{error}; everything before it was ingested")),
+        (None, None) => None,
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "ok": stopped.is_none(),
+                "read": summary.frames,
+                "applied": r.applied,
+                "released": r.released,
+                "waiting": r.waiting,
+                "duplicates": r.duplicates,
+                "clamped": r.clamped,
+                "stopped": stopped,
+                "refused": summary.refused.as_ref().map(|(_, refused)| refused),
+            })
+        );
+    } else {
+        println!(
+            "read {} events: {} applied ({} of them released from waiting), {} waiting for their dependencies, {} already held",
+            summary.frames, r.applied, r.released, r.waiting, r.duplicates
+        );
+        if r.clamped > 0 {
+            println!(
+                "{} stamps were far ahead of this node's clock and were clamped",
+                r.clamped
+            );
+        }
+    }
+    match stopped {
+        Some(why) => Err(Usage(why).into()),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -50,6 +50,36 @@ enum Command {
     /// The event catalogue: kinds, versions and JSON Schemas.
     #[command(subcommand)]
     Schema(SchemaCommand),
+    /// Print the version vector: the highest seq held of each origin (--json: the form
+    /// `export --since` takes).
+    Heads {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write events as an export file (stdout or --out): every origin's, those of --origin, or
+    /// only what --since lacks.
+    Export(ExportArgs),
+    /// Apply an export file (a path, or stdin) in causal order.
+    Ingest {
+        /// The export file (default: standard input).
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A version vector (`spool heads --json` of the receiving node, or origin:seq,...):
+    /// export only what it lacks.
+    #[arg(long, value_name = "VECTOR")]
+    since: Option<String>,
+    /// Only this origin's events (32 hex digits); repeatable.
+    #[arg(long, value_name = "HEX")]
+    origin: Vec<String>,
+    /// Write here instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

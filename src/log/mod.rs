@@ -11,7 +11,12 @@
 //!   `meta.streams_to` are not flushed yet and are found by scanning the tail
 //! - `flushes`: first position of a flush → its last position
 //! - `keys`:    idempotency key → position
-//! - `meta`:    `format`, `origin`, `clock`, `streams_to`
+//! - `pending`: (origin, seq) → `hash ++ stored bytes` of a shipped event waiting for its
+//!   predecessor or deps; moved into `events` in the commit that applies what it waits for
+//! - `forks`:   (origin, seq, hash) → stored bytes of a shipped event refused because another
+//!   event holds its (origin, seq): evidence, never applied
+//! - `meta`:    `format`, `origin`, `clock`, `streams_to`, `deps` (what this node applied from
+//!   other origins since its own last event), `halted` (why own writes are stopped, if they are)
 //!
 //! Invariants: positions are gapless; each origin's events sit at increasing positions with seqs
 //! 1, 2, 3 … and each `prev` is the hash of the one before; heads, extents, streams and keys agree
@@ -28,15 +33,130 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use block::Block;
 
 use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
 use crate::input::NewEvent;
+use crate::sync::Meta;
 
 pub use verify::VerifyReport;
 pub use writer::WriterStats;
+
+/// A shipped event whose bytes match its claimed hash and decode: ready for [`Log::ingest`],
+/// which decides where it goes.
+#[derive(Clone, Debug)]
+pub struct Shipped {
+    pub meta: Meta,
+    pub hlc: u64,
+    pub stream: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Why shipped bytes are not an event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShippedError {
+    #[error(
+        "{}hash mismatch: the bytes hash to {actual}, the sender claims {claimed}",
+        name_prefix(id)
+    )]
+    HashMismatch {
+        id: Option<EventId>,
+        claimed: Hash,
+        actual: Hash,
+    },
+    #[error("not an event: {0}")]
+    Undecodable(DecodeError),
+}
+
+fn name_prefix(id: &Option<EventId>) -> String {
+    match id {
+        Some(id) => format!("origin {} seq {}: ", id.origin, id.seq),
+        None => String::new(),
+    }
+}
+
+impl Shipped {
+    /// Checks that `bytes` hash to `claimed` and decode as an event.
+    pub fn verify(claimed: Hash, bytes: Vec<u8>) -> Result<Shipped, ShippedError> {
+        let actual = Hash::of(&bytes);
+        let view = event::decode(&bytes);
+        if actual != claimed {
+            return Err(ShippedError::HashMismatch {
+                id: view.ok().map(|v| v.id()),
+                claimed,
+                actual,
+            });
+        }
+        let view = view.map_err(ShippedError::Undecodable)?;
+        let (meta, hlc, stream) = (
+            Meta::of(actual, &view),
+            view.hlc(),
+            view.stream().to_owned(),
+        );
+        Ok(Shipped {
+            meta,
+            hlc,
+            stream,
+            bytes,
+        })
+    }
+}
+
+/// Why ingest stopped at an event. Nothing after it in the request was looked at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "refusal", rename_all = "snake_case")]
+pub enum Refusal {
+    #[error("fork: this node holds a different event ({stored}) at that (origin, seq); the shipped one is kept as evidence")]
+    Fork { stored: Hash },
+    #[error("fork: a different event ({waiting}) already waits at that (origin, seq); the shipped one is kept as evidence")]
+    ForkWaiting { waiting: Hash },
+    #[error("fork of this node's own origin: it holds {stored} at that seq, so this home wrote a seq twice (restored from an old copy?). Own writes are stopped; see README, \"A forked home\"")]
+    OwnFork { stored: Hash },
+    #[error("broken chain link: its prev is {actual} but the event before it is {expected}")]
+    BrokenLink { expected: Hash, actual: Hash },
+    #[error("{PENDING_EVENTS_MAX} shipped events already wait for their dependencies")]
+    TooManyWaiting,
+}
+
+/// The event ingest stopped at.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Refused {
+    /// Its index in the ingest request.
+    pub index: usize,
+    pub id: EventId,
+    pub hash: Hash,
+    #[serde(flatten)]
+    pub reason: Refusal,
+}
+
+/// What one ingest did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IngestReport {
+    /// Events moved into local positions (including released waiting ones).
+    pub applied: u64,
+    /// Of those, events that had been waiting.
+    pub released: u64,
+    /// Events now waiting for their predecessor or deps.
+    pub waiting: u64,
+    /// Events this node already held (or already had waiting).
+    pub duplicates: u64,
+    /// Stamps more than the allowed drift ahead of this node's clock (the clock was clamped).
+    pub clamped: u64,
+    /// Where it stopped, if it did.
+    pub refused: Option<Refused>,
+}
+
+impl IngestReport {
+    pub fn add(&mut self, other: &IngestReport) {
+        self.applied += other.applied;
+        self.released += other.released;
+        self.waiting += other.waiting;
+        self.duplicates += other.duplicates;
+        self.clamped += other.clamped;
+    }
+}
 
 /// The version of the table layout. A log with a higher one is refused, not misread.
 pub const LOG_FORMAT: u32 = 1;
@@ -48,6 +168,14 @@ const STREAMS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("strea
 const FLUSHES: TableDefinition<u64, u64> = TableDefinition::new("flushes");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PENDING: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("pending");
+/// (origin, seq, hash of the refused event).
+type ForkKey = ([u8; 16], u64, [u8; 32]);
+const FORKS: TableDefinition<ForkKey, &[u8]> = TableDefinition::new("forks");
+
+/// Shipped events that may wait for their dependencies at once; past it ingest is refused
+/// (each costs about 100 bytes of memory in the writer).
+pub const PENDING_EVENTS_MAX: usize = 1_000_000;
 
 /// Writer tuning; every queue and batch is bounded.
 #[derive(Clone, Debug)]
@@ -121,6 +249,14 @@ pub enum Corruption {
     Truncated { position: u64, len: usize },
     #[error("block at position {first_position}: {detail}")]
     BadBlock { first_position: u64, detail: String },
+    #[error("waiting event (origin {}, seq {}): {detail}", id.origin, id.seq)]
+    BadPending { id: EventId, detail: String },
+    #[error("fork: origin {} seq {} has two events, {} held and {refused} refused (kept as evidence)", id.origin, id.seq, held.map_or("none".to_owned(), |h| h.to_hex()))]
+    Fork {
+        id: EventId,
+        held: Option<Hash>,
+        refused: Hash,
+    },
     #[error("event at position {position} (origin {}, seq {}): chain broken, prev should be {expected} (hash of seq {}) but is {actual}", id.origin, id.seq, id.seq - 1)]
     ChainBreak {
         position: u64,
@@ -179,7 +315,9 @@ impl Corruption {
             | Corruption::PositionGap { position, .. }
             | Corruption::IndexMismatch { position, .. } => *position,
             Corruption::BadBlock { first_position, .. } => *first_position,
-            Corruption::HeadMismatch { .. } => u64::MAX,
+            Corruption::HeadMismatch { .. }
+            | Corruption::BadPending { .. }
+            | Corruption::Fork { .. } => u64::MAX,
         }
     }
 }
@@ -210,6 +348,8 @@ pub enum LogError {
     WriterGone,
     #[error("corrupt log: {0}")]
     Corrupt(#[from] Corruption),
+    #[error("this node's own writes are stopped: {reason}")]
+    Halted { reason: String },
 }
 
 macro_rules! from_redb {
@@ -364,6 +504,30 @@ where
         .unwrap_or(0))
 }
 
+/// The position of `(origin, seq)` in an `extents` table.
+fn position_of<T>(extents: &T, id: EventId) -> Result<Option<u64>, LogError>
+where
+    T: ReadableTable<([u8; 16], u64), (u64, u64)>,
+{
+    let mut range = extents.range((id.origin.0, 0u64)..=(id.origin.0, id.seq))?;
+    let Some(entry) = range.next_back() else {
+        return Ok(None);
+    };
+    let (k, v) = entry?;
+    let (_, first_seq) = k.value();
+    let (first_position, len) = v.value();
+    Ok((id.seq < first_seq + len).then(|| first_position + (id.seq - first_seq)))
+}
+
+/// Two events at one (origin, seq): the one held and the one refused.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fork {
+    pub id: EventId,
+    pub refused: Hash,
+    /// The event this node applied there (none if the refused one clashed with a waiting one).
+    pub held: Option<Hash>,
+}
+
 /// One page of a scan.
 #[derive(Clone, Debug, Default)]
 pub struct Page {
@@ -453,6 +617,8 @@ impl Log {
             txn.open_table(STREAMS)?;
             txn.open_table(FLUSHES)?;
             txn.open_table(KEYS)?;
+            txn.open_table(PENDING)?;
+            txn.open_table(FORKS)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("format", LOG_FORMAT.to_le_bytes().as_slice())?;
             meta.insert("origin", origin.0.as_slice())?;
@@ -470,6 +636,11 @@ impl Log {
         options: LogOptions,
     ) -> Result<Log, LogError> {
         check_meta(&db, path, origin)?;
+        // Logs made before shipping existed lack its tables; opening them creates them.
+        let txn = db.begin_write()?;
+        txn.open_table(PENDING)?;
+        txn.open_table(FORKS)?;
+        txn.commit()?;
         let db = Arc::new(db);
         let writer = writer::Handle::start(db.clone(), origin, options)?;
         Ok(Log {
@@ -492,6 +663,14 @@ impl Log {
     /// is already in the log are not written; their first event is returned with `existing`.
     pub fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
         self.writer.append(events)
+    }
+
+    /// Applies shipped events in causal order (see [`crate::sync::Causal`]): each is applied
+    /// once its predecessor and deps are, kept waiting durably until then, skipped if already
+    /// held, and a fork or a broken chain link stops the ingest there (what came before it is
+    /// committed). Returns once durable.
+    pub fn ingest(&self, events: Vec<Shipped>) -> Result<IngestReport, LogError> {
+        self.writer.ingest(events)
     }
 
     /// Commits and events written since this log was opened.
@@ -707,15 +886,43 @@ impl Reader {
 
     /// The position of `(origin, seq)`, if this node holds it.
     pub fn position_of(&self, id: EventId) -> Result<Option<u64>, LogError> {
-        let extents = self.txn.open_table(EXTENTS)?;
-        let mut range = extents.range((id.origin.0, 0u64)..=(id.origin.0, id.seq))?;
-        let Some(entry) = range.next_back() else {
-            return Ok(None);
-        };
-        let (k, v) = entry?;
-        let (_, first_seq) = k.value();
-        let (first_position, len) = v.value();
-        Ok((id.seq < first_seq + len).then(|| first_position + (id.seq - first_seq)))
+        position_of(&self.txn.open_table(EXTENTS)?, id)
+    }
+
+    /// Shipped events waiting for their dependencies.
+    pub fn pending(&self) -> Result<u64, LogError> {
+        Ok(self.txn.open_table(PENDING)?.len()?)
+    }
+
+    /// Refused forks kept as evidence: (origin, seq, the refused event's hash, the hash held).
+    pub fn forks(&self) -> Result<Vec<Fork>, LogError> {
+        let forks = self.txn.open_table(FORKS)?;
+        let mut out = Vec::new();
+        for entry in forks.iter()? {
+            let (k, _) = entry?;
+            let (origin, seq, hash) = k.value();
+            let id = EventId {
+                origin: Origin(origin),
+                seq,
+            };
+            let held = match self.position_of(id)? {
+                Some(position) => self.get(position)?.map(|r| r.hash),
+                None => None,
+            };
+            out.push(Fork {
+                id,
+                refused: Hash(hash),
+                held,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Why this node's own writes are stopped, if they are.
+    pub fn halted(&self) -> Result<Option<String>, LogError> {
+        let meta = self.txn.open_table(META)?;
+        let reason = meta.get("halted")?;
+        Ok(reason.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
     }
 
     /// How many events the log holds (positions are gapless).

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use redb::{ReadTransaction, ReadableTable};
 
 use super::{
-    check_entry, entry_at, last_position, parse_block, Corruption, LogError, EVENTS, EXTENTS, HEADS,
+    check_entry, entry_at, last_position, parse_block, position_of, Corruption, LogError, EVENTS,
+    EXTENTS, FORKS, HEADS, PENDING,
 };
 use crate::event::{EventId, Hash, Origin};
 
@@ -134,11 +135,56 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
     }
     check_heads(txn, &chains, &mut problems)?;
     check_extents(txn, last, &mut problems)?;
+    check_shipping(txn, &mut problems)?;
     report.origins = chains.len() as u64;
     problems.kept.sort_by_key(Corruption::position);
     report.problems = problems.kept;
     report.problems_total = problems.total;
     Ok(report)
+}
+
+/// Waiting shipped events must be intact; every fork kept as evidence is a problem to report.
+fn check_shipping(txn: &ReadTransaction, problems: &mut Problems) -> Result<(), LogError> {
+    for entry in txn.open_table(PENDING)?.iter()? {
+        let (k, v) = entry?;
+        let (origin, seq) = k.value();
+        let id = EventId {
+            origin: Origin(origin),
+            seq,
+        };
+        let checked = check_entry(0, v.value()).map(|(_, e)| e.id());
+        match checked {
+            Ok(found) if found == id => {}
+            Ok(found) => problems.push(Corruption::BadPending {
+                id,
+                detail: format!("holds origin {} seq {}", found.origin, found.seq),
+            }),
+            Err(e) => problems.push(Corruption::BadPending {
+                id,
+                detail: e.to_string(),
+            }),
+        }
+    }
+    let heads = txn.open_table(EVENTS)?;
+    let extents = txn.open_table(EXTENTS)?;
+    for entry in txn.open_table(FORKS)?.iter()? {
+        let (k, _) = entry?;
+        let (origin, seq, refused) = k.value();
+        let id = EventId {
+            origin: Origin(origin),
+            seq,
+        };
+        let held = match position_of(&extents, id)? {
+            Some(position) => entry_at(&heads, position).ok().flatten().map(|r| r.hash),
+            None => None,
+        };
+        problems.push(Corruption::Fork {
+            id,
+            held,
+            refused: Hash(refused),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that event `seq` of `origin` (whose `prev` is `prev`) follows `(last_seq, last_hash)`.

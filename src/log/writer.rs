@@ -7,7 +7,7 @@
 //! fsync may have dropped pages the kernel claimed were written, so retrying could acknowledge a
 //! write that is not there).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -20,18 +20,31 @@ use tokio::sync::oneshot;
 use super::block::BlockBuilder;
 use super::postings::Postings;
 use super::{
-    check_entry, each_entry, last_position, meta_u64, Appended, Corruption, LogError, LogOptions,
-    EVENTS, EXTENTS, FLUSHES, HEADS, KEYS, META, STREAMS,
+    check_entry, each_entry, entry_at, last_position, meta_u64, position_of, Appended, Corruption,
+    IngestReport, LogError, LogOptions, Refusal, Refused, Shipped, EVENTS, EXTENTS, FLUSHES, FORKS,
+    HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX, STREAMS,
 };
-use crate::event::{self, Event, Hash, Origin};
-use crate::hlc::Hlc;
+use crate::event::{self, Dep, Event, EventId, Hash, Origin};
+use crate::hlc::{Hlc, Observed};
 use crate::input::NewEvent;
+use crate::sync::{Causal, Decision, Meta};
 
-type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 
-struct Request {
-    events: Vec<NewEvent>,
-    reply: Reply,
+/// What the writer is asked for, with where the answer goes. A group holds appends only, or
+/// one ingest.
+enum Request {
+    Append(Vec<NewEvent>, Reply<Vec<Appended>>),
+    Ingest(Vec<Shipped>, Reply<IngestReport>),
+}
+
+impl Request {
+    fn refuse(self, error: LogError) {
+        match self {
+            Request::Append(_, reply) => drop(reply.send(Err(error))),
+            Request::Ingest(_, reply) => drop(reply.send(Err(error))),
+        }
+    }
 }
 
 /// Counters the writer keeps; read at any time.
@@ -91,11 +104,20 @@ impl Handle {
     /// Appends and waits for durability; blocks while the queue is full.
     pub(super) fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
         let (reply, answer) = oneshot::channel();
-        let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
-        queue
-            .send(Request { events, reply })
-            .map_err(|_| LogError::WriterGone)?;
+        self.send(Request::Append(events, reply))?;
         answer.blocking_recv().map_err(|_| LogError::WriterGone)?
+    }
+
+    /// Ingests and waits for durability; blocks while the queue is full.
+    pub(super) fn ingest(&self, events: Vec<Shipped>) -> Result<IngestReport, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Ingest(events, reply))?;
+        answer.blocking_recv().map_err(|_| LogError::WriterGone)?
+    }
+
+    fn send(&self, request: Request) -> Result<(), LogError> {
+        let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
+        queue.send(request).map_err(|_| LogError::WriterGone)
     }
 
     /// Queues without blocking; `Busy` when the queue is full. The answer arrives on the receiver.
@@ -106,7 +128,7 @@ impl Handle {
     ) -> Result<oneshot::Receiver<Result<Vec<Appended>, LogError>>, LogError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
-        match queue.try_send(Request { events, reply }) {
+        match queue.try_send(Request::Append(events, reply)) {
             Ok(()) => Ok(answer),
             Err(TrySendError::Full(_)) => Err(LogError::Busy(self.depth)),
             Err(TrySendError::Disconnected(_)) => Err(LogError::WriterGone),
@@ -136,8 +158,15 @@ struct Extent {
 struct State {
     origin: Origin,
     next_position: u64,
-    heads: HashMap<Origin, (u64, Hash)>,
+    /// Applied heads (the version vector) and the shipped events waiting for theirs.
+    causal: Causal,
+    /// The last extent of each origin.
     extents: HashMap<Origin, Extent>,
+    /// What this node applied from other origins since its own last event: the next own
+    /// event's `deps`.
+    deps: BTreeMap<Origin, u64>,
+    /// Why own writes are stopped (a fork of this node's own origin), if they are.
+    halted: Option<String>,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
@@ -149,13 +178,13 @@ impl State {
         let txn = db.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let next_position = last_position(&events)? + 1;
-        let mut heads = HashMap::new();
+        let mut heads = Vec::new();
         let mut extents = HashMap::new();
         let extent_table = txn.open_table(EXTENTS)?;
         for entry in txn.open_table(HEADS)?.iter()? {
             let (k, v) = entry?;
             let (seq, hash) = v.value();
-            heads.insert(Origin(k.value()), (seq, Hash(hash)));
+            heads.push((Origin(k.value()), seq, Hash(hash)));
             if let Some(last) = extent_table
                 .range((k.value(), 0u64)..=(k.value(), u64::MAX))?
                 .next_back()
@@ -172,8 +201,25 @@ impl State {
                 );
             }
         }
+        let mut causal = Causal::new(heads);
+        for entry in txn.open_table(PENDING)?.iter()? {
+            let (k, v) = entry?;
+            let (origin, seq) = k.value();
+            // Checked when it was stored; a damaged one stays waiting and verify reports it.
+            match pending_meta(v.value()) {
+                Some(meta) => causal.wait(meta),
+                None => tracing::warn!(origin = %Origin(origin), seq, "damaged waiting event"),
+            }
+        }
         let meta = txn.open_table(META)?;
         let clock = meta_u64(&meta, "clock")?;
+        let deps = meta
+            .get("deps")?
+            .map(|v| decode_deps(v.value()))
+            .unwrap_or_default();
+        let halted = meta
+            .get("halted")?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
         // Rebuild the postings not flushed before the last stop. A damaged entry is left out of
         // the index (reads and verify report it); it must not keep the node from opening.
         let mut pending = Postings::default();
@@ -191,13 +237,65 @@ impl State {
         Ok(State {
             origin,
             next_position,
-            heads,
+            causal,
             extents,
+            deps,
+            halted,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
         })
     }
+
+    /// Records that `count` events of `origin` from `seq` on sit at consecutive positions from
+    /// `position`, and returns the extent that now ends there.
+    fn place(&mut self, origin: Origin, seq: u64, position: u64, count: u64) -> Extent {
+        let extent = match self.extents.get(&origin) {
+            Some(e) if e.first_seq + e.len == seq && e.first_position + e.len == position => {
+                Extent {
+                    len: e.len + count,
+                    ..*e
+                }
+            }
+            _ => Extent {
+                first_seq: seq,
+                first_position: position,
+                len: count,
+            },
+        };
+        self.extents.insert(origin, extent);
+        extent
+    }
+}
+
+/// The metadata of a `pending` entry (`hash ++ stored bytes`), if it decodes.
+fn pending_meta(entry: &[u8]) -> Option<Meta> {
+    let (hash, bytes) = entry.split_at_checked(32)?;
+    let view = event::decode(bytes).ok()?;
+    Some(Meta::of(Hash(hash.try_into().ok()?), &view))
+}
+
+/// `meta.deps`: (origin, seq) pairs, 24 bytes each.
+fn encode_deps(deps: &BTreeMap<Origin, u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(deps.len() * 24);
+    for (origin, seq) in deps {
+        out.extend_from_slice(&origin.0);
+        out.extend_from_slice(&seq.to_le_bytes());
+    }
+    out
+}
+
+fn decode_deps(bytes: &[u8]) -> BTreeMap<Origin, u64> {
+    bytes
+        .chunks_exact(24)
+        .map(|c| {
+            let origin = Origin(c[..16].try_into().expect("16 bytes"));
+            (
+                origin,
+                u64::from_le_bytes(c[16..].try_into().expect("8 bytes")),
+            )
+        })
+        .collect()
 }
 
 fn run(
@@ -208,41 +306,77 @@ fn run(
     counters: &Counters,
 ) {
     let mut poisoned: Option<String> = None;
-    while let Ok(first) = requests.recv() {
-        let mut events = first.events.len();
-        let mut bytes = payload_bytes(&first);
-        let mut group = vec![first];
-        while events < options.group_events_max && bytes < options.group_bytes_max {
-            let Ok(next) = requests.try_recv() else { break };
-            events += next.events.len();
-            bytes += payload_bytes(&next);
-            group.push(next);
-        }
+    let mut held: Option<Request> = None;
+    loop {
+        let first = match held.take() {
+            Some(request) => request,
+            None => match requests.recv() {
+                Ok(request) => request,
+                Err(_) => break,
+            },
+        };
         if let Some(cause) = &poisoned {
-            for request in group {
-                let _ = request.reply.send(Err(LogError::Poisoned {
-                    cause: cause.clone(),
-                }));
-            }
+            first.refuse(LogError::Poisoned {
+                cause: cause.clone(),
+            });
             continue;
         }
-        match commit_group(db, &mut state, &mut group) {
-            Ok(results) => {
-                let written = results.iter().flatten().filter(|a| !a.existing).count();
-                counters.commits.fetch_add(1, Ordering::Relaxed);
-                counters.events.fetch_add(written as u64, Ordering::Relaxed);
-                for (request, result) in group.into_iter().zip(results) {
-                    let _ = request.reply.send(Ok(result));
+        let outcome = match first {
+            Request::Ingest(events, reply) => {
+                let outcome = commit_ingest(db, &mut state, events);
+                let written = outcome.as_ref().map_or(0, |r| r.applied);
+                let _ = reply.send(outcome.as_ref().map(Clone::clone).map_err(poison_of));
+                outcome.map(|_| written)
+            }
+            Request::Append(events, reply) => {
+                let (mut n, mut bytes) = (events.len(), 0);
+                let mut group = vec![(events, reply)];
+                while n < options.group_events_max && bytes < options.group_bytes_max {
+                    match requests.try_recv() {
+                        Ok(Request::Append(events, reply)) => {
+                            n += events.len();
+                            bytes += events.iter().map(|e| e.payload.len()).sum::<usize>();
+                            group.push((events, reply));
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
+                if let Some(reason) = &state.halted {
+                    for (_, reply) in group {
+                        let reason = reason.clone();
+                        let _ = reply.send(Err(LogError::Halted { reason }));
+                    }
+                    continue;
+                }
+                match commit_group(db, &mut state, &mut group) {
+                    Ok(results) => {
+                        let written = results.iter().flatten().filter(|a| !a.existing).count();
+                        for ((_, reply), result) in group.into_iter().zip(results) {
+                            let _ = reply.send(Ok(result));
+                        }
+                        Ok(written as u64)
+                    }
+                    Err(error) => {
+                        for (_, reply) in group {
+                            let _ = reply.send(Err(poison_of(&error)));
+                        }
+                        Err(error)
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(written) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters.events.fetch_add(written, Ordering::Relaxed);
             }
             Err(error) => {
                 let cause = error.to_string();
                 tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
-                for request in group {
-                    let _ = request.reply.send(Err(LogError::Poisoned {
-                        cause: cause.clone(),
-                    }));
-                }
                 poisoned = Some(cause);
             }
         }
@@ -254,8 +388,11 @@ fn run(
     }
 }
 
-fn payload_bytes(request: &Request) -> usize {
-    request.events.iter().map(|e| e.payload.len()).sum()
+/// What every request of a failed commit is told.
+fn poison_of(error: &LogError) -> LogError {
+    LogError::Poisoned {
+        cause: error.to_string(),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -307,11 +444,11 @@ impl Chunk {
 fn commit_group(
     db: &Database,
     state: &mut State,
-    group: &mut [Request],
+    group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
     let txn = db.begin_write()?;
     let origin = state.origin;
-    let (head_seq, mut head_hash) = state.heads.get(&origin).copied().unwrap_or((0, Hash::ZERO));
+    let (head_seq, mut head_hash) = state.causal.head(origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
     let mut answers: Vec<Appended> = Vec::new();
     // Answers of events written here, in position order.
@@ -325,9 +462,9 @@ fn commit_group(
         let mut keys = txn.open_table(KEYS)?;
         let mut keyed_here: HashMap<String, usize> = HashMap::new();
         let now = now_ms();
-        for request in group.iter_mut() {
-            lens.push(request.events.len());
-            for new in request.events.drain(..) {
+        for (batch, _) in group.iter_mut() {
+            lens.push(batch.len());
+            for new in batch.drain(..) {
                 if let Some(key) = &new.key {
                     if let Some(&first) = keyed_here.get(key) {
                         repeats.push((answers.len(), first));
@@ -361,9 +498,12 @@ fn commit_group(
                     seq,
                     hlc: state.clock.tick(now),
                     prev: Hash::ZERO, // Set by `Chunk::chain`.
-                    // A node's own events name what it applied from other origins since its
-                    // previous event; this log holds no other origin's events yet.
-                    deps: Vec::new(),
+                    // What this node applied from other origins since its previous event; the
+                    // events after it in the chain imply it.
+                    deps: std::mem::take(&mut state.deps)
+                        .into_iter()
+                        .map(|(origin, seq)| Dep { origin, seq })
+                        .collect(),
                     stream: new.stream,
                     actor: new.actor,
                     kind: new.kind,
@@ -443,22 +583,7 @@ fn commit_group(
     state.next_position += written;
     if written > 0 {
         // A group's own events are consecutive: they extend the last extent or start one.
-        let extent = match state.extents.get(&origin) {
-            Some(e)
-                if e.first_seq + e.len == head_seq + 1
-                    && e.first_position + e.len == first_position =>
-            {
-                Extent {
-                    len: e.len + written,
-                    ..*e
-                }
-            }
-            _ => Extent {
-                first_seq: head_seq + 1,
-                first_position,
-                len: written,
-            },
-        };
+        let extent = state.place(origin, head_seq + 1, first_position, written);
         txn.open_table(EXTENTS)?.insert(
             (origin.0, extent.first_seq),
             (extent.first_position, extent.len),
@@ -466,12 +591,14 @@ fn commit_group(
         let head = (head_seq + written, head_hash);
         txn.open_table(HEADS)?
             .insert(origin.0, (head.0, head.1 .0))?;
-        state.extents.insert(origin, extent);
-        state.heads.insert(origin, head);
+        state.causal.set_head(origin, head.0, head.1);
     }
     {
         let mut meta = txn.open_table(META)?;
         meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
+        if written > 0 {
+            meta.insert("deps", [].as_slice())?;
+        }
         if state.pending.len() >= state.stream_flush_events {
             flush_streams(state, &txn, &mut meta)?;
         }
@@ -482,6 +609,196 @@ fn commit_group(
         .into_iter()
         .map(|n| answers.by_ref().take(n).collect())
         .collect())
+}
+
+/// Applies shipped events in one transaction (see [`Log::ingest`](super::Log::ingest)).
+fn commit_ingest(
+    db: &Database,
+    state: &mut State,
+    shipped: Vec<Shipped>,
+) -> Result<IngestReport, LogError> {
+    let txn = db.begin_write()?;
+    let mut report = IngestReport::default();
+    let now = now_ms();
+    {
+        let mut events = txn.open_table(EVENTS)?;
+        let mut pending = txn.open_table(PENDING)?;
+        let mut forks = txn.open_table(FORKS)?;
+        let mut extents = txn.open_table(EXTENTS)?;
+        let mut blocks = Blocks::new(&mut events, state.next_position);
+        // Events applied in this transaction, which the tables cannot show yet.
+        let mut here: HashMap<EventId, Hash> = HashMap::new();
+        let mut moved: HashSet<Origin> = HashSet::new();
+        for (index, shipped) in shipped.into_iter().enumerate() {
+            if let Observed::Clamped { .. } = state.clock.observe(shipped.hlc, now) {
+                report.clamped += 1;
+            }
+            let meta = &shipped.meta;
+            let (head_seq, _) = state.causal.head(meta.id.origin).unwrap_or((0, Hash::ZERO));
+            let stored = match here.get(&meta.id) {
+                Some(hash) => Some(*hash),
+                None if meta.id.seq <= head_seq => match position_of(&extents, meta.id)? {
+                    Some(position) => entry_at(&*blocks.table, position)?.map(|r| r.hash),
+                    None => None,
+                },
+                None => None,
+            };
+            let refusal = match state.causal.decide(meta, |_| stored) {
+                Decision::Duplicate => {
+                    report.duplicates += 1;
+                    None
+                }
+                Decision::Wait if state.causal.waiting() >= PENDING_EVENTS_MAX => {
+                    Some(Refusal::TooManyWaiting)
+                }
+                Decision::Wait => {
+                    let mut entry = meta.hash.0.to_vec();
+                    entry.extend_from_slice(&shipped.bytes);
+                    pending.insert((meta.id.origin.0, meta.id.seq), entry.as_slice())?;
+                    state.causal.wait(meta.clone());
+                    report.waiting += 1;
+                    None
+                }
+                Decision::Apply => {
+                    apply(
+                        state,
+                        &mut blocks,
+                        &mut extents,
+                        &mut here,
+                        &mut moved,
+                        &shipped,
+                    )?;
+                    report.applied += 1;
+                    let (ready, broken) = state.causal.released(meta.id);
+                    for meta in ready {
+                        let key = (meta.id.origin.0, meta.id.seq);
+                        let entry = pending.remove(key)?.map(|v| v.value().to_vec());
+                        let released = entry
+                            .and_then(|e| Shipped::verify(meta.hash, e[32..].to_vec()).ok())
+                            .ok_or_else(|| Corruption::BadPending {
+                                id: meta.id,
+                                detail: "missing or damaged".into(),
+                            })?;
+                        apply(
+                            state,
+                            &mut blocks,
+                            &mut extents,
+                            &mut here,
+                            &mut moved,
+                            &released,
+                        )?;
+                        report.applied += 1;
+                        report.released += 1;
+                        report.waiting = report.waiting.saturating_sub(1);
+                    }
+                    if let Some((bad, expected)) = broken.into_iter().next() {
+                        let key = (bad.id.origin.0, bad.id.seq);
+                        let entry = pending.remove(key)?.map(|v| v.value().to_vec());
+                        let bytes = entry.map(|e| e[32..].to_vec()).unwrap_or_default();
+                        forks.insert((key.0, key.1, bad.hash.0), bytes.as_slice())?;
+                        report.refused = Some(Refused {
+                            index,
+                            id: bad.id,
+                            hash: bad.hash,
+                            reason: Refusal::BrokenLink {
+                                expected,
+                                actual: bad.prev,
+                            },
+                        });
+                    }
+                    None
+                }
+                Decision::Fork { stored } if meta.id.origin == state.origin => {
+                    Some(Refusal::OwnFork { stored })
+                }
+                Decision::Fork { stored } => Some(Refusal::Fork { stored }),
+                Decision::ForkWaiting { waiting } => Some(Refusal::ForkWaiting { waiting }),
+                Decision::BrokenLink { expected } => Some(Refusal::BrokenLink {
+                    expected,
+                    actual: meta.prev,
+                }),
+            };
+            if let Some(reason) = refusal {
+                let (id, hash) = (meta.id, meta.hash);
+                if !matches!(reason, Refusal::TooManyWaiting) {
+                    forks.insert((id.origin.0, id.seq, hash.0), shipped.bytes.as_slice())?;
+                }
+                if let Refusal::OwnFork { .. } = reason {
+                    state.halted = Some(format!(
+                        "origin {} seq {} was written twice ({} held, {} shipped); this home is a stale copy",
+                        id.origin,
+                        id.seq,
+                        stored.map(|h| h.to_hex()).unwrap_or_default(),
+                        hash
+                    ));
+                }
+                report.refused = Some(Refused {
+                    index,
+                    id,
+                    hash,
+                    reason,
+                });
+            }
+            if report.refused.is_some() {
+                break;
+            }
+        }
+        blocks.close()?;
+        let mut heads = txn.open_table(HEADS)?;
+        for origin in moved {
+            let extent = state.extents[&origin];
+            extents.insert(
+                (origin.0, extent.first_seq),
+                (extent.first_position, extent.len),
+            )?;
+            let (seq, hash) = state.causal.head(origin).expect("applied above");
+            heads.insert(origin.0, (seq, hash.0))?;
+        }
+    }
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
+        meta.insert("deps", encode_deps(&state.deps).as_slice())?;
+        if let Some(reason) = &state.halted {
+            meta.insert("halted", reason.as_bytes())?;
+        }
+        if state.pending.len() >= state.stream_flush_events {
+            flush_streams(state, &txn, &mut meta)?;
+        }
+    }
+    txn.commit()?;
+    Ok(report)
+}
+
+/// Puts one shipped event at the next position and records it everywhere but the tables
+/// written once per commit (heads, the last extent of each origin).
+fn apply(
+    state: &mut State,
+    blocks: &mut Blocks,
+    extents: &mut redb::Table<([u8; 16], u64), (u64, u64)>,
+    here: &mut HashMap<EventId, Hash>,
+    moved: &mut HashSet<Origin>,
+    shipped: &Shipped,
+) -> Result<(), LogError> {
+    let id = shipped.meta.id;
+    let position = state.next_position;
+    blocks.push(&shipped.meta.hash, &shipped.bytes)?;
+    state.pending.push(shipped.stream.clone(), position);
+    let before = state.extents.get(&id.origin).copied();
+    let extent = state.place(id.origin, id.seq, position, 1);
+    if let Some(old) = before.filter(|b| b.first_seq != extent.first_seq) {
+        // The old extent is complete: store it before starting the new one.
+        extents.insert((id.origin.0, old.first_seq), (old.first_position, old.len))?;
+    }
+    state.causal.applied(&shipped.meta);
+    if id.origin != state.origin {
+        let seen = state.deps.entry(id.origin).or_default();
+        *seen = (*seen).max(id.seq);
+    }
+    here.insert(id, shipped.meta.hash);
+    moved.insert(id.origin);
+    state.next_position += 1;
+    Ok(())
 }
 
 /// The answer for an idempotency key already in the log.

@@ -1,0 +1,325 @@
+//! The file transport: an export file holds events as stored bytes, framed so that a cut or a
+//! damaged file is detected, and [`ingest`] applies one through the log.
+//!
+//! Layout (little-endian):
+//! - header: `SPOOLLOG` · format `u32` (1) · reserved `u32` (0)
+//! - frames: `len u32` · `hash [32]` · `len` stored bytes of one event (blake3 of them = hash)
+//! - trailer: `u32::MAX` · `frames u64` · blake3 of every frame byte before it `[32]`
+//!
+//! A file without its trailer was cut short; a frame whose bytes do not hash to its hash, or a
+//! trailer whose count or digest disagrees, is damaged. Frames are in the exporting node's
+//! position order, which is a causal order, so a full export applies without waiting.
+//!
+//! Invariant: reading never trusts a length before checking it against [`FRAME_BYTES_MAX`], and
+//! never panics on any input.
+
+use std::io::{self, Read, Write};
+
+use crate::event::{Hash, PAYLOAD_BYTES_MAX};
+use crate::log::{IngestReport, Log, LogError, Reader, Refused, Shipped, ShippedError};
+use crate::sync::Selection;
+
+const MAGIC: &[u8; 8] = b"SPOOLLOG";
+/// The version of the file layout.
+pub const FILE_FORMAT: u32 = 1;
+const HEADER_BYTES: u64 = 16;
+const TRAILER_MARK: u32 = u32::MAX;
+/// Stored bytes of one event at most (its payload limit plus room for the envelope).
+pub const FRAME_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024 * 1024;
+/// Events handed to the log per ingest request.
+pub const INGEST_BATCH_EVENTS: usize = 10_000;
+
+/// Why an export file could not be read further. `offset` is the byte offset of the frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("not a spool export file (no SPOOLLOG header)")]
+    NotAnExport,
+    #[error("export format {0} is newer than this build reads (format {FILE_FORMAT})")]
+    NewerFormat(u32),
+    #[error("the file is cut short at byte {offset}, after {frames} complete events (no trailer)")]
+    Truncated { offset: u64, frames: u64 },
+    #[error("damaged frame at byte {offset} (event {index} of the file): {problem}")]
+    Damaged {
+        offset: u64,
+        index: u64,
+        problem: String,
+    },
+    #[error("damaged trailer at byte {offset}: {problem}")]
+    BadTrailer { offset: u64, problem: String },
+    #[error("reading: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Writes an export file.
+pub struct ExportWriter<W: Write> {
+    out: W,
+    frames: u64,
+    digest: blake3::Hasher,
+}
+
+impl<W: Write> ExportWriter<W> {
+    pub fn new(mut out: W) -> io::Result<Self> {
+        out.write_all(MAGIC)?;
+        out.write_all(&FILE_FORMAT.to_le_bytes())?;
+        out.write_all(&0u32.to_le_bytes())?;
+        Ok(ExportWriter {
+            out,
+            frames: 0,
+            digest: blake3::Hasher::new(),
+        })
+    }
+
+    pub fn push(&mut self, hash: &Hash, bytes: &[u8]) -> io::Result<()> {
+        let len = (bytes.len() as u32).to_le_bytes();
+        for part in [&len[..], &hash.0[..], bytes] {
+            self.digest.update(part);
+            self.out.write_all(part)?;
+        }
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Writes the trailer; returns the number of events and the sink.
+    pub fn finish(mut self) -> io::Result<(u64, W)> {
+        self.out.write_all(&TRAILER_MARK.to_le_bytes())?;
+        self.out.write_all(&self.frames.to_le_bytes())?;
+        self.out.write_all(self.digest.finalize().as_bytes())?;
+        self.out.flush()?;
+        Ok((self.frames, self.out))
+    }
+}
+
+/// One event read from a file, its hash checked against its bytes.
+#[derive(Debug)]
+pub struct Frame {
+    pub offset: u64,
+    pub index: u64,
+    pub shipped: Shipped,
+}
+
+/// Reads an export file frame by frame, in bounded memory.
+pub struct ExportReader<R: Read> {
+    input: R,
+    offset: u64,
+    frames: u64,
+    digest: blake3::Hasher,
+    done: bool,
+}
+
+impl<R: Read> ExportReader<R> {
+    pub fn new(mut input: R) -> Result<Self, FileError> {
+        let mut header = [0u8; HEADER_BYTES as usize];
+        if read_full(&mut input, &mut header)? < header.len() || &header[..8] != MAGIC {
+            return Err(FileError::NotAnExport);
+        }
+        let format = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if format > FILE_FORMAT {
+            return Err(FileError::NewerFormat(format));
+        }
+        Ok(ExportReader {
+            input,
+            offset: HEADER_BYTES,
+            frames: 0,
+            digest: blake3::Hasher::new(),
+            done: false,
+        })
+    }
+
+    /// Bytes read so far that belong to complete frames (where a cut file stopped).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next event, `None` after a good trailer.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FileError> {
+        if self.done {
+            return Ok(None);
+        }
+        let truncated = |r: &Self| FileError::Truncated {
+            offset: r.offset,
+            frames: r.frames,
+        };
+        let mut len = [0u8; 4];
+        if read_full(&mut self.input, &mut len)? < 4 {
+            return Err(truncated(self));
+        }
+        let len_value = u32::from_le_bytes(len);
+        if len_value == TRAILER_MARK {
+            return self.trailer().map(|()| None);
+        }
+        let damaged = |r: &Self, problem: String| FileError::Damaged {
+            offset: r.offset,
+            index: r.frames,
+            problem,
+        };
+        let len_usize = len_value as usize;
+        if len_usize > FRAME_BYTES_MAX || len_usize == 0 {
+            return Err(damaged(
+                self,
+                format!("frame length {len_value} is out of bounds"),
+            ));
+        }
+        let mut hash = [0u8; 32];
+        if read_full(&mut self.input, &mut hash)? < 32 {
+            return Err(truncated(self));
+        }
+        let mut bytes = vec![0u8; len_usize];
+        if read_full(&mut self.input, &mut bytes)? < len_usize {
+            return Err(truncated(self));
+        }
+        for part in [&len[..], &hash[..], &bytes[..]] {
+            self.digest.update(part);
+        }
+        let shipped = Shipped::verify(Hash(hash), bytes).map_err(|e| match e {
+            ShippedError::HashMismatch { .. } | ShippedError::Undecodable(_) => {
+                damaged(self, e.to_string())
+            }
+        })?;
+        let frame = Frame {
+            offset: self.offset,
+            index: self.frames,
+            shipped,
+        };
+        self.offset += 4 + 32 + len_usize as u64;
+        self.frames += 1;
+        Ok(Some(frame))
+    }
+
+    fn trailer(&mut self) -> Result<(), FileError> {
+        let mut rest = [0u8; 40];
+        if read_full(&mut self.input, &mut rest)? < 40 {
+            return Err(FileError::Truncated {
+                offset: self.offset,
+                frames: self.frames,
+            });
+        }
+        let bad = |problem: String| FileError::BadTrailer {
+            offset: self.offset,
+            problem,
+        };
+        let count = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        if count != self.frames {
+            return Err(bad(format!(
+                "it counts {count} events, the file holds {}",
+                self.frames
+            )));
+        }
+        if rest[8..] != *self.digest.finalize().as_bytes() {
+            return Err(bad("the digest of the frames does not match".into()));
+        }
+        let mut extra = [0u8; 1];
+        if read_full(&mut self.input, &mut extra)? != 0 {
+            return Err(bad("bytes follow the trailer".into()));
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes the events `selection` wants, in position order, as an export file. Returns the
+/// number written. `progress` is called with each position examined.
+pub fn export<W: Write>(
+    reader: &Reader,
+    selection: &Selection,
+    out: W,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, W), ExportError> {
+    let mut file = ExportWriter::new(out)?;
+    let mut after = 0;
+    loop {
+        let page = reader.scan(after, 4096, &Default::default())?;
+        let Some(last) = page.last_examined else {
+            break;
+        };
+        for record in &page.records {
+            if selection.wants(record.event().id()) {
+                file.push(&record.hash, &record.bytes)?;
+            }
+        }
+        progress(last);
+        after = last;
+    }
+    Ok(file.finish()?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("writing: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What [`ingest`] did, and why it stopped if it did not reach the trailer.
+#[derive(Debug, Default)]
+pub struct IngestSummary {
+    pub report: IngestReport,
+    /// Events read from the file.
+    pub frames: u64,
+    /// The file was unreadable from here on.
+    pub file_error: Option<FileError>,
+    /// The log refused this event (file offset, refusal).
+    pub refused: Option<(u64, Refused)>,
+}
+
+/// Reads an export file and ingests it in batches, each durable before the next is sent. A
+/// file error or a refusal stops it; everything before that point is applied.
+pub fn ingest(
+    log: &Log,
+    input: impl Read,
+    mut progress: impl FnMut(&IngestSummary),
+) -> Result<IngestSummary, LogError> {
+    let mut summary = IngestSummary::default();
+    let mut reader = match ExportReader::new(input) {
+        Ok(reader) => reader,
+        Err(e) => {
+            summary.file_error = Some(e);
+            return Ok(summary);
+        }
+    };
+    loop {
+        let mut batch = Vec::new();
+        let mut offsets = Vec::new();
+        while batch.len() < INGEST_BATCH_EVENTS {
+            match reader.next_frame() {
+                Ok(Some(frame)) => {
+                    offsets.push(frame.offset);
+                    batch.push(frame.shipped);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    summary.file_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let last_batch = batch.len() < INGEST_BATCH_EVENTS;
+        summary.frames += batch.len() as u64;
+        if !batch.is_empty() {
+            let report = log.ingest(batch)?;
+            summary.report.add(&report);
+            if let Some(refused) = report.refused {
+                summary.refused = Some((offsets[refused.index], refused));
+                return Ok(summary);
+            }
+        }
+        progress(&summary);
+        if last_batch || summary.file_error.is_some() {
+            return Ok(summary);
+        }
+    }
+}
