@@ -307,3 +307,50 @@ fn every_kind_is_validated_at_append_and_the_refusal_names_line_and_field() {
     let logged = json_lines(&ok(&home, &["log", "--kind", "task.created"], ""));
     assert_eq!(logged[0]["data"]["title"], "Renew snapshots");
 }
+
+#[test]
+fn export_and_ingest_files_between_homes() {
+    let (_a, a) = new_home();
+    let (_b, b) = new_home();
+    for i in 0..3 {
+        ok(&a, &["append"], &activity("s", &format!("a{i}")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.spool");
+    let file = file.to_str().unwrap();
+    ok(&a, &["export", "--out", file], "");
+    let report: Value = serde_json::from_str(&ok(&b, &["ingest", "--json", file], "")).unwrap();
+    assert_eq!(
+        (report["applied"].as_u64(), report["ok"].as_bool()),
+        (Some(3), Some(true))
+    );
+    ok(&b, &["append"], &activity("s", "b0"));
+    // `heads --json` is what `export --since` takes: b sends a only what a lacks.
+    let since = ok(&a, &["heads", "--json"], "");
+    let lacking = dir.path().join("b.spool");
+    let lacking = lacking.to_str().unwrap();
+    ok(
+        &b,
+        &["export", "--since", since.trim(), "--out", lacking],
+        "",
+    );
+    let report: Value = serde_json::from_str(&ok(&a, &["ingest", "--json", lacking], "")).unwrap();
+    assert_eq!(report["applied"], 1);
+    assert_eq!(
+        ok(&a, &["heads", "--json"], ""),
+        ok(&b, &["heads", "--json"], "")
+    );
+    // A cut file: exit 2, a sentence saying where it stopped; the prefix is applied.
+    let (_c, c) = new_home();
+    let bytes = std::fs::read(file).unwrap();
+    let cut = dir.path().join("cut.spool");
+    std::fs::write(&cut, &bytes[..bytes.len() - 60]).unwrap();
+    let o = spool(&c, &["ingest", cut.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cut short at byte"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("2 applied"), "{}", stdout(&o));
+    let o = spool(&c, &["export", "--since", "nonsense"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--since"), "{}", stderr(&o));
+    assert!(spool(&a, &["verify"], "").status.success());
+}

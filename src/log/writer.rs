@@ -674,7 +674,8 @@ fn commit_ingest(
                         let key = (meta.id.origin.0, meta.id.seq);
                         let entry = pending.remove(key)?.map(|v| v.value().to_vec());
                         let released = entry
-                            .and_then(|e| Shipped::verify(meta.hash, e[32..].to_vec()).ok())
+                            .and_then(|e| e.get(32..).map(<[u8]>::to_vec))
+                            .and_then(|bytes| Shipped::verify(meta.hash, bytes).ok())
                             .ok_or_else(|| Corruption::BadPending {
                                 id: meta.id,
                                 detail: "missing or damaged".into(),
@@ -691,12 +692,14 @@ fn commit_ingest(
                         report.released += 1;
                         report.waiting = report.waiting.saturating_sub(1);
                     }
-                    if let Some((bad, expected)) = broken.into_iter().next() {
+                    // Waiting events released onto a predecessor they do not name: evidence.
+                    for (bad, expected) in broken {
                         let key = (bad.id.origin.0, bad.id.seq);
                         let entry = pending.remove(key)?.map(|v| v.value().to_vec());
-                        let bytes = entry.map(|e| e[32..].to_vec()).unwrap_or_default();
+                        let bytes = entry.and_then(|e| e.get(32..).map(<[u8]>::to_vec));
+                        let bytes = bytes.unwrap_or_default();
                         forks.insert((key.0, key.1, bad.hash.0), bytes.as_slice())?;
-                        report.refused = Some(Refused {
+                        report.refused.get_or_insert(Refused {
                             index,
                             id: bad.id,
                             hash: bad.hash,

@@ -1,0 +1,489 @@
+//! Log shipping between homes through export files: convergence under random, partial and
+//! duplicated exchanges with concurrent writers; cut, damaged and forged files; forks.
+
+use std::collections::{BTreeSet, HashMap};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use spool::event::{self, Event, EventId, Hash, Origin};
+use spool::input::{new_event, AppendRequest, NewEvent};
+use spool::log::{Filter, Log, LogError, LogOptions, Refusal};
+use spool::sync::file::{self as shipping, FileError};
+use spool::sync::{Selection, Vector};
+
+struct Home {
+    dir: tempfile::TempDir,
+    log: Log,
+}
+
+fn home(n: u8) -> Home {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        Origin([n; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
+    Home { dir, log }
+}
+
+fn activity(message: &str) -> NewEvent {
+    new_event(AppendRequest {
+        kind: "activity.logged".into(),
+        stream: "board".into(),
+        actor: "test".into(),
+        data: serde_json::json!({ "message": message }),
+        key: None,
+        correlation: None,
+        causation: None,
+    })
+    .unwrap()
+}
+
+fn export(log: &Log, selection: &Selection) -> Vec<u8> {
+    shipping::export(&log.read().unwrap(), selection, Vec::new(), |_| {})
+        .unwrap()
+        .1
+}
+
+fn ingest(log: &Log, file: &[u8]) -> shipping::IngestSummary {
+    shipping::ingest(log, file, |_| {}).unwrap()
+}
+
+fn vector(log: &Log) -> Vector {
+    Vector(
+        log.read()
+            .unwrap()
+            .heads()
+            .unwrap()
+            .iter()
+            .map(|h| (h.origin, h.seq))
+            .collect(),
+    )
+}
+
+type Seen = (EventId, Hash, Hash, Vec<event::Dep>);
+
+/// Every event, in position order: (id, hash, prev, deps).
+fn events(log: &Log) -> Vec<Seen> {
+    events_of(&log.read().unwrap())
+}
+
+fn events_of(reader: &spool::log::Reader) -> Vec<Seen> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = reader.scan(after, 1000, &Filter::default()).unwrap();
+        let Some(last) = page.last_examined else {
+            return out;
+        };
+        for r in &page.records {
+            let e = r.event();
+            out.push((e.id(), r.hash, e.prev(), e.deps()));
+        }
+        after = last;
+    }
+}
+
+/// No event sits before its predecessor or any of its deps, and the heads agree.
+fn check_causal_order(log: &Log) {
+    // One snapshot: the homes' writers run concurrently.
+    let reader = log.read().unwrap();
+    let mut seen: HashMap<EventId, Hash> = HashMap::new();
+    let mut heads = Vector::default();
+    for (id, hash, prev, deps) in events_of(&reader) {
+        if id.seq > 1 {
+            let before = EventId {
+                origin: id.origin,
+                seq: id.seq - 1,
+            };
+            assert_eq!(
+                seen.get(&before),
+                Some(&prev),
+                "{id:?} before its predecessor"
+            );
+        } else {
+            assert_eq!(prev, Hash::ZERO);
+        }
+        for d in deps {
+            let dep = EventId {
+                origin: d.origin,
+                seq: d.seq,
+            };
+            assert!(seen.contains_key(&dep), "{id:?} before its dep {dep:?}");
+        }
+        seen.insert(id, hash);
+        heads.0.insert(id.origin, id.seq);
+    }
+    let stored = reader
+        .heads()
+        .unwrap()
+        .iter()
+        .map(|h| (h.origin, h.seq))
+        .collect();
+    assert_eq!(heads, Vector(stored));
+}
+
+fn event_set(log: &Log) -> BTreeSet<(EventId, Hash)> {
+    events(log).into_iter().map(|(id, h, ..)| (id, h)).collect()
+}
+
+#[test]
+fn three_homes_writing_and_exchanging_at_random_converge() {
+    let (mut waited, mut cut) = (0, 0);
+    for seed in 0..4u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let homes: Vec<Home> = (1..=3).map(home).collect();
+        for round in 0..12 {
+            // Every home writes while files move between them.
+            std::thread::scope(|scope| {
+                for (i, h) in homes.iter().enumerate() {
+                    let n = rng.random_range(1..40);
+                    scope.spawn(move || {
+                        for k in 0..n {
+                            let batch = (0..1 + k % 3)
+                                .map(|j| activity(&format!("{seed}/{round}/{i}/{k}/{j}")))
+                                .collect();
+                            h.log.append(batch).unwrap();
+                        }
+                    });
+                }
+                for _ in 0..3 {
+                    let from = rng.random_range(0..3);
+                    let to = (from + rng.random_range(1..3)) % 3;
+                    let selection = random_selection(&mut rng, &homes[from].log, &homes[to].log);
+                    let mut file = export(&homes[from].log, &selection);
+                    if rng.random_bool(0.25) {
+                        let cut = rng.random_range(16..file.len());
+                        file.truncate(cut);
+                    }
+                    let summary = ingest(&homes[to].log, &file);
+                    assert!(summary.refused.is_none(), "{:?}", summary.refused);
+                    waited += summary.report.waiting;
+                    cut += u64::from(summary.file_error.is_some());
+                    check_causal_order(&homes[to].log);
+                    if rng.random_bool(0.3) {
+                        let again = ingest(&homes[to].log, &file);
+                        assert_eq!(again.report.applied, 0, "a second ingest changes nothing");
+                        check_causal_order(&homes[to].log);
+                    }
+                }
+            });
+        }
+        // Full exchange until everyone has everything.
+        for _ in 0..2 {
+            for from in 0..3 {
+                for to in 0..3 {
+                    if from != to {
+                        let file = export(&homes[from].log, &Selection::default());
+                        let summary = ingest(&homes[to].log, &file);
+                        assert!(summary.file_error.is_none() && summary.refused.is_none());
+                        check_causal_order(&homes[to].log);
+                    }
+                }
+            }
+        }
+        let sets: Vec<_> = homes.iter().map(|h| event_set(&h.log)).collect();
+        let vectors: Vec<_> = homes.iter().map(|h| vector(&h.log)).collect();
+        assert_eq!(vectors[0].0.len(), 3);
+        for i in 1..3 {
+            assert_eq!(sets[i], sets[0], "seed {seed}: home {i} holds other events");
+            assert_eq!(vectors[i], vectors[0], "seed {seed}");
+        }
+        for h in &homes {
+            let reader = h.log.read().unwrap();
+            assert_eq!(reader.pending().unwrap(), 0);
+            assert!(reader.forks().unwrap().is_empty());
+            assert!(h.log.verify(2).unwrap().ok());
+        }
+    }
+    assert!(
+        waited > 0 && cut > 0,
+        "the exchanges made events wait ({waited}) and cut files ({cut})"
+    );
+}
+
+/// All of `from`, or what `to` lacks, or one origin's, or what an older vector lacks.
+fn random_selection(rng: &mut StdRng, from: &Log, to: &Log) -> Selection {
+    match rng.random_range(0..4) {
+        0 => Selection::default(),
+        1 => Selection {
+            since: vector(to),
+            ..Selection::default()
+        },
+        2 => Selection {
+            origins: vec![Origin([rng.random_range(1..=3u8); 16])],
+            ..Selection::default()
+        },
+        _ => {
+            let mut since = vector(from);
+            for seq in since.0.values_mut() {
+                *seq = rng.random_range(0..=*seq);
+            }
+            Selection {
+                since,
+                ..Selection::default()
+            }
+        }
+    }
+}
+
+#[test]
+fn events_wait_durably_for_their_dependencies() {
+    let (a, b, c) = (home(1), home(2), home(3));
+    a.log.append(vec![activity("a1")]).unwrap();
+    ingest(&b.log, &export(&a.log, &Selection::default()));
+    b.log.append(vec![activity("b1 after a1")]).unwrap();
+    // c gets b's event alone: it depends on a1, so it waits, across a reopen.
+    let only_b = Selection {
+        origins: vec![Origin([2; 16])],
+        ..Selection::default()
+    };
+    let summary = ingest(&c.log, &export(&b.log, &only_b));
+    assert_eq!((summary.report.applied, summary.report.waiting), (0, 1));
+    let path = c.dir.path().join("log.redb");
+    drop(c.log);
+    let c_log = Log::open(&path, Origin([3; 16]), LogOptions::default()).unwrap();
+    assert_eq!(c_log.read().unwrap().pending().unwrap(), 1);
+    let summary = ingest(&c_log, &export(&a.log, &Selection::default()));
+    assert_eq!(
+        (summary.report.applied, summary.report.released),
+        (2, 1),
+        "a1, then b1 released"
+    );
+    assert_eq!(c_log.read().unwrap().pending().unwrap(), 0);
+    check_causal_order(&c_log);
+    // c's next own event names what it applied.
+    c_log.append(vec![activity("c1")]).unwrap();
+    let (_, _, _, deps) = events(&c_log).pop().unwrap();
+    let named: BTreeSet<_> = deps.iter().map(|d| (d.origin, d.seq)).collect();
+    assert_eq!(
+        named,
+        [(Origin([1; 16]), 1), (Origin([2; 16]), 1)]
+            .into_iter()
+            .collect()
+    );
+}
+
+#[test]
+fn the_clock_moves_past_every_ingested_stamp() {
+    let (a, b) = (home(1), home(2));
+    a.log.append(vec![activity("a1")]).unwrap();
+    ingest(&b.log, &export(&a.log, &Selection::default()));
+    b.log.append(vec![activity("b1")]).unwrap();
+    let all = events(&b.log);
+    let reader = b.log.read().unwrap();
+    let hlc = |p: u64| reader.get(p).unwrap().unwrap().event().hlc();
+    assert_eq!(all.len(), 2);
+    assert!(hlc(2) > hlc(1));
+}
+
+#[test]
+fn a_cut_file_applies_its_valid_prefix_and_says_where_it_stopped() {
+    let (a, b) = (home(1), home(2));
+    for i in 0..50 {
+        a.log.append(vec![activity(&format!("{i}"))]).unwrap();
+    }
+    let file = export(&a.log, &Selection::default());
+    let cut = &file[..file.len() * 2 / 3];
+    let summary = ingest(&b.log, cut);
+    let Some(FileError::Truncated { offset, frames }) = summary.file_error else {
+        panic!("{:?}", summary.file_error)
+    };
+    assert!(frames > 0 && frames < 50);
+    assert!(offset < cut.len() as u64);
+    assert_eq!(summary.report.applied, frames);
+    assert_eq!(vector(&b.log).seq(Origin([1; 16])), frames);
+    // The whole file later completes it; twice changes nothing more.
+    assert_eq!(ingest(&b.log, &file).report.applied, 50 - frames);
+    let again = ingest(&b.log, &file);
+    assert_eq!((again.report.applied, again.report.duplicates), (0, 50));
+    assert!(b.log.verify(2).unwrap().ok());
+}
+
+/// Frames of a file: (offset of the frame, length of its event bytes).
+fn frames(file: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 16;
+    loop {
+        let len = u32::from_le_bytes(file[at..at + 4].try_into().unwrap());
+        if len == u32::MAX {
+            return out;
+        }
+        out.push((at, len as usize));
+        at += 4 + 32 + len as usize;
+    }
+}
+
+/// A file of one event, hashed and framed correctly.
+fn file_of(events: &[Event]) -> Vec<u8> {
+    let mut w = shipping::ExportWriter::new(Vec::new()).unwrap();
+    for e in events {
+        let bytes = event::encode(e);
+        w.push(&Hash::of(&bytes), &bytes).unwrap();
+    }
+    w.finish().unwrap().1
+}
+
+#[test]
+fn forged_events_are_refused_by_name_and_nothing_stored_is_lost() {
+    let (a, b) = (home(1), home(2));
+    for i in 0..5 {
+        a.log.append(vec![activity(&format!("{i}"))]).unwrap();
+    }
+    let file = export(&a.log, &Selection::default());
+    ingest(
+        &b.log,
+        &export(
+            &a.log,
+            &Selection {
+                since: Vector::default(),
+                origins: vec![],
+            },
+        ),
+    );
+    b.log.append(vec![activity("b1")]).unwrap();
+    let before = event_set(&b.log);
+    let third = frames(&file)[2];
+
+    // A changed byte in an event: its bytes no longer hash to the frame's hash.
+    let mut changed = file.clone();
+    changed[third.0 + 36 + third.1 / 2] ^= 0x40;
+    let fresh = home(3);
+    let s = ingest(&fresh.log, &changed);
+    let Some(FileError::Damaged {
+        offset,
+        index,
+        problem,
+    }) = &s.file_error
+    else {
+        panic!("{:?}", s.file_error)
+    };
+    assert_eq!((*offset, *index), (third.0 as u64, 2));
+    assert!(problem.contains("hash mismatch"), "{problem}");
+    assert_eq!(s.report.applied, 2, "the two frames before it are applied");
+
+    // A changed hash: the frame claims another hash.
+    let mut rehashed = file.clone();
+    rehashed[third.0 + 4] ^= 1;
+    let s = ingest(&home(4).log, &rehashed);
+    assert!(matches!(
+        s.file_error,
+        Some(FileError::Damaged { index: 2, .. })
+    ));
+
+    let stored: Vec<Event> = {
+        let reader = a.log.read().unwrap();
+        (1..=5)
+            .map(|p| reader.get(p).unwrap().unwrap().event().to_event())
+            .collect()
+    };
+    // A wrong chain link: a well-formed, well-hashed sixth event naming another predecessor.
+    let mut forged = stored[4].clone();
+    forged.seq = 6;
+    forged.prev = Hash([7; 32]);
+    let s = ingest(&b.log, &file_of(&[forged]));
+    let (_, refused) = s.refused.expect("refused");
+    assert!(
+        matches!(refused.reason, Refusal::BrokenLink { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(refused.id.seq, 6);
+
+    // A spoofed origin: another node's event presented as a's.
+    let c = home(3);
+    c.log.append(vec![activity("c1"), activity("c2")]).unwrap();
+    let mut spoofed = c
+        .log
+        .read()
+        .unwrap()
+        .get(2)
+        .unwrap()
+        .unwrap()
+        .event()
+        .to_event();
+    spoofed.origin = Origin([1; 16]);
+    spoofed.seq = 6;
+    let s = ingest(&b.log, &file_of(&[spoofed.clone()]));
+    assert!(matches!(
+        s.refused.unwrap().1.reason,
+        Refusal::BrokenLink { .. }
+    ));
+    spoofed.seq = 3;
+    let s = ingest(&b.log, &file_of(&[spoofed]));
+    assert!(matches!(s.refused.unwrap().1.reason, Refusal::Fork { .. }));
+
+    // Nothing stored changed, and the refused events are kept as evidence.
+    assert_eq!(event_set(&b.log), before);
+    let reader = b.log.read().unwrap();
+    assert!(!reader.forks().unwrap().is_empty());
+    let report = b.log.verify(2).unwrap();
+    assert!(!report.ok(), "verify reports the fork evidence");
+    assert!(report
+        .problems
+        .iter()
+        .all(|p| p.to_string().starts_with("fork")));
+}
+
+#[test]
+fn a_stale_home_recovers_its_own_events_or_stops_writing_on_a_fork() {
+    let a = home(1);
+    for i in 0..3 {
+        a.log.append(vec![activity(&format!("a{i}"))]).unwrap();
+    }
+    // A copy of the home taken now, while a writes on.
+    let copy = tempfile::tempdir().unwrap();
+    let backup = copy.path().join("log.redb");
+    let path = a.dir.path().join("log.redb");
+    let origin = a.log.origin();
+    drop(a.log);
+    std::fs::copy(&path, &backup).unwrap();
+    let a_log = Log::open(&path, origin, LogOptions::default()).unwrap();
+    a_log.append(vec![activity("a3"), activity("a4")]).unwrap();
+    let a_file = export(&a_log, &Selection::default());
+
+    // Restored and synced before writing: it takes its own seqs 4 and 5 back, then continues.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let restored_path = restored_dir.path().join("log.redb");
+    std::fs::copy(&backup, &restored_path).unwrap();
+    let restored = Log::open(&restored_path, origin, LogOptions::default()).unwrap();
+    assert_eq!(ingest(&restored, &a_file).report.applied, 2);
+    let next = restored.append(vec![activity("a5")]).unwrap();
+    assert_eq!(next[0].seq, 6);
+    drop(restored);
+
+    // Restored and written to first: its seq 4 differs from the fleet's, so ingest finds a fork
+    // of its own origin and its own writes stop, across a reopen.
+    let stale = Log::open(&backup, origin, LogOptions::default()).unwrap();
+    stale
+        .append(vec![activity("a3 again, differently")])
+        .unwrap();
+    let s = ingest(&stale, &a_file);
+    let (_, refused) = s.refused.expect("refused");
+    assert!(
+        matches!(refused.reason, Refusal::OwnFork { .. }),
+        "{refused:?}"
+    );
+    let err = stale.append(vec![activity("more")]).unwrap_err();
+    assert!(matches!(err, LogError::Halted { .. }), "{err}");
+    drop(stale);
+    let stale = Log::open(&backup, origin, LogOptions::default()).unwrap();
+    assert!(stale.read().unwrap().halted().unwrap().is_some());
+    assert!(matches!(
+        stale.append(vec![activity("more")]),
+        Err(LogError::Halted { .. })
+    ));
+
+    // The fleet's copy refuses the stale home's seq 4 as a fork, and keeps it as evidence.
+    let stale_file = export(&stale, &Selection::default());
+    let s = ingest(&a_log, &stale_file);
+    assert!(matches!(
+        s.refused.unwrap().1.reason,
+        Refusal::OwnFork { .. }
+    ));
+    let peer = home(9);
+    ingest(&peer.log, &a_file);
+    let s = ingest(&peer.log, &stale_file);
+    assert!(matches!(s.refused.unwrap().1.reason, Refusal::Fork { .. }));
+    assert_eq!(peer.log.read().unwrap().forks().unwrap().len(), 1);
+}
