@@ -388,7 +388,7 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
 fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
     let log = home.open_log()?;
-    let input: Box<dyn std::io::Read> = match &file {
+    let input: Box<dyn std::io::Read + Send> = match &file {
         Some(path) => Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
         )),

@@ -138,7 +138,7 @@ pub struct IngestReport {
     pub applied: u64,
     /// Of those, events that had been waiting.
     pub released: u64,
-    /// Events now waiting for their predecessor or deps.
+    /// Shipped events waiting for their predecessor or deps after it (from any ingest).
     pub waiting: u64,
     /// Events this node already held (or already had waiting).
     pub duplicates: u64,
@@ -152,7 +152,7 @@ impl IngestReport {
     pub fn add(&mut self, other: &IngestReport) {
         self.applied += other.applied;
         self.released += other.released;
-        self.waiting += other.waiting;
+        self.waiting = other.waiting;
         self.duplicates += other.duplicates;
         self.clamped += other.clamped;
     }

@@ -627,7 +627,7 @@ fn commit_ingest(
         let mut extents = txn.open_table(EXTENTS)?;
         let mut blocks = Blocks::new(&mut events, state.next_position);
         // Events applied in this transaction, which the tables cannot show yet.
-        let mut here: HashMap<EventId, Hash> = HashMap::new();
+        let mut here: foldhash::HashMap<EventId, Hash> = Default::default();
         let mut moved: HashSet<Origin> = HashSet::new();
         for (index, shipped) in shipped.into_iter().enumerate() {
             if let Observed::Clamped { .. } = state.clock.observe(shipped.hlc, now) {
@@ -656,20 +656,20 @@ fn commit_ingest(
                     entry.extend_from_slice(&shipped.bytes);
                     pending.insert((meta.id.origin.0, meta.id.seq), entry.as_slice())?;
                     state.causal.wait(meta.clone());
-                    report.waiting += 1;
                     None
                 }
                 Decision::Apply => {
+                    let id = meta.id;
                     apply(
                         state,
                         &mut blocks,
                         &mut extents,
                         &mut here,
                         &mut moved,
-                        &shipped,
+                        shipped,
                     )?;
                     report.applied += 1;
-                    let (ready, broken) = state.causal.released(meta.id);
+                    let (ready, broken) = state.causal.released(id);
                     for meta in ready {
                         let key = (meta.id.origin.0, meta.id.seq);
                         let entry = pending.remove(key)?.map(|v| v.value().to_vec());
@@ -686,11 +686,10 @@ fn commit_ingest(
                             &mut extents,
                             &mut here,
                             &mut moved,
-                            &released,
+                            released,
                         )?;
                         report.applied += 1;
                         report.released += 1;
-                        report.waiting = report.waiting.saturating_sub(1);
                     }
                     // Waiting events released onto a predecessor they do not name: evidence.
                     for (bad, expected) in broken {
@@ -709,7 +708,10 @@ fn commit_ingest(
                             },
                         });
                     }
-                    None
+                    if report.refused.is_some() {
+                        break;
+                    }
+                    continue;
                 }
                 Decision::Fork { stored } if meta.id.origin == state.origin => {
                     Some(Refusal::OwnFork { stored })
@@ -746,6 +748,7 @@ fn commit_ingest(
                 break;
             }
         }
+        report.waiting = state.causal.waiting() as u64;
         blocks.close()?;
         let mut heads = txn.open_table(HEADS)?;
         for origin in moved {
@@ -779,27 +782,27 @@ fn apply(
     state: &mut State,
     blocks: &mut Blocks,
     extents: &mut redb::Table<([u8; 16], u64), (u64, u64)>,
-    here: &mut HashMap<EventId, Hash>,
+    here: &mut foldhash::HashMap<EventId, Hash>,
     moved: &mut HashSet<Origin>,
-    shipped: &Shipped,
+    shipped: Shipped,
 ) -> Result<(), LogError> {
     let id = shipped.meta.id;
     let position = state.next_position;
     blocks.push(&shipped.meta.hash, &shipped.bytes)?;
-    state.pending.push(shipped.stream.clone(), position);
+    state.pending.push(shipped.stream, position);
     let before = state.extents.get(&id.origin).copied();
     let extent = state.place(id.origin, id.seq, position, 1);
     if let Some(old) = before.filter(|b| b.first_seq != extent.first_seq) {
         // The old extent is complete: store it before starting the new one.
         extents.insert((id.origin.0, old.first_seq), (old.first_position, old.len))?;
     }
-    state.causal.applied(&shipped.meta);
     if id.origin != state.origin {
         let seen = state.deps.entry(id.origin).or_default();
         *seen = (*seen).max(id.seq);
     }
     here.insert(id, shipped.meta.hash);
     moved.insert(id.origin);
+    state.causal.applied(&shipped.meta);
     state.next_position += 1;
     Ok(())
 }

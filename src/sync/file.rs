@@ -276,11 +276,12 @@ pub struct IngestSummary {
     pub refused: Option<(u64, Refused)>,
 }
 
-/// Reads an export file and ingests it in batches, each durable before the next is sent. A
-/// file error or a refusal stops it; everything before that point is applied.
+/// Reads an export file and ingests it in batches, each durable before the next is sent; a
+/// reading thread checks the next batch's frames while the log commits the current one. A file
+/// error or a refusal stops it; everything before that point is applied.
 pub fn ingest(
     log: &Log,
-    input: impl Read,
+    input: impl Read + Send,
     mut progress: impl FnMut(&IngestSummary),
 ) -> Result<IngestSummary, LogError> {
     let mut summary = IngestSummary::default();
@@ -291,35 +292,44 @@ pub fn ingest(
             return Ok(summary);
         }
     };
-    loop {
-        let mut batch = Vec::new();
-        let mut offsets = Vec::new();
-        while batch.len() < INGEST_BATCH_EVENTS {
-            match reader.next_frame() {
-                Ok(Some(frame)) => {
-                    offsets.push(frame.offset);
-                    batch.push(frame.shipped);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    summary.file_error = Some(e);
-                    break;
+    std::thread::scope(|scope| {
+        // One batch checked ahead of the one being committed: memory stays bounded.
+        let (batches, checked) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || loop {
+            let mut batch = Vec::new();
+            let mut offsets = Vec::new();
+            let mut error = None;
+            while batch.len() < INGEST_BATCH_EVENTS {
+                match reader.next_frame() {
+                    Ok(Some(frame)) => {
+                        offsets.push(frame.offset);
+                        batch.push(frame.shipped);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
                 }
             }
-        }
-        let last_batch = batch.len() < INGEST_BATCH_EVENTS;
-        summary.frames += batch.len() as u64;
-        if !batch.is_empty() {
-            let report = log.ingest(batch)?;
-            summary.report.add(&report);
-            if let Some(refused) = report.refused {
-                summary.refused = Some((offsets[refused.index], refused));
-                return Ok(summary);
+            let last = batch.len() < INGEST_BATCH_EVENTS || error.is_some();
+            if batches.send((batch, offsets, error)).is_err() || last {
+                return; // Done, or the log refused and nobody listens.
             }
+        });
+        for (batch, offsets, error) in checked {
+            summary.frames += batch.len() as u64;
+            if !batch.is_empty() {
+                let report = log.ingest(batch)?;
+                summary.report.add(&report);
+                if let Some(refused) = report.refused {
+                    summary.refused = Some((offsets[refused.index], refused));
+                    return Ok(summary);
+                }
+            }
+            summary.file_error = error;
+            progress(&summary);
         }
-        progress(&summary);
-        if last_batch || summary.file_error.is_some() {
-            return Ok(summary);
-        }
-    }
+        Ok(summary)
+    })
 }

@@ -1,0 +1,88 @@
+//! Ingest of a 1 000 000-event export into an empty home, beside the same node's batched
+//! append rate in the same run.
+//!
+//! `cargo bench --bench ingest`. Every figure is the median of `SPOOL_BENCH_RUNS` runs (default
+//! 3); `SPOOL_BENCH_SCALE` (default 1.0) scales the event count.
+
+mod workload;
+
+use std::io::{BufReader, BufWriter};
+use std::time::Instant;
+
+use spool::event::Origin;
+use spool::log::{Log, LogOptions};
+use spool::sync::{file as shipping, Selection};
+use workload::Workload;
+
+fn main() {
+    let runs: usize = env_or("SPOOL_BENCH_RUNS", 3);
+    let scale: f64 = env_or("SPOOL_BENCH_SCALE", 1.0);
+    let events = ((1_000_000.0 * scale) as usize).max(10_000);
+    println!("spool ingest bench: {events} events, {runs} runs per figure, medians");
+    let mut appends = Vec::new();
+    let mut ingests = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..runs.max(1) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = log(&dir, "source", 1);
+        let mut w = Workload::new(7);
+        let batches: Vec<_> = (0..events / 10_000).map(|_| w.events(10_000)).collect();
+        let started = Instant::now();
+        for batch in batches {
+            source.append(batch).unwrap();
+        }
+        appends.push(events as f64 / started.elapsed().as_secs_f64());
+
+        let path = dir.path().join("export.spool");
+        let out = BufWriter::new(std::fs::File::create(&path).unwrap());
+        let reader = source.read().unwrap();
+        shipping::export(&reader, &Selection::default(), out, |_| {}).unwrap();
+        drop(reader);
+        bytes = std::fs::metadata(&path).unwrap().len();
+
+        let target = log(&dir, "target", 2);
+        let input = BufReader::new(std::fs::File::open(&path).unwrap());
+        let started = Instant::now();
+        let summary = shipping::ingest(&target, input, |_| {}).unwrap();
+        ingests.push(events as f64 / started.elapsed().as_secs_f64());
+        assert_eq!(summary.report.applied, events as u64);
+        assert!(summary.file_error.is_none() && summary.refused.is_none());
+    }
+    let (append, ingest) = (median(appends), median(ingests));
+    println!("{:<58} {:>14}", "figure", "events/s");
+    println!(
+        "{:<58} {append:>14.0}",
+        "spool durable append, 10 000 events per commit"
+    );
+    println!(
+        "{:<58} {ingest:>14.0}",
+        format!(
+            "spool ingest of a {events}-event export ({} MB)",
+            bytes >> 20
+        )
+    );
+    println!("{:<58} {:>13.2}x", "ingest / append", ingest / append);
+    let met = if ingest >= 0.5 * append {
+        "met"
+    } else {
+        "NOT MET"
+    };
+    println!("{:<58} {met:>14}", "ingest >= 0.5x append");
+}
+
+fn log(dir: &tempfile::TempDir, name: &str, origin: u8) -> Log {
+    let path = dir.path().join(format!("{name}.redb"));
+    Log::create(&path, Origin([origin; 16]), LogOptions::default()).unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
