@@ -635,13 +635,16 @@ fn commit_ingest(
             }
             let meta = &shipped.meta;
             let (head_seq, _) = state.causal.head(meta.id.origin).unwrap_or((0, Hash::ZERO));
-            let stored = match here.get(&meta.id) {
-                Some(hash) => Some(*hash),
-                None if meta.id.seq <= head_seq => match position_of(&extents, meta.id)? {
-                    Some(position) => entry_at(&*blocks.table, position)?.map(|r| r.hash),
-                    None => None,
+            // Only an (origin, seq) at or below the head can be held already.
+            let stored = match meta.id.seq <= head_seq {
+                false => None,
+                true => match here.get(&meta.id) {
+                    Some(hash) => Some(*hash),
+                    None => match position_of(&extents, meta.id)? {
+                        Some(position) => entry_at(&*blocks.table, position)?.map(|r| r.hash),
+                        None => None,
+                    },
                 },
-                None => None,
             };
             let refusal = match state.causal.decide(meta, |_| stored) {
                 Decision::Duplicate => {
