@@ -208,6 +208,11 @@ impl Home {
         self.dir.join(LOG_FILE)
     }
 
+    /// The node's SQLite projection, kept current after every append and ingest.
+    pub fn projection_path(&self) -> PathBuf {
+        self.dir.join("projection.sqlite")
+    }
+
     pub fn log_options(&self) -> LogOptions {
         LogOptions {
             max_drift_ms: self.config.clock.max_drift_ms,

@@ -11,4 +11,5 @@ pub mod home;
 pub mod input;
 pub mod kinds;
 pub mod log;
+pub mod project;
 pub mod sync;

@@ -11,11 +11,16 @@ use serde_json::{json, Value};
 use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
-use spool::log::{Appended, Filter, Record};
+use spool::log::{Appended, Filter, Log, Record};
+use spool::project::sqlite::{Durability, Sqlite};
+use spool::project::{self, Until};
 use spool::sync::{file as shipping, Selection, Vector};
 use spool::{hlc, kinds};
 
-use super::{AppendArgs, Cli, Command, ExportArgs, LogArgs, SchemaCommand, Usage};
+use super::{
+    AppendArgs, Cli, Command, DigestCommand, ExportArgs, LogArgs, RebuildCommand, SchemaCommand,
+    Usage,
+};
 
 /// Events read per page by `spool log`: bounds its memory whatever the log's size.
 const PAGE_EVENTS: usize = 1000;
@@ -36,6 +41,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Heads { json } => heads(&home, json),
         Command::Export(args) => export(&home, args),
         Command::Ingest { file, json } => ingest(&home, file, json),
+        Command::Rebuild(RebuildCommand::Sqlite { into, as_of }) => rebuild(&home, into, as_of),
+        Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
+        Command::Sql { statement, db } => sql(&home, &statement, db),
     }
 }
 
@@ -102,6 +110,7 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", appended_json(&a))?;
     }
     out.flush()?;
+    refresh_projection(&home, &log);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -401,6 +410,7 @@ fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<Ex
         }
     };
     let summary = shipping::ingest(&log, input, |_| {})?;
+    refresh_projection(&home, &log);
     let r = &summary.report;
     let stopped = match (&summary.file_error, &summary.refused) {
         (_, Some((offset, refused))) => Some(format!(
@@ -441,4 +451,136 @@ fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<Ex
         Some(why) => Err(Usage(why).into()),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Brings the node's projection up to the log's end. The events are already durable, so a
+/// failure here is a warning with the way out, never a failed append.
+fn refresh_projection(home: &Home, log: &Log) {
+    if let Err(error) = catch_up(home, log) {
+        eprintln!(
+            "spool: warning: the projection was not updated ({error:#}); `spool rebuild sqlite` rebuilds it"
+        );
+    }
+}
+
+fn catch_up(home: &Home, log: &Log) -> anyhow::Result<u64> {
+    let mut target = Sqlite::open(&home.projection_path(), Durability::Live)?;
+    Ok(project::catch_up(&log.read()?, &mut target, |_| {})?)
+}
+
+/// The projection to read: `--db`, or the node's brought up to date.
+fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
+    let path = match db {
+        Some(path) => path,
+        None => {
+            let home = Home::open(dir)?;
+            let log = home.open_log()?;
+            catch_up(&home, &log)?;
+            home.projection_path()
+        }
+    };
+    if !path.is_file() {
+        return Err(Usage(format!("{}: no such projection file", path.display())).into());
+    }
+    Ok(Sqlite::open_read_only(&path)?)
+}
+
+fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::Result<ExitCode> {
+    let until = match as_of.as_deref() {
+        None => Until::default(),
+        Some(text) => match text.parse::<u64>() {
+            Ok(position) => Until {
+                position: Some(position),
+                time_ms: None,
+            },
+            Err(_) => {
+                let time = humantime::parse_rfc3339_weak(text).map_err(|e| {
+                    Usage(format!(
+                        "--as-of {text:?}: neither a position nor an RFC 3339 time ({e})"
+                    ))
+                })?;
+                let ms = time
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64;
+                Until {
+                    position: None,
+                    time_ms: Some(ms),
+                }
+            }
+        },
+    };
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let path = into.unwrap_or_else(|| home.projection_path());
+    let partial = path.with_extension("rebuilding");
+    let _ = std::fs::remove_file(&partial);
+    let reader = log.read()?;
+    let last = until.position.map_or(reader.last_position()?, |p| {
+        p.min(reader.last_position().unwrap_or(p))
+    });
+    let bar = indicatif::ProgressBar::new(last);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} rebuilding [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut target = Sqlite::open(&partial, Durability::Rebuild)?;
+    let applied = project::replay(&reader, &mut target, 0, until, |p| bar.set_position(p))?;
+    bar.finish_and_clear();
+    target.sync()?;
+    std::fs::rename(&partial, &path)
+        .with_context(|| format!("moving the rebuilt projection to {}", path.display()))?;
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "rebuilt {}: {applied} events up to position {last} in {seconds:.2} s ({:.0} events/s)",
+        path.display(),
+        applied as f64 / seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn digest(dir: &Path, db: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
+    let projection = projection(dir, db)?;
+    let (position, _, events) = projection.checkpoint()?;
+    let (hash, counts) = projection.digest()?;
+    if as_json {
+        let tables: serde_json::Map<String, Value> =
+            counts.into_iter().map(|(t, n)| (t, n.into())).collect();
+        println!(
+            "{}",
+            json!({"digest": hash, "position": position, "events": events, "tables": tables})
+        );
+    } else {
+        println!("{hash}  ({events} events up to position {position})");
+        for (table, n) in counts {
+            println!("  {table:<20} {n} rows");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sql(dir: &Path, statement: &str, db: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let projection = projection(dir, db)?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
+    projection
+        .query(statement, |names, values| {
+            let row: serde_json::Map<String, Value> = names.iter().cloned().zip(values).collect();
+            if let Err(e) = writeln!(out, "{}", Value::Object(row)) {
+                failed.get_or_insert(e);
+            }
+        })
+        .map_err(|e| Usage(format!("sql: {e}")))?;
+    out.flush()?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -59,10 +59,49 @@ enum Command {
     /// Write events as an export file (stdout or --out): every origin's, those of --origin, or
     /// only what --since lacks.
     Export(ExportArgs),
+    /// Rebuild a projection from the log (into a new file, then swapped in).
+    #[command(subcommand)]
+    Rebuild(RebuildCommand),
+    /// A canonical hash of a projection's rows: equal on every node holding equal events.
+    #[command(subcommand)]
+    Digest(DigestCommand),
+    /// Run one read-only SQL statement on the node's projection; rows as JSON lines.
+    Sql {
+        statement: String,
+        /// Another projection file (default: the node's, brought up to date first).
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+    },
     /// Apply an export file (a path, or stdin) in causal order.
     Ingest {
         /// The export file (default: standard input).
         file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RebuildCommand {
+    /// The local SQLite tables.
+    Sqlite {
+        /// Write here (default: the node's projection, replaced when done).
+        #[arg(long, value_name = "PATH")]
+        into: Option<PathBuf>,
+        /// Only the events up to this log position, or stamped at or before this RFC 3339
+        /// time (requires --into).
+        #[arg(long, value_name = "POS|RFC3339", requires = "into")]
+        as_of: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DigestCommand {
+    /// The local SQLite tables.
+    Sqlite {
+        /// Another projection file (default: the node's, brought up to date first).
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

@@ -33,14 +33,14 @@ macro_rules! choices {
     )*};
 }
 
-mod activity;
-mod devices;
-mod fleet;
-mod loom;
-mod openclaw;
-mod tasks;
-mod types;
-mod vault;
+pub mod activity;
+pub mod devices;
+pub mod fleet;
+pub mod loom;
+pub mod openclaw;
+pub mod tasks;
+pub mod types;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -92,17 +92,38 @@ pub struct KindSpec {
     derived_schema: fn(&str, u16) -> Value,
 }
 
-/// Registers payload types: `"kind" version => Type [reads [versions]];`. The schema file is
-/// `schemas/<kind>/v<version>.schema.json`.
+/// Registers payload types: `"kind" version => Variant(Type) [, reads [versions]];` for the
+/// current versions (`Variant` names it in [`Body`]), `"kind" version => Type;` for superseded
+/// ones. The schema file is `schemas/<kind>/v<version>.schema.json`.
 macro_rules! catalogue {
     (
-        current { $( $name:literal $v:literal => $ty:ty $(, reads $old:expr)? ; )* }
+        current { $( $name:literal $v:literal => $variant:ident($ty:ty) $(, reads $old:expr)? ; )* }
         superseded { $( $sname:literal $sv:literal => $sty:ty ; )* }
     ) => {
         /// Every kind this build writes, at its current version, in `schema list` order.
         pub static CATALOGUE: &[&KindSpec] = &[$(
             &catalogue!(@spec $name $v $ty, catalogue!(@readable $v $(, $old)?)),
         )*];
+
+        /// A decoded payload of any kind, at its current version: what projectors match on.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Body { $( $variant($ty), )* }
+
+        /// Decodes a stored payload (of any readable version) into its typed current form.
+        pub fn body(kind: &str, version: u16, payload: &[u8]) -> Result<Body, PayloadError> {
+            let spec = lookup(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
+            spec.check_readable(version)?;
+            let current = version == spec.version;
+            let typed = match kind {
+                $( $name => typed::<$ty>(current, version, payload).map(Body::$variant), )*
+                _ => unreachable!("looked up above"),
+            };
+            typed.map_err(|problem| PayloadError::Invalid {
+                kind: kind.to_owned(),
+                version,
+                problem,
+            })
+        }
         /// Earlier versions, still read (through their kind's upcaster), no longer written.
         pub static SUPERSEDED: &[&KindSpec] = &[$( &catalogue!(@spec $sname $sv $sty, &[$sv]), )*];
     };
@@ -123,53 +144,53 @@ macro_rules! catalogue {
 
 catalogue! {
     current {
-        "task.created" 1 => tasks::TaskCreated;
-        "task.edited" 1 => tasks::TaskEdited;
-        "task.moved" 1 => tasks::TaskMoved;
-        "task.archived" 1 => tasks::TaskArchived;
-        "task.scored" 1 => tasks::TaskScored;
-        "task.score_overridden" 1 => tasks::TaskScoreOverridden;
-        "task.score_locked" 1 => tasks::TaskScoreLocked;
-        "task.score_unlocked" 1 => tasks::TaskScoreUnlocked;
-        "brief.added" 1 => tasks::BriefAdded;
-        "brief.consumed" 1 => tasks::BriefConsumed;
-        "triage.run_started" 1 => tasks::TriageRunStarted;
-        "triage.run_completed" 1 => tasks::TriageRunCompleted;
-        "triage.run_failed" 1 => tasks::TriageRunFailed;
-        "loom.workflow_mirrored" 1 => loom::WorkflowMirrored;
-        "loom.workflow_registered" 1 => loom::WorkflowRegistered;
-        "loom.workflow_unregistered" 1 => loom::WorkflowUnregistered;
-        "loom.run_started" 1 => loom::RunStarted;
-        "loom.run_finished" 1 => loom::RunFinished;
-        "loom.step_started" 1 => loom::StepStarted;
-        "loom.step_finished" 2 => loom::StepFinished, reads [1, 2];
-        "loom.step_acked" 1 => loom::StepAcked;
-        "loom.job_enqueued" 1 => loom::JobEnqueued;
-        "loom.job_claimed" 1 => loom::JobClaimed;
-        "loom.job_completed" 1 => loom::JobCompleted;
-        "loom.cron_run_mirrored" 1 => loom::CronRunMirrored;
-        "fleet.heartbeat_recorded" 1 => fleet::NodeHeartbeat;
-        "bot.heartbeat_recorded" 1 => fleet::BotHeartbeat;
-        "bot.claimed" 1 => fleet::BotClaimed;
-        "bot.released" 1 => fleet::BotReleased;
-        "activity.logged" 1 => activity::Logged;
-        "vault.install_initialised" 1 => vault::InstallInitialised;
-        "vault.recipient_added" 1 => vault::RecipientAdded;
-        "vault.recipient_removed" 1 => vault::RecipientRemoved;
-        "vault.entry_written" 1 => vault::EntryWritten;
-        "vault.entry_rewrapped" 1 => vault::EntryRewrapped;
-        "vault.entry_unlocked" 1 => vault::EntryUnlocked;
-        "pairing.requested" 1 => devices::PairingRequested;
-        "pairing.completed" 1 => devices::PairingCompleted;
-        "pairing.expired" 1 => devices::PairingExpired;
-        "pairing.cancelled" 1 => devices::PairingCancelled;
-        "pairing.attempt_failed" 1 => devices::PairingAttemptFailed;
-        "device.paired" 1 => devices::DevicePaired;
-        "device.revoked" 1 => devices::DeviceRevoked;
-        "openclaw.auth_profile_upserted" 1 => openclaw::AuthProfileUpserted;
-        "openclaw.session_created" 1 => openclaw::SessionCreated;
-        "openclaw.session_updated" 1 => openclaw::SessionUpdated;
-        "openclaw.config_value_set" 1 => openclaw::ConfigValueSet;
+        "task.created" 1 => TaskCreated(tasks::TaskCreated);
+        "task.edited" 1 => TaskEdited(tasks::TaskEdited);
+        "task.moved" 1 => TaskMoved(tasks::TaskMoved);
+        "task.archived" 1 => TaskArchived(tasks::TaskArchived);
+        "task.scored" 1 => TaskScored(tasks::TaskScored);
+        "task.score_overridden" 1 => TaskScoreOverridden(tasks::TaskScoreOverridden);
+        "task.score_locked" 1 => TaskScoreLocked(tasks::TaskScoreLocked);
+        "task.score_unlocked" 1 => TaskScoreUnlocked(tasks::TaskScoreUnlocked);
+        "brief.added" 1 => BriefAdded(tasks::BriefAdded);
+        "brief.consumed" 1 => BriefConsumed(tasks::BriefConsumed);
+        "triage.run_started" 1 => TriageRunStarted(tasks::TriageRunStarted);
+        "triage.run_completed" 1 => TriageRunCompleted(tasks::TriageRunCompleted);
+        "triage.run_failed" 1 => TriageRunFailed(tasks::TriageRunFailed);
+        "loom.workflow_mirrored" 1 => WorkflowMirrored(loom::WorkflowMirrored);
+        "loom.workflow_registered" 1 => WorkflowRegistered(loom::WorkflowRegistered);
+        "loom.workflow_unregistered" 1 => WorkflowUnregistered(loom::WorkflowUnregistered);
+        "loom.run_started" 1 => RunStarted(loom::RunStarted);
+        "loom.run_finished" 1 => RunFinished(loom::RunFinished);
+        "loom.step_started" 1 => StepStarted(loom::StepStarted);
+        "loom.step_finished" 2 => StepFinished(loom::StepFinished), reads [1, 2];
+        "loom.step_acked" 1 => StepAcked(loom::StepAcked);
+        "loom.job_enqueued" 1 => JobEnqueued(loom::JobEnqueued);
+        "loom.job_claimed" 1 => JobClaimed(loom::JobClaimed);
+        "loom.job_completed" 1 => JobCompleted(loom::JobCompleted);
+        "loom.cron_run_mirrored" 1 => CronRunMirrored(loom::CronRunMirrored);
+        "fleet.heartbeat_recorded" 1 => NodeHeartbeat(fleet::NodeHeartbeat);
+        "bot.heartbeat_recorded" 1 => BotHeartbeat(fleet::BotHeartbeat);
+        "bot.claimed" 1 => BotClaimed(fleet::BotClaimed);
+        "bot.released" 1 => BotReleased(fleet::BotReleased);
+        "activity.logged" 1 => Logged(activity::Logged);
+        "vault.install_initialised" 1 => InstallInitialised(vault::InstallInitialised);
+        "vault.recipient_added" 1 => RecipientAdded(vault::RecipientAdded);
+        "vault.recipient_removed" 1 => RecipientRemoved(vault::RecipientRemoved);
+        "vault.entry_written" 1 => EntryWritten(vault::EntryWritten);
+        "vault.entry_rewrapped" 1 => EntryRewrapped(vault::EntryRewrapped);
+        "vault.entry_unlocked" 1 => EntryUnlocked(vault::EntryUnlocked);
+        "pairing.requested" 1 => PairingRequested(devices::PairingRequested);
+        "pairing.completed" 1 => PairingCompleted(devices::PairingCompleted);
+        "pairing.expired" 1 => PairingExpired(devices::PairingExpired);
+        "pairing.cancelled" 1 => PairingCancelled(devices::PairingCancelled);
+        "pairing.attempt_failed" 1 => PairingAttemptFailed(devices::PairingAttemptFailed);
+        "device.paired" 1 => DevicePaired(devices::DevicePaired);
+        "device.revoked" 1 => DeviceRevoked(devices::DeviceRevoked);
+        "openclaw.auth_profile_upserted" 1 => AuthProfileUpserted(openclaw::AuthProfileUpserted);
+        "openclaw.session_created" 1 => SessionCreated(openclaw::SessionCreated);
+        "openclaw.session_updated" 1 => SessionUpdated(openclaw::SessionUpdated);
+        "openclaw.config_value_set" 1 => ConfigValueSet(openclaw::ConfigValueSet);
     }
     superseded {
         "loom.step_finished" 1 => loom::StepFinishedV1;
@@ -217,12 +238,19 @@ where
     T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
         + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
 {
-    let value: T = if current {
-        from_payload(payload)?
-    } else {
-        T::upcast(version, payload)?
-    };
+    let value: T = typed(current, version, payload)?;
     serde_json::to_value(&value).map_err(|e| e.to_string())
+}
+
+fn typed<T: Payload>(current: bool, version: u16, payload: &[u8]) -> Result<T, String>
+where
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
+    match current {
+        true => from_payload(payload),
+        false => T::upcast(version, payload),
+    }
 }
 
 /// The JSON Schema of a payload type, titled with its kind and version.
@@ -325,15 +353,20 @@ impl KindSpec {
         (self.encode)(data)
     }
 
-    /// Decodes a payload of any readable version into JSON of this version.
-    pub fn decode(&self, version: u16, payload: &[u8]) -> Result<Value, PayloadError> {
-        if !self.readable.contains(&version) {
-            return Err(PayloadError::UnknownVersion {
+    fn check_readable(&self, version: u16) -> Result<(), PayloadError> {
+        match self.readable.contains(&version) {
+            true => Ok(()),
+            false => Err(PayloadError::UnknownVersion {
                 kind: self.name.to_owned(),
                 version,
                 readable: self.readable,
-            });
+            }),
         }
+    }
+
+    /// Decodes a payload of any readable version into JSON of this version.
+    pub fn decode(&self, version: u16, payload: &[u8]) -> Result<Value, PayloadError> {
+        self.check_readable(version)?;
         (self.decode)(version == self.version, version, payload).map_err(|problem| {
             PayloadError::Invalid {
                 kind: self.name.to_owned(),

@@ -1,0 +1,235 @@
+//! Projections: tables derived from the log. A projector is a pure function from one event to
+//! row writes; ONE replay loop feeds it events in position order and hands its writes to a
+//! target, which commits them with the checkpoint they reach. Rebuild, as-of replay, live
+//! catch-up and digest differ only in where the loop starts and stops and where it writes.
+//!
+//! Invariant (the convergence rule): the rows depend only on the set of events applied, not on
+//! the order of concurrent ones. Append-only rows are keyed by event id and inserted if absent;
+//! mutable rows carry a stamp (HLC, origin) per column group and a write lands only if its stamp
+//! is newer (or older, for first-writer-wins facts).
+//!
+//! Boundary: knows events and kinds; nothing about SQL engines (`sqlite` is the only target
+//! module importing rusqlite).
+
+mod rows;
+pub mod sqlite;
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::event::{EventId, EventRef, Hash};
+use crate::hlc;
+use crate::kinds::{self, Body};
+use crate::log::{Filter, LogError, Reader};
+
+/// A value in a row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// Which of two stamped writes to a column group lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The newer stamp (last writer wins).
+    Newer,
+    /// The older stamp (first writer wins: a job claim).
+    Older,
+}
+
+/// Columns written together under one stamp column.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub stamp: &'static str,
+    pub rule: Rule,
+    pub cols: Vec<(&'static str, Val)>,
+}
+
+/// One row write. Table and column names are the projector's constants, never event data.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// Insert if no row has this primary key (append-only rows keyed by event id).
+    Insert {
+        table: &'static str,
+        cols: Vec<(&'static str, Val)>,
+    },
+    /// Create the row if absent; each group lands if its stamp wins under its rule.
+    Upsert {
+        table: &'static str,
+        key: Vec<(&'static str, Val)>,
+        stamp: [u8; 24],
+        groups: Vec<Group>,
+    },
+}
+
+/// What a projector knows of an event besides its payload.
+pub struct Context<'a> {
+    /// `<origin hex>:<seq>`: the key of append-only rows, equal on every node.
+    pub id: String,
+    /// HLC (big-endian) then origin: bytewise order is the total order of stamps.
+    pub stamp: [u8; 24],
+    /// The stamp's physical time, RFC 3339 UTC with milliseconds.
+    pub at: String,
+    pub actor: &'a str,
+    pub stream: &'a str,
+}
+
+impl<'a> Context<'a> {
+    pub fn of(event: &'a EventRef<'a>) -> Context<'a> {
+        let id: EventId = event.id();
+        let mut stamp = [0u8; 24];
+        stamp[..8].copy_from_slice(&event.hlc().to_be_bytes());
+        stamp[8..].copy_from_slice(&id.origin.0);
+        Context {
+            id: format!("{}:{}", id.origin, id.seq),
+            stamp,
+            at: time_text(hlc::physical_ms(event.hlc())),
+            actor: event.actor(),
+            stream: event.stream(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn time_text(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// The local tables' projector: the writes one event makes.
+pub fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
+    rows::writes(ctx, body)
+}
+
+/// Where a replay writes: a target holding the projected rows and their checkpoint.
+pub trait Target {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The last position applied and its hash (0 and zero for none).
+    fn checkpoint(&self) -> Result<(u64, Hash), Self::Error>;
+    /// Opens a transaction.
+    fn begin(&mut self) -> Result<(), Self::Error>;
+    fn write(&mut self, write: &Write) -> Result<(), Self::Error>;
+    /// Records the checkpoint (the last position examined and its hash; `applied` more events
+    /// applied) and commits it with the rows it covers.
+    fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), Self::Error>;
+}
+
+/// Which events a replay applies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Until {
+    /// Positions up to this one (inclusive).
+    pub position: Option<u64>,
+    /// Only events stamped at or before this time (ms since the epoch). Causally closed: a
+    /// happened-before predecessor always has a smaller stamp.
+    pub time_ms: Option<u64>,
+}
+
+/// Why a replay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("event at position {position}: {error}")]
+    Payload {
+        position: u64,
+        error: kinds::PayloadError,
+    },
+    #[error("projection: {0}")]
+    Target(E),
+    #[error("the projection's checkpoint (position {position}, hash {expected}) is not in this log ({found:?} there); rebuild it")]
+    Diverged {
+        position: u64,
+        expected: Hash,
+        found: Option<Hash>,
+    },
+}
+
+/// Brings `target` up to the end of the log from its checkpoint, after checking that the
+/// checkpoint names an event of this log. Returns the number of events applied.
+pub fn catch_up<T: Target>(
+    reader: &Reader,
+    target: &mut T,
+    progress: impl FnMut(u64),
+) -> Result<u64, ReplayError<T::Error>> {
+    let (position, expected) = target.checkpoint().map_err(ReplayError::Target)?;
+    if position > 0 {
+        let found = reader.get(position)?.map(|r| r.hash);
+        if found != Some(expected) {
+            return Err(ReplayError::Diverged {
+                position,
+                expected,
+                found,
+            });
+        }
+    }
+    replay(reader, target, position, Until::default(), progress)
+}
+
+/// Events per transaction of the replay.
+pub const REPLAY_BATCH_EVENTS: usize = 20_000;
+
+/// THE replay loop: applies the events after position `from` (up to `until`) to `target`, in
+/// position order, committing every [`REPLAY_BATCH_EVENTS`] with the checkpoint. Calls
+/// `progress(position)` after each commit. Returns the number of events applied.
+pub fn replay<T: Target>(
+    reader: &Reader,
+    target: &mut T,
+    from: u64,
+    until: Until,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, ReplayError<T::Error>> {
+    let last = match until.position {
+        Some(p) => p.min(reader.last_position()?),
+        None => reader.last_position()?,
+    };
+    let mut after = from;
+    let mut applied = 0;
+    let mut out = Vec::new();
+    while after < last {
+        let limit = REPLAY_BATCH_EVENTS.min((last - after) as usize);
+        let page = reader.scan(after, limit, &Filter::default())?;
+        let Some(examined) = page.last_examined else {
+            break;
+        };
+        target.begin().map_err(ReplayError::Target)?;
+        let mut tail = None;
+        let mut batch = 0;
+        for record in &page.records {
+            let event = record.event();
+            tail = Some((record.position, record.hash));
+            if until
+                .time_ms
+                .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
+            {
+                continue;
+            }
+            let body = match kinds::body(event.kind(), event.version(), event.payload()) {
+                Ok(body) => body,
+                Err(error) => {
+                    return Err(ReplayError::Payload {
+                        position: record.position,
+                        error,
+                    })
+                }
+            };
+            let ctx = Context::of(&event);
+            out.clear();
+            out.extend(writes(&ctx, &body));
+            for w in &out {
+                target.write(w).map_err(ReplayError::Target)?;
+            }
+            batch += 1;
+        }
+        let (position, hash) = tail.expect("a page that examined events holds them");
+        target
+            .commit(position, hash, batch)
+            .map_err(ReplayError::Target)?;
+        applied += batch;
+        progress(position);
+        after = examined;
+    }
+    Ok(applied)
+}

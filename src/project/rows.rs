@@ -1,0 +1,760 @@
+//! The local tables' projector, kind by kind (DDL: `projections/sqlite/schema.sql`).
+
+use serde::Serialize;
+
+use super::{Context, Group, Rule, Val, Write};
+use crate::kinds::types::{Json, JsonObject};
+use crate::kinds::Body;
+
+impl From<&str> for Val {
+    fn from(s: &str) -> Val {
+        Val::Text(s.to_owned())
+    }
+}
+impl From<String> for Val {
+    fn from(s: String) -> Val {
+        Val::Text(s)
+    }
+}
+impl From<i64> for Val {
+    fn from(v: i64) -> Val {
+        Val::Int(v)
+    }
+}
+impl From<f64> for Val {
+    fn from(v: f64) -> Val {
+        Val::Real(v)
+    }
+}
+impl<T: Into<Val>> From<Option<T>> for Val {
+    fn from(v: Option<T>) -> Val {
+        v.map_or(Val::Null, Into::into)
+    }
+}
+
+/// A value as JSON text (lists, enums).
+fn json<T: Serialize>(value: &T) -> Val {
+    Val::Text(serde_json::to_string(value).expect("payload values serialize"))
+}
+
+/// An enum's snake_case name.
+fn name<T: Serialize>(value: &T) -> Val {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => Val::Text(s),
+        _ => Val::Null,
+    }
+}
+
+fn text(s: &str) -> Val {
+    Val::Text(s.to_owned())
+}
+
+fn json_text(j: &Json) -> Val {
+    Val::Text(j.0.clone())
+}
+
+fn object_text(j: &JsonObject) -> Val {
+    Val::Text(j.0.clone())
+}
+
+/// A last-writer-wins group.
+fn newer(stamp: &'static str, cols: Vec<(&'static str, Val)>) -> Group {
+    Group {
+        stamp,
+        rule: Rule::Newer,
+        cols,
+    }
+}
+
+fn upsert(
+    ctx: &Context<'_>,
+    table: &'static str,
+    key: Vec<(&'static str, Val)>,
+    groups: Vec<Group>,
+) -> Write {
+    Write::Upsert {
+        table,
+        key,
+        stamp: ctx.stamp,
+        groups,
+    }
+}
+
+fn insert(table: &'static str, cols: Vec<(&'static str, Val)>) -> Write {
+    Write::Insert { table, cols }
+}
+
+/// Groups for the optional fields that are present.
+fn present(fields: Vec<(&'static str, &'static str, Option<Val>)>) -> Vec<Group> {
+    fields
+        .into_iter()
+        .filter_map(|(stamp, col, v)| v.map(|v| newer(stamp, vec![(col, v)])))
+        .collect()
+}
+
+pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
+    let at = || Val::Text(ctx.at.clone());
+    let id = || Val::Text(ctx.id.clone());
+    match body {
+        Body::TaskCreated(p) => {
+            let mut groups = vec![
+                newer(
+                    "created_stamp",
+                    vec![("created_at", at()), ("created_by", text(ctx.actor))],
+                ),
+                newer("title_stamp", vec![("title", text(&p.title.0))]),
+                newer("status_stamp", vec![("status", text(&p.status.0))]),
+            ];
+            groups.extend(present(vec![
+                (
+                    "description_stamp",
+                    "description",
+                    p.description.as_ref().map(|d| text(&d.0)),
+                ),
+                ("lane_stamp", "lane", p.lane.as_ref().map(|v| text(&v.0))),
+                ("track_stamp", "track", p.track.as_ref().map(|v| text(&v.0))),
+                ("tags_stamp", "tags", p.tags.as_ref().map(json)),
+            ]));
+            vec![upsert(
+                ctx,
+                "tasks",
+                vec![("id", text(&p.task_id.0))],
+                groups,
+            )]
+        }
+        Body::TaskEdited(p) => {
+            let groups = present(vec![
+                ("title_stamp", "title", p.title.as_ref().map(|v| text(&v.0))),
+                (
+                    "description_stamp",
+                    "description",
+                    p.description.as_ref().map(|d| text(&d.0)),
+                ),
+                ("track_stamp", "track", p.track.as_ref().map(|v| text(&v.0))),
+                ("tags_stamp", "tags", p.tags.as_ref().map(json)),
+            ]);
+            vec![upsert(
+                ctx,
+                "tasks",
+                vec![("id", text(&p.task_id.0))],
+                groups,
+            )]
+        }
+        Body::TaskMoved(p) => {
+            let groups = present(vec![
+                (
+                    "status_stamp",
+                    "status",
+                    p.status.as_ref().map(|v| text(&v.0)),
+                ),
+                ("lane_stamp", "lane", p.lane.as_ref().map(|v| text(&v.0))),
+            ]);
+            vec![upsert(
+                ctx,
+                "tasks",
+                vec![("id", text(&p.task_id.0))],
+                groups,
+            )]
+        }
+        Body::TaskArchived(p) => vec![upsert(
+            ctx,
+            "tasks",
+            vec![("id", text(&p.task_id.0))],
+            vec![newer(
+                "archived_stamp",
+                vec![
+                    ("archived_at", at()),
+                    (
+                        "archive_reason",
+                        p.reason.as_ref().map(|r| r.0.as_str()).into(),
+                    ),
+                ],
+            )],
+        )],
+        Body::TaskScored(p) => vec![
+            insert(
+                "score_history",
+                vec![
+                    ("id", id()),
+                    ("task_id", text(&p.task_id.0)),
+                    ("run_id", text(&p.run_id.0)),
+                    ("i", i64::from(p.i).into()),
+                    ("u", i64::from(p.u).into()),
+                    ("c", i64::from(p.c).into()),
+                    ("e", i64::from(p.e).into()),
+                    ("score", p.score.into()),
+                    ("rank", i64::from(p.rank).into()),
+                    ("lane", text(&p.lane.0)),
+                    (
+                        "reasoning",
+                        p.reasoning.as_ref().map(|r| r.0.as_str()).into(),
+                    ),
+                    (
+                        "clash_resolution",
+                        p.clash_resolution.as_ref().map(|r| r.0.as_str()).into(),
+                    ),
+                    (
+                        "sources_used",
+                        p.sources_used.as_ref().map_or(Val::Null, json),
+                    ),
+                    ("scored_at", at()),
+                ],
+            ),
+            upsert(
+                ctx,
+                "tasks",
+                vec![("id", text(&p.task_id.0))],
+                vec![newer(
+                    "score_stamp",
+                    vec![
+                        ("current_score", p.score.into()),
+                        ("current_lane", text(&p.lane.0)),
+                        ("current_rank", i64::from(p.rank).into()),
+                        ("last_scored_at", at()),
+                    ],
+                )],
+            ),
+        ],
+        Body::TaskScoreOverridden(p) => vec![insert(
+            "score_overrides",
+            vec![
+                ("id", id()),
+                ("task_id", text(&p.task_id.0)),
+                ("dimension", name(&p.dimension)),
+                ("old_value", i64::from(p.old_value).into()),
+                ("new_value", i64::from(p.new_value).into()),
+                ("reason", p.reason.as_ref().map(|r| r.0.as_str()).into()),
+                (
+                    "applied_to_run_id",
+                    p.applied_to_run_id.as_ref().map(|r| r.0.as_str()).into(),
+                ),
+                ("created_at", at()),
+            ],
+        )],
+        Body::TaskScoreLocked(p) => vec![upsert(
+            ctx,
+            "tasks",
+            vec![("id", text(&p.task_id.0))],
+            vec![newer(
+                "lock_stamp",
+                vec![
+                    ("score_locked", Val::Int(1)),
+                    ("locked_lane", text(&p.locked_lane.0)),
+                ],
+            )],
+        )],
+        Body::TaskScoreUnlocked(p) => vec![upsert(
+            ctx,
+            "tasks",
+            vec![("id", text(&p.task_id.0))],
+            vec![newer(
+                "lock_stamp",
+                vec![("score_locked", Val::Int(0)), ("locked_lane", Val::Null)],
+            )],
+        )],
+        Body::BriefAdded(p) => vec![upsert(
+            ctx,
+            "briefs",
+            vec![("id", text(&p.brief_id.0))],
+            vec![newer(
+                "added_stamp",
+                vec![
+                    ("source", text(&p.source.0)),
+                    ("body", text(&p.body.0)),
+                    ("tags", p.tags.as_ref().map_or(Val::Null, json)),
+                    ("created_at", at()),
+                ],
+            )],
+        )],
+        Body::BriefConsumed(p) => vec![upsert(
+            ctx,
+            "briefs",
+            vec![("id", text(&p.brief_id.0))],
+            vec![newer(
+                "consumed_stamp",
+                vec![
+                    ("consumed_in_run_id", text(&p.run_id.0)),
+                    ("consumed_at", at()),
+                ],
+            )],
+        )],
+        Body::TriageRunStarted(p) => vec![upsert(
+            ctx,
+            "triage_runs",
+            vec![("id", text(&p.run_id.0))],
+            vec![newer(
+                "start_stamp",
+                vec![
+                    ("started_at", at()),
+                    ("model", p.model.as_ref().map(|v| v.0.as_str()).into()),
+                    ("trigger", p.trigger.as_ref().map(|v| v.0.as_str()).into()),
+                    ("host", p.host.as_ref().map(|v| v.0.as_str()).into()),
+                ],
+            )],
+        )],
+        Body::TriageRunCompleted(p) => vec![upsert(
+            ctx,
+            "triage_runs",
+            vec![("id", text(&p.run_id.0))],
+            vec![newer(
+                "end_stamp",
+                vec![
+                    ("completed_at", at()),
+                    ("end_status", text("completed")),
+                    ("end_model", text(&p.model.0)),
+                    ("tokens_in", (p.tokens_in as i64).into()),
+                    ("tokens_out", (p.tokens_out as i64).into()),
+                    ("tasks_scored", i64::from(p.tasks_scored).into()),
+                    ("summaries", p.summaries.as_ref().map_or(Val::Null, json)),
+                    ("error", Val::Null),
+                ],
+            )],
+        )],
+        Body::TriageRunFailed(p) => vec![upsert(
+            ctx,
+            "triage_runs",
+            vec![("id", text(&p.run_id.0))],
+            vec![newer(
+                "end_stamp",
+                vec![
+                    ("completed_at", at()),
+                    ("end_status", text("failed")),
+                    ("error", text(&p.error.0)),
+                ],
+            )],
+        )],
+        Body::WorkflowMirrored(p) => vec![upsert(
+            ctx,
+            "loom_workflow_defs",
+            vec![("workflow_id", text(&p.workflow_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("name", text(&p.name.0)),
+                    ("host", text(&p.host.0)),
+                    (
+                        "source_path",
+                        p.source_path.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                    ("schedule", p.schedule.as_ref().map(|v| v.0.as_str()).into()),
+                    ("steps", json(&p.steps)),
+                    ("mirrored_at", at()),
+                ],
+            )],
+        )],
+        Body::WorkflowRegistered(p) => vec![upsert(
+            ctx,
+            "loom_workflows",
+            vec![
+                ("workflow_id", text(&p.workflow_id.0)),
+                ("host", text(&p.host.0)),
+            ],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("schedule", p.schedule.as_ref().map(|v| v.0.as_str()).into()),
+                    ("registered", Val::Int(1)),
+                    ("reason", Val::Null),
+                    ("changed_at", at()),
+                ],
+            )],
+        )],
+        Body::WorkflowUnregistered(p) => vec![upsert(
+            ctx,
+            "loom_workflows",
+            vec![
+                ("workflow_id", text(&p.workflow_id.0)),
+                ("host", text(&p.host.0)),
+            ],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("registered", Val::Int(0)),
+                    ("reason", p.reason.as_ref().map(|v| v.0.as_str()).into()),
+                    ("changed_at", at()),
+                ],
+            )],
+        )],
+        Body::RunStarted(p) => vec![upsert(
+            ctx,
+            "loom_runs",
+            vec![("run_id", text(&p.run_id.0))],
+            vec![newer(
+                "start_stamp",
+                vec![
+                    ("workflow_id", text(&p.workflow_id.0)),
+                    ("trigger", text(&p.trigger.0)),
+                    ("host", text(&p.host.0)),
+                    ("started_at", at()),
+                    ("source", text("loom")),
+                ],
+            )],
+        )],
+        Body::RunFinished(p) => vec![upsert(
+            ctx,
+            "loom_runs",
+            vec![("run_id", text(&p.run_id.0))],
+            vec![newer(
+                "end_stamp",
+                vec![
+                    ("end_status", name(&p.status)),
+                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("finished_at", at()),
+                ],
+            )],
+        )],
+        Body::StepStarted(p) => vec![upsert(
+            ctx,
+            "loom_step_runs",
+            vec![
+                ("run_id", text(&p.run_id.0)),
+                ("step_id", text(&p.step_id.0)),
+            ],
+            vec![newer("start_stamp", vec![("started_at", at())])],
+        )],
+        Body::StepFinished(p) => vec![upsert(
+            ctx,
+            "loom_step_runs",
+            vec![
+                ("run_id", text(&p.run_id.0)),
+                ("step_id", text(&p.step_id.0)),
+            ],
+            vec![newer(
+                "end_stamp",
+                vec![
+                    ("end_status", name(&p.status)),
+                    ("exit_code", p.exit_code.map(i64::from).into()),
+                    (
+                        "output_tail",
+                        p.output_tail.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                    ("result", p.result.as_ref().map_or(Val::Null, json_text)),
+                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("finished_at", at()),
+                ],
+            )],
+        )],
+        Body::StepAcked(p) => vec![upsert(
+            ctx,
+            "loom_step_runs",
+            vec![
+                ("run_id", text(&p.run_id.0)),
+                ("step_id", text(&p.step_id.0)),
+            ],
+            vec![newer(
+                "ack_stamp",
+                vec![
+                    ("ack_at", at()),
+                    ("ack_note", p.note.as_ref().map(|v| v.0.as_str()).into()),
+                ],
+            )],
+        )],
+        Body::JobEnqueued(p) => vec![upsert(
+            ctx,
+            "loom_job_queue",
+            vec![("job_id", text(&p.job_id.0))],
+            vec![newer(
+                "enqueue_stamp",
+                vec![
+                    ("workflow_id", text(&p.workflow_id.0)),
+                    ("target_host", text(&p.target_host.0)),
+                    ("input", p.input.as_ref().map_or(Val::Null, json_text)),
+                    ("enqueued_at", at()),
+                ],
+            )],
+        )],
+        Body::JobClaimed(p) => vec![upsert(
+            ctx,
+            "loom_job_queue",
+            vec![("job_id", text(&p.job_id.0))],
+            vec![Group {
+                stamp: "claim_stamp",
+                rule: Rule::Older,
+                cols: vec![("claimed_by", text(&p.host.0)), ("claimed_at", at())],
+            }],
+        )],
+        Body::JobCompleted(p) => vec![upsert(
+            ctx,
+            "loom_job_queue",
+            vec![("job_id", text(&p.job_id.0))],
+            vec![newer(
+                "end_stamp",
+                vec![
+                    ("end_status", name(&p.status)),
+                    ("run_id", p.run_id.as_ref().map(|v| v.0.as_str()).into()),
+                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("completed_at", at()),
+                ],
+            )],
+        )],
+        Body::CronRunMirrored(p) => vec![upsert(
+            ctx,
+            "loom_runs",
+            vec![("run_id", text(&p.session_id.0))],
+            vec![
+                newer(
+                    "start_stamp",
+                    vec![
+                        ("workflow_id", text("openclaw-cron-mirror")),
+                        ("trigger", text(&p.job_name.0)),
+                        ("host", text(&p.host.0)),
+                        ("started_at", Val::Text(super::time_text(p.started_at_ms))),
+                        ("source", text("openclaw-cron")),
+                    ],
+                ),
+                newer(
+                    "end_stamp",
+                    vec![
+                        ("end_status", name(&p.status)),
+                        ("finished_at", p.finished_at_ms.map(super::time_text).into()),
+                        ("summary", p.summary.as_ref().map(|v| v.0.as_str()).into()),
+                    ],
+                ),
+            ],
+        )],
+        Body::NodeHeartbeat(p) => vec![upsert(
+            ctx,
+            "openclaw_instances",
+            vec![("host", text(&p.host.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("role", text(&p.role.0)),
+                    ("capabilities", json(&p.capabilities)),
+                    ("version", p.version.as_ref().map(|v| v.0.as_str()).into()),
+                    ("last_heartbeat_at", at()),
+                ],
+            )],
+        )],
+        Body::BotHeartbeat(p) => vec![upsert(
+            ctx,
+            "bot_heartbeats",
+            vec![("bot_id", text(&p.bot_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("host", text(&p.host.0)),
+                    ("status", p.status.as_ref().map(|v| v.0.as_str()).into()),
+                    ("last_seen_at", at()),
+                ],
+            )],
+        )],
+        Body::BotClaimed(p) => vec![upsert(
+            ctx,
+            "bot_claims",
+            vec![("resource", text(&p.resource.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("bot_id", text(&p.bot_id.0)),
+                    ("ttl_ms", (p.ttl_ms as i64).into()),
+                    ("claimed_at", at()),
+                    ("released_at", Val::Null),
+                ],
+            )],
+        )],
+        Body::BotReleased(p) => vec![upsert(
+            ctx,
+            "bot_claims",
+            vec![("resource", text(&p.resource.0))],
+            vec![newer(
+                "stamp",
+                vec![("bot_id", text(&p.bot_id.0)), ("released_at", at())],
+            )],
+        )],
+        Body::Logged(p) => vec![insert(
+            "activity_log",
+            vec![
+                ("id", id()),
+                ("stream", text(ctx.stream)),
+                ("actor", text(ctx.actor)),
+                ("message", text(&p.message.0)),
+                ("source", p.source.as_ref().map(|v| v.0.as_str()).into()),
+                ("meta", p.meta.as_ref().map_or(Val::Null, object_text)),
+                ("created_at", at()),
+            ],
+        )],
+        Body::InstallInitialised(p) => vec![upsert(
+            ctx,
+            "vault_install",
+            vec![("install_id", text(&p.install_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("kdf", name(&p.kdf)),
+                    ("salt", text(&p.salt.0)),
+                    ("memory_kib", i64::from(p.memory_kib).into()),
+                    ("iterations", i64::from(p.iterations).into()),
+                    ("parallelism", i64::from(p.parallelism).into()),
+                    ("created_at", at()),
+                ],
+            )],
+        )],
+        Body::RecipientAdded(p) => vec![upsert(
+            ctx,
+            "vault_recipients",
+            vec![("recipient_id", text(&p.recipient_id.0))],
+            vec![newer(
+                "add_stamp",
+                vec![
+                    ("device_id", text(&p.device_id.0)),
+                    ("label", text(&p.label.0)),
+                    ("public_key", text(&p.public_key.0)),
+                    ("fingerprint", text(&p.fingerprint.0)),
+                    ("added_at", at()),
+                ],
+            )],
+        )],
+        Body::RecipientRemoved(p) => vec![upsert(
+            ctx,
+            "vault_recipients",
+            vec![("recipient_id", text(&p.recipient_id.0))],
+            vec![newer(
+                "remove_stamp",
+                vec![
+                    ("removed_at", at()),
+                    (
+                        "remove_reason",
+                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                ],
+            )],
+        )],
+        Body::EntryWritten(p) => vec![upsert(
+            ctx,
+            "vault_entries",
+            vec![("entry_id", text(&p.entry_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("ciphertext", text(&p.ciphertext.0)),
+                    ("recipients", json(&p.recipients)),
+                    ("updated_at", at()),
+                    ("rewrap_reason", Val::Null),
+                ],
+            )],
+        )],
+        Body::EntryRewrapped(p) => vec![upsert(
+            ctx,
+            "vault_entries",
+            vec![("entry_id", text(&p.entry_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("ciphertext", text(&p.ciphertext.0)),
+                    ("recipients", json(&p.recipients)),
+                    ("updated_at", at()),
+                    (
+                        "rewrap_reason",
+                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                ],
+            )],
+        )],
+        Body::EntryUnlocked(p) => vec![insert(
+            "vault_access_log",
+            vec![
+                ("id", id()),
+                ("entry_id", text(&p.entry_id.0)),
+                ("device_id", text(&p.device_id.0)),
+                ("recipient", text(&p.recipient.0)),
+                ("purpose", p.purpose.as_ref().map(|v| v.0.as_str()).into()),
+                ("unlocked_at", at()),
+            ],
+        )],
+        Body::PairingRequested(p) => vec![upsert(
+            ctx,
+            "pairing_tokens",
+            vec![("pairing_id", text(&p.pairing_id.0))],
+            vec![newer(
+                "request_stamp",
+                vec![
+                    ("code_hash", text(&p.code_hash.0)),
+                    ("user_id", text(&p.user_id.0)),
+                    ("device_id", text(&p.device_id.0)),
+                    (
+                        "account_id",
+                        p.account_id.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                    ("expires_at", Val::Text(super::time_text(p.expires_at_ms))),
+                    ("requested_at", at()),
+                ],
+            )],
+        )],
+        Body::PairingCompleted(p) => vec![pairing_end(ctx, &p.pairing_id.0, "completed", None)],
+        Body::PairingExpired(p) => vec![pairing_end(ctx, &p.pairing_id.0, "expired", None)],
+        Body::PairingCancelled(p) => vec![pairing_end(
+            ctx,
+            &p.pairing_id.0,
+            "cancelled",
+            p.reason.as_ref().map(|r| r.0.as_str()),
+        )],
+        Body::PairingAttemptFailed(p) => vec![insert(
+            "pairing_attempts",
+            vec![
+                ("id", id()),
+                (
+                    "pairing_id",
+                    p.pairing_id.as_ref().map(|v| v.0.as_str()).into(),
+                ),
+                ("device_id", text(&p.device_id.0)),
+                ("failure", name(&p.failure)),
+                ("attempted_at", at()),
+            ],
+        )],
+        Body::DevicePaired(p) => vec![upsert(
+            ctx,
+            "devices",
+            vec![("device_id", text(&p.device_id.0))],
+            vec![newer(
+                "pair_stamp",
+                vec![
+                    ("label", text(&p.label.0)),
+                    ("capabilities", json(&p.capabilities)),
+                    ("signing_public_key", text(&p.signing_public_key.0)),
+                    (
+                        "pairing_id",
+                        p.pairing_id.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                    ("paired_at", at()),
+                ],
+            )],
+        )],
+        Body::DeviceRevoked(p) => vec![upsert(
+            ctx,
+            "devices",
+            vec![("device_id", text(&p.device_id.0))],
+            vec![newer(
+                "revoke_stamp",
+                vec![
+                    ("revoked_at", at()),
+                    (
+                        "revoke_reason",
+                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
+                    ),
+                ],
+            )],
+        )],
+        // OpenClaw's own stores are not among the local tables; Postgres projects them.
+        Body::AuthProfileUpserted(_)
+        | Body::SessionCreated(_)
+        | Body::SessionUpdated(_)
+        | Body::ConfigValueSet(_) => Vec::new(),
+    }
+}
+
+fn pairing_end(ctx: &Context<'_>, pairing_id: &str, status: &str, reason: Option<&str>) -> Write {
+    upsert(
+        ctx,
+        "pairing_tokens",
+        vec![("pairing_id", text(pairing_id))],
+        vec![newer(
+            "end_stamp",
+            vec![
+                ("end_status", text(status)),
+                ("ended_at", Val::Text(ctx.at.clone())),
+                ("end_reason", reason.into()),
+            ],
+        )],
+    )
+}

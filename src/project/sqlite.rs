@@ -1,0 +1,321 @@
+//! The SQLite target: the local tables (`projections/sqlite/schema.sql`) in one file, with the
+//! checkpoint written in the same transaction as the rows it covers.
+//!
+//! Boundary: the only module that imports rusqlite. Table and column names come from the
+//! projector's constants; every value is a bound parameter.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, ToSql};
+
+use super::{Rule, Target, Val, Write};
+use crate::event::Hash;
+
+/// The DDL, shipped as a file so it can be read and diffed.
+pub const SCHEMA: &str = include_str!("../../projections/sqlite/schema.sql");
+/// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
+pub const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{path}: projection schema version {found}, this build writes {SCHEMA_VERSION}; rebuild it (`spool rebuild sqlite`)")]
+    OtherSchema { path: String, found: i64 },
+}
+
+/// An open projection file.
+pub struct Sqlite {
+    conn: Connection,
+    sql: String,
+}
+
+/// How durable the file's commits are. A rebuild into a new file needs none until it is
+/// complete (it is synced and renamed into place); a live projection keeps WAL's guarantees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Live,
+    Rebuild,
+}
+
+impl Sqlite {
+    /// Opens the projection at `path`, creating it (schema and an empty checkpoint) if absent.
+    pub fn open(path: &Path, durability: Durability) -> Result<Sqlite, SqliteError> {
+        let conn = Connection::open(path)?;
+        match durability {
+            Durability::Live => {
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+            }
+            Durability::Rebuild => {
+                conn.pragma_update(None, "journal_mode", "OFF")?;
+                conn.pragma_update(None, "synchronous", "OFF")?;
+            }
+        }
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == 0 {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            tx.execute(
+                "INSERT INTO spool_checkpoint (id, position, hash, events) VALUES (1, 0, ?1, 0)",
+                [Hash::ZERO.0.as_slice()],
+            )?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+        } else if version != SCHEMA_VERSION {
+            return Err(SqliteError::OtherSchema {
+                path: path.display().to_string(),
+                found: version,
+            });
+        }
+        Ok(Sqlite {
+            conn,
+            sql: String::new(),
+        })
+    }
+
+    /// Opens an existing projection read-only (for queries and digests).
+    pub fn open_read_only(path: &Path) -> Result<Sqlite, SqliteError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            return Err(SqliteError::OtherSchema {
+                path: path.display().to_string(),
+                found: version,
+            });
+        }
+        Ok(Sqlite {
+            conn,
+            sql: String::new(),
+        })
+    }
+
+    /// The last position applied, its hash, and how many events were applied.
+    pub fn checkpoint(&self) -> Result<(u64, Hash, u64), SqliteError> {
+        Ok(self.conn.query_row(
+            "SELECT position, hash, events FROM spool_checkpoint WHERE id = 1",
+            [],
+            |r| {
+                let hash: Vec<u8> = r.get(1)?;
+                let hash = Hash(hash.try_into().unwrap_or([0; 32]));
+                Ok((r.get::<_, i64>(0)? as u64, hash, r.get::<_, i64>(2)? as u64))
+            },
+        )?)
+    }
+
+    /// The projected tables, by name (the checkpoint excluded).
+    pub fn tables(&self) -> Result<Vec<String>, SqliteError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+             AND name != 'spool_checkpoint' ORDER BY name",
+        )?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        Ok(names.collect::<Result<_, _>>()?)
+    }
+
+    /// A canonical hash of every projected row: tables by name, rows by primary key, each value
+    /// with its type. Equal on every node holding equal events. Also the row count per table.
+    pub fn digest(&self) -> Result<(Hash, Vec<(String, u64)>), SqliteError> {
+        let mut hasher = blake3::Hasher::new();
+        let mut counts = Vec::new();
+        for table in self.tables()? {
+            let key = self.primary_key(&table)?;
+            // Names come from the schema, not from data.
+            let sql = format!("SELECT * FROM \"{table}\" ORDER BY {}", key.join(", "));
+            let mut stmt = self.conn.prepare(&sql)?;
+            let columns = stmt.column_count();
+            hasher.update(&(table.len() as u64).to_le_bytes());
+            hasher.update(table.as_bytes());
+            let mut rows = stmt.query([])?;
+            let mut n = 0u64;
+            while let Some(row) = rows.next()? {
+                for i in 0..columns {
+                    hash_value(&mut hasher, row.get_ref(i)?);
+                }
+                n += 1;
+            }
+            hasher.update(&n.to_le_bytes());
+            counts.push((table, n));
+        }
+        Ok((Hash(*hasher.finalize().as_bytes()), counts))
+    }
+
+    fn primary_key(&self, table: &str) -> Result<Vec<String>, SqliteError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, pk FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk")?;
+        let cols = stmt.query_map([table], |r| r.get::<_, String>(0))?;
+        let mut out: Vec<String> = cols
+            .map(|c| c.map(|c| format!("\"{c}\"")))
+            .collect::<Result<_, _>>()?;
+        if out.is_empty() {
+            out.push("rowid".into());
+        }
+        Ok(out)
+    }
+
+    /// Runs one read-only statement; calls `row` with the column names and each row's values.
+    pub fn query(
+        &self,
+        sql: &str,
+        mut row: impl FnMut(&[String], Vec<serde_json::Value>),
+    ) -> Result<(), SqliteError> {
+        let mut stmt = self.conn.prepare(sql)?;
+        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let values = (0..names.len())
+                .map(|i| r.get_ref(i).map(json_value))
+                .collect::<Result<Vec<_>, _>>()?;
+            row(&names, values);
+        }
+        Ok(())
+    }
+
+    /// Makes the file durable (after a rebuild).
+    pub fn sync(self) -> Result<(), SqliteError> {
+        self.conn.close().map_err(|(_, e)| SqliteError::Sql(e))?;
+        Ok(())
+    }
+}
+
+fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => {
+            hasher.update(&[0]);
+        }
+        ValueRef::Integer(i) => {
+            hasher.update(&[1]);
+            hasher.update(&i.to_le_bytes());
+        }
+        ValueRef::Real(f) => {
+            hasher.update(&[2]);
+            hasher.update(&f.to_bits().to_le_bytes());
+        }
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            hasher.update(&[if matches!(value, ValueRef::Text(_)) {
+                3
+            } else {
+                4
+            }]);
+            hasher.update(&(t.len() as u64).to_le_bytes());
+            hasher.update(t);
+        }
+    }
+}
+
+fn json_value(value: ValueRef<'_>) -> serde_json::Value {
+    match value {
+        ValueRef::Null => serde_json::Value::Null,
+        ValueRef::Integer(i) => i.into(),
+        ValueRef::Real(f) => f.into(),
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+        ValueRef::Blob(b) => hex::encode(b).into(),
+    }
+}
+
+impl ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Val::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Val::Int(i) => ToSqlOutput::Borrowed(ValueRef::Integer(*i)),
+            Val::Real(f) => ToSqlOutput::Borrowed(ValueRef::Real(*f)),
+            Val::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Val::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+impl Target for Sqlite {
+    type Error = SqliteError;
+
+    fn checkpoint(&self) -> Result<(u64, Hash), SqliteError> {
+        let (position, hash, _) = Sqlite::checkpoint(self)?;
+        Ok((position, hash))
+    }
+
+    fn begin(&mut self) -> Result<(), SqliteError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    fn write(&mut self, write: &Write) -> Result<(), SqliteError> {
+        self.sql.clear();
+        let sql = &mut self.sql;
+        let mut params: Vec<&dyn ToSql> = Vec::new();
+        match write {
+            Write::Insert { table, cols } => {
+                let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+                let _ = write!(
+                    sql,
+                    "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+                    names.join(", "),
+                    vec!["?"; names.len()].join(", ")
+                );
+                params.extend(cols.iter().map(|c| &c.1 as &dyn ToSql));
+            }
+            Write::Upsert {
+                table,
+                key,
+                stamp,
+                groups,
+            } => {
+                let mut names: Vec<&str> = key.iter().map(|c| c.0).collect();
+                params.extend(key.iter().map(|c| &c.1 as &dyn ToSql));
+                for g in groups {
+                    for (col, value) in &g.cols {
+                        names.push(col);
+                        params.push(value);
+                    }
+                    names.push(g.stamp);
+                    params.push(stamp);
+                }
+                let keys: Vec<&str> = key.iter().map(|c| c.0).collect();
+                let _ = write!(
+                    sql,
+                    "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO ",
+                    names.join(", "),
+                    vec!["?"; names.len()].join(", "),
+                    keys.join(", ")
+                );
+                let mut sets = Vec::new();
+                for g in groups {
+                    let s = g.stamp;
+                    let op = match g.rule {
+                        Rule::Newer => ">",
+                        Rule::Older => "<",
+                    };
+                    let wins = format!("({table}.{s} IS NULL OR excluded.{s} {op} {table}.{s})");
+                    for col in g.cols.iter().map(|c| c.0).chain([s]) {
+                        sets.push(format!(
+                            "{col} = CASE WHEN {wins} THEN excluded.{col} ELSE {table}.{col} END"
+                        ));
+                    }
+                }
+                if sets.is_empty() {
+                    sql.push_str("NOTHING");
+                } else {
+                    let _ = write!(sql, "UPDATE SET {}", sets.join(", "));
+                }
+            }
+        }
+        self.conn
+            .prepare_cached(&self.sql)?
+            .execute(params.as_slice())?;
+        Ok(())
+    }
+
+    fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), SqliteError> {
+        self.conn.execute(
+            "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3 WHERE id = 1",
+            rusqlite::params![position as i64, hash.0.as_slice(), applied as i64],
+        )?;
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+}
