@@ -159,6 +159,27 @@ impl Sqlite {
         Ok(out)
     }
 
+    /// Every row of `table` in primary-key order, as JSON objects (for tests and tools).
+    pub fn rows(
+        &self,
+        table: &str,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, SqliteError> {
+        if !self.tables()?.iter().any(|t| t == table) {
+            return Err(SqliteError::Sql(rusqlite::Error::InvalidParameterName(
+                table.to_owned(),
+            )));
+        }
+        let key = self.primary_key(table)?;
+        let mut out = Vec::new();
+        self.query(
+            &format!("SELECT * FROM \"{table}\" ORDER BY {}", key.join(", ")),
+            |names, values| {
+                out.push(names.iter().cloned().zip(values).collect());
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Runs one read-only statement; calls `row` with the column names and each row's values.
     pub fn query(
         &self,

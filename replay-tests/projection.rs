@@ -1,0 +1,372 @@
+//! The SQLite projection: golden cases (events in, normalised tables out) through one `check`,
+//! and the convergence property (any causal order of the same events, the same digest).
+//!
+//! A case is `replay-tests/cases/<name>.jsonl`: one event per line, `{"origin": "a", "at_ms":
+//! ..., "deps": {"b": 2}, "kind", "stream", "actor", "data"}` (seqs and chain links are filled
+//! in). Its expected tables are `<name>.tables.json`, rewritten only by `SPOOL_BLESS=1`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use spool::event::{self, Dep, Event, Hash, Origin};
+use spool::kinds;
+use spool::log::{Log, LogOptions, Shipped};
+use spool::project::sqlite::{Durability, Sqlite};
+use spool::project::{self, Until};
+
+/// One event of a case, before its chain is known.
+struct Spec {
+    origin: char,
+    at_ms: u64,
+    deps: BTreeMap<char, u64>,
+    kind: String,
+    stream: String,
+    actor: String,
+    data: Value,
+}
+
+fn origin(label: char) -> Origin {
+    Origin([label as u8; 16])
+}
+
+/// Chains the specs per origin into shipped events, in the given order.
+fn build(specs: &[Spec]) -> Vec<Shipped> {
+    let mut heads: BTreeMap<char, (u64, Hash)> = BTreeMap::new();
+    specs
+        .iter()
+        .map(|s| {
+            let (seq, prev) = heads.get(&s.origin).copied().unwrap_or((0, Hash::ZERO));
+            let kind = kinds::lookup(&s.kind).unwrap_or_else(|| panic!("kind {}", s.kind));
+            let payload = kind
+                .encode(&s.data)
+                .unwrap_or_else(|e| panic!("{}: {e}", s.kind));
+            let event = Event {
+                origin: origin(s.origin),
+                seq: seq + 1,
+                hlc: s.at_ms << 16,
+                prev,
+                deps: s
+                    .deps
+                    .iter()
+                    .map(|(o, seq)| Dep {
+                        origin: origin(*o),
+                        seq: *seq,
+                    })
+                    .collect(),
+                stream: s.stream.clone(),
+                actor: s.actor.clone(),
+                kind: s.kind.clone(),
+                version: kind.version,
+                correlation: None,
+                causation: None,
+                key: None,
+                payload,
+            };
+            let bytes = event::encode(&event);
+            let hash = Hash::of(&bytes);
+            heads.insert(s.origin, (seq + 1, hash));
+            Shipped::verify(hash, bytes).unwrap()
+        })
+        .collect()
+}
+
+fn read_case(path: &Path) -> Vec<Spec> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let label = |v: &Value| v.as_str().unwrap().chars().next().unwrap();
+            Spec {
+                origin: label(&v["origin"]),
+                at_ms: v["at_ms"].as_u64().unwrap(),
+                deps: v["deps"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, s)| (k.chars().next().unwrap(), s.as_u64().unwrap()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                kind: v["kind"].as_str().unwrap().to_owned(),
+                stream: v["stream"].as_str().unwrap().to_owned(),
+                actor: v["actor"].as_str().unwrap().to_owned(),
+                data: v["data"].clone(),
+            }
+        })
+        .collect()
+}
+
+/// Ingests the events (in this order; the log applies them causally) into a fresh node and
+/// rebuilds its projection. Returns the projection, kept alive with its directory.
+fn project(events: Vec<Shipped>) -> (tempfile::TempDir, Sqlite) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        Origin([0xee; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
+    let report = log.ingest(events).unwrap();
+    assert!(report.refused.is_none(), "{report:?}");
+    assert_eq!(
+        report.waiting, 0,
+        "every event's dependencies are in the case"
+    );
+    let path = dir.path().join("projection.sqlite");
+    let mut target = Sqlite::open(&path, Durability::Rebuild).unwrap();
+    project::replay(
+        &log.read().unwrap(),
+        &mut target,
+        0,
+        Until::default(),
+        |_| {},
+    )
+    .unwrap();
+    (dir, target)
+}
+
+/// The non-empty tables, rows in key order, without stamp columns (binary ordering keys; the
+/// digest covers them).
+fn normalised(db: &Sqlite) -> Value {
+    let mut out = serde_json::Map::new();
+    for table in db.tables().unwrap() {
+        let rows: Vec<Value> = db
+            .rows(&table)
+            .unwrap()
+            .into_iter()
+            .map(|mut row| {
+                row.retain(|col, _| !(col == "stamp" || col.ends_with("_stamp")));
+                Value::Object(row)
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.insert(table, Value::Array(rows));
+        }
+    }
+    Value::Object(out)
+}
+
+fn cases_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("replay-tests/cases")
+}
+
+/// Runs one golden case: the tables after its events, in file order and in shuffled orders
+/// (the log applies each causally), must be the expected ones.
+fn check(name: &str) -> Value {
+    let specs = read_case(&cases_dir().join(format!("{name}.jsonl")));
+    let events = build(&specs);
+    let (_dir, db) = project(events.clone());
+    let tables = normalised(&db);
+    let digest = db.digest().unwrap().0;
+    let mut rng = StdRng::seed_from_u64(7);
+    for _ in 0..3 {
+        let mut shuffled = events.clone();
+        shuffled.shuffle(&mut rng);
+        let (_d, other) = project(shuffled);
+        assert_eq!(normalised(&other), tables, "{name}: another causal order");
+        assert_eq!(other.digest().unwrap().0, digest, "{name}: digest");
+    }
+    let expected_path = cases_dir().join(format!("{name}.tables.json"));
+    if std::env::var("SPOOL_BLESS").is_ok_and(|v| v == "1") {
+        let text = serde_json::to_string_pretty(&tables).unwrap() + "\n";
+        std::fs::write(&expected_path, text).unwrap();
+    }
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(&expected_path).unwrap_or_else(|e| {
+            panic!("{}: {e} (SPOOL_BLESS=1 writes it)", expected_path.display())
+        }),
+    )
+    .unwrap();
+    assert_eq!(
+        tables,
+        expected,
+        "{name}: tables differ from {}",
+        expected_path.display()
+    );
+    tables
+}
+
+#[test]
+fn golden_cases_cover_every_table() {
+    let mut covered = std::collections::BTreeSet::new();
+    for name in ["board", "loom", "fleet", "vault", "concurrent"] {
+        let tables = check(name);
+        covered.extend(tables.as_object().unwrap().keys().cloned());
+    }
+    let (_d, empty) = project(Vec::new());
+    for table in empty.tables().unwrap() {
+        assert!(covered.contains(&table), "no golden case fills {table}");
+    }
+}
+
+#[test]
+fn concurrent_writes_resolve_by_stamp_and_claims_by_the_first() {
+    let tables = check("concurrent");
+    let task = &tables["tasks"][0];
+    assert_eq!(task["title"], "Title from c, later", "the newer stamp wins");
+    assert_eq!(task["lane"], "now");
+    assert_eq!(task["tags"], json!("[\"c\"]"));
+    assert_eq!(
+        tables["loom_job_queue"][0]["claimed_by"], "c-host",
+        "the first claim wins"
+    );
+}
+
+#[test]
+fn as_of_a_position_or_a_time_gives_the_state_then() {
+    let specs = read_case(&cases_dir().join("board.jsonl"));
+    let events = build(&specs);
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        Origin([0xee; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
+    log.ingest(events).unwrap();
+    let reader = log.read().unwrap();
+    let as_of = |until: Until| {
+        let path = dir
+            .path()
+            .join(format!("p{}.sqlite", rand::random::<u32>()));
+        let mut db = Sqlite::open(&path, Durability::Rebuild).unwrap();
+        project::replay(&reader, &mut db, 0, until, |_| {}).unwrap();
+        db
+    };
+    // After event 6 (t1 scored), before the triage run completed.
+    let db = as_of(Until {
+        position: Some(6),
+        time_ms: None,
+    });
+    let runs = db.rows("triage_runs").unwrap();
+    assert_eq!(runs[0]["status"], "running");
+    assert_eq!(db.rows("score_history").unwrap().len(), 1);
+    // The same moment by time: everything stamped up to 1763625605000 ms.
+    let by_time = as_of(Until {
+        position: None,
+        time_ms: Some(1_763_625_605_000),
+    });
+    assert_eq!(by_time.digest().unwrap().0, db.digest().unwrap().0);
+    assert_eq!(by_time.checkpoint().unwrap().2, 6);
+}
+
+const LANES: [&str; 3] = ["now", "next", "later"];
+
+/// Random events of three origins over shared tasks, runs and jobs, each depending on what its
+/// origin had seen.
+fn random_specs(rng: &mut StdRng, n: usize) -> Vec<Spec> {
+    let labels = ['a', 'b', 'c'];
+    let mut seen: BTreeMap<char, BTreeMap<char, (u64, u64)>> = BTreeMap::new();
+    let mut count: BTreeMap<char, (u64, u64)> = BTreeMap::new();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let o = labels[rng.random_range(0..3)];
+        let task = format!("t{}", rng.random_range(0..4));
+        let run = format!("r{}", rng.random_range(0..3));
+        let job = format!("j{}", rng.random_range(0..3));
+        let (kind, stream, data) = match rng.random_range(0..10) {
+            0 => (
+                "task.created",
+                format!("task/{task}"),
+                json!({"task_id": task, "title": format!("T {i}"), "status": "todo"}),
+            ),
+            1 => (
+                "task.edited",
+                format!("task/{task}"),
+                json!({"task_id": task, "title": format!("edit {i}")}),
+            ),
+            2 => (
+                "task.moved",
+                format!("task/{task}"),
+                json!({"task_id": task, "lane": LANES[i % 3]}),
+            ),
+            3 => (
+                "task.scored",
+                format!("task/{task}"),
+                json!({"task_id": task, "run_id": run, "i": i % 11, "u": 3, "c": 4, "e": 5, "score": (i as f64) / 4.0, "rank": 1 + i % 7, "lane": "now"}),
+            ),
+            4 => (
+                "task.score_locked",
+                format!("task/{task}"),
+                json!({"task_id": task, "locked_lane": "later"}),
+            ),
+            5 => (
+                "task.score_unlocked",
+                format!("task/{task}"),
+                json!({"task_id": task}),
+            ),
+            6 => (
+                "loom.job_claimed",
+                format!("job/{job}"),
+                json!({"job_id": job, "host": format!("h{o}")}),
+            ),
+            7 => (
+                "loom.step_finished",
+                format!("run/{run}"),
+                json!({"run_id": run, "step_id": "s", "status": "succeeded", "exit_code": i % 3}),
+            ),
+            8 => (
+                "fleet.heartbeat_recorded",
+                "node/x".to_owned(),
+                json!({"host": "x", "role": format!("r{i}"), "capabilities": []}),
+            ),
+            _ => (
+                "activity.logged",
+                "board".to_owned(),
+                json!({"message": format!("m{i}")}),
+            ),
+        };
+        // What this origin knows: a random part of the others' events so far.
+        let mut deps = BTreeMap::new();
+        let mut at = count.get(&o).map_or(1_763_625_600_000, |c| c.1);
+        for other in labels.iter().filter(|l| **l != o) {
+            if let Some(&(seq, at_other)) = count.get(other) {
+                if rng.random_bool(0.5) {
+                    let known = seen.entry(o).or_default().entry(*other).or_insert((0, 0));
+                    let upto = rng.random_range(known.0..=seq);
+                    if upto > 0 {
+                        *known = (upto, at_other);
+                        deps.insert(*other, upto);
+                        at = at.max(at_other);
+                    }
+                }
+            }
+        }
+        // Stamps move past everything known (the HLC rule), plus some concurrency skew.
+        let at = at + rng.random_range(1..500);
+        let c = count.entry(o).or_insert((0, 0));
+        *c = (c.0 + 1, at);
+        out.push(Spec {
+            origin: o,
+            at_ms: at,
+            deps,
+            kind: kind.to_owned(),
+            stream,
+            actor: "test".into(),
+            data,
+        });
+    }
+    out
+}
+
+#[test]
+fn any_causal_order_of_the_same_events_gives_the_same_digest() {
+    for seed in 0..12 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let specs = random_specs(&mut rng, 150);
+        let events = build(&specs);
+        let (_d, first) = project(events.clone());
+        let digest = first.digest().unwrap().0;
+        for _ in 0..4 {
+            let mut order = events.clone();
+            order.shuffle(&mut rng);
+            let (_d, db) = project(order);
+            assert_eq!(db.digest().unwrap().0, digest, "seed {seed}");
+        }
+    }
+}
