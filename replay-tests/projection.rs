@@ -370,3 +370,43 @@ fn any_causal_order_of_the_same_events_gives_the_same_digest() {
         }
     }
 }
+
+/// A group must always write the same columns: otherwise which columns survive would depend on
+/// which write arrived last, not on the stamps.
+#[test]
+fn every_write_to_a_column_group_sets_the_same_columns() {
+    use spool::project::{writes, Context, Write};
+    let mut seen: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for spec in kinds::CATALOGUE {
+        let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(spec.name)
+            .join(format!("v{}.golden.json", spec.version));
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
+        let payload = spec.encode(&golden["data"]).unwrap();
+        let body = kinds::body(spec.name, spec.version, &payload).unwrap();
+        let ctx = Context {
+            id: "o:1".into(),
+            stamp: [1; 24],
+            at: "2026-01-01T00:00:00.000Z".into(),
+            actor: "a",
+            stream: "s",
+        };
+        for w in writes(&ctx, &body) {
+            if let Write::Upsert { table, groups, .. } = w {
+                for g in groups {
+                    let cols: Vec<String> = g.cols.iter().map(|c| c.0.to_owned()).collect();
+                    let key = (table.to_owned(), g.stamp.to_owned());
+                    match seen.get(&key) {
+                        Some(before) => assert_eq!(before, &cols, "{}: {key:?}", spec.name),
+                        None => {
+                            seen.insert(key, cols);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen.len() > 20);
+}

@@ -88,3 +88,100 @@ pub fn row(request: &AppendRequest) -> (String, String, String, String, String) 
         d["meta"].to_string(),
     )
 }
+
+const LANES: [&str; 3] = ["now", "next", "later"];
+const HOSTS: [&str; 3] = ["pop-os", "oracle", "ccx13"];
+
+/// A day of the board, triage and Loom as append requests: tasks created, scored and moved,
+/// runs and steps, heartbeats, activity. Deterministic for a seed.
+pub struct Mixed {
+    rng: StdRng,
+    n: u64,
+    tasks: u64,
+}
+
+impl Mixed {
+    pub fn new(seed: u64) -> Mixed {
+        Mixed {
+            rng: StdRng::seed_from_u64(seed),
+            n: 0,
+            tasks: 0,
+        }
+    }
+
+    pub fn request(&mut self) -> AppendRequest {
+        self.n += 1;
+        let n = self.n;
+        let pick = self.rng.random_range(0..100);
+        let task = if self.tasks == 0 {
+            0
+        } else {
+            self.rng.random_range(0..self.tasks)
+        };
+        let run = n / 50;
+        let (kind, stream, data) = match pick {
+            0..=9 => {
+                self.tasks += 1;
+                let t = self.tasks;
+                (
+                    "task.created",
+                    format!("task/t{t}"),
+                    json!({"task_id": format!("t{t}"), "title": format!("Task {t}: renew the snapshot policy"), "status": "todo", "track": "infra"}),
+                )
+            }
+            10..=39 => (
+                "task.scored",
+                format!("task/t{task}"),
+                json!({"task_id": format!("t{task}"), "run_id": format!("r{run}"), "i": n % 11, "u": (n / 3) % 11, "c": 7, "e": 3, "score": (n % 1000) as f64 / 8.0, "rank": 1 + n % 40, "lane": LANES[(n % 3) as usize], "reasoning": "Backups are silently off; cheap to fix."}),
+            ),
+            40..=49 => (
+                "task.moved",
+                format!("task/t{task}"),
+                json!({"task_id": format!("t{task}"), "status": "in_progress", "lane": "now"}),
+            ),
+            50..=59 => (
+                "loom.step_finished",
+                format!("run/run{run}"),
+                json!({"run_id": format!("run{run}"), "step_id": format!("s{}", n % 5), "status": "succeeded", "exit_code": 0, "output_tail": "ok\n"}),
+            ),
+            60..=64 => (
+                "loom.run_started",
+                format!("run/run{run}"),
+                json!({"run_id": format!("run{run}"), "workflow_id": "morning-ritual", "trigger": "schedule", "host": "pop-os"}),
+            ),
+            65..=69 => (
+                "fleet.heartbeat_recorded",
+                "node/pop-os".to_owned(),
+                json!({"host": HOSTS[(n % 3) as usize], "role": "worker", "capabilities": ["loom"]}),
+            ),
+            _ => return self.activity(n),
+        };
+        AppendRequest {
+            kind: kind.into(),
+            stream,
+            actor: ACTORS[(n % 4) as usize].into(),
+            data,
+            key: None,
+            correlation: None,
+            causation: None,
+        }
+    }
+
+    fn activity(&mut self, n: u64) -> AppendRequest {
+        AppendRequest {
+            kind: "activity.logged".into(),
+            stream: "board".into(),
+            actor: ACTORS[(n % 4) as usize].into(),
+            data: json!({"message": format!("#{n} board refreshed"), "source": "optimalos"}),
+            key: None,
+            correlation: None,
+            causation: None,
+        }
+    }
+
+    pub fn events(&mut self, count: usize) -> Vec<NewEvent> {
+        (0..count)
+            .map(|_| new_event(self.request()).expect("the workload makes valid events"))
+            .collect()
+    }
+}

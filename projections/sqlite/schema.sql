@@ -5,7 +5,8 @@
 -- if absent. Mutable rows carry a stamp per column group (`*_stamp`: 8 bytes of HLC, big-endian,
 -- then the 16-byte origin, so bytewise order is the stamp order); a write lands only if its
 -- stamp is newer (last writer wins), or older for first-writer-wins facts (job claims). Values
--- that combine groups (`status`, `shown_lane`) are generated from stored columns. Times are
+-- that combine groups (`status`, `shown_lane`) are generated from stored columns. Every write
+-- to a group sets all of its columns, so which write lands never depends on arrival order. Times are
 -- RFC 3339 UTC with milliseconds, from the event's HLC stamp.
 
 CREATE TABLE spool_checkpoint (
@@ -117,7 +118,11 @@ CREATE TABLE bot_heartbeats (
 
 CREATE TABLE bot_claims (
   resource TEXT PRIMARY KEY,
-  bot_id TEXT, ttl_ms INTEGER, claimed_at TEXT, released_at TEXT, stamp BLOB
+  bot_id TEXT, ttl_ms INTEGER, claimed_at TEXT, stamp BLOB,
+  released_by TEXT, released_at TEXT, release_stamp BLOB,
+  status TEXT GENERATED ALWAYS AS
+    (CASE WHEN release_stamp IS NOT NULL AND (stamp IS NULL OR release_stamp > stamp)
+     THEN 'released' ELSE 'held' END) VIRTUAL
 );
 
 CREATE TABLE vault_install (

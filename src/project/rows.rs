@@ -319,6 +319,11 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![
                     ("completed_at", at()),
                     ("end_status", text("failed")),
+                    ("end_model", Val::Null),
+                    ("tokens_in", Val::Null),
+                    ("tokens_out", Val::Null),
+                    ("tasks_scored", Val::Null),
+                    ("summaries", Val::Null),
                     ("error", text(&p.error.0)),
                 ],
             )],
@@ -369,6 +374,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             vec![newer(
                 "stamp",
                 vec![
+                    ("schedule", Val::Null),
                     ("registered", Val::Int(0)),
                     ("reason", p.reason.as_ref().map(|v| v.0.as_str()).into()),
                     ("changed_at", at()),
@@ -400,6 +406,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("end_status", name(&p.status)),
                     ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
                     ("finished_at", at()),
+                    ("summary", Val::Null),
                 ],
             )],
         )],
@@ -506,6 +513,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     "end_stamp",
                     vec![
                         ("end_status", name(&p.status)),
+                        ("error", Val::Null),
                         ("finished_at", p.finished_at_ms.map(super::time_text).into()),
                         ("summary", p.summary.as_ref().map(|v| v.0.as_str()).into()),
                     ],
@@ -549,7 +557,6 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("bot_id", text(&p.bot_id.0)),
                     ("ttl_ms", (p.ttl_ms as i64).into()),
                     ("claimed_at", at()),
-                    ("released_at", Val::Null),
                 ],
             )],
         )],
@@ -558,8 +565,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             "bot_claims",
             vec![("resource", text(&p.resource.0))],
             vec![newer(
-                "stamp",
-                vec![("bot_id", text(&p.bot_id.0)), ("released_at", at())],
+                "release_stamp",
+                vec![("released_by", text(&p.bot_id.0)), ("released_at", at())],
             )],
         )],
         Body::Logged(p) => vec![insert(

@@ -4,6 +4,7 @@
 //! Boundary: the only module that imports rusqlite. Table and column names come from the
 //! projector's constants; every value is a bound parameter.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -15,6 +16,10 @@ use crate::event::Hash;
 
 /// The DDL, shipped as a file so it can be read and diffed.
 pub const SCHEMA: &str = include_str!("../../projections/sqlite/schema.sql");
+/// Prepared statements kept: more than the projector's distinct write shapes.
+const STATEMENTS_CACHED: usize = 512;
+/// Page cache of a rebuild, in KiB (a live projection keeps SQLite's default).
+pub const REBUILD_CACHE_KIB: i64 = 256 * 1024;
 /// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -29,7 +34,11 @@ pub enum SqliteError {
 /// An open projection file.
 pub struct Sqlite {
     conn: Connection,
-    sql: String,
+    /// SQL text by write shape (table, columns, groups), built once.
+    shapes: HashMap<Vec<&'static str>, String>,
+    /// Upserts of the open transaction, merged per row; `held` finds a row by table and key.
+    pending: Vec<Pending>,
+    held: HashMap<String, usize>,
 }
 
 /// How durable the file's commits are. A rebuild into a new file needs none until it is
@@ -52,8 +61,12 @@ impl Sqlite {
             Durability::Rebuild => {
                 conn.pragma_update(None, "journal_mode", "OFF")?;
                 conn.pragma_update(None, "synchronous", "OFF")?;
+                // Pages spilled mid-transaction are written and read back; keep them (bounded).
+                conn.pragma_update(None, "cache_size", -REBUILD_CACHE_KIB)?;
             }
         }
+        // One statement per write shape (table and column groups): keep them all prepared.
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version == 0 {
             let tx = conn.unchecked_transaction()?;
@@ -72,7 +85,9 @@ impl Sqlite {
         }
         Ok(Sqlite {
             conn,
-            sql: String::new(),
+            shapes: HashMap::new(),
+            pending: Vec::new(),
+            held: HashMap::new(),
         })
     }
 
@@ -91,7 +106,9 @@ impl Sqlite {
         }
         Ok(Sqlite {
             conn,
-            sql: String::new(),
+            shapes: HashMap::new(),
+            pending: Vec::new(),
+            held: HashMap::new(),
         })
     }
 
@@ -252,6 +269,139 @@ impl ToSql for Val {
     }
 }
 
+/// An upsert held until the batch commits: the winning write of each column group so far.
+/// Merging is exact because each group's rule picks one stamp whatever the order, so a batch
+/// writes each mutable row once instead of once per event.
+struct Pending {
+    table: &'static str,
+    key: Vec<(&'static str, Val)>,
+    groups: Vec<Merged>,
+}
+
+struct Merged {
+    stamp_col: &'static str,
+    rule: Rule,
+    stamp: [u8; 24],
+    cols: Vec<(&'static str, Val)>,
+}
+
+fn wins(rule: Rule, new: &[u8; 24], old: &[u8; 24]) -> bool {
+    match rule {
+        Rule::Newer => new > old,
+        Rule::Older => new < old,
+    }
+}
+
+impl Sqlite {
+    fn hold(
+        &mut self,
+        table: &'static str,
+        key: &[(&'static str, Val)],
+        stamp: &[u8; 24],
+        groups: &[super::Group],
+    ) {
+        let mut id = String::from(table);
+        for (_, v) in key {
+            id.push('\u{0}');
+            match v {
+                Val::Text(t) => id.push_str(t),
+                other => id.push_str(&format!("{other:?}")),
+            }
+        }
+        let at = match self.held.get(&id) {
+            Some(&at) => at,
+            None => {
+                self.pending.push(Pending {
+                    table,
+                    key: key.to_vec(),
+                    groups: Vec::new(),
+                });
+                self.held.insert(id, self.pending.len() - 1);
+                self.pending.len() - 1
+            }
+        };
+        let row = &mut self.pending[at];
+        for g in groups {
+            match row.groups.iter_mut().find(|m| m.stamp_col == g.stamp) {
+                Some(m) if wins(g.rule, stamp, &m.stamp) => {
+                    m.stamp = *stamp;
+                    m.cols = g.cols.clone();
+                }
+                Some(_) => {}
+                None => row.groups.push(Merged {
+                    stamp_col: g.stamp,
+                    rule: g.rule,
+                    stamp: *stamp,
+                    cols: g.cols.clone(),
+                }),
+            }
+        }
+    }
+
+    /// Writes the held upserts: each lands per group only if it wins against the stored row.
+    fn flush(&mut self) -> Result<(), SqliteError> {
+        self.held.clear();
+        for row in std::mem::take(&mut self.pending) {
+            let mut shape: Vec<&'static str> = vec![row.table];
+            shape.extend(row.key.iter().map(|c| c.0));
+            for g in &row.groups {
+                shape.push(if g.rule == Rule::Newer { ">" } else { "<" });
+                shape.push(g.stamp_col);
+                shape.extend(g.cols.iter().map(|c| c.0));
+            }
+            let sql = self
+                .shapes
+                .entry(shape)
+                .or_insert_with(|| upsert_sql(&row))
+                .clone();
+            let mut params: Vec<&dyn ToSql> = row.key.iter().map(|c| &c.1 as &dyn ToSql).collect();
+            for g in &row.groups {
+                params.extend(g.cols.iter().map(|c| &c.1 as &dyn ToSql));
+                params.push(&g.stamp);
+            }
+            self.conn.prepare_cached(&sql)?.execute(params.as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+fn upsert_sql(row: &Pending) -> String {
+    let table = row.table;
+    let mut names: Vec<&str> = row.key.iter().map(|c| c.0).collect();
+    for g in &row.groups {
+        names.extend(g.cols.iter().map(|c| c.0));
+        names.push(g.stamp_col);
+    }
+    let keys: Vec<&str> = row.key.iter().map(|c| c.0).collect();
+    let mut sets = Vec::new();
+    for g in &row.groups {
+        let s = g.stamp_col;
+        let op = match g.rule {
+            Rule::Newer => ">",
+            Rule::Older => "<",
+        };
+        let wins = format!("({table}.{s} IS NULL OR excluded.{s} {op} {table}.{s})");
+        for col in g.cols.iter().map(|c| c.0).chain([s]) {
+            sets.push(format!(
+                "{col} = CASE WHEN {wins} THEN excluded.{col} ELSE {table}.{col} END"
+            ));
+        }
+    }
+    let mut sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO ",
+        names.join(", "),
+        vec!["?"; names.len()].join(", "),
+        keys.join(", ")
+    );
+    match sets.is_empty() {
+        true => sql.push_str("NOTHING"),
+        false => {
+            let _ = write!(sql, "UPDATE SET {}", sets.join(", "));
+        }
+    }
+    sql
+}
+
 impl Target for Sqlite {
     type Error = SqliteError;
 
@@ -266,72 +416,37 @@ impl Target for Sqlite {
     }
 
     fn write(&mut self, write: &Write) -> Result<(), SqliteError> {
-        self.sql.clear();
-        let sql = &mut self.sql;
-        let mut params: Vec<&dyn ToSql> = Vec::new();
         match write {
             Write::Insert { table, cols } => {
-                let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-                let _ = write!(
-                    sql,
-                    "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
-                    names.join(", "),
-                    vec!["?"; names.len()].join(", ")
-                );
-                params.extend(cols.iter().map(|c| &c.1 as &dyn ToSql));
+                let mut shape: Vec<&'static str> = vec![table];
+                shape.extend(cols.iter().map(|c| c.0));
+                let sql = self
+                    .shapes
+                    .entry(shape)
+                    .or_insert_with(|| {
+                        let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+                        format!(
+                            "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+                            names.join(", "),
+                            vec!["?"; names.len()].join(", ")
+                        )
+                    })
+                    .clone();
+                let params: Vec<&dyn ToSql> = cols.iter().map(|c| &c.1 as &dyn ToSql).collect();
+                self.conn.prepare_cached(&sql)?.execute(params.as_slice())?;
             }
             Write::Upsert {
                 table,
                 key,
                 stamp,
                 groups,
-            } => {
-                let mut names: Vec<&str> = key.iter().map(|c| c.0).collect();
-                params.extend(key.iter().map(|c| &c.1 as &dyn ToSql));
-                for g in groups {
-                    for (col, value) in &g.cols {
-                        names.push(col);
-                        params.push(value);
-                    }
-                    names.push(g.stamp);
-                    params.push(stamp);
-                }
-                let keys: Vec<&str> = key.iter().map(|c| c.0).collect();
-                let _ = write!(
-                    sql,
-                    "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO ",
-                    names.join(", "),
-                    vec!["?"; names.len()].join(", "),
-                    keys.join(", ")
-                );
-                let mut sets = Vec::new();
-                for g in groups {
-                    let s = g.stamp;
-                    let op = match g.rule {
-                        Rule::Newer => ">",
-                        Rule::Older => "<",
-                    };
-                    let wins = format!("({table}.{s} IS NULL OR excluded.{s} {op} {table}.{s})");
-                    for col in g.cols.iter().map(|c| c.0).chain([s]) {
-                        sets.push(format!(
-                            "{col} = CASE WHEN {wins} THEN excluded.{col} ELSE {table}.{col} END"
-                        ));
-                    }
-                }
-                if sets.is_empty() {
-                    sql.push_str("NOTHING");
-                } else {
-                    let _ = write!(sql, "UPDATE SET {}", sets.join(", "));
-                }
-            }
+            } => self.hold(table, key, stamp, groups),
         }
-        self.conn
-            .prepare_cached(&self.sql)?
-            .execute(params.as_slice())?;
         Ok(())
     }
 
     fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), SqliteError> {
+        self.flush()?;
         self.conn.execute(
             "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3 WHERE id = 1",
             rusqlite::params![position as i64, hash.0.as_slice(), applied as i64],
