@@ -50,7 +50,10 @@ fn main() {
     println!("{:<64} {:>12}", "figure", "events/s");
     println!(
         "{:<64} {rebuild:>12.0}",
-        "spool rebuild sqlite (replay, one transaction per 20 000)"
+        format!(
+            "spool rebuild sqlite (one transaction per {})",
+            project::REPLAY_BATCH_EVENTS
+        )
     );
     println!(
         "{:<64} {insert:>12.0}",

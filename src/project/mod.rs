@@ -169,7 +169,7 @@ pub fn catch_up<T: Target>(
 }
 
 /// Events per transaction of the replay.
-pub const REPLAY_BATCH_EVENTS: usize = 20_000;
+pub const REPLAY_BATCH_EVENTS: usize = 50_000;
 
 /// THE replay loop: applies the events after position `from` (up to `until`) to `target`, in
 /// position order, committing every [`REPLAY_BATCH_EVENTS`] with the checkpoint. Calls
