@@ -354,3 +354,32 @@ fn export_and_ingest_files_between_homes() {
     assert!(stderr(&o).contains("--since"), "{}", stderr(&o));
     assert!(spool(&a, &["verify"], "").status.success());
 }
+
+#[test]
+fn the_demo_converges_three_nodes_and_says_where_to_look() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let out = ok(dir.path(), &["demo", "--dir", demo.to_str().unwrap()], "");
+    assert!(out.contains("identical tables"), "{out}");
+    assert!(out.contains("sql"), "{out}");
+    let digests: Vec<String> = ["oracle", "pop-os", "ccx13"]
+        .iter()
+        .map(|n| {
+            ok(&demo.join(n), &["digest", "sqlite"], "")
+                .lines()
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[1], digests[2]);
+    let tasks = json_lines(&ok(
+        &demo.join("pop-os"),
+        &["sql", "SELECT count(*) AS n FROM tasks"],
+        "",
+    ));
+    assert!(tasks[0]["n"].as_u64().unwrap() > 10);
+    let o = spool(dir.path(), &["demo", "--dir", demo.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(2), "a used directory is refused");
+}

@@ -26,6 +26,9 @@ use super::{
 const PAGE_EVENTS: usize = 1000;
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Demo { dir, seed } = cli.command {
+        return super::demo::run(dir, seed);
+    }
     let home = match cli.home {
         Some(dir) => dir,
         None => default_home()?,
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rebuild(RebuildCommand::Sqlite { into, as_of }) => rebuild(&home, into, as_of),
         Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
         Command::Sql { statement, db } => sql(&home, &statement, db),
+        Command::Demo { .. } => unreachable!("handled above"),
     }
 }
 

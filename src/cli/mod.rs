@@ -1,6 +1,7 @@
 //! Argument parsing, output and exit codes. The only place that uses clap and anyhow.
 
 mod commands;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,15 @@ enum Command {
         /// Another projection file (default: the node's, brought up to date first).
         #[arg(long, value_name = "PATH")]
         db: Option<PathBuf>,
+    },
+    /// A week of the seed's activity on three nodes in fresh homes, exchanged with export
+    /// files, projected and verified; prints what it did and where to look.
+    Demo {
+        /// Where to create the three homes (default: a new temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Apply an export file (a path, or stdin) in causal order.
     Ingest {
