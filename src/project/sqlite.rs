@@ -349,17 +349,13 @@ impl Sqlite {
                 shape.push(g.stamp_col);
                 shape.extend(g.cols.iter().map(|c| c.0));
             }
-            let sql = self
-                .shapes
-                .entry(shape)
-                .or_insert_with(|| upsert_sql(&row))
-                .clone();
+            let sql = self.shapes.entry(shape).or_insert_with(|| upsert_sql(&row));
             let mut params: Vec<&dyn ToSql> = row.key.iter().map(|c| &c.1 as &dyn ToSql).collect();
             for g in &row.groups {
                 params.extend(g.cols.iter().map(|c| &c.1 as &dyn ToSql));
                 params.push(&g.stamp);
             }
-            self.conn.prepare_cached(&sql)?.execute(params.as_slice())?;
+            self.conn.prepare_cached(sql)?.execute(params.as_slice())?;
         }
         Ok(())
     }
@@ -420,20 +416,16 @@ impl Target for Sqlite {
             Write::Insert { table, cols } => {
                 let mut shape: Vec<&'static str> = vec![table];
                 shape.extend(cols.iter().map(|c| c.0));
-                let sql = self
-                    .shapes
-                    .entry(shape)
-                    .or_insert_with(|| {
-                        let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-                        format!(
-                            "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
-                            names.join(", "),
-                            vec!["?"; names.len()].join(", ")
-                        )
-                    })
-                    .clone();
+                let sql = self.shapes.entry(shape).or_insert_with(|| {
+                    let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+                    format!(
+                        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+                        names.join(", "),
+                        vec!["?"; names.len()].join(", ")
+                    )
+                });
                 let params: Vec<&dyn ToSql> = cols.iter().map(|c| &c.1 as &dyn ToSql).collect();
-                self.conn.prepare_cached(&sql)?.execute(params.as_slice())?;
+                self.conn.prepare_cached(sql)?.execute(params.as_slice())?;
             }
             Write::Upsert {
                 table,
