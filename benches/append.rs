@@ -12,7 +12,7 @@ use std::time::Instant;
 use redb::{Database, TableDefinition};
 use spool::event::{Hash, Origin};
 use spool::log::{Log, LogOptions};
-use workload::Workload;
+use workload::{env_or, median, Workload};
 
 fn main() {
     let runs: usize = env_or("SPOOL_BENCH_RUNS", 3);
@@ -21,11 +21,11 @@ fn main() {
     println!("spool append bench: {runs} runs per figure, medians; scale {scale}");
     println!("{:<58} {:>14}", "figure", "events/s");
 
-    let single = median(runs, || append_rate(n(2_000.0), 1));
+    let single = median_of(runs, || append_rate(n(2_000.0), 1));
     report("spool durable append, 1 event per commit", single);
-    let hundred = median(runs, || append_rate(n(200_000.0), 100));
+    let hundred = median_of(runs, || append_rate(n(200_000.0), 100));
     report("spool durable append, 100 events per commit", hundred);
-    let batched = median(runs, || append_rate(n(1_000_000.0), 10_000));
+    let batched = median_of(runs, || append_rate(n(1_000_000.0), 10_000));
     report("spool durable append, 10 000 events per commit", batched);
     let (grouped, group_size) = {
         let mut r: Vec<(f64, f64)> = (0..runs).map(|_| concurrent_rate(64, n(100.0))).collect();
@@ -43,11 +43,11 @@ fn main() {
     );
 
     println!("-- peers, same run --");
-    let redb_raw = median(runs, || redb_rate(n(1_000_000.0), 1_000));
+    let redb_raw = median_of(runs, || redb_rate(n(1_000_000.0), 1_000));
     report("redb alone: 250-byte records, 1 000 per commit", redb_raw);
-    let blake = median(runs, || blake3_rate(n(1_000_000.0)));
+    let blake = median_of(runs, || blake3_rate(n(1_000_000.0)));
     report("blake3 alone: hash 250-byte events, one core", blake);
-    let sqlite = median(runs, || sqlite_upsert_rate(n(2_000.0)));
+    let sqlite = median_of(runs, || sqlite_upsert_rate(n(2_000.0)));
     report("SQLite WAL: one upsert per change (today's nodes)", sqlite);
 
     println!("-- ratios --");
@@ -128,19 +128,13 @@ fn verify_rate(events: usize, runs: usize) -> (f64, u64) {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut rates: Vec<f64> = (0..runs)
-        .map(|_| {
-            let started = Instant::now();
-            let report = log.verify(threads).unwrap();
-            assert!(report.ok());
-            report.events as f64 / started.elapsed().as_secs_f64()
-        })
-        .collect();
-    rates.sort_by(f64::total_cmp);
-    (
-        rates[rates.len() / 2],
-        log.read().unwrap().last_position().unwrap(),
-    )
+    let rate = median_of(runs, || {
+        let started = Instant::now();
+        let report = log.verify(threads).unwrap();
+        assert!(report.ok());
+        report.events as f64 / started.elapsed().as_secs_f64()
+    });
+    (rate, log.read().unwrap().last_position().unwrap())
 }
 
 /// An empty log in a fresh temporary directory (kept alive by the returned guard).
@@ -232,10 +226,9 @@ fn sqlite_upsert_rate(changes: usize) -> f64 {
     changes as f64 / started.elapsed().as_secs_f64()
 }
 
-fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
-    let mut v: Vec<f64> = (0..runs.max(1)).map(|_| f()).collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The median of `runs` measurements.
+fn median_of(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
+    median((0..runs.max(1)).map(|_| f()).collect())
 }
 
 fn report(what: &str, rate: f64) {
@@ -248,11 +241,4 @@ fn ratio(what: &str, a: f64, b: f64) {
 
 fn target(what: &str, met: bool) {
     println!("{what:<58} {:>14}", if met { "met" } else { "NOT MET" });
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use spool::event::Origin;
 use spool::log::{Log, LogOptions};
 use spool::sync::{file as shipping, Selection};
-use workload::Workload;
+use workload::{env_or, median, Workload};
 
 fn main() {
     let runs: usize = env_or("SPOOL_BENCH_RUNS", 3);
@@ -73,16 +73,4 @@ fn main() {
 fn log(dir: &tempfile::TempDir, name: &str, origin: u8) -> Log {
     let path = dir.path().join(format!("{name}.redb"));
     Log::create(&path, Origin([origin; 16]), LogOptions::default()).unwrap()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

@@ -13,7 +13,7 @@ use spool::event::Origin;
 use spool::log::{Log, LogOptions};
 use spool::project::sqlite::{Durability, Sqlite, SCHEMA};
 use spool::project::{self, Until};
-use workload::Mixed;
+use workload::{env_or, median, Mixed};
 
 fn main() {
     let runs: usize = env_or("SPOOL_BENCH_RUNS", 3);
@@ -143,16 +143,4 @@ fn plain_insert(from: &std::path::Path, to: &std::path::Path) -> (f64, u64) {
     tx.commit().unwrap();
     drop(db);
     (started.elapsed().as_secs_f64(), n)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

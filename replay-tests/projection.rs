@@ -101,16 +101,18 @@ fn read_case(path: &Path) -> Vec<Spec> {
         .collect()
 }
 
+/// An empty node that receives the cases' events.
+fn node() -> (tempfile::TempDir, Log) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let log = Log::create(&path, Origin([0xee; 16]), LogOptions::default()).unwrap();
+    (dir, log)
+}
+
 /// Ingests the events (in this order; the log applies them causally) into a fresh node and
 /// rebuilds its projection. Returns the projection, kept alive with its directory.
 fn project(events: Vec<Shipped>) -> (tempfile::TempDir, Sqlite) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::create(
-        &dir.path().join("log.redb"),
-        Origin([0xee; 16]),
-        LogOptions::default(),
-    )
-    .unwrap();
+    let (dir, log) = node();
     let report = log.ingest(events).unwrap();
     assert!(report.refused.is_none(), "{report:?}");
     assert_eq!(
@@ -221,13 +223,7 @@ fn concurrent_writes_resolve_by_stamp_and_claims_by_the_first() {
 fn as_of_a_position_or_a_time_gives_the_state_then() {
     let specs = read_case(&cases_dir().join("board.jsonl"));
     let events = build(&specs);
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::create(
-        &dir.path().join("log.redb"),
-        Origin([0xee; 16]),
-        LogOptions::default(),
-    )
-    .unwrap();
+    let (dir, log) = node();
     log.ingest(events).unwrap();
     let reader = log.read().unwrap();
     let as_of = |until: Until| {

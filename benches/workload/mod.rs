@@ -29,6 +29,20 @@ const WORDS: [&str; 12] = [
     "strand",
 ];
 
+/// The middle of a set of measurements (the machine is shared and noisy).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// An environment variable parsed, or `default` (`SPOOL_BENCH_RUNS`, `SPOOL_BENCH_SCALE`).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub struct Workload {
     rng: StdRng,
     n: u64,

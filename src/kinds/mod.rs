@@ -90,7 +90,11 @@ pub struct KindSpec {
     decode: fn(bool, u16, &[u8]) -> Result<Value, String>,
     /// The schema derived from the type; a test keeps `schema` equal to it.
     derived_schema: fn(&str, u16) -> Value,
+    /// A payload of a readable version into its typed current form (current versions only).
+    body: Option<BodyFn>,
 }
+
+type BodyFn = fn(bool, u16, &[u8]) -> Result<Body, String>;
 
 /// Registers payload types: `"kind" version => Variant(Type) [, reads [versions]];` for the
 /// current versions (`Variant` names it in [`Body`]), `"kind" version => Type;` for superseded
@@ -102,7 +106,11 @@ macro_rules! catalogue {
     ) => {
         /// Every kind this build writes, at its current version, in `schema list` order.
         pub static CATALOGUE: &[&KindSpec] = &[$(
-            &catalogue!(@spec $name $v $ty, catalogue!(@readable $v $(, $old)?)),
+            &catalogue!(
+                @spec $name $v $ty,
+                catalogue!(@readable $v $(, $old)?),
+                Some(|current, version, payload| typed::<$ty>(current, version, payload).map(Body::$variant))
+            ),
         )*];
 
         /// A decoded payload of any kind, at its current version: what projectors match on.
@@ -113,21 +121,18 @@ macro_rules! catalogue {
         pub fn body(kind: &str, version: u16, payload: &[u8]) -> Result<Body, PayloadError> {
             let spec = lookup(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
             spec.check_readable(version)?;
-            let current = version == spec.version;
-            let typed = match kind {
-                $( $name => typed::<$ty>(current, version, payload).map(Body::$variant), )*
-                _ => unreachable!("looked up above"),
-            };
-            typed.map_err(|problem| PayloadError::Invalid {
+            let body = spec.body.expect("every kind of the catalogue decodes to a Body");
+            body(version == spec.version, version, payload).map_err(|problem| PayloadError::Invalid {
                 kind: kind.to_owned(),
                 version,
                 problem,
             })
         }
         /// Earlier versions, still read (through their kind's upcaster), no longer written.
-        pub static SUPERSEDED: &[&KindSpec] = &[$( &catalogue!(@spec $sname $sv $sty, &[$sv]), )*];
+        pub static SUPERSEDED: &[&KindSpec] =
+            &[$( &catalogue!(@spec $sname $sv $sty, &[$sv], None), )*];
     };
-    (@spec $name:literal $v:literal $ty:ty, $readable:expr) => {
+    (@spec $name:literal $v:literal $ty:ty, $readable:expr, $body:expr) => {
         KindSpec {
             name: $name,
             version: $v,
@@ -136,6 +141,7 @@ macro_rules! catalogue {
             encode: encode_as::<$ty>,
             decode: decode_as::<$ty>,
             derived_schema: derived_schema::<$ty>,
+            body: $body,
         }
     };
     (@readable $v:literal) => { &[$v] };

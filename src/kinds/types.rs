@@ -20,6 +20,12 @@ macro_rules! string_type {
         #[serde(transparent)]
         pub struct $name(pub String);
 
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl JsonSchema for $name {
             fn inline_schema() -> bool {
                 true

@@ -674,10 +674,7 @@ fn commit_ingest(
                     report.applied += 1;
                     let (ready, broken) = state.causal.released(id);
                     for meta in ready {
-                        let key = (meta.id.origin.0, meta.id.seq);
-                        let entry = pending.remove(key)?.map(|v| v.value().to_vec());
-                        let released = entry
-                            .and_then(|e| e.get(32..).map(<[u8]>::to_vec))
+                        let released = take_pending(&mut pending, meta.id)?
                             .and_then(|bytes| Shipped::verify(meta.hash, bytes).ok())
                             .ok_or_else(|| Corruption::BadPending {
                                 id: meta.id,
@@ -696,11 +693,9 @@ fn commit_ingest(
                     }
                     // Waiting events released onto a predecessor they do not name: evidence.
                     for (bad, expected) in broken {
-                        let key = (bad.id.origin.0, bad.id.seq);
-                        let entry = pending.remove(key)?.map(|v| v.value().to_vec());
-                        let bytes = entry.and_then(|e| e.get(32..).map(<[u8]>::to_vec));
-                        let bytes = bytes.unwrap_or_default();
-                        forks.insert((key.0, key.1, bad.hash.0), bytes.as_slice())?;
+                        let bytes = take_pending(&mut pending, bad.id)?.unwrap_or_default();
+                        forks
+                            .insert((bad.id.origin.0, bad.id.seq, bad.hash.0), bytes.as_slice())?;
                         report.refused.get_or_insert(Refused {
                             index,
                             id: bad.id,
@@ -777,6 +772,15 @@ fn commit_ingest(
     }
     txn.commit()?;
     Ok(report)
+}
+
+/// Removes a waiting event from `pending` and gives its stored bytes (the entry after its hash).
+fn take_pending(
+    pending: &mut redb::Table<([u8; 16], u64), &'static [u8]>,
+    id: EventId,
+) -> Result<Option<Vec<u8>>, LogError> {
+    let entry = pending.remove((id.origin.0, id.seq))?;
+    Ok(entry.and_then(|v| v.value().get(32..).map(<[u8]>::to_vec)))
 }
 
 /// Puts one shipped event at the next position and records it everywhere but the tables

@@ -45,6 +45,13 @@ fn name<T: Serialize>(value: &T) -> Val {
     }
 }
 
+/// An optional string field: its text, or NULL.
+fn opt<T: AsRef<str>>(value: &Option<T>) -> Val {
+    value
+        .as_ref()
+        .map_or(Val::Null, |v| Val::Text(v.as_ref().to_owned()))
+}
+
 fn text(s: &str) -> Val {
     Val::Text(s.to_owned())
 }
@@ -162,13 +169,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             vec![("id", text(&p.task_id.0))],
             vec![newer(
                 "archived_stamp",
-                vec![
-                    ("archived_at", at()),
-                    (
-                        "archive_reason",
-                        p.reason.as_ref().map(|r| r.0.as_str()).into(),
-                    ),
-                ],
+                vec![("archived_at", at()), ("archive_reason", opt(&p.reason))],
             )],
         )],
         Body::TaskScored(p) => vec![
@@ -185,14 +186,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("score", p.score.into()),
                     ("rank", i64::from(p.rank).into()),
                     ("lane", text(&p.lane.0)),
-                    (
-                        "reasoning",
-                        p.reasoning.as_ref().map(|r| r.0.as_str()).into(),
-                    ),
-                    (
-                        "clash_resolution",
-                        p.clash_resolution.as_ref().map(|r| r.0.as_str()).into(),
-                    ),
+                    ("reasoning", opt(&p.reasoning)),
+                    ("clash_resolution", opt(&p.clash_resolution)),
                     (
                         "sources_used",
                         p.sources_used.as_ref().map_or(Val::Null, json),
@@ -223,11 +218,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ("dimension", name(&p.dimension)),
                 ("old_value", i64::from(p.old_value).into()),
                 ("new_value", i64::from(p.new_value).into()),
-                ("reason", p.reason.as_ref().map(|r| r.0.as_str()).into()),
-                (
-                    "applied_to_run_id",
-                    p.applied_to_run_id.as_ref().map(|r| r.0.as_str()).into(),
-                ),
+                ("reason", opt(&p.reason)),
+                ("applied_to_run_id", opt(&p.applied_to_run_id)),
                 ("created_at", at()),
             ],
         )],
@@ -286,9 +278,9 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 "start_stamp",
                 vec![
                     ("started_at", at()),
-                    ("model", p.model.as_ref().map(|v| v.0.as_str()).into()),
-                    ("trigger", p.trigger.as_ref().map(|v| v.0.as_str()).into()),
-                    ("host", p.host.as_ref().map(|v| v.0.as_str()).into()),
+                    ("model", opt(&p.model)),
+                    ("trigger", opt(&p.trigger)),
+                    ("host", opt(&p.host)),
                 ],
             )],
         )],
@@ -337,11 +329,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![
                     ("name", text(&p.name.0)),
                     ("host", text(&p.host.0)),
-                    (
-                        "source_path",
-                        p.source_path.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
-                    ("schedule", p.schedule.as_ref().map(|v| v.0.as_str()).into()),
+                    ("source_path", opt(&p.source_path)),
+                    ("schedule", opt(&p.schedule)),
                     ("steps", json(&p.steps)),
                     ("mirrored_at", at()),
                 ],
@@ -357,7 +346,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             vec![newer(
                 "stamp",
                 vec![
-                    ("schedule", p.schedule.as_ref().map(|v| v.0.as_str()).into()),
+                    ("schedule", opt(&p.schedule)),
                     ("registered", Val::Int(1)),
                     ("reason", Val::Null),
                     ("changed_at", at()),
@@ -376,7 +365,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![
                     ("schedule", Val::Null),
                     ("registered", Val::Int(0)),
-                    ("reason", p.reason.as_ref().map(|v| v.0.as_str()).into()),
+                    ("reason", opt(&p.reason)),
                     ("changed_at", at()),
                 ],
             )],
@@ -404,7 +393,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 "end_stamp",
                 vec![
                     ("end_status", name(&p.status)),
-                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("error", opt(&p.error)),
                     ("finished_at", at()),
                     ("summary", Val::Null),
                 ],
@@ -431,12 +420,9 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![
                     ("end_status", name(&p.status)),
                     ("exit_code", p.exit_code.map(i64::from).into()),
-                    (
-                        "output_tail",
-                        p.output_tail.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
+                    ("output_tail", opt(&p.output_tail)),
                     ("result", p.result.as_ref().map_or(Val::Null, json_text)),
-                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("error", opt(&p.error)),
                     ("finished_at", at()),
                 ],
             )],
@@ -450,10 +436,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             ],
             vec![newer(
                 "ack_stamp",
-                vec![
-                    ("ack_at", at()),
-                    ("ack_note", p.note.as_ref().map(|v| v.0.as_str()).into()),
-                ],
+                vec![("ack_at", at()), ("ack_note", opt(&p.note))],
             )],
         )],
         Body::JobEnqueued(p) => vec![upsert(
@@ -488,8 +471,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 "end_stamp",
                 vec![
                     ("end_status", name(&p.status)),
-                    ("run_id", p.run_id.as_ref().map(|v| v.0.as_str()).into()),
-                    ("error", p.error.as_ref().map(|v| v.0.as_str()).into()),
+                    ("run_id", opt(&p.run_id)),
+                    ("error", opt(&p.error)),
                     ("completed_at", at()),
                 ],
             )],
@@ -515,7 +498,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                         ("end_status", name(&p.status)),
                         ("error", Val::Null),
                         ("finished_at", p.finished_at_ms.map(super::time_text).into()),
-                        ("summary", p.summary.as_ref().map(|v| v.0.as_str()).into()),
+                        ("summary", opt(&p.summary)),
                     ],
                 ),
             ],
@@ -529,7 +512,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![
                     ("role", text(&p.role.0)),
                     ("capabilities", json(&p.capabilities)),
-                    ("version", p.version.as_ref().map(|v| v.0.as_str()).into()),
+                    ("version", opt(&p.version)),
                     ("last_heartbeat_at", at()),
                 ],
             )],
@@ -542,7 +525,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 "stamp",
                 vec![
                     ("host", text(&p.host.0)),
-                    ("status", p.status.as_ref().map(|v| v.0.as_str()).into()),
+                    ("status", opt(&p.status)),
                     ("last_seen_at", at()),
                 ],
             )],
@@ -576,7 +559,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ("stream", text(ctx.stream)),
                 ("actor", text(ctx.actor)),
                 ("message", text(&p.message.0)),
-                ("source", p.source.as_ref().map(|v| v.0.as_str()).into()),
+                ("source", opt(&p.source)),
                 ("meta", p.meta.as_ref().map_or(Val::Null, object_text)),
                 ("created_at", at()),
             ],
@@ -618,13 +601,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             vec![("recipient_id", text(&p.recipient_id.0))],
             vec![newer(
                 "remove_stamp",
-                vec![
-                    ("removed_at", at()),
-                    (
-                        "remove_reason",
-                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
-                ],
+                vec![("removed_at", at()), ("remove_reason", opt(&p.reason))],
             )],
         )],
         Body::EntryWritten(p) => vec![upsert(
@@ -651,10 +628,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("ciphertext", text(&p.ciphertext.0)),
                     ("recipients", json(&p.recipients)),
                     ("updated_at", at()),
-                    (
-                        "rewrap_reason",
-                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
+                    ("rewrap_reason", opt(&p.reason)),
                 ],
             )],
         )],
@@ -665,7 +639,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ("entry_id", text(&p.entry_id.0)),
                 ("device_id", text(&p.device_id.0)),
                 ("recipient", text(&p.recipient.0)),
-                ("purpose", p.purpose.as_ref().map(|v| v.0.as_str()).into()),
+                ("purpose", opt(&p.purpose)),
                 ("unlocked_at", at()),
             ],
         )],
@@ -679,10 +653,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("code_hash", text(&p.code_hash.0)),
                     ("user_id", text(&p.user_id.0)),
                     ("device_id", text(&p.device_id.0)),
-                    (
-                        "account_id",
-                        p.account_id.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
+                    ("account_id", opt(&p.account_id)),
                     ("expires_at", Val::Text(super::time_text(p.expires_at_ms))),
                     ("requested_at", at()),
                 ],
@@ -700,10 +671,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             "pairing_attempts",
             vec![
                 ("id", id()),
-                (
-                    "pairing_id",
-                    p.pairing_id.as_ref().map(|v| v.0.as_str()).into(),
-                ),
+                ("pairing_id", opt(&p.pairing_id)),
                 ("device_id", text(&p.device_id.0)),
                 ("failure", name(&p.failure)),
                 ("attempted_at", at()),
@@ -719,10 +687,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("label", text(&p.label.0)),
                     ("capabilities", json(&p.capabilities)),
                     ("signing_public_key", text(&p.signing_public_key.0)),
-                    (
-                        "pairing_id",
-                        p.pairing_id.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
+                    ("pairing_id", opt(&p.pairing_id)),
                     ("paired_at", at()),
                 ],
             )],
@@ -733,13 +698,7 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             vec![("device_id", text(&p.device_id.0))],
             vec![newer(
                 "revoke_stamp",
-                vec![
-                    ("revoked_at", at()),
-                    (
-                        "revoke_reason",
-                        p.reason.as_ref().map(|v| v.0.as_str()).into(),
-                    ),
-                ],
+                vec![("revoked_at", at()), ("revoke_reason", opt(&p.reason))],
             )],
         )],
         // OpenClaw's own stores are not among the local tables; Postgres projects them.

@@ -27,6 +27,8 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub enum SqliteError {
     #[error("{0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("syncing the projection file: {0}")]
+    Io(#[from] std::io::Error),
     #[error("{path}: projection schema version {found}, this build writes {SCHEMA_VERSION}; rebuild it (`spool rebuild sqlite`)")]
     OtherSchema { path: String, found: i64 },
 }
@@ -67,8 +69,22 @@ impl Sqlite {
         }
         // One statement per write shape (table and column groups): keep them all prepared.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
+        Sqlite::checked(conn, path, true)
+    }
+
+    /// Opens an existing projection read-only (for queries and digests).
+    pub fn open_read_only(path: &Path) -> Result<Sqlite, SqliteError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Sqlite::checked(conn, path, false)
+    }
+
+    /// Refuses another schema version; with `create`, lays out an empty file.
+    fn checked(conn: Connection, path: &Path, create: bool) -> Result<Sqlite, SqliteError> {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version == 0 {
+        if version == 0 && create {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
             tx.execute(
@@ -78,27 +94,6 @@ impl Sqlite {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
         } else if version != SCHEMA_VERSION {
-            return Err(SqliteError::OtherSchema {
-                path: path.display().to_string(),
-                found: version,
-            });
-        }
-        Ok(Sqlite {
-            conn,
-            shapes: HashMap::new(),
-            pending: Vec::new(),
-            held: HashMap::new(),
-        })
-    }
-
-    /// Opens an existing projection read-only (for queries and digests).
-    pub fn open_read_only(path: &Path) -> Result<Sqlite, SqliteError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version != SCHEMA_VERSION {
             return Err(SqliteError::OtherSchema {
                 path: path.display().to_string(),
                 found: version,
@@ -215,9 +210,14 @@ impl Sqlite {
         Ok(())
     }
 
-    /// Makes the file durable (after a rebuild).
+    /// A rebuild writes without syncing; this makes the finished file durable before it is
+    /// renamed into place.
     pub fn sync(self) -> Result<(), SqliteError> {
+        let path = self.conn.path().map(std::path::PathBuf::from);
         self.conn.close().map_err(|(_, e)| SqliteError::Sql(e))?;
+        if let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(path)?.sync_all()?;
+        }
         Ok(())
     }
 }

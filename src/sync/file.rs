@@ -16,7 +16,7 @@
 use std::io::{self, Read, Write};
 
 use crate::event::{Hash, PAYLOAD_BYTES_MAX};
-use crate::log::{IngestReport, Log, LogError, Reader, Refused, Shipped, ShippedError};
+use crate::log::{IngestReport, Log, LogError, Reader, Refused, Shipped};
 use crate::sync::Selection;
 
 const MAGIC: &[u8; 8] = b"SPOOLLOG";
@@ -125,11 +125,6 @@ impl<R: Read> ExportReader<R> {
         })
     }
 
-    /// Bytes read so far that belong to complete frames (where a cut file stopped).
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
     /// The next event, `None` after a good trailer.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FileError> {
         if self.done {
@@ -170,11 +165,8 @@ impl<R: Read> ExportReader<R> {
         for part in [&len[..], &hash[..], &bytes[..]] {
             self.digest.update(part);
         }
-        let shipped = Shipped::verify(Hash(hash), bytes).map_err(|e| match e {
-            ShippedError::HashMismatch { .. } | ShippedError::Undecodable(_) => {
-                damaged(self, e.to_string())
-            }
-        })?;
+        let shipped =
+            Shipped::verify(Hash(hash), bytes).map_err(|e| damaged(self, e.to_string()))?;
         let frame = Frame {
             offset: self.offset,
             index: self.frames,
