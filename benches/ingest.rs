@@ -6,6 +6,10 @@
 
 mod workload;
 
+/// The spool binary's allocator, so the bench runs the code as `spool` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufReader, BufWriter};
 use std::time::Instant;
 

@@ -6,12 +6,16 @@
 
 mod workload;
 
+/// The spool binary's allocator, so the bench runs the code as `spool` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use rusqlite::Connection;
 use spool::event::Origin;
 use spool::log::{Log, LogOptions};
-use spool::project::sqlite::{Durability, Sqlite, SCHEMA};
+use spool::project::sqlite::{Durability, Sqlite, HELD_BYTES_REBUILD, SCHEMA};
 use spool::project::{self, Until};
 use workload::{env_or, median, Mixed};
 
@@ -51,8 +55,8 @@ fn main() {
     println!(
         "{:<64} {rebuild:>12.0}",
         format!(
-            "spool rebuild sqlite (one transaction per {})",
-            project::REPLAY_BATCH_EVENTS
+            "spool rebuild sqlite (upserts held up to {} MiB a commit)",
+            HELD_BYTES_REBUILD >> 20
         )
     );
     println!(

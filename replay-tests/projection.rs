@@ -284,7 +284,7 @@ fn random_specs(rng: &mut StdRng, n: usize) -> Vec<Spec> {
             3 => (
                 "task.scored",
                 format!("task/{task}"),
-                json!({"task_id": task, "run_id": run, "i": i % 11, "u": 3, "c": 4, "e": 5, "score": (i as f64) / 4.0, "rank": 1 + i % 7, "lane": "now"}),
+                json!({"task_id": task, "run_id": run, "i": i % 11, "u": 3, "c": 4, "e": 5, "score": ((i % 4_000) as f64) / 4.0, "rank": 1 + i % 7, "lane": "now"}),
             ),
             4 => (
                 "task.score_locked",
@@ -405,4 +405,94 @@ fn every_write_to_a_column_group_sets_the_same_columns() {
         }
     }
     assert!(seen.len() > 20);
+}
+
+/// Counts a target's commits; fails the `fail_at`th one.
+struct Commits<'a> {
+    db: &'a mut Sqlite,
+    count: usize,
+    fail_at: Option<usize>,
+}
+
+impl project::Target for Commits<'_> {
+    type Error = spool::project::sqlite::SqliteError;
+    fn checkpoint(&self) -> Result<(u64, Hash), Self::Error> {
+        project::Target::checkpoint(&*self.db)
+    }
+    fn begin(&mut self) -> Result<(), Self::Error> {
+        self.db.begin()
+    }
+    fn write(&mut self, write: project::Write) -> Result<(), Self::Error> {
+        self.db.write(write)
+    }
+    fn full(&self) -> bool {
+        self.db.full()
+    }
+    fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), Self::Error> {
+        self.count += 1;
+        if self.fail_at == Some(self.count) {
+            return Err(rusqlite::Error::InvalidQuery.into());
+        }
+        self.db.commit(position, hash, applied)
+    }
+}
+
+/// A replay that commits whenever the target's memory is full writes the same rows as one that
+/// commits once, including inserts written in runs before their commit.
+#[test]
+fn commits_forced_by_held_memory_give_the_same_rows() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let events = build(&random_specs(&mut rng, 50_000));
+    let (dir, log) = node();
+    log.ingest(events).unwrap();
+    let reader = log.read().unwrap();
+    let mut digests = Vec::new();
+    for (name, budget) in [("whole", usize::MAX), ("split", 1)] {
+        let mut db = Sqlite::open(&dir.path().join(name), Durability::Rebuild).unwrap();
+        db.hold_at_most(budget);
+        let mut target = Commits {
+            db: &mut db,
+            count: 0,
+            fail_at: None,
+        };
+        let applied = project::replay(&reader, &mut target, 0, Until::default(), |_| {}).unwrap();
+        assert_eq!(applied, 50_000);
+        let commits = target.count;
+        assert_eq!(commits > 1, budget == 1, "{name}: {commits} commits");
+        assert_eq!(db.checkpoint().unwrap().0, 50_000);
+        assert_eq!(db.checkpoint().unwrap().2, 50_000);
+        digests.push(db.digest().unwrap());
+    }
+    assert!(digests[0]
+        .1
+        .iter()
+        .any(|(t, n)| t == "activity_log" && *n > 4_096));
+    assert_eq!(digests[0], digests[1]);
+}
+
+/// A failing target stops the replay (and its reading thread) with the error; what was
+/// committed before stays, and a catch-up finishes the rest.
+#[test]
+fn a_failed_commit_stops_the_replay_and_a_catch_up_resumes_it() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let events = build(&random_specs(&mut rng, 5_000));
+    let (dir, log) = node();
+    log.ingest(events).unwrap();
+    let reader = log.read().unwrap();
+    let mut db = Sqlite::open(&dir.path().join("p"), Durability::Rebuild).unwrap();
+    db.hold_at_most(1);
+    let mut target = Commits {
+        db: &mut db,
+        count: 0,
+        fail_at: Some(3),
+    };
+    let error = project::replay(&reader, &mut target, 0, Until::default(), |_| {}).unwrap_err();
+    assert!(matches!(error, project::ReplayError::Target(_)), "{error}");
+    drop(db);
+    let mut db = Sqlite::open(&dir.path().join("p"), Durability::Rebuild).unwrap();
+    let (position, _, applied) = db.checkpoint().unwrap();
+    assert_eq!((position, applied), (2_000, 2_000), "two chunks committed");
+    assert_eq!(project::catch_up(&reader, &mut db, |_| {}).unwrap(), 3_000);
+    let (_d, whole) = project(build(&random_specs(&mut StdRng::seed_from_u64(8), 5_000)));
+    assert_eq!(db.digest().unwrap(), whole.digest().unwrap());
 }

@@ -3,6 +3,10 @@
 
 mod cli;
 
+/// The replay projects on one thread and frees on another; glibc's malloc serialises that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }

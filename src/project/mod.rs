@@ -111,7 +111,10 @@ pub trait Target {
     fn checkpoint(&self) -> Result<(u64, Hash), Self::Error>;
     /// Opens a transaction.
     fn begin(&mut self) -> Result<(), Self::Error>;
-    fn write(&mut self, write: &Write) -> Result<(), Self::Error>;
+    fn write(&mut self, write: Write) -> Result<(), Self::Error>;
+    /// Whether the target holds as much uncommitted work as it should (memory it bounds):
+    /// the replay then commits at the next event boundary.
+    fn full(&self) -> bool;
     /// Records the checkpoint (the last position examined and its hash; `applied` more events
     /// applied) and commits it with the rows it covers.
     fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), Self::Error>;
@@ -168,12 +171,29 @@ pub fn catch_up<T: Target>(
     replay(reader, target, position, Until::default(), progress)
 }
 
-/// Events per transaction of the replay.
-pub const REPLAY_BATCH_EVENTS: usize = 50_000;
+/// Most events in one transaction of the replay; a target may ask to commit sooner
+/// ([`Target::full`]).
+pub const REPLAY_BATCH_EVENTS: u64 = 1_000_000;
+/// Events the projecting thread reads and hands over at a time.
+const REPLAY_CHUNK_EVENTS: usize = 1_000;
+/// Chunks in flight between the two threads.
+const REPLAY_CHUNKS_QUEUED: usize = 64;
+
+/// The writes of consecutive events, from the projecting thread, and the last one examined.
+struct Chunk {
+    writes: Vec<Write>,
+    applied: u64,
+    tail: (u64, Hash),
+}
 
 /// THE replay loop: applies the events after position `from` (up to `until`) to `target`, in
-/// position order, committing every [`REPLAY_BATCH_EVENTS`] with the checkpoint. Calls
-/// `progress(position)` after each commit. Returns the number of events applied.
+/// position order, committing with the checkpoint whenever the target is full, after
+/// [`REPLAY_BATCH_EVENTS`], and at the end. Calls `progress(position)` as events are applied.
+/// Returns the number of events applied.
+///
+/// Two threads: one reads, decodes and projects events (the pure part), the caller's applies
+/// their writes to the target, with a bounded queue between them. An error on either side
+/// stops both; the open transaction is then never committed.
 pub fn replay<T: Target>(
     reader: &Reader,
     target: &mut T,
@@ -185,51 +205,91 @@ pub fn replay<T: Target>(
         Some(p) => p.min(reader.last_position()?),
         None => reader.last_position()?,
     };
+    if from >= last {
+        return Ok(0);
+    }
+    let (send, receive) = std::sync::mpsc::sync_channel(REPLAY_CHUNKS_QUEUED);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            if let Err(error) = project_range(reader, from, last, until, &send) {
+                let _ = send.send(Err(error));
+            }
+        });
+        let mut applied = 0;
+        let mut batch = 0;
+        let mut open = None;
+        for chunk in receive {
+            let chunk: Chunk = chunk?;
+            if open.is_none() {
+                target.begin().map_err(ReplayError::Target)?;
+            }
+            for write in chunk.writes {
+                target.write(write).map_err(ReplayError::Target)?;
+            }
+            batch += chunk.applied;
+            open = Some(chunk.tail);
+            progress(chunk.tail.0);
+            if target.full() || batch >= REPLAY_BATCH_EVENTS {
+                let (position, hash) = chunk.tail;
+                target
+                    .commit(position, hash, batch)
+                    .map_err(ReplayError::Target)?;
+                (applied, batch, open) = (applied + batch, 0, None);
+            }
+        }
+        if let Some((position, hash)) = open {
+            target
+                .commit(position, hash, batch)
+                .map_err(ReplayError::Target)?;
+            applied += batch;
+        }
+        Ok(applied)
+    })
+}
+
+/// The projecting side of [`replay`]: sends the writes of the events in `(from, last]`, a chunk
+/// at a time. Stops early, without error, when the applying side has stopped.
+fn project_range<E: std::error::Error + 'static>(
+    reader: &Reader,
+    from: u64,
+    last: u64,
+    until: Until,
+    send: &std::sync::mpsc::SyncSender<Result<Chunk, ReplayError<E>>>,
+) -> Result<(), ReplayError<E>> {
     let mut after = from;
-    let mut applied = 0;
-    let mut out = Vec::new();
     while after < last {
-        let limit = REPLAY_BATCH_EVENTS.min((last - after) as usize);
+        let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
         let page = reader.scan(after, limit, &Filter::default())?;
-        let Some(examined) = page.last_examined else {
+        let (Some(examined), Some(tail)) = (page.last_examined, page.records.last()) else {
             break;
         };
-        target.begin().map_err(ReplayError::Target)?;
-        let mut tail = None;
-        let mut batch = 0;
+        let mut chunk = Chunk {
+            writes: Vec::with_capacity(page.records.len() * 2),
+            applied: 0,
+            tail: (tail.position, tail.hash),
+        };
         for record in &page.records {
             let event = record.event();
-            tail = Some((record.position, record.hash));
             if until
                 .time_ms
                 .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
             {
                 continue;
             }
-            let body = match kinds::body(event.kind(), event.version(), event.payload()) {
-                Ok(body) => body,
-                Err(error) => {
-                    return Err(ReplayError::Payload {
+            let body =
+                kinds::body(event.kind(), event.version(), event.payload()).map_err(|error| {
+                    ReplayError::Payload {
                         position: record.position,
                         error,
-                    })
-                }
-            };
-            let ctx = Context::of(&event);
-            out.clear();
-            out.extend(writes(&ctx, &body));
-            for w in &out {
-                target.write(w).map_err(ReplayError::Target)?;
-            }
-            batch += 1;
+                    }
+                })?;
+            chunk.writes.extend(writes(&Context::of(&event), &body));
+            chunk.applied += 1;
         }
-        let (position, hash) = tail.expect("a page that examined events holds them");
-        target
-            .commit(position, hash, batch)
-            .map_err(ReplayError::Target)?;
-        applied += batch;
-        progress(position);
+        if send.send(Ok(chunk)).is_err() {
+            return Ok(());
+        }
         after = examined;
     }
-    Ok(applied)
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
 
-use super::{Rule, Target, Val, Write};
+use super::{Group, Rule, Target, Val, Write};
 use crate::event::Hash;
 
 /// The DDL, shipped as a file so it can be read and diffed.
@@ -19,7 +19,13 @@ pub const SCHEMA: &str = include_str!("../../projections/sqlite/schema.sql");
 /// Prepared statements kept: more than the projector's distinct write shapes.
 const STATEMENTS_CACHED: usize = 512;
 /// Page cache of a rebuild, in KiB (a live projection keeps SQLite's default).
-pub const REBUILD_CACHE_KIB: i64 = 256 * 1024;
+pub const REBUILD_CACHE_KIB: i64 = 64 * 1024;
+/// Memory for upserts held until commit, in a rebuild and in a live projection. The larger
+/// it is, the fewer times a rebuild writes a row that many events change.
+pub const HELD_BYTES_REBUILD: usize = 256 << 20;
+pub const HELD_BYTES_LIVE: usize = 32 << 20;
+/// Inserts of one shape are written in runs of this many rows (one statement lookup a run).
+const INSERT_RUN: usize = 4_096;
 /// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -36,11 +42,15 @@ pub enum SqliteError {
 /// An open projection file.
 pub struct Sqlite {
     conn: Connection,
-    /// SQL text by write shape (table, columns, groups), built once.
-    shapes: HashMap<Vec<&'static str>, String>,
+    /// Statement shapes with their SQL, built once, and the open transaction's inserts.
+    shapes: Shapes,
     /// Upserts of the open transaction, merged per row; `held` finds a row by table and key.
     pending: Vec<Pending>,
-    held: HashMap<String, usize>,
+    held: foldhash::HashMap<String, usize>,
+    /// About how many bytes the held upserts take, and how many they may take before the
+    /// replay should commit.
+    held_bytes: usize,
+    budget: usize,
 }
 
 /// How durable the file's commits are. A rebuild into a new file needs none until it is
@@ -69,7 +79,17 @@ impl Sqlite {
         }
         // One statement per write shape (table and column groups): keep them all prepared.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
-        Sqlite::checked(conn, path, true)
+        let mut db = Sqlite::checked(conn, path, true)?;
+        db.budget = match durability {
+            Durability::Live => HELD_BYTES_LIVE,
+            Durability::Rebuild => HELD_BYTES_REBUILD,
+        };
+        Ok(db)
+    }
+
+    /// Sets how many bytes of upserts this target holds before the replay commits.
+    pub fn hold_at_most(&mut self, bytes: usize) {
+        self.budget = bytes;
     }
 
     /// Opens an existing projection read-only (for queries and digests).
@@ -101,9 +121,11 @@ impl Sqlite {
         }
         Ok(Sqlite {
             conn,
-            shapes: HashMap::new(),
+            shapes: Shapes::default(),
             pending: Vec::new(),
-            held: HashMap::new(),
+            held: Default::default(),
+            held_bytes: 0,
+            budget: HELD_BYTES_LIVE,
         })
     }
 
@@ -275,14 +297,55 @@ impl ToSql for Val {
 struct Pending {
     table: &'static str,
     key: Vec<(&'static str, Val)>,
-    groups: Vec<Merged>,
+    groups: Vec<Group>,
+    stamps: Vec<[u8; 24]>,
 }
 
-struct Merged {
-    stamp_col: &'static str,
-    rule: Rule,
-    stamp: [u8; 24],
-    cols: Vec<(&'static str, Val)>,
+/// One statement's shape (table, columns and groups) with its SQL, and the rows of the open
+/// transaction waiting for it.
+struct Shape {
+    names: Vec<&'static str>,
+    sql: String,
+    inserts: Vec<Vec<(&'static str, Val)>>,
+    upserts: Vec<Pending>,
+}
+
+/// The shapes seen so far, found by a hash of their names' addresses (names are the
+/// projector's constants) and confirmed by comparing the names themselves.
+#[derive(Default)]
+struct Shapes {
+    list: Vec<Shape>,
+    by_hash: HashMap<u64, usize>,
+}
+
+impl Shapes {
+    fn find(
+        &mut self,
+        names: impl Iterator<Item = &'static str> + Clone,
+        sql: impl FnOnce() -> String,
+    ) -> &mut Shape {
+        let mut hash = names.clone().fold(0xcbf2_9ce4_8422_2325_u64, |h, n| {
+            let h = (h ^ n.as_ptr() as u64).wrapping_mul(0x0100_0000_01b3);
+            (h ^ n.len() as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        let at = loop {
+            match self.by_hash.get(&hash) {
+                Some(&at) if self.list[at].names.iter().copied().eq(names.clone()) => break at,
+                Some(_) => hash = hash.wrapping_add(1),
+                None => {
+                    self.list.push(Shape {
+                        names: names.collect(),
+                        sql: sql(),
+                        inserts: Vec::new(),
+                        upserts: Vec::new(),
+                    });
+                    self.by_hash.insert(hash, self.list.len() - 1);
+                    break self.list.len() - 1;
+                }
+            }
+        };
+        &mut self.list[at]
+    }
 }
 
 fn wins(rule: Rule, new: &[u8; 24], old: &[u8; 24]) -> bool {
@@ -292,29 +355,40 @@ fn wins(rule: Rule, new: &[u8; 24], old: &[u8; 24]) -> bool {
     }
 }
 
+fn rule_mark(rule: Rule) -> &'static str {
+    match rule {
+        Rule::Newer => ">",
+        Rule::Older => "<",
+    }
+}
+
 impl Sqlite {
     fn hold(
         &mut self,
         table: &'static str,
-        key: &[(&'static str, Val)],
-        stamp: &[u8; 24],
-        groups: &[super::Group],
+        key: Vec<(&'static str, Val)>,
+        stamp: [u8; 24],
+        groups: Vec<Group>,
     ) {
         let mut id = String::from(table);
-        for (_, v) in key {
+        for (_, v) in &key {
             id.push('\u{0}');
             match v {
                 Val::Text(t) => id.push_str(t),
-                other => id.push_str(&format!("{other:?}")),
+                other => {
+                    let _ = write!(id, "{other:?}");
+                }
             }
         }
         let at = match self.held.get(&id) {
             Some(&at) => at,
             None => {
+                self.held_bytes += HELD_ROW_BYTES + 2 * id.len() + weight(&key);
                 self.pending.push(Pending {
                     table,
-                    key: key.to_vec(),
+                    key,
                     groups: Vec::new(),
+                    stamps: Vec::new(),
                 });
                 self.held.insert(id, self.pending.len() - 1);
                 self.pending.len() - 1
@@ -322,43 +396,90 @@ impl Sqlite {
         };
         let row = &mut self.pending[at];
         for g in groups {
-            match row.groups.iter_mut().find(|m| m.stamp_col == g.stamp) {
-                Some(m) if wins(g.rule, stamp, &m.stamp) => {
-                    m.stamp = *stamp;
-                    m.cols = g.cols.clone();
+            match row.groups.iter().position(|m| m.stamp == g.stamp) {
+                Some(i) if wins(g.rule, &stamp, &row.stamps[i]) => {
+                    self.held_bytes += weight(&g.cols);
+                    row.stamps[i] = stamp;
+                    row.groups[i] = g;
                 }
                 Some(_) => {}
-                None => row.groups.push(Merged {
-                    stamp_col: g.stamp,
-                    rule: g.rule,
-                    stamp: *stamp,
-                    cols: g.cols.clone(),
-                }),
+                None => {
+                    self.held_bytes += weight(&g.cols);
+                    row.groups.push(g);
+                    row.stamps.push(stamp);
+                }
             }
         }
     }
 
-    /// Writes the held upserts: each lands per group only if it wins against the stored row.
+    /// Writes the open transaction's waiting rows, one prepared statement per shape: inserts
+    /// land if the key is absent, held upserts per group only if they win against the stored row.
     fn flush(&mut self) -> Result<(), SqliteError> {
         self.held.clear();
         for row in std::mem::take(&mut self.pending) {
-            let mut shape: Vec<&'static str> = vec![row.table];
-            shape.extend(row.key.iter().map(|c| c.0));
-            for g in &row.groups {
-                shape.push(if g.rule == Rule::Newer { ">" } else { "<" });
-                shape.push(g.stamp_col);
-                shape.extend(g.cols.iter().map(|c| c.0));
-            }
-            let sql = self.shapes.entry(shape).or_insert_with(|| upsert_sql(&row));
-            let mut params: Vec<&dyn ToSql> = row.key.iter().map(|c| &c.1 as &dyn ToSql).collect();
-            for g in &row.groups {
-                params.extend(g.cols.iter().map(|c| &c.1 as &dyn ToSql));
-                params.push(&g.stamp);
-            }
-            self.conn.prepare_cached(sql)?.execute(params.as_slice())?;
+            let names = std::iter::once(row.table)
+                .chain(row.key.iter().map(|c| c.0))
+                .chain(row.groups.iter().flat_map(|g| {
+                    [rule_mark(g.rule), g.stamp]
+                        .into_iter()
+                        .chain(g.cols.iter().map(|c| c.0))
+                }));
+            self.shapes
+                .find(names, || upsert_sql(&row))
+                .upserts
+                .push(row);
+        }
+        self.held_bytes = 0;
+        for shape in &mut self.shapes.list {
+            execute(&self.conn, shape)?;
         }
         Ok(())
     }
+}
+
+/// Bytes a held row takes besides its values (a rough count, for the memory bound).
+const HELD_ROW_BYTES: usize = 160;
+
+/// About how many bytes `cols` take in memory.
+fn weight(cols: &[(&'static str, Val)]) -> usize {
+    cols.iter()
+        .map(|(_, v)| match v {
+            Val::Text(t) => 40 + t.len(),
+            Val::Blob(b) => 40 + b.len(),
+            _ => 40,
+        })
+        .sum()
+}
+
+/// Writes the rows waiting in `shape` with its one prepared statement.
+fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
+    if shape.inserts.is_empty() && shape.upserts.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(&shape.sql)?;
+    for row in shape.inserts.drain(..) {
+        for (i, (_, v)) in row.iter().enumerate() {
+            stmt.raw_bind_parameter(i + 1, v)?;
+        }
+        stmt.raw_execute()?;
+    }
+    for row in shape.upserts.drain(..) {
+        let mut i = 0;
+        for (_, v) in &row.key {
+            i += 1;
+            stmt.raw_bind_parameter(i, v)?;
+        }
+        for (g, stamp) in row.groups.iter().zip(&row.stamps) {
+            for (_, v) in &g.cols {
+                i += 1;
+                stmt.raw_bind_parameter(i, v)?;
+            }
+            i += 1;
+            stmt.raw_bind_parameter(i, &stamp[..])?;
+        }
+        stmt.raw_execute()?;
+    }
+    Ok(())
 }
 
 fn upsert_sql(row: &Pending) -> String {
@@ -366,16 +487,13 @@ fn upsert_sql(row: &Pending) -> String {
     let mut names: Vec<&str> = row.key.iter().map(|c| c.0).collect();
     for g in &row.groups {
         names.extend(g.cols.iter().map(|c| c.0));
-        names.push(g.stamp_col);
+        names.push(g.stamp);
     }
     let keys: Vec<&str> = row.key.iter().map(|c| c.0).collect();
     let mut sets = Vec::new();
     for g in &row.groups {
-        let s = g.stamp_col;
-        let op = match g.rule {
-            Rule::Newer => ">",
-            Rule::Older => "<",
-        };
+        let s = g.stamp;
+        let op = rule_mark(g.rule);
         let wins = format!("({table}.{s} IS NULL OR excluded.{s} {op} {table}.{s})");
         for col in g.cols.iter().map(|c| c.0).chain([s]) {
             sets.push(format!(
@@ -411,12 +529,11 @@ impl Target for Sqlite {
         Ok(())
     }
 
-    fn write(&mut self, write: &Write) -> Result<(), SqliteError> {
+    fn write(&mut self, write: Write) -> Result<(), SqliteError> {
         match write {
             Write::Insert { table, cols } => {
-                let mut shape: Vec<&'static str> = vec![table];
-                shape.extend(cols.iter().map(|c| c.0));
-                let sql = self.shapes.entry(shape).or_insert_with(|| {
+                let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
+                let shape = self.shapes.find(names, || {
                     let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
                     format!(
                         "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
@@ -424,8 +541,10 @@ impl Target for Sqlite {
                         vec!["?"; names.len()].join(", ")
                     )
                 });
-                let params: Vec<&dyn ToSql> = cols.iter().map(|c| &c.1 as &dyn ToSql).collect();
-                self.conn.prepare_cached(sql)?.execute(params.as_slice())?;
+                shape.inserts.push(cols);
+                if shape.inserts.len() >= INSERT_RUN {
+                    execute(&self.conn, shape)?;
+                }
             }
             Write::Upsert {
                 table,
@@ -435,6 +554,10 @@ impl Target for Sqlite {
             } => self.hold(table, key, stamp, groups),
         }
         Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.held_bytes >= self.budget
     }
 
     fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), SqliteError> {
