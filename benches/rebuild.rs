@@ -15,7 +15,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 use spool::event::Origin;
 use spool::log::{Log, LogOptions};
-use spool::project::sqlite::{Durability, Sqlite, HELD_BYTES_REBUILD, SCHEMA};
+use spool::project::sqlite::{Durability, Sqlite, HELD_BYTES_REBUILD, INDEXES, SCHEMA};
 use spool::project::{self, Until};
 use workload::{env_or, median, Mixed};
 
@@ -44,7 +44,7 @@ fn main() {
         let started = Instant::now();
         let mut db = Sqlite::open(&path, Durability::Rebuild).unwrap();
         let applied = project::replay(&reader, &mut db, 0, Until::default(), |_| {}).unwrap();
-        db.sync().unwrap();
+        db.finish().unwrap();
         rebuilds.push(applied as f64 / started.elapsed().as_secs_f64());
         let (seconds, n) = plain_insert(&path, &dir.path().join(format!("plain{run}.sqlite")));
         rows = n;
@@ -127,6 +127,7 @@ fn plain_insert(from: &std::path::Path, to: &std::path::Path) -> (f64, u64) {
     db.pragma_update(None, "journal_mode", "OFF").unwrap();
     db.pragma_update(None, "synchronous", "OFF").unwrap();
     db.execute_batch(SCHEMA).unwrap();
+    db.execute_batch(INDEXES).unwrap();
     let started = Instant::now();
     let tx = db.unchecked_transaction().unwrap();
     let mut n = 0;

@@ -8,6 +8,7 @@
 -- that combine groups (`status`, `shown_lane`) are generated from stored columns. Every write
 -- to a group sets all of its columns, so which write lands never depends on arrival order. Times are
 -- RFC 3339 UTC with milliseconds, from the event's HLC stamp.
+-- Secondary indexes are in indexes.sql: a rebuild builds them once its rows are in.
 
 CREATE TABLE spool_checkpoint (
   id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -53,7 +54,6 @@ CREATE TABLE score_history (
   score REAL NOT NULL, rank INTEGER NOT NULL, lane TEXT NOT NULL,
   reasoning TEXT, clash_resolution TEXT, sources_used TEXT, scored_at TEXT NOT NULL
 );
-CREATE INDEX score_history_task ON score_history (task_id, scored_at);
 
 CREATE TABLE score_overrides (
   id TEXT PRIMARY KEY,
@@ -84,7 +84,6 @@ CREATE TABLE activity_log (
   stream TEXT NOT NULL, actor TEXT NOT NULL, message TEXT NOT NULL, source TEXT, meta TEXT,
   created_at TEXT NOT NULL
 );
-CREATE INDEX activity_log_time ON activity_log (created_at);
 
 CREATE TABLE loom_workflow_defs (
   workflow_id TEXT PRIMARY KEY,

@@ -535,7 +535,7 @@ fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::
     let mut target = Sqlite::open(&partial, Durability::Rebuild)?;
     let applied = project::replay(&reader, &mut target, 0, until, |p| bar.set_position(p))?;
     bar.finish_and_clear();
-    target.sync()?;
+    target.finish()?;
     std::fs::rename(&partial, &path)
         .with_context(|| format!("moving the rebuilt projection to {}", path.display()))?;
     for suffix in ["-wal", "-shm"] {

@@ -11,15 +11,18 @@
 //! Boundary: knows events and kinds; nothing about SQL engines (`sqlite` is the only target
 //! module importing rusqlite).
 
+pub mod merge;
 mod rows;
 pub mod sqlite;
 
+use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::event::{EventId, EventRef, Hash};
 use crate::hlc;
 use crate::kinds::{self, Body};
 use crate::log::{Filter, LogError, Reader};
+use merge::Merged;
 
 /// A value in a row.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,8 +86,14 @@ impl<'a> Context<'a> {
         let mut stamp = [0u8; 24];
         stamp[..8].copy_from_slice(&event.hlc().to_be_bytes());
         stamp[8..].copy_from_slice(&id.origin.0);
+        let mut hex = [0u8; 32];
+        hex::encode_to_slice(id.origin.0, &mut hex).expect("32 hex digits for 16 bytes");
+        let mut text = String::with_capacity(32 + 1 + 20);
+        text.push_str(std::str::from_utf8(&hex).expect("hex digits"));
+        text.push(':');
+        let _ = write!(text, "{}", id.seq);
         Context {
-            id: format!("{}:{}", id.origin, id.seq),
+            id: text,
             stamp,
             at: time_text(hlc::physical_ms(event.hlc())),
             actor: event.actor(),
@@ -95,7 +104,22 @@ impl<'a> Context<'a> {
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
 pub fn time_text(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    thread_local! {
+        /// The last one formatted: events of one burst share their millisecond.
+        static LAST: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != ms {
+            text.clear();
+            let _ = write!(
+                text,
+                "{}",
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
+            );
+            *last = ms;
+        }
+        text.clone()
+    })
 }
 
 /// The local tables' projector: the writes one event makes.
@@ -109,15 +133,29 @@ pub trait Target {
 
     /// The last position applied and its hash (0 and zero for none).
     fn checkpoint(&self) -> Result<(u64, Hash), Self::Error>;
+    /// How many bytes of merged mutable rows the replay may hold before it commits (memory
+    /// the target bounds; the replay holds at most twice this, one batch written while the
+    /// next one fills).
+    fn held_bytes_max(&self) -> usize;
     /// Opens a transaction.
     fn begin(&mut self) -> Result<(), Self::Error>;
-    fn write(&mut self, write: Write) -> Result<(), Self::Error>;
-    /// Whether the target holds as much uncommitted work as it should (memory it bounds):
-    /// the replay then commits at the next event boundary.
-    fn full(&self) -> bool;
-    /// Records the checkpoint (the last position examined and its hash; `applied` more events
-    /// applied) and commits it with the rows it covers.
-    fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), Self::Error>;
+    /// An append-only row: inserted if no row has its key.
+    fn insert(
+        &mut self,
+        table: &'static str,
+        cols: Vec<(&'static str, Val)>,
+    ) -> Result<(), Self::Error>;
+    /// Writes the batch's merged mutable rows (in table and key order; each group lands only
+    /// if its stamp wins against the stored one), records the checkpoint (the last position
+    /// examined and its hash; `applied` more events applied) and commits it with the rows it
+    /// covers.
+    fn commit(
+        &mut self,
+        rows: Vec<merge::Row>,
+        position: u64,
+        hash: Hash,
+        applied: u64,
+    ) -> Result<(), Self::Error>;
 }
 
 /// Which events a replay applies.
@@ -172,28 +210,36 @@ pub fn catch_up<T: Target>(
 }
 
 /// Most events in one transaction of the replay; a target may ask to commit sooner
-/// ([`Target::full`]).
+/// ([`Target::held_bytes_max`]).
 pub const REPLAY_BATCH_EVENTS: u64 = 1_000_000;
 /// Events the projecting thread reads and hands over at a time.
 const REPLAY_CHUNK_EVENTS: usize = 1_000;
 /// Chunks in flight between the two threads.
 const REPLAY_CHUNKS_QUEUED: usize = 64;
 
-/// The writes of consecutive events, from the projecting thread, and the last one examined.
-struct Chunk {
-    writes: Vec<Write>,
-    applied: u64,
-    tail: (u64, Hash),
+/// What the projecting thread hands the applying one.
+enum Step {
+    /// The append-only rows of consecutive events, and the last one examined.
+    Inserts {
+        rows: Vec<(&'static str, Vec<(&'static str, Val)>)>,
+        tail: u64,
+    },
+    /// The end of a batch: its merged mutable rows and its checkpoint.
+    Commit {
+        rows: Vec<merge::Row>,
+        tail: (u64, Hash),
+        applied: u64,
+    },
 }
 
 /// THE replay loop: applies the events after position `from` (up to `until`) to `target`, in
-/// position order, committing with the checkpoint whenever the target is full, after
-/// [`REPLAY_BATCH_EVENTS`], and at the end. Calls `progress(position)` as events are applied.
-/// Returns the number of events applied.
+/// position order, committing with the checkpoint whenever the merged rows reach the target's
+/// memory bound, after [`REPLAY_BATCH_EVENTS`], and at the end. Calls `progress(position)` as
+/// events are applied. Returns the number of events applied.
 ///
-/// Two threads: one reads, decodes and projects events (the pure part), the caller's applies
-/// their writes to the target, with a bounded queue between them. An error on either side
-/// stops both; the open transaction is then never committed.
+/// Two threads: one reads, decodes and projects events and merges their writes to mutable
+/// rows (the pure part); the caller's writes rows to the target, with a bounded queue between
+/// them. An error on either side stops both; the open transaction is then never committed.
 pub fn replay<T: Target>(
     reader: &Reader,
     target: &mut T,
@@ -208,66 +254,66 @@ pub fn replay<T: Target>(
     if from >= last {
         return Ok(0);
     }
+    let held_bytes_max = target.held_bytes_max();
     let (send, receive) = std::sync::mpsc::sync_channel(REPLAY_CHUNKS_QUEUED);
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            if let Err(error) = project_range(reader, from, last, until, &send) {
+            if let Err(error) = project_range(reader, from, last, until, held_bytes_max, &send) {
                 let _ = send.send(Err(error));
             }
         });
         let mut applied = 0;
-        let mut batch = 0;
-        let mut open = None;
-        for chunk in receive {
-            let chunk: Chunk = chunk?;
-            if open.is_none() {
+        let mut open = false;
+        for step in receive {
+            if !open {
                 target.begin().map_err(ReplayError::Target)?;
+                open = true;
             }
-            for write in chunk.writes {
-                target.write(write).map_err(ReplayError::Target)?;
+            match step? {
+                Step::Inserts { rows, tail } => {
+                    for (table, cols) in rows {
+                        target.insert(table, cols).map_err(ReplayError::Target)?;
+                    }
+                    progress(tail);
+                }
+                Step::Commit {
+                    rows,
+                    tail: (position, hash),
+                    applied: batch,
+                } => {
+                    target
+                        .commit(rows, position, hash, batch)
+                        .map_err(ReplayError::Target)?;
+                    (applied, open) = (applied + batch, false);
+                }
             }
-            batch += chunk.applied;
-            open = Some(chunk.tail);
-            progress(chunk.tail.0);
-            if target.full() || batch >= REPLAY_BATCH_EVENTS {
-                let (position, hash) = chunk.tail;
-                target
-                    .commit(position, hash, batch)
-                    .map_err(ReplayError::Target)?;
-                (applied, batch, open) = (applied + batch, 0, None);
-            }
-        }
-        if let Some((position, hash)) = open {
-            target
-                .commit(position, hash, batch)
-                .map_err(ReplayError::Target)?;
-            applied += batch;
         }
         Ok(applied)
     })
 }
 
-/// The projecting side of [`replay`]: sends the writes of the events in `(from, last]`, a chunk
-/// at a time. Stops early, without error, when the applying side has stopped.
+/// The projecting side of [`replay`]: sends the append-only rows of the events in
+/// `(from, last]` a chunk at a time, and their merged mutable rows at the end of each batch.
+/// Stops early, without error, when the applying side has stopped.
 fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,
     from: u64,
     last: u64,
     until: Until,
-    send: &std::sync::mpsc::SyncSender<Result<Chunk, ReplayError<E>>>,
+    held_bytes_max: usize,
+    send: &std::sync::mpsc::SyncSender<Result<Step, ReplayError<E>>>,
 ) -> Result<(), ReplayError<E>> {
     let mut after = from;
+    let mut merged = Merged::default();
+    let mut batch = 0;
+    let mut tail = None;
     while after < last {
         let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
         let page = reader.scan(after, limit, &Filter::default())?;
-        let (Some(examined), Some(tail)) = (page.last_examined, page.records.last()) else {
+        let (Some(examined), Some(end)) = (page.last_examined, page.records.last()) else {
             break;
         };
-        let mut chunk = Chunk {
-            writes: Vec::with_capacity(page.records.len() * 2),
-            applied: 0,
-            tail: (tail.position, tail.hash),
-        };
+        let mut rows = Vec::with_capacity(page.records.len());
         for record in &page.records {
             let event = record.event();
             if until
@@ -283,13 +329,49 @@ fn project_range<E: std::error::Error + 'static>(
                         error,
                     }
                 })?;
-            chunk.writes.extend(writes(&Context::of(&event), &body));
-            chunk.applied += 1;
+            for write in writes(&Context::of(&event), &body) {
+                match write {
+                    Write::Insert { table, cols } => rows.push((table, cols)),
+                    Write::Upsert {
+                        table,
+                        key,
+                        stamp,
+                        groups,
+                    } => merged.add(table, key, stamp, groups),
+                }
+            }
+            batch += 1;
         }
-        if send.send(Ok(chunk)).is_err() {
+        tail = Some((end.position, end.hash));
+        after = examined;
+        if send
+            .send(Ok(Step::Inserts {
+                rows,
+                tail: end.position,
+            }))
+            .is_err()
+        {
             return Ok(());
         }
-        after = examined;
+        if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
+            let step = Step::Commit {
+                rows: std::mem::take(&mut merged).into_rows(),
+                tail: (end.position, end.hash),
+                applied: std::mem::take(&mut batch),
+            };
+            tail = None;
+            if send.send(Ok(step)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(tail) = tail {
+        let step = Step::Commit {
+            rows: merged.into_rows(),
+            tail,
+            applied: batch,
+        };
+        let _ = send.send(Ok(step));
     }
     Ok(())
 }

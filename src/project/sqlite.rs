@@ -11,11 +11,14 @@ use std::path::Path;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
 
-use super::{Group, Rule, Target, Val, Write};
+use super::merge::Row;
+use super::{Rule, Target, Val};
 use crate::event::Hash;
 
-/// The DDL, shipped as a file so it can be read and diffed.
+/// The DDL, shipped as files so it can be read and diffed: the tables, and their secondary
+/// indexes (idempotent), which a rebuild creates after its rows.
 pub const SCHEMA: &str = include_str!("../../projections/sqlite/schema.sql");
+pub const INDEXES: &str = include_str!("../../projections/sqlite/indexes.sql");
 /// Prepared statements kept: more than the projector's distinct write shapes.
 const STATEMENTS_CACHED: usize = 512;
 /// Page cache of a rebuild, in KiB (a live projection keeps SQLite's default).
@@ -44,13 +47,10 @@ pub struct Sqlite {
     conn: Connection,
     /// Statement shapes with their SQL, built once, and the open transaction's inserts.
     shapes: Shapes,
-    /// Upserts of the open transaction, merged per row; `held` finds a row by table and key.
-    pending: Vec<Pending>,
-    held: foldhash::HashMap<String, usize>,
-    /// About how many bytes the held upserts take, and how many they may take before the
-    /// replay should commit.
-    held_bytes: usize,
-    budget: usize,
+    /// How many bytes of merged rows the replay may hold before it commits.
+    held_bytes_max: usize,
+    /// A rebuild creates the secondary indexes in [`Sqlite::finish`].
+    indexes_deferred: bool,
 }
 
 /// How durable the file's commits are. A rebuild into a new file needs none until it is
@@ -80,16 +80,19 @@ impl Sqlite {
         // One statement per write shape (table and column groups): keep them all prepared.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         let mut db = Sqlite::checked(conn, path, true)?;
-        db.budget = match durability {
-            Durability::Live => HELD_BYTES_LIVE,
-            Durability::Rebuild => HELD_BYTES_REBUILD,
-        };
+        match durability {
+            Durability::Live => db.conn.execute_batch(INDEXES)?,
+            Durability::Rebuild => {
+                db.held_bytes_max = HELD_BYTES_REBUILD;
+                db.indexes_deferred = true;
+            }
+        }
         Ok(db)
     }
 
-    /// Sets how many bytes of upserts this target holds before the replay commits.
+    /// Sets how many bytes of merged rows a replay into this target holds before it commits.
     pub fn hold_at_most(&mut self, bytes: usize) {
-        self.budget = bytes;
+        self.held_bytes_max = bytes;
     }
 
     /// Opens an existing projection read-only (for queries and digests).
@@ -122,10 +125,8 @@ impl Sqlite {
         Ok(Sqlite {
             conn,
             shapes: Shapes::default(),
-            pending: Vec::new(),
-            held: Default::default(),
-            held_bytes: 0,
-            budget: HELD_BYTES_LIVE,
+            held_bytes_max: HELD_BYTES_LIVE,
+            indexes_deferred: false,
         })
     }
 
@@ -232,9 +233,12 @@ impl Sqlite {
         Ok(())
     }
 
-    /// A rebuild writes without syncing; this makes the finished file durable before it is
-    /// renamed into place.
-    pub fn sync(self) -> Result<(), SqliteError> {
+    /// Completes a rebuild: creates the secondary indexes it deferred and makes the file
+    /// durable (a rebuild writes without syncing) before it is renamed into place.
+    pub fn finish(self) -> Result<(), SqliteError> {
+        if self.indexes_deferred {
+            self.conn.execute_batch(INDEXES)?;
+        }
         let path = self.conn.path().map(std::path::PathBuf::from);
         self.conn.close().map_err(|(_, e)| SqliteError::Sql(e))?;
         if let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) {
@@ -291,23 +295,13 @@ impl ToSql for Val {
     }
 }
 
-/// An upsert held until the batch commits: the winning write of each column group so far.
-/// Merging is exact because each group's rule picks one stamp whatever the order, so a batch
-/// writes each mutable row once instead of once per event.
-struct Pending {
-    table: &'static str,
-    key: Vec<(&'static str, Val)>,
-    groups: Vec<Group>,
-    stamps: Vec<[u8; 24]>,
-}
-
-/// One statement's shape (table, columns and groups) with its SQL, and the rows of the open
-/// transaction waiting for it.
+/// One statement's shape (table, columns and groups) with its SQL, and the open transaction's
+/// rows waiting for it.
 struct Shape {
     names: Vec<&'static str>,
     sql: String,
     inserts: Vec<Vec<(&'static str, Val)>>,
-    upserts: Vec<Pending>,
+    upserts: Vec<Row>,
 }
 
 /// The shapes seen so far, found by a hash of their names' addresses (names are the
@@ -348,107 +342,11 @@ impl Shapes {
     }
 }
 
-fn wins(rule: Rule, new: &[u8; 24], old: &[u8; 24]) -> bool {
-    match rule {
-        Rule::Newer => new > old,
-        Rule::Older => new < old,
-    }
-}
-
 fn rule_mark(rule: Rule) -> &'static str {
     match rule {
         Rule::Newer => ">",
         Rule::Older => "<",
     }
-}
-
-impl Sqlite {
-    fn hold(
-        &mut self,
-        table: &'static str,
-        key: Vec<(&'static str, Val)>,
-        stamp: [u8; 24],
-        groups: Vec<Group>,
-    ) {
-        let mut id = String::from(table);
-        for (_, v) in &key {
-            id.push('\u{0}');
-            match v {
-                Val::Text(t) => id.push_str(t),
-                other => {
-                    let _ = write!(id, "{other:?}");
-                }
-            }
-        }
-        let at = match self.held.get(&id) {
-            Some(&at) => at,
-            None => {
-                self.held_bytes += HELD_ROW_BYTES + 2 * id.len() + weight(&key);
-                self.pending.push(Pending {
-                    table,
-                    key,
-                    groups: Vec::new(),
-                    stamps: Vec::new(),
-                });
-                self.held.insert(id, self.pending.len() - 1);
-                self.pending.len() - 1
-            }
-        };
-        let row = &mut self.pending[at];
-        for g in groups {
-            match row.groups.iter().position(|m| m.stamp == g.stamp) {
-                Some(i) if wins(g.rule, &stamp, &row.stamps[i]) => {
-                    self.held_bytes += weight(&g.cols);
-                    row.stamps[i] = stamp;
-                    row.groups[i] = g;
-                }
-                Some(_) => {}
-                None => {
-                    self.held_bytes += weight(&g.cols);
-                    row.groups.push(g);
-                    row.stamps.push(stamp);
-                }
-            }
-        }
-    }
-
-    /// Writes the open transaction's waiting rows, one prepared statement per shape: inserts
-    /// land if the key is absent, held upserts per group only if they win against the stored row.
-    fn flush(&mut self) -> Result<(), SqliteError> {
-        self.held.clear();
-        for row in std::mem::take(&mut self.pending) {
-            let names = std::iter::once(row.table)
-                .chain(row.key.iter().map(|c| c.0))
-                .chain(row.groups.iter().flat_map(|g| {
-                    [rule_mark(g.rule), g.stamp]
-                        .into_iter()
-                        .chain(g.cols.iter().map(|c| c.0))
-                }));
-            self.shapes
-                .find(names, || upsert_sql(&row))
-                .upserts
-                .push(row);
-        }
-        self.held_bytes = 0;
-        for shape in &mut self.shapes.list {
-            execute(&self.conn, shape)?;
-        }
-        Ok(())
-    }
-}
-
-/// Bytes a held row takes besides its values (a rough count, for the memory bound).
-const HELD_ROW_BYTES: usize = 160;
-
-/// About how many bytes `cols` take in memory.
-fn weight(cols: &[(&'static str, Val)]) -> usize {
-    cols.iter()
-        .map(|(_, v)| match v {
-            Val::Text(t) => 40 + t.len(),
-            Val::Blob(b) => 40 + b.len(),
-            _ => 40,
-        })
-        .sum()
 }
 
 /// Writes the rows waiting in `shape` with its one prepared statement.
@@ -482,7 +380,8 @@ fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
     Ok(())
 }
 
-fn upsert_sql(row: &Pending) -> String {
+/// An upsert whose groups each land only if their stamp wins against the stored one.
+fn upsert_sql(row: &Row) -> String {
     let table = row.table;
     let mut names: Vec<&str> = row.key.iter().map(|c| c.0).collect();
     for g in &row.groups {
@@ -524,44 +423,71 @@ impl Target for Sqlite {
         Ok((position, hash))
     }
 
+    fn held_bytes_max(&self) -> usize {
+        self.held_bytes_max
+    }
+
+    /// Starts from nothing: a transaction left open by a failed replay is rolled back, and
+    /// its waiting rows dropped.
     fn begin(&mut self) -> Result<(), SqliteError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        for shape in &mut self.shapes.list {
+            shape.inserts.clear();
+            shape.upserts.clear();
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
     }
 
-    fn write(&mut self, write: Write) -> Result<(), SqliteError> {
-        match write {
-            Write::Insert { table, cols } => {
-                let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
-                let shape = self.shapes.find(names, || {
-                    let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-                    format!(
-                        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
-                        names.join(", "),
-                        vec!["?"; names.len()].join(", ")
-                    )
-                });
-                shape.inserts.push(cols);
-                if shape.inserts.len() >= INSERT_RUN {
-                    execute(&self.conn, shape)?;
-                }
-            }
-            Write::Upsert {
-                table,
-                key,
-                stamp,
-                groups,
-            } => self.hold(table, key, stamp, groups),
+    /// Inserts of one shape wait and are written in runs of [`INSERT_RUN`].
+    fn insert(
+        &mut self,
+        table: &'static str,
+        cols: Vec<(&'static str, Val)>,
+    ) -> Result<(), SqliteError> {
+        let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
+        let shape = self.shapes.find(names, || {
+            let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
+            format!(
+                "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+                names.join(", "),
+                vec!["?"; names.len()].join(", ")
+            )
+        });
+        shape.inserts.push(cols);
+        if shape.inserts.len() >= INSERT_RUN {
+            execute(&self.conn, shape)?;
         }
         Ok(())
     }
 
-    fn full(&self) -> bool {
-        self.held_bytes >= self.budget
-    }
-
-    fn commit(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), SqliteError> {
-        self.flush()?;
+    /// Writes the waiting inserts, then the merged rows (one prepared statement per shape,
+    /// each shape's rows in key order), the checkpoint, and commits.
+    fn commit(
+        &mut self,
+        rows: Vec<Row>,
+        position: u64,
+        hash: Hash,
+        applied: u64,
+    ) -> Result<(), SqliteError> {
+        for row in rows {
+            let names = std::iter::once(row.table)
+                .chain(row.key.iter().map(|c| c.0))
+                .chain(row.groups.iter().flat_map(|g| {
+                    [rule_mark(g.rule), g.stamp]
+                        .into_iter()
+                        .chain(g.cols.iter().map(|c| c.0))
+                }));
+            self.shapes
+                .find(names, || upsert_sql(&row))
+                .upserts
+                .push(row);
+        }
+        for shape in &mut self.shapes.list {
+            execute(&self.conn, shape)?;
+        }
         self.conn.execute(
             "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3 WHERE id = 1",
             rusqlite::params![position as i64, hash.0.as_slice(), applied as i64],
