@@ -416,8 +416,8 @@ struct Commits<'a> {
 
 impl project::Target for Commits<'_> {
     type Error = spool::project::sqlite::SqliteError;
-    fn checkpoint(&self) -> Result<(u64, Hash), Self::Error> {
-        project::Target::checkpoint(&*self.db)
+    fn checkpoint(&mut self) -> Result<(u64, Hash), Self::Error> {
+        project::Target::checkpoint(&mut *self.db)
     }
     fn held_bytes_max(&self) -> usize {
         self.db.held_bytes_max()

@@ -109,6 +109,16 @@ pub fn new_event(request: AppendRequest) -> Result<NewEvent, InputError> {
     }
     let spec = kinds::lookup(&request.kind)
         .ok_or_else(|| InputError::UnknownKind(request.kind.clone()))?;
+    if let Some(field) = has_nul(&request.data)
+        .then(|| nul_at(&request.data, "data"))
+        .flatten()
+    {
+        return Err(InputError::Field {
+            field,
+            problem: "contains a NUL character (U+0000), which a Postgres text column cannot hold"
+                .to_owned(),
+        });
+    }
     let payload = spec
         .encode(&request.data)
         .map_err(|error| InputError::Data {
@@ -192,6 +202,36 @@ fn check_name(field: &str, value: &str) -> Result<(), InputError> {
     })
 }
 
+/// Whether any string (or object key) in `value` holds a NUL character (no allocation: the
+/// path is built only for a refusal).
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// The path of the first string (or object key) in `value` holding a NUL character.
+fn nul_at(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, &format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            let here = format!("{path}.{}", k.replace('\0', "\\u0000"));
+            match k.contains('\0') {
+                true => Some(here),
+                false => nul_at(v, &here),
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// serde_json appends " at line 1 column 9" to its messages; the field name says more.
 fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {
@@ -253,6 +293,36 @@ mod tests {
             &line("activity.logged", &long, r#"{"message":"m"}"#),
             "over the limit",
         );
+    }
+
+    #[test]
+    fn a_nul_character_anywhere_in_the_data_is_refused_by_its_path() {
+        for (data, field) in [
+            (r#"{"message":"a\u0000b"}"#, "data.message"),
+            (
+                r#"{"message":"m","meta":{"k":["x","\u0000"]}}"#,
+                "data.meta.k[1]",
+            ),
+            (
+                r#"{"message":"m","meta":{"a\u0000":1}}"#,
+                "data.meta.a\\u0000",
+            ),
+        ] {
+            let err = parse_request(&line("activity.logged", "board", data)).unwrap_err();
+            match err {
+                InputError::Field { field: f, problem } => {
+                    assert_eq!(f, field);
+                    assert!(problem.contains("NUL"), "{problem}");
+                }
+                other => panic!("{data}: {other}"),
+            }
+        }
+        assert!(parse_request(&line(
+            "activity.logged",
+            "board",
+            r#"{"message":"a\\u0000b"}"#
+        ))
+        .is_ok());
     }
 
     #[test]

@@ -90,6 +90,14 @@ CREATE TABLE loom_workflow_defs (
   name TEXT, host TEXT, source_path TEXT, schedule TEXT, steps TEXT, mirrored_at TEXT, stamp BLOB
 );
 
+-- The steps of each mirrored definition. A step that a later definition dropped stays with its
+-- older stamp: the current steps are those whose stamp equals their definition's.
+CREATE TABLE loom_workflow_steps (
+  workflow_id TEXT NOT NULL, step_id TEXT NOT NULL,
+  ordinal INTEGER, name TEXT, command TEXT, depends_on TEXT, target_host TEXT, stamp BLOB,
+  PRIMARY KEY (workflow_id, step_id)
+);
+
 CREATE TABLE loom_workflows (
   workflow_id TEXT NOT NULL, host TEXT NOT NULL,
   schedule TEXT, registered INTEGER, reason TEXT, changed_at TEXT, stamp BLOB,

@@ -12,14 +12,15 @@ use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
 use spool::log::{Appended, Filter, Log, Record};
+use spool::project::postgres::{self, Postgres};
 use spool::project::sqlite::{Durability, Sqlite};
 use spool::project::{self, Until};
 use spool::sync::{file as shipping, Selection, Vector};
 use spool::{hlc, kinds};
 
 use super::{
-    AppendArgs, Cli, Command, DigestCommand, ExportArgs, LogArgs, RebuildCommand, SchemaCommand,
-    Usage,
+    AppendArgs, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand, RebuildCommand,
+    SchemaCommand, Usage,
 };
 
 /// Events read per page by `spool log`: bounds its memory whatever the log's size.
@@ -45,6 +46,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export(&home, args),
         Command::Ingest { file, json } => ingest(&home, file, json),
         Command::Rebuild(RebuildCommand::Sqlite { into, as_of }) => rebuild(&home, into, as_of),
+        Command::Project(ProjectCommand::Postgres {
+            url,
+            follow,
+            held_bytes_max,
+            json,
+        }) => project_postgres(&home, &url, follow, held_bytes_max, json),
         Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
         Command::Sql { statement, db } => sql(&home, &statement, db),
         Command::Demo { .. } => unreachable!("handled above"),
@@ -489,6 +496,91 @@ fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
     Ok(Sqlite::open_read_only(&path)?)
 }
 
+/// Times a projection retries a batch that a concurrent projector's transaction deadlocked.
+const DEADLOCK_RETRIES: u32 = 20;
+/// How often `--follow` looks for new events.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+fn project_postgres(
+    dir: &Path,
+    url: &str,
+    follow: bool,
+    held_bytes_max: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let mut target = Postgres::connect(url, home.origin()).context("connecting to Postgres")?;
+    if let Some(bytes) = held_bytes_max {
+        target.hold_at_most(bytes);
+    }
+    loop {
+        let log = match home.open_log() {
+            Ok(log) => log,
+            // Another spool command has the log for a moment: look again at the next tick.
+            Err(spool::home::HomeError::Log(spool::log::LogError::Locked { .. })) if follow => {
+                std::thread::sleep(FOLLOW_POLL);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let reader = log.read()?;
+        let last = reader.last_position()?;
+        let started = Instant::now();
+        let mut retries = 0;
+        let applied = loop {
+            let (from, _) = project::Target::checkpoint(&mut target)?;
+            let bar = progress_bar(last.saturating_sub(from), "projecting");
+            let result = project::catch_up(&reader, &mut target, |p| {
+                bar.set_position(p.saturating_sub(from))
+            });
+            bar.finish_and_clear();
+            match result {
+                Err(project::ReplayError::Target(e))
+                    if postgres::is_retryable(&e) && retries < DEADLOCK_RETRIES =>
+                {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_millis(20 * u64::from(retries)));
+                }
+                other => break other?,
+            }
+        };
+        drop(reader);
+        drop(log);
+        let (position, _, events) = target.checkpoint()?;
+        if applied > 0 || !follow {
+            let seconds = started.elapsed().as_secs_f64();
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"applied": applied, "position": position, "events": events,
+                           "seconds": seconds, "retries": retries})
+                );
+            } else {
+                println!(
+                    "projected {applied} events into Postgres up to position {position} in {seconds:.2} s ({events} applied there by this node in all)"
+                );
+            }
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    }
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal) with rate and ETA.
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} events, {{per_sec}}, ETA {{eta}}"
+        ))
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
 fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::Result<ExitCode> {
     let until = match as_of.as_deref() {
         None => Until::default(),
@@ -523,14 +615,7 @@ fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::
     let last = until.position.map_or(reader.last_position()?, |p| {
         p.min(reader.last_position().unwrap_or(p))
     });
-    let bar = indicatif::ProgressBar::new(last);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} rebuilding [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
+    let bar = progress_bar(last, "rebuilding");
     let started = Instant::now();
     let mut target = Sqlite::open(&partial, Durability::Rebuild)?;
     let applied = project::replay(&reader, &mut target, 0, until, |p| bar.set_position(p))?;

@@ -63,6 +63,9 @@ enum Command {
     /// Rebuild a projection from the log (into a new file, then swapped in).
     #[command(subcommand)]
     Rebuild(RebuildCommand),
+    /// Keep a database's tables current from this node's log (from its checkpoint there).
+    #[command(subcommand)]
+    Project(ProjectCommand),
     /// A canonical hash of a projection's rows: equal on every node holding equal events.
     #[command(subcommand)]
     Digest(DigestCommand),
@@ -102,6 +105,24 @@ enum RebuildCommand {
         /// time (requires --into).
         #[arg(long, value_name = "POS|RFC3339", requires = "into")]
         as_of: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCommand {
+    /// The Supabase table families in a Postgres database (schema created if absent).
+    Postgres {
+        /// A connection string: `postgresql://user@host/db` or `host=/run/postgresql dbname=db`.
+        #[arg(long, env = "SPOOL_PG_URL", hide_env_values = true)]
+        url: String,
+        /// Keep going: apply new events as they are appended, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Memory for merged rows before a commit (default 64 MiB); smaller commits more often.
+        #[arg(long, value_name = "BYTES")]
+        held_bytes_max: Option<usize>,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -12,7 +12,9 @@
 //! module importing rusqlite).
 
 pub mod merge;
+pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 
 use std::fmt::Write as _;
@@ -132,7 +134,7 @@ pub trait Target {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The last position applied and its hash (0 and zero for none).
-    fn checkpoint(&self) -> Result<(u64, Hash), Self::Error>;
+    fn checkpoint(&mut self) -> Result<(u64, Hash), Self::Error>;
     /// How many bytes of merged mutable rows the replay may hold before it commits (memory
     /// the target bounds; the replay holds at most twice this, one batch written while the
     /// next one fills).

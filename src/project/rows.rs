@@ -320,22 +320,50 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ],
             )],
         )],
-        Body::WorkflowMirrored(p) => vec![upsert(
-            ctx,
-            "loom_workflow_defs",
-            vec![("workflow_id", text(&p.workflow_id.0))],
-            vec![newer(
-                "stamp",
-                vec![
-                    ("name", text(&p.name.0)),
-                    ("host", text(&p.host.0)),
-                    ("source_path", opt(&p.source_path)),
-                    ("schedule", opt(&p.schedule)),
-                    ("steps", json(&p.steps)),
-                    ("mirrored_at", at()),
-                ],
-            )],
-        )],
+        Body::WorkflowMirrored(p) => {
+            let def = upsert(
+                ctx,
+                "loom_workflow_defs",
+                vec![("workflow_id", text(&p.workflow_id.0))],
+                vec![newer(
+                    "stamp",
+                    vec![
+                        ("name", text(&p.name.0)),
+                        ("host", text(&p.host.0)),
+                        ("source_path", opt(&p.source_path)),
+                        ("schedule", opt(&p.schedule)),
+                        ("steps", json(&p.steps)),
+                        ("mirrored_at", at()),
+                    ],
+                )],
+            );
+            // One row per step, stamped like the definition: a step a later definition
+            // dropped keeps an older stamp than its workflow's row.
+            let steps = p.steps.iter().enumerate().map(|(i, step)| {
+                upsert(
+                    ctx,
+                    "loom_workflow_steps",
+                    vec![
+                        ("workflow_id", text(&p.workflow_id.0)),
+                        ("step_id", text(&step.step_id.0)),
+                    ],
+                    vec![newer(
+                        "stamp",
+                        vec![
+                            ("ordinal", Val::Int(i as i64)),
+                            ("name", text(&step.name.0)),
+                            ("command", opt(&step.command)),
+                            (
+                                "depends_on",
+                                step.depends_on.as_ref().map_or(Val::Null, json),
+                            ),
+                            ("target_host", opt(&step.target_host)),
+                        ],
+                    )],
+                )
+            });
+            std::iter::once(def).chain(steps).collect()
+        }
         Body::WorkflowRegistered(p) => vec![upsert(
             ctx,
             "loom_workflows",

@@ -5,13 +5,13 @@
 //! projector's constants; every value is a bound parameter.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
 
 use super::merge::Row;
+use super::sql;
 use super::{Rule, Target, Val};
 use crate::event::Hash;
 
@@ -30,7 +30,7 @@ pub const HELD_BYTES_LIVE: usize = 32 << 20;
 /// Inserts of one shape are written in runs of this many rows (one statement lookup a run).
 const INSERT_RUN: usize = 4_096;
 /// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqliteError {
@@ -380,45 +380,10 @@ fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
     Ok(())
 }
 
-/// An upsert whose groups each land only if their stamp wins against the stored one.
-fn upsert_sql(row: &Row) -> String {
-    let table = row.table;
-    let mut names: Vec<&str> = row.key.iter().map(|c| c.0).collect();
-    for g in &row.groups {
-        names.extend(g.cols.iter().map(|c| c.0));
-        names.push(g.stamp);
-    }
-    let keys: Vec<&str> = row.key.iter().map(|c| c.0).collect();
-    let mut sets = Vec::new();
-    for g in &row.groups {
-        let s = g.stamp;
-        let op = rule_mark(g.rule);
-        let wins = format!("({table}.{s} IS NULL OR excluded.{s} {op} {table}.{s})");
-        for col in g.cols.iter().map(|c| c.0).chain([s]) {
-            sets.push(format!(
-                "{col} = CASE WHEN {wins} THEN excluded.{col} ELSE {table}.{col} END"
-            ));
-        }
-    }
-    let mut sql = format!(
-        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO ",
-        names.join(", "),
-        vec!["?"; names.len()].join(", "),
-        keys.join(", ")
-    );
-    match sets.is_empty() {
-        true => sql.push_str("NOTHING"),
-        false => {
-            let _ = write!(sql, "UPDATE SET {}", sets.join(", "));
-        }
-    }
-    sql
-}
-
 impl Target for Sqlite {
     type Error = SqliteError;
 
-    fn checkpoint(&self) -> Result<(u64, Hash), SqliteError> {
+    fn checkpoint(&mut self) -> Result<(u64, Hash), SqliteError> {
         let (position, hash, _) = Sqlite::checkpoint(self)?;
         Ok((position, hash))
     }
@@ -450,11 +415,7 @@ impl Target for Sqlite {
         let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
         let shape = self.shapes.find(names, || {
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-            format!(
-                "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
-                names.join(", "),
-                vec!["?"; names.len()].join(", ")
-            )
+            sql::insert(table, &names, &sql::values(names.len()))
         });
         shape.inserts.push(cols);
         if shape.inserts.len() >= INSERT_RUN {
@@ -481,7 +442,9 @@ impl Target for Sqlite {
                         .chain(g.cols.iter().map(|c| c.0))
                 }));
             self.shapes
-                .find(names, || upsert_sql(&row))
+                .find(names, || {
+                    sql::upsert(&row, &sql::values(sql::columns(&row).len()))
+                })
                 .upserts
                 .push(row);
         }

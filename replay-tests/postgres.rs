@@ -1,0 +1,364 @@
+//! The Postgres projection against a real server (a throwaway cluster, `common/pg.rs`):
+//! row-level security, hostile strings, two nodes projecting into one database at once, and
+//! the projecting process killed mid-batch.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use common::{spool, SPOOL};
+
+/// A new node home in `dir`.
+fn home(dir: &Path, label: &str) -> std::path::PathBuf {
+    let home = dir.join(label);
+    let out = spool(&home, &["init", "--label", label], "");
+    assert!(out.status.success(), "{out:?}");
+    home
+}
+
+/// Appends `lines` in batches small enough for `spool`'s output to fit a pipe.
+fn append(home: &Path, lines: &[Value]) {
+    for batch in lines.chunks(400) {
+        let text: String = batch.iter().map(|l| format!("{l}\n")).collect();
+        let out = spool(home, &["append"], &text);
+        assert!(
+            out.status.success(),
+            "append: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn project(home: &Path, url: &str, extra: &[&str]) {
+    let mut args = vec!["project", "postgres", "--url", url];
+    args.extend(extra);
+    let out = spool(home, &args, "");
+    assert!(
+        out.status.success(),
+        "project: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The golden cases' events as append requests (every table of the projection).
+fn case_requests() -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("replay-tests/cases");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for path in names {
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let spec: Value = serde_json::from_str(line).unwrap();
+            out.push(json!({"kind": spec["kind"], "stream": spec["stream"],
+                            "actor": spec["actor"], "data": spec["data"]}));
+        }
+    }
+    out
+}
+
+/// Every projected table's rows as sorted text (checkpoints excluded): equal dumps, equal rows.
+fn dump(url: &str) -> Vec<(String, String)> {
+    let mut client = pg::connect(url);
+    let tables: Vec<String> = client
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' \
+             AND tablename NOT LIKE 'spool\\_%' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tables
+        .into_iter()
+        .map(|t| {
+            // Names come from the catalogue, not from data.
+            let rows: String = client
+                .query_one(
+                    &format!(
+                        "SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"
+                    ),
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (t, rows)
+        })
+        .collect()
+}
+
+fn checkpoint_events(url: &str) -> Vec<i64> {
+    pg::connect(url)
+        .query("SELECT events FROM spool_checkpoints ORDER BY node", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+const LANES: [&str; 3] = ["now", "next", "later"];
+
+/// Random board, Loom and activity changes over a few shared tasks and runs.
+fn random_requests(rng: &mut StdRng, n: usize, tag: &str) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let task = format!("t{}", rng.random_range(0..40));
+            let run = format!("run{}", rng.random_range(0..20));
+            let (kind, stream, data) = match rng.random_range(0..6) {
+                0 => ("task.created", format!("task/{task}"),
+                      json!({"task_id": task, "title": format!("{tag} {i}"), "status": "todo"})),
+                1 => ("task.scored", format!("task/{task}"),
+                      json!({"task_id": task, "run_id": "r1", "i": 3, "u": 4, "c": 5, "e": 2,
+                             "score": rng.random_range(0..1000) as f64 / 7.0, "rank": 1 + i % 9,
+                             "lane": LANES[i % 3]})),
+                2 => ("task.moved", format!("task/{task}"),
+                      json!({"task_id": task, "status": "in_progress", "lane": LANES[i % 2]})),
+                3 => ("loom.run_started", format!("run/{run}"),
+                      json!({"run_id": run, "workflow_id": "morning-ritual", "trigger": "schedule", "host": tag})),
+                4 => ("loom.step_finished", format!("run/{run}"),
+                      json!({"run_id": run, "step_id": format!("s{}", i % 3), "status": "succeeded",
+                             "exit_code": 0, "output_tail": format!("{tag} {i}")})),
+                _ => ("activity.logged", "board".to_owned(),
+                      json!({"message": format!("{tag} #{i}"), "source": "optimalos"})),
+            };
+            json!({"kind": kind, "stream": stream, "actor": format!("agent:{tag}"), "data": data})
+        })
+        .collect()
+}
+
+#[test]
+fn vault_tables_deny_anon_and_authenticated_and_admit_service_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    append(&node, &case_requests());
+    let url = pg::database();
+    project(&node, &url, &[]);
+    let mut client = pg::connect(&url);
+    let vault = [
+        "vault_entries",
+        "vault_recipients",
+        "vault_access_log",
+        "devices",
+        "pairing_tokens",
+        "vault_install",
+    ];
+    let count = |c: &mut postgres::Client, t: &str| -> i64 {
+        c.query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .unwrap()
+            .get(0)
+    };
+    let owner: Vec<i64> = vault.iter().map(|t| count(&mut client, t)).collect();
+    assert!(
+        owner.iter().all(|&n| n > 0),
+        "the cases fill every vault table: {owner:?}"
+    );
+    for t in vault {
+        let forced: (bool, bool) = client
+            .query_one(
+                "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE relname = $1",
+                &[&t],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!(forced, (true, true), "{t}");
+    }
+    for role in ["anon", "authenticated"] {
+        client.batch_execute(&format!("SET ROLE {role}")).unwrap();
+        for t in vault {
+            assert_eq!(count(&mut client, t), 0, "{role} sees no rows of {t}");
+            let updated = client
+                .execute(&format!("UPDATE {t} SET stamp = stamp"), &[])
+                .or_else(|_| client.execute(&format!("DELETE FROM {t}"), &[]))
+                .unwrap_or(0);
+            assert_eq!(updated, 0, "{role} changes no row of {t}");
+            let deleted = client.execute(&format!("DELETE FROM {t}"), &[]).unwrap();
+            assert_eq!(deleted, 0, "{role} deletes no row of {t}");
+        }
+        let insert = client.execute(
+            "INSERT INTO vault_access_log (id, entry_id, device_id, recipient, unlocked_at) \
+             VALUES ('x', 'e', 'd', 'r', now())",
+            &[],
+        );
+        let error = insert.expect_err("an insert is denied");
+        let error = error.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(error.contains("row-level security"), "{role}: {error}");
+        client.batch_execute("RESET ROLE").unwrap();
+    }
+    client.batch_execute("SET ROLE service_role").unwrap();
+    let service: Vec<i64> = vault.iter().map(|t| count(&mut client, t)).collect();
+    assert_eq!(service, owner, "service_role sees every row");
+    client.batch_execute("RESET ROLE").unwrap();
+    // The other tables are not behind RLS: anon reads tasks as Supabase's API would.
+    client.batch_execute("SET ROLE anon").unwrap();
+    assert!(count(&mut client, "tasks") > 0);
+}
+
+#[test]
+fn hostile_strings_round_trip_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    let big: String = "0123456789abcdef\u{e9}\u{1f9f5}".repeat(1 << 16);
+    assert!(big.len() > 1_000_000);
+    let hostile = [
+        "it's a \"quoted\" 'string'",
+        "back\\slash \\\\ and \\x00 text",
+        "'); DROP TABLE tasks; --",
+        "$1 $$ dollar $$ quoting",
+        "control \u{1}\u{7}\u{8}\t\n\r\u{1b}[31m \u{7f}",
+        "unicode \u{202e}rtl \u{feff} \u{1f600} \u{fffd}",
+        "{\"not\": \"json\"",
+        "\\x4142",
+    ];
+    let mut lines = Vec::new();
+    for (i, text) in hostile.iter().enumerate() {
+        lines.push(
+            json!({"kind": "activity.logged", "stream": "board", "actor": "user:x",
+                          "data": {"message": text, "meta": {"k": text, "i": i}}}),
+        );
+    }
+    lines.push(
+        json!({"kind": "activity.logged", "stream": "board", "actor": "user:x",
+                      "data": {"message": "big", "meta": {"blob": big}}}),
+    );
+    append(&node, &lines);
+    let url = pg::database();
+    project(&node, &url, &[]);
+    let mut client = pg::connect(&url);
+    for (i, text) in hostile.iter().enumerate() {
+        let row = client
+            .query_one(
+                "SELECT message, meta->>'k' FROM activity_log WHERE (meta->>'i')::int = $1",
+                &[&(i as i32)],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), *text);
+        assert_eq!(row.get::<_, String>(1), *text);
+    }
+    let blob: String = client
+        .query_one(
+            "SELECT meta->>'blob' FROM activity_log WHERE message = 'big'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(blob == big, "the 1 MB string came back changed");
+}
+
+/// Two nodes holding the same events in different orders project into one database at the
+/// same time; the rows equal one node's alone, and each node's checkpoint counts every event
+/// once.
+#[test]
+fn two_nodes_projecting_at_once_leave_the_rows_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (home(dir.path(), "pi"), home(dir.path(), "desk"));
+    let mut rng = StdRng::seed_from_u64(21);
+    append(&a, &random_requests(&mut rng, 3_000, "pi"));
+    append(&b, &random_requests(&mut rng, 3_000, "desk"));
+    append(&a, &case_requests());
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let file = dir.path().join("ship");
+        let out = spool(from, &["export", "--out", file.to_str().unwrap()], "");
+        assert!(out.status.success(), "{out:?}");
+        let out = spool(to, &["ingest", file.to_str().unwrap()], "");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let total = 6_000 + case_requests().len() as i64;
+    let shared = pg::database();
+    let run = |home: &Path| {
+        Command::new(SPOOL)
+            .arg("--home")
+            .arg(home)
+            .args([
+                "project",
+                "postgres",
+                "--url",
+                &shared,
+                "--held-bytes-max",
+                "20000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (pa, pb) = (run(&a), run(&b));
+    for p in [pa, pb] {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let alone = pg::database();
+    project(&a, &alone, &[]);
+    assert_eq!(checkpoint_events(&shared), vec![total, total]);
+    assert_eq!(checkpoint_events(&alone), vec![total]);
+    let (x, y) = (dump(&shared), dump(&alone));
+    assert!(x.iter().any(|(t, rows)| t == "tasks" && !rows.is_empty()));
+    assert_eq!(x, y);
+}
+
+/// The projecting process killed at random moments, mostly while it writes a batch's rows
+/// before their commit: resumed each time from its checkpoint, it ends with the rows of a clean
+/// projection and every event counted once.
+#[test]
+fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    let mut rng = StdRng::seed_from_u64(5);
+    for _ in 0..4 {
+        append(&node, &random_requests(&mut rng, 5_000, "desk"));
+    }
+    let url = pg::database();
+    let mut kills = 0;
+    for _ in 0..40 {
+        let mut child = Command::new(SPOOL)
+            .arg("--home")
+            .arg(&node)
+            .args([
+                "project",
+                "postgres",
+                "--url",
+                &url,
+                "--held-bytes-max",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(5..200)));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    println!("killed the projection {kills} times");
+    assert!(
+        kills >= 3,
+        "the projection was killed while it worked ({kills})"
+    );
+    project(&node, &url, &[]);
+    let clean = pg::database();
+    project(&node, &clean, &[]);
+    assert_eq!(checkpoint_events(&url), vec![20_000]);
+    assert_eq!(dump(&url), dump(&clean));
+}
