@@ -113,6 +113,88 @@ fn checkpoint_events(url: &str) -> Vec<i64> {
 
 const LANES: [&str; 3] = ["now", "next", "later"];
 
+/// Runs `spool ARGS` against `node` again and again, each time SIGKILLing it at a random moment
+/// of a batch: it waits for two commits, then kills after a random fraction of the time between
+/// them, so kills fall anywhere between a batch's row writes and its commit. Stops when a run
+/// finishes on its own or after `most` kills. `position` reads the checkpoint the command
+/// commits to; `after_kill` checks the database after each kill. Returns the checkpoint seen
+/// after each kill.
+fn kill_repeatedly(
+    node: &Path,
+    args: &[&str],
+    most: usize,
+    rng: &mut StdRng,
+    position: impl Fn() -> u64,
+    after_kill: impl Fn(),
+) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for _ in 0..most {
+        let mut child = Command::new(SPOOL)
+            .arg("--home")
+            .arg(node)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The moments of the next two commits (None: the run ended first).
+        let mut commit = |after: u64| -> Option<(u64, std::time::Instant)> {
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    return None;
+                }
+                let now = position();
+                if now > after {
+                    return Some((now, std::time::Instant::now()));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        let Some((first, at)) = commit(position()) else {
+            break;
+        };
+        let Some((_, next)) = commit(first) else {
+            break;
+        };
+        std::thread::sleep((next - at).mul_f64(rng.random_range(0.05..0.95)));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        after_kill();
+        let now = position();
+        assert!(
+            now >= seen.last().copied().unwrap_or(0),
+            "a checkpoint never goes back: {seen:?} then {now}"
+        );
+        seen.push(now);
+    }
+    seen
+}
+
+/// Runs `spool ARGS` against `node` to its end.
+fn run(node: &Path, args: &[&str]) {
+    let out = spool(node, args, "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// This node's checkpoint position in `schema` (0 when there is none yet).
+fn position_in(url: &str, schema: &str) -> u64 {
+    pg::connect(url)
+        .query_opt(
+            &format!("SELECT position FROM {schema}.spool_checkpoints"),
+            &[],
+        )
+        .ok()
+        .flatten()
+        .map_or(0, |r| r.get::<_, i64>(0) as u64)
+}
+
 /// Random board, Loom and activity changes over a few shared tasks and runs.
 fn random_requests(rng: &mut StdRng, n: usize, tag: &str) -> Vec<Value> {
     (0..n)
@@ -325,40 +407,189 @@ fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
     for _ in 0..4 {
         append(&node, &random_requests(&mut rng, 5_000, "desk"));
     }
+    let clean = pg::database();
+    let args = |url: &str| -> Vec<String> {
+        ["project", "postgres", "--url", url, "--held-bytes-max", "1"]
+            .map(String::from)
+            .to_vec()
+    };
+    run(
+        &node,
+        &args(&clean).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let url = pg::database();
-    let mut kills = 0;
-    for _ in 0..40 {
-        let mut child = Command::new(SPOOL)
-            .arg("--home")
-            .arg(&node)
-            .args([
-                "project",
-                "postgres",
-                "--url",
-                &url,
-                "--held-bytes-max",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(5..200)));
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-    }
-    println!("killed the projection {kills} times");
+    let seen = kill_repeatedly(
+        &node,
+        &args(&url).iter().map(String::as_str).collect::<Vec<_>>(),
+        25,
+        &mut rng,
+        || position_in(&url, "public"),
+        || {},
+    );
+    println!(
+        "killed the projection {} times; its checkpoint was then at {seen:?}",
+        seen.len()
+    );
+    assert!(seen.len() >= 5, "killed while it worked: {seen:?}");
     assert!(
-        kills >= 3,
-        "the projection was killed while it worked ({kills})"
+        seen.iter().filter(|&&p| p > 0 && p < 20_000).count() >= 3,
+        "kills between commits: {seen:?}"
     );
     project(&node, &url, &[]);
+    assert_eq!(checkpoint_events(&url), vec![20_000]);
+    assert_eq!(checkpoint_events(&clean), vec![20_000]);
+    assert_eq!(dump(&url), dump(&clean));
+}
+
+/// Rows in `table` (0 while the table does not exist yet).
+fn count(url: &str, table: &str) -> i64 {
+    let mut client = pg::connect(url);
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("public.{table}")],
+        )
+        .unwrap()
+        .get(0);
+    match exists {
+        true => client
+            .query_one(&format!("SELECT count(*) FROM public.{table}"), &[])
+            .unwrap()
+            .get(0),
+        false => 0,
+    }
+}
+
+/// A backfill builds the tables beside the live ones and swaps them in at once: a reader
+/// polling the live tables throughout sees the old rows or the new, never a table half built;
+/// the result equals a live projection, and projecting afterwards continues from the swapped
+/// checkpoint.
+#[test]
+fn a_backfill_swaps_in_the_rows_of_a_live_projection_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    let mut rng = StdRng::seed_from_u64(31);
+    append(&node, &random_requests(&mut rng, 2_000, "desk"));
+    let url = pg::database();
+    project(&node, &url, &[]);
+    let before = count(&url, "activity_log");
+    append(&node, &case_requests());
+    append(&node, &random_requests(&mut rng, 4_000, "desk"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut client = pg::connect(&url);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = client
+                    .query_one("SELECT count(*) FROM activity_log", &[])
+                    .unwrap()
+                    .get(0);
+                seen.insert(n);
+            }
+            seen
+        })
+    };
+    let out = spool(
+        &node,
+        &["backfill", "postgres", "--url", &url, "--json"],
+        "",
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total = 6_000 + case_requests().len() as i64;
+    assert_eq!(report["events"], total);
+    let after = count(&url, "activity_log");
+    let seen = reader.join().unwrap();
+    assert!(after > before);
+    assert!(
+        seen.iter().all(|n| *n == before || *n == after),
+        "a reader saw {seen:?}, not only {before} or {after}"
+    );
+    let live = pg::database();
+    project(&node, &live, &[]);
+    assert_eq!(dump(&url), dump(&live));
+    assert_eq!(checkpoint_events(&url), vec![total]);
+    // Projecting continues from the swapped-in checkpoint.
+    append(&node, &random_requests(&mut rng, 300, "desk"));
+    project(&node, &url, &[]);
+    project(&node, &live, &[]);
+    assert_eq!(checkpoint_events(&url), vec![total + 300]);
+    assert_eq!(dump(&url), dump(&live));
+    let leftovers: i64 = pg::connect(&url)
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('spool_backfill', 'spool_retired')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(leftovers, 0);
+}
+
+/// A backfill killed at random moments resumes from its own checkpoint and ends with the
+/// rows of a clean projection, every event counted once; the live tables are untouched until
+/// the swap.
+#[test]
+fn a_killed_backfill_resumes_to_the_clean_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    let mut rng = StdRng::seed_from_u64(41);
+    for _ in 0..4 {
+        append(&node, &random_requests(&mut rng, 5_000, "desk"));
+    }
     let clean = pg::database();
-    project(&node, &clean, &[]);
+    let args = |url: &str| -> Vec<String> {
+        [
+            "backfill",
+            "postgres",
+            "--url",
+            url,
+            "--held-bytes-max",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    run(
+        &node,
+        &args(&clean).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let url = pg::database();
+    let seen = kill_repeatedly(
+        &node,
+        &args(&url).iter().map(String::as_str).collect::<Vec<_>>(),
+        25,
+        &mut rng,
+        || position_in(&url, "spool_backfill"),
+        || {
+            assert_eq!(
+                count(&url, "activity_log"),
+                0,
+                "nothing swapped in before the end"
+            );
+        },
+    );
+    println!(
+        "killed the backfill {} times; its checkpoint was then at {seen:?}",
+        seen.len()
+    );
+    assert!(seen.len() >= 5, "killed while it worked: {seen:?}");
+    assert!(
+        seen.iter().filter(|&&p| p > 0 && p < 20_000).count() >= 3,
+        "kills between commits: {seen:?}"
+    );
+    let out = spool(&node, &["backfill", "postgres", "--url", &url], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(checkpoint_events(&url), vec![20_000]);
     assert_eq!(dump(&url), dump(&clean));
 }

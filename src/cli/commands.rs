@@ -19,8 +19,8 @@ use spool::sync::{file as shipping, Selection, Vector};
 use spool::{hlc, kinds};
 
 use super::{
-    AppendArgs, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand, RebuildCommand,
-    SchemaCommand, Usage,
+    AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand,
+    RebuildCommand, SchemaCommand, Usage,
 };
 
 /// Events read per page by `spool log`: bounds its memory whatever the log's size.
@@ -52,6 +52,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             held_bytes_max,
             json,
         }) => project_postgres(&home, &url, follow, held_bytes_max, json),
+        Command::Backfill(BackfillCommand::Postgres {
+            url,
+            held_bytes_max,
+            json,
+        }) => backfill_postgres(&home, &url, held_bytes_max, json),
         Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
         Command::Sql { statement, db } => sql(&home, &statement, db),
         Command::Demo { .. } => unreachable!("handled above"),
@@ -566,6 +571,56 @@ fn project_postgres(
         }
         std::thread::sleep(FOLLOW_POLL);
     }
+}
+
+fn backfill_postgres(
+    dir: &Path,
+    url: &str,
+    held_bytes_max: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let reader = log.read()?;
+    let started = Instant::now();
+    let (mut target, pinned) = Postgres::backfill(url, home.origin(), reader.last_position()?)
+        .context("preparing the backfill")?;
+    if let Some(bytes) = held_bytes_max {
+        target.hold_at_most(bytes);
+    }
+    let (from, _, _) = target.checkpoint()?;
+    if from > 0 {
+        eprintln!("resuming the backfill from position {from} (pinned at {pinned})");
+    }
+    let bar = progress_bar(pinned.saturating_sub(from), "backfilling");
+    let until = Until {
+        position: Some(pinned),
+        time_ms: None,
+    };
+    let copied = project::resume(&reader, &mut target, until, |p| {
+        bar.set_position(p.saturating_sub(from))
+    })?;
+    bar.finish_and_clear();
+    // Events appended since the pin (through the writer daemon), then the swap.
+    let tail = project::catch_up(&reader, &mut target, |_| {})?;
+    let (position, _, events) = target.checkpoint()?;
+    target.swap().context("swapping the backfilled tables in")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = (copied + tail) as f64 / seconds.max(1e-9);
+    if as_json {
+        println!(
+            "{}",
+            json!({"applied": copied + tail, "pinned": pinned, "tail": tail,
+                   "position": position, "events": events, "seconds": seconds,
+                   "events_per_second": rate})
+        );
+    } else {
+        println!(
+            "backfilled {events} events up to position {position} (pinned at {pinned}, {tail} from the tail) and swapped the tables in; this run applied {} in {seconds:.2} s ({rate:.0} events/s)",
+            copied + tail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A progress bar on standard error (hidden when it is not a terminal) with rate and ETA.

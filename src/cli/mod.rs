@@ -66,6 +66,10 @@ enum Command {
     /// Keep a database's tables current from this node's log (from its checkpoint there).
     #[command(subcommand)]
     Project(ProjectCommand),
+    /// Build a database's tables anew from this node's log beside the live ones, then swap
+    /// them in at once (resumes after an interruption).
+    #[command(subcommand)]
+    Backfill(BackfillCommand),
     /// A canonical hash of a projection's rows: equal on every node holding equal events.
     #[command(subcommand)]
     Digest(DigestCommand),
@@ -119,6 +123,22 @@ enum ProjectCommand {
         #[arg(long)]
         follow: bool,
         /// Memory for merged rows before a commit (default 64 MiB); smaller commits more often.
+        #[arg(long, value_name = "BYTES")]
+        held_bytes_max: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BackfillCommand {
+    /// The Supabase table families: shadow tables by binary COPY up to the log's end, then one
+    /// transaction swaps them in (this node's checkpoint comes along; other nodes re-apply).
+    Postgres {
+        /// A connection string: `postgresql://user@host/db` or `host=/run/postgresql dbname=db`.
+        #[arg(long, env = "SPOOL_PG_URL", hide_env_values = true)]
+        url: String,
+        /// Memory for merged rows before a commit (default 256 MiB); smaller commits more often.
         #[arg(long, value_name = "BYTES")]
         held_bytes_max: Option<usize>,
         #[arg(long)]

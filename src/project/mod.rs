@@ -197,6 +197,17 @@ pub fn catch_up<T: Target>(
     target: &mut T,
     progress: impl FnMut(u64),
 ) -> Result<u64, ReplayError<T::Error>> {
+    resume(reader, target, Until::default(), progress)
+}
+
+/// Continues `target` from its checkpoint up to `until`, after checking that the checkpoint
+/// names an event of this log. Returns the number of events applied.
+pub fn resume<T: Target>(
+    reader: &Reader,
+    target: &mut T,
+    until: Until,
+    progress: impl FnMut(u64),
+) -> Result<u64, ReplayError<T::Error>> {
     let (position, expected) = target.checkpoint().map_err(ReplayError::Target)?;
     if position > 0 {
         let found = reader.get(position)?.map(|r| r.hash);
@@ -208,7 +219,7 @@ pub fn catch_up<T: Target>(
             });
         }
     }
-    replay(reader, target, position, Until::default(), progress)
+    replay(reader, target, position, until, progress)
 }
 
 /// Most events in one transaction of the replay; a target may ask to commit sooner

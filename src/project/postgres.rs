@@ -1,47 +1,79 @@
-//! The Postgres target: the Supabase table families (`projections/postgres/schema.sql`), with
-//! one checkpoint per projecting node written in the same transaction as the rows it covers.
+//! The Postgres target: the Supabase table families (`projections/postgres/`), with one
+//! checkpoint per projecting node written in the same transaction as the rows it covers.
 //!
-//! Rows travel as one JSON record set per statement (`jsonb_populate_recordset`), so a run of
-//! up to [`ROWS_PER_STATEMENT`] rows is one round trip, and Postgres itself turns each value
-//! into its column's type. Writes are idempotent and commutative (inserts if absent, stamped
-//! upserts), so several nodes may project the same events into one database at once; two
-//! transactions that wait on each other's rows are a deadlock Postgres breaks by failing one,
-//! which [`is_retryable`] recognises and the caller retries from its checkpoint.
+//! Two ways in, one target:
+//! - live (`spool project postgres`): rows travel as one JSON record set per statement
+//!   (`jsonb_populate_recordset`), up to [`ROWS_PER_STATEMENT`] rows a round trip, into `public`;
+//! - backfill (`spool backfill postgres`): rows are written with binary COPY into a shadow schema
+//!   (merged rows through a temporary staging table, then one stamped upsert), which [`swap`]
+//!   moves into `public` in one transaction, so readers never see a half-built table.
+//!
+//! Writes are idempotent and commutative (inserts if absent, stamped upserts), so several nodes
+//! may project the same events into one database at once. Each commit also checks that the
+//! node's checkpoint is still the one its replay started from: two processes projecting one node,
+//! or a backfill swapped in meanwhile, make the later commit fail as retryable instead of
+//! applying events twice or skipping them. Deadlocks between projectors are retryable too.
 //!
 //! Boundary: the only module that imports postgres. Table and column names come from the
-//! projector's constants; every value is inside the JSON parameter.
+//! projector's constants; every value is a parameter or COPY data.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::SystemTime;
 
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
 use super::merge::Row;
-use super::{sql, Target, Val};
+use super::{sql, Rule, Target, Val};
 use crate::event::{Hash, Origin};
 
-/// The DDL, shipped as a file so it can be read and diffed.
+/// Once per database: the roles and the schema version.
 pub const SCHEMA: &str = include_str!("../../projections/postgres/schema.sql");
-/// Bumped whenever `SCHEMA` changes: an older database is refused, not misread.
+/// The tables, laid out in the current schema (`public`, or a backfill's shadow).
+pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
+/// Bumped whenever the DDL changes: an older database is refused, not misread.
 pub const SCHEMA_VERSION: i64 = 1;
-/// Rows sent in one statement.
+/// Rows sent in one statement (live) or one COPY (backfill inserts).
 pub const ROWS_PER_STATEMENT: usize = 4_096;
-/// Memory for merged rows held until commit.
-pub const HELD_BYTES: usize = 64 << 20;
-/// Serialises schema creation between nodes that start projecting at once.
+/// Memory for merged rows held until commit, live and in a backfill.
+pub const HELD_BYTES_LIVE: usize = 64 << 20;
+pub const HELD_BYTES_BACKFILL: usize = 256 << 20;
+/// Where a backfill builds its tables.
+pub const SHADOW: &str = "spool_backfill";
+/// Serialises schema creation and swaps between nodes.
 const SCHEMA_LOCK: i64 = 0x7370_6f6f_6c00_0001;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Sql(#[from] postgres::Error),
     #[error("the database's spool schema is version {found}, this build writes {SCHEMA_VERSION}")]
     OtherSchema { found: i64 },
     #[error("the checkpoint of node {node} holds a hash of {len} bytes")]
     BadCheckpoint { node: String, len: usize },
+    #[error("the checkpoint of node {node} moved while this replay ran (another projection of this node, or a backfill swapped in); it is read again")]
+    CheckpointMoved { node: String },
+    #[error("a backfill by node {node} is in progress in schema {SHADOW}: run `spool backfill postgres` on that node to finish it, or drop the schema to abandon it")]
+    BackfillOfAnother { node: String },
+    #[error("a value for {table}.{column}: {problem}")]
+    Value {
+        table: &'static str,
+        column: &'static str,
+        problem: String,
+    },
 }
 
-/// Whether a failed transaction can simply be run again (a deadlock or serialization failure
-/// between concurrent projectors).
+/// A database error with its server message (postgres's own Display says only "db error").
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// Whether a failed transaction can simply be run again from the checkpoint: a deadlock or
+/// serialization failure between concurrent projectors, or a checkpoint that moved.
 pub fn is_retryable(error: &PostgresError) -> bool {
     use postgres::error::SqlState;
     match error {
@@ -50,90 +82,138 @@ pub fn is_retryable(error: &PostgresError) -> bool {
             Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
                 || *c == SqlState::T_R_SERIALIZATION_FAILURE
         ),
+        PostgresError::CheckpointMoved { .. } => true,
         _ => false,
     }
+}
+
+/// How rows reach the tables.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Live,
+    Backfill,
 }
 
 /// A connection projecting one node's log into the database.
 pub struct Postgres {
     client: Client,
+    mode: Mode,
     /// The projecting node's origin, hex: its checkpoint row.
     node: String,
-    /// Columns whose values are JSON (embedded as is) or bytes (sent as `\x` hex).
-    json_columns: HashSet<(String, String)>,
-    byte_columns: HashSet<(String, String)>,
+    /// The checkpoint this replay continues from; a commit lands only if it is still there.
+    expected: Option<u64>,
+    /// Column types of the tables written, by (table, column).
+    types: HashMap<(String, String), Type>,
     /// One statement per shape (table, columns, groups), and the rows waiting for it.
     shapes: HashMap<Vec<&'static str>, Shape>,
     held_bytes_max: usize,
 }
 
 struct Shape {
+    table: &'static str,
+    columns: Vec<&'static str>,
+    types: Vec<Type>,
+    /// Live: the statement writing a JSON record set. Backfill: the upsert from the staging
+    /// table (merged rows) or none (inserts are copied straight in).
     sql: String,
     statement: Option<Statement>,
-    /// The JSON keys of each row, and how each column's value is written.
-    columns: Vec<&'static str>,
-    kinds: Vec<Column>,
-    /// The waiting rows as a JSON array, and how many.
-    rows: String,
-    count: usize,
-}
-
-/// How a column's value is written into the JSON record set.
-#[derive(Clone, Copy)]
-enum Column {
-    Plain,
-    /// `jsonb`: the value is JSON text (validated at append) and is embedded as is.
-    Json,
-    /// `bytea`: Postgres's `\x` hex form.
-    Bytes,
+    /// Backfill, merged rows: the temporary table they are copied into first.
+    staging: Option<String>,
+    rows: Vec<Vec<Val>>,
 }
 
 impl Postgres {
-    /// Connects to `url` and creates the schema if the database has none.
+    /// Connects to `url` for live projection into `public`, creating the schema if the
+    /// database has none.
     pub fn connect(url: &str, node: Origin) -> Result<Postgres, PostgresError> {
         let mut client = Client::connect(url, NoTls)?;
         client.batch_execute("SET client_min_messages = error")?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
         let exists: bool = tx
-            .query_one("SELECT to_regclass('spool_meta') IS NOT NULL", &[])?
+            .query_one("SELECT to_regclass('public.spool_meta') IS NOT NULL", &[])?
             .get(0);
         if !exists {
+            tx.batch_execute("SET LOCAL search_path = public")?;
             tx.batch_execute(SCHEMA)?;
+            tx.batch_execute(TABLES)?;
             tx.execute(
                 "INSERT INTO spool_meta (id, schema_version) VALUES (1, $1)",
                 &[&SCHEMA_VERSION],
             )?;
         }
         let found: i64 = tx
-            .query_one("SELECT schema_version FROM spool_meta WHERE id = 1", &[])?
+            .query_one(
+                "SELECT schema_version FROM public.spool_meta WHERE id = 1",
+                &[],
+            )?
             .get(0);
         tx.commit()?;
         if found != SCHEMA_VERSION {
             return Err(PostgresError::OtherSchema { found });
         }
-        let mut json_columns = HashSet::new();
-        let mut byte_columns = HashSet::new();
-        for row in client.query(
-            "SELECT table_name::text, column_name::text, data_type::text FROM information_schema.columns \
-             WHERE table_schema = current_schema()",
-            &[],
-        )? {
-            let key = (row.get::<_, String>(0), row.get::<_, String>(1));
-            match row.get::<_, String>(2).as_str() {
-                "jsonb" | "json" => json_columns.insert(key),
-                "bytea" => byte_columns.insert(key),
-                _ => false,
-            };
-        }
+        client.batch_execute("SET search_path = public")?;
+        let types = column_types(&mut client, "public")?;
         Ok(Postgres {
             client,
+            mode: Mode::Live,
             node: node.to_hex(),
-            json_columns,
-            byte_columns,
+            expected: None,
+            types,
             shapes: HashMap::new(),
-            held_bytes_max: HELD_BYTES,
+            held_bytes_max: HELD_BYTES_LIVE,
         })
+    }
+
+    /// Connects for a backfill: the shadow schema is created with empty tables (pinned at
+    /// `pin`, the log's last position now), or found from a backfill of this node that was
+    /// interrupted, which then resumes from its checkpoint. Returns the target and the pinned
+    /// position.
+    pub fn backfill(url: &str, node: Origin, pin: u64) -> Result<(Postgres, u64), PostgresError> {
+        let mut live = Postgres::connect(url, node)?;
+        let mut tx = live.client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+        let state = tx.query_opt(
+            &format!("SELECT node, pinned FROM {SHADOW}.spool_backfill_state WHERE id = 1"),
+            &[],
+        );
+        let pinned = match state {
+            Ok(Some(row)) => {
+                let owner: String = row.get(0);
+                if owner != live.node {
+                    return Err(PostgresError::BackfillOfAnother { node: owner });
+                }
+                row.get::<_, i64>(1) as u64
+            }
+            // No shadow schema yet (or a half-made one from before its first commit).
+            _ => {
+                drop(tx);
+                tx = live.client.transaction()?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+                tx.batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {SHADOW} CASCADE; CREATE SCHEMA {SHADOW}; \
+                     SET LOCAL search_path = {SHADOW}, public"
+                ))?;
+                tx.batch_execute(TABLES)?;
+                tx.execute(
+                    "CREATE TABLE spool_backfill_state (id int PRIMARY KEY CHECK (id = 1), \
+                     node text NOT NULL, pinned bigint NOT NULL, started_at timestamptz NOT NULL DEFAULT now())",
+                    &[],
+                )?;
+                tx.execute(
+                    "INSERT INTO spool_backfill_state (id, node, pinned) VALUES (1, $1, $2)",
+                    &[&live.node, &(pin as i64)],
+                )?;
+                pin
+            }
+        };
+        tx.commit()?;
+        live.client
+            .batch_execute(&format!("SET search_path = {SHADOW}, public"))?;
+        live.types = column_types(&mut live.client, SHADOW)?;
+        live.mode = Mode::Backfill;
+        live.held_bytes_max = HELD_BYTES_BACKFILL;
+        Ok((live, pinned))
     }
 
     /// Sets how many bytes of merged rows a replay into this target holds before it commits.
@@ -141,26 +221,31 @@ impl Postgres {
         self.held_bytes_max = bytes;
     }
 
-    /// The checkpoint of this node: position, hash and events applied.
+    /// The checkpoint of this node: position, hash and events applied. A replay continues from
+    /// it, and its commits land only while it is still there.
     pub fn checkpoint(&mut self) -> Result<(u64, Hash, u64), PostgresError> {
         let row = self.client.query_opt(
             "SELECT position, hash, events FROM spool_checkpoints WHERE node = $1",
             &[&self.node],
         )?;
-        let Some(row) = row else {
-            return Ok((0, Hash::ZERO, 0));
+        let (position, hash, events) = match row {
+            None => (0, Hash::ZERO, 0),
+            Some(row) => {
+                let hash: Vec<u8> = row.get(1);
+                let len = hash.len();
+                let hash = hash.try_into().map_err(|_| PostgresError::BadCheckpoint {
+                    node: self.node.clone(),
+                    len,
+                })?;
+                (
+                    row.get::<_, i64>(0) as u64,
+                    Hash(hash),
+                    row.get::<_, i64>(2) as u64,
+                )
+            }
         };
-        let hash: Vec<u8> = row.get(1);
-        let len = hash.len();
-        let hash = hash.try_into().map_err(|_| PostgresError::BadCheckpoint {
-            node: self.node.clone(),
-            len,
-        })?;
-        Ok((
-            row.get::<_, i64>(0) as u64,
-            Hash(hash),
-            row.get::<_, i64>(2) as u64,
-        ))
+        self.expected = Some(position);
+        Ok((position, hash, events))
     }
 
     /// The connection, for queries.
@@ -168,95 +253,302 @@ impl Postgres {
         &mut self.client
     }
 
-    /// Adds a row (`values` of `columns`) to the waiting set of its shape (`shape`: the table,
-    /// columns and groups); sends the set when it is full.
-    fn push(
-        &mut self,
-        shape: Vec<&'static str>,
-        table: &'static str,
-        columns: &[&'static str],
-        values: &[&Val],
-        sql: impl FnOnce() -> String,
-    ) -> Result<(), PostgresError> {
-        let (json_columns, byte_columns) = (&self.json_columns, &self.byte_columns);
-        let shape = self.shapes.entry(shape).or_insert_with(|| {
-            let kinds = columns
-                .iter()
-                .map(|c| {
-                    let column = (table.to_owned(), (*c).to_owned());
-                    match (
-                        json_columns.contains(&column),
-                        byte_columns.contains(&column),
-                    ) {
-                        (true, _) => Column::Json,
-                        (_, true) => Column::Bytes,
-                        _ => Column::Plain,
-                    }
-                })
-                .collect();
-            Shape {
-                sql: sql(),
-                statement: None,
-                columns: columns.to_vec(),
-                kinds,
-                rows: String::new(),
-                count: 0,
-            }
-        });
-        shape.rows.push(if shape.count == 0 { '[' } else { ',' });
-        shape.rows.push('{');
-        for (i, ((name, kind), v)) in shape
-            .columns
+    /// Ends a backfill: in one transaction, the live tables are replaced by the shadow ones
+    /// (with their grants, policies and indexes, and this node's checkpoint only, so other
+    /// nodes re-apply their events), and the old ones dropped.
+    pub fn swap(mut self) -> Result<(), PostgresError> {
+        let mut tx = self.client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+        let tables: Vec<String> = tx
+            .query(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 \
+                 AND tablename <> 'spool_backfill_state' ORDER BY 1",
+                &[&SHADOW],
+            )?
             .iter()
-            .zip(&shape.kinds)
-            .zip(values)
-            .enumerate()
-        {
-            if i > 0 {
-                shape.rows.push(',');
-            }
-            shape.rows.push('"');
-            shape.rows.push_str(name);
-            shape.rows.push_str("\":");
-            json_value(&mut shape.rows, v, *kind);
+            .map(|r| r.get(0))
+            .collect();
+        tx.batch_execute(
+            "DROP SCHEMA IF EXISTS spool_retired CASCADE; CREATE SCHEMA spool_retired",
+        )?;
+        for t in &tables {
+            // Names come from the catalogue (our own DDL), not from data.
+            tx.batch_execute(&format!(
+                "ALTER TABLE IF EXISTS public.{t} SET SCHEMA spool_retired; \
+                 ALTER TABLE {SHADOW}.{t} SET SCHEMA public"
+            ))?;
         }
-        shape.rows.push('}');
-        shape.count += 1;
-        if shape.count >= ROWS_PER_STATEMENT {
-            send(&mut self.client, shape)?;
+        tx.batch_execute(&format!(
+            "DROP SCHEMA spool_retired CASCADE; DROP SCHEMA {SHADOW} CASCADE"
+        ))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends a failed transaction at once, so the connection can read the checkpoint again
+    /// (and a caller retry) instead of answering "transaction is aborted".
+    fn rolled_back_on_error<T>(
+        &mut self,
+        result: Result<T, PostgresError>,
+    ) -> Result<T, PostgresError> {
+        if result.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+        result
+    }
+
+    fn insert_row(
+        &mut self,
+        table: &'static str,
+        cols: Vec<(&'static str, Val)>,
+    ) -> Result<(), PostgresError> {
+        let columns: Vec<&'static str> = cols.iter().map(|c| c.0).collect();
+        let key = std::iter::once(table)
+            .chain(columns.iter().copied())
+            .collect();
+        let mode = self.mode;
+        let shape = shape(
+            &mut self.shapes,
+            &self.types,
+            mode,
+            key,
+            table,
+            &columns,
+            None,
+        )?;
+        shape.rows.push(cols.into_iter().map(|c| c.1).collect());
+        if shape.rows.len() >= ROWS_PER_STATEMENT {
+            send(&mut self.client, mode, shape)?;
         }
         Ok(())
+    }
+
+    fn commit_rows(
+        &mut self,
+        rows: Vec<Row>,
+        position: u64,
+        hash: Hash,
+        applied: u64,
+    ) -> Result<(), PostgresError> {
+        // Inserts first, then the merged rows in (table, key) order.
+        self.send_all()?;
+        for row in rows {
+            let columns = sql::columns(&row);
+            let mut key = vec![row.table, "|"];
+            for g in &row.groups {
+                key.push(match g.rule {
+                    Rule::Newer => ">",
+                    Rule::Older => "<",
+                });
+                key.push(g.stamp);
+            }
+            key.extend(columns.iter().copied());
+            let mode = self.mode;
+            let shape = shape(
+                &mut self.shapes,
+                &self.types,
+                mode,
+                key,
+                row.table,
+                &columns,
+                Some(&row),
+            )?;
+            let mut values: Vec<Val> = Vec::with_capacity(columns.len());
+            values.extend(row.key.into_iter().map(|c| c.1));
+            for (g, stamp) in row.groups.into_iter().zip(row.stamps) {
+                values.extend(g.cols.into_iter().map(|c| c.1));
+                values.push(Val::Blob(stamp.to_vec()));
+            }
+            shape.rows.push(values);
+            if mode == Mode::Live && shape.rows.len() >= ROWS_PER_STATEMENT {
+                send(&mut self.client, mode, shape)?;
+            }
+        }
+        self.send_all()?;
+        self.advance(position, hash, applied)?;
+        self.client.batch_execute("COMMIT")?;
+        self.expected = Some(position);
+        Ok(())
+    }
+
+    /// Moves this node's checkpoint from the one the replay started from; fails as retryable
+    /// if someone else moved it meanwhile.
+    fn advance(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), PostgresError> {
+        let moved = || PostgresError::CheckpointMoved {
+            node: self.node.clone(),
+        };
+        let changed = match self.expected {
+            None => return Err(moved()),
+            Some(0) => self.client.execute(
+                "INSERT INTO spool_checkpoints (node, position, hash, events) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (node) DO NOTHING",
+                &[&self.node, &(position as i64), &hash.0.as_slice(), &(applied as i64)],
+            )?,
+            Some(from) => self.client.execute(
+                "UPDATE spool_checkpoints SET position = $2, hash = $3, events = events + $4, \
+                 updated_at = now() WHERE node = $1 AND position = $5",
+                &[
+                    &self.node,
+                    &(position as i64),
+                    &hash.0.as_slice(),
+                    &(applied as i64),
+                    &(from as i64),
+                ],
+            )?,
+        };
+        match changed {
+            1 => Ok(()),
+            _ => Err(moved()),
+        }
     }
 
     fn send_all(&mut self) -> Result<(), PostgresError> {
         for shape in self.shapes.values_mut() {
-            send(&mut self.client, shape)?;
+            send(&mut self.client, self.mode, shape)?;
         }
         Ok(())
     }
 }
 
-/// Sends a shape's waiting rows as one statement.
-fn send(client: &mut Client, shape: &mut Shape) -> Result<(), PostgresError> {
-    if shape.count == 0 {
+/// The shape of `key` (table, columns, groups), made on first use.
+fn shape<'s>(
+    shapes: &'s mut HashMap<Vec<&'static str>, Shape>,
+    types: &HashMap<(String, String), Type>,
+    mode: Mode,
+    key: Vec<&'static str>,
+    table: &'static str,
+    columns: &[&'static str],
+    merged: Option<&Row>,
+) -> Result<&'s mut Shape, PostgresError> {
+    if !shapes.contains_key(&key) {
+        let types = columns
+            .iter()
+            .map(|c| {
+                types
+                    .get(&(table.to_owned(), (*c).to_owned()))
+                    .cloned()
+                    .ok_or(PostgresError::Value {
+                        table,
+                        column: c,
+                        problem: "no such column in the database".into(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = shapes.len();
+        let (sql, staging) = match (mode, merged) {
+            (Mode::Live, None) => (
+                sql::insert(table, columns, &record_set(table, columns)),
+                None,
+            ),
+            (Mode::Live, Some(row)) => (sql::upsert(row, &record_set(table, columns)), None),
+            (Mode::Backfill, None) => (String::new(), None),
+            (Mode::Backfill, Some(row)) => {
+                let staging = format!("spool_stage_{n}");
+                let source = format!("SELECT {} FROM {staging}", columns.join(", "));
+                (sql::upsert(row, &source), Some(staging))
+            }
+        };
+        shapes.insert(
+            key.clone(),
+            Shape {
+                table,
+                columns: columns.to_vec(),
+                types,
+                sql,
+                statement: None,
+                staging,
+                rows: Vec::new(),
+            },
+        );
+    }
+    Ok(shapes.get_mut(&key).expect("made above"))
+}
+
+/// The column types of every table in `schema`.
+fn column_types(
+    client: &mut Client,
+    schema: &str,
+) -> Result<HashMap<(String, String), Type>, PostgresError> {
+    let mut out = HashMap::new();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = $1",
+            &[&schema],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for t in tables {
+        // A statement that reads no row tells each column's type.
+        let stmt = client.prepare(&format!("SELECT * FROM {schema}.{t} LIMIT 0"))?;
+        for c in stmt.columns() {
+            out.insert((t.clone(), c.name().to_owned()), c.type_().clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Sends a shape's waiting rows: live, one statement with a JSON record set; in a backfill,
+/// one binary COPY into the table (inserts) or into the staging table, then the upsert from it
+/// (merged rows).
+fn send(client: &mut Client, mode: Mode, shape: &mut Shape) -> Result<(), PostgresError> {
+    if shape.rows.is_empty() {
         return Ok(());
     }
-    shape.rows.push(']');
-    let statement = match &shape.statement {
-        Some(s) => s.clone(),
-        None => {
-            let s = client.prepare(&shape.sql)?;
-            shape.statement = Some(s.clone());
-            s
-        }
-    };
     let rows = std::mem::take(&mut shape.rows);
-    shape.count = 0;
-    client.execute(&statement, &[&RecordSet(&rows)])?;
+    match mode {
+        Mode::Live => {
+            let mut json = String::from("[");
+            for (i, row) in rows.iter().enumerate() {
+                if i > 0 {
+                    json.push(',');
+                }
+                json_row(&mut json, shape, row);
+            }
+            json.push(']');
+            let statement = prepared(client, shape)?;
+            client.execute(&statement, &[&RecordSet(&json)])?;
+        }
+        Mode::Backfill => {
+            let into = shape.staging.clone().unwrap_or(shape.table.to_owned());
+            if shape.staging.is_some() {
+                // Made here, not once: a rolled-back transaction takes a new temp table with it.
+                client.batch_execute(&format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS {into} ON COMMIT DELETE ROWS AS \
+                     SELECT {} FROM {} WITH NO DATA",
+                    shape.columns.join(", "),
+                    shape.table
+                ))?;
+            }
+            let copy = format!(
+                "COPY {into} ({}) FROM STDIN (FORMAT binary)",
+                shape.columns.join(", ")
+            );
+            let mut writer = BinaryCopyInWriter::new(client.copy_in(&copy)?, &shape.types);
+            for row in &rows {
+                let values: Vec<&(dyn ToSql + Sync)> =
+                    row.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                writer.write(&values)?;
+            }
+            writer.finish()?;
+            if shape.staging.is_some() {
+                let statement = prepared(client, shape)?;
+                client.execute(&statement, &[])?;
+                client.batch_execute(&format!("TRUNCATE {into}"))?;
+            }
+        }
+    }
     Ok(())
 }
 
-/// The source of a statement's rows: the JSON array parameter as records of `table`.
+fn prepared(client: &mut Client, shape: &mut Shape) -> Result<Statement, PostgresError> {
+    if shape.statement.is_none() {
+        shape.statement = Some(client.prepare(&shape.sql)?);
+    }
+    Ok(shape.statement.clone().expect("prepared above"))
+}
+
+/// The source of a live statement's rows: the JSON array parameter as records of `table`.
 fn record_set(table: &str, names: &[&str]) -> String {
     format!(
         "SELECT {} FROM jsonb_populate_recordset(NULL::{table}, $1)",
@@ -264,55 +556,104 @@ fn record_set(table: &str, names: &[&str]) -> String {
     )
 }
 
+/// One row as a JSON object for `jsonb_populate_recordset`: JSON columns embed their
+/// (validated) JSON text as is, byte columns take Postgres's `\x` hex form, text is escaped by
+/// serde_json.
+fn json_row(out: &mut String, shape: &Shape, row: &[Val]) {
+    use std::fmt::Write as _;
+    out.push('{');
+    for (i, ((name, ty), v)) in shape.columns.iter().zip(&shape.types).zip(row).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{name}\":");
+        match v {
+            Val::Null => out.push_str("null"),
+            Val::Int(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Val::Real(f) => {
+                let _ = write!(out, "{}", serde_json::Value::from(*f));
+            }
+            Val::Text(t) if *ty == Type::JSONB || *ty == Type::JSON => out.push_str(t),
+            Val::Text(t) => {
+                let _ = write!(out, "{}", serde_json::Value::from(t.as_str()));
+            }
+            Val::Blob(b) => {
+                let _ = write!(out, "\"\\\\x{}\"", hex::encode(b));
+            }
+        }
+    }
+    out.push('}');
+}
+
 /// A JSON array of rows sent as a `jsonb` parameter (version byte, then the text).
 #[derive(Debug)]
 struct RecordSet<'a>(&'a str);
 
-impl postgres::types::ToSql for RecordSet<'_> {
+impl ToSql for RecordSet<'_> {
     fn to_sql(
         &self,
-        ty: &postgres::types::Type,
+        ty: &Type,
         out: &mut postgres::types::private::BytesMut,
-    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        if *ty == postgres::types::Type::JSONB {
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
             out.extend_from_slice(&[1]);
         }
         out.extend_from_slice(self.0.as_bytes());
-        Ok(postgres::types::IsNull::No)
+        Ok(IsNull::No)
     }
 
-    fn accepts(ty: &postgres::types::Type) -> bool {
-        matches!(
-            *ty,
-            postgres::types::Type::JSONB | postgres::types::Type::JSON
-        )
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSONB | Type::JSON)
     }
 
     postgres::types::to_sql_checked!();
 }
 
-/// Writes one value as JSON: JSON columns embed their (validated) JSON text as is, byte columns
-/// take Postgres's `\x` hex form, text is escaped by serde_json.
-fn json_value(out: &mut String, v: &Val, kind: Column) {
-    use std::fmt::Write as _;
-    match (v, kind) {
-        (Val::Null, _) => out.push_str("null"),
-        (Val::Int(i), _) => {
-            let _ = write!(out, "{i}");
-        }
-        (Val::Real(f), _) => {
-            let _ = write!(out, "{}", serde_json::Value::from(*f));
-        }
-        (Val::Text(t), Column::Json) => out.push_str(t),
-        (Val::Text(t), _) => {
-            let _ = write!(out, "{}", serde_json::Value::from(t.as_str()));
-        }
-        (Val::Blob(b), _) => {
-            out.push_str("\"\\\\x");
-            out.push_str(&hex::encode(b));
-            out.push('"');
+/// A value in Postgres's binary form for its column's type (COPY): integers as the column's
+/// width or boolean, RFC 3339 text as a timestamp, JSON text as jsonb.
+impl ToSql for Val {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Val::Null => Ok(IsNull::Yes),
+            Val::Int(i) => match *ty {
+                Type::BOOL => (*i != 0).to_sql(ty, out),
+                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
+                Type::FLOAT8 => (*i as f64).to_sql(ty, out),
+                _ => i.to_sql(ty, out),
+            },
+            Val::Real(f) => f.to_sql(ty, out),
+            Val::Text(t) => match *ty {
+                Type::JSONB => {
+                    out.extend_from_slice(&[1]);
+                    out.extend_from_slice(t.as_bytes());
+                    Ok(IsNull::No)
+                }
+                Type::JSON => {
+                    out.extend_from_slice(t.as_bytes());
+                    Ok(IsNull::No)
+                }
+                Type::TIMESTAMPTZ | Type::TIMESTAMP => {
+                    let at: SystemTime = humantime::parse_rfc3339(t)?;
+                    at.to_sql(ty, out)
+                }
+                _ => t.as_str().to_sql(ty, out),
+            },
+            Val::Blob(b) => b.as_slice().to_sql(ty, out),
         }
     }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
 }
 
 impl Target for Postgres {
@@ -332,7 +673,6 @@ impl Target for Postgres {
     fn begin(&mut self) -> Result<(), PostgresError> {
         for shape in self.shapes.values_mut() {
             shape.rows.clear();
-            shape.count = 0;
         }
         self.client.batch_execute("ROLLBACK; BEGIN")?;
         Ok(())
@@ -356,81 +696,5 @@ impl Target for Postgres {
     ) -> Result<(), PostgresError> {
         let result = self.commit_rows(rows, position, hash, applied);
         self.rolled_back_on_error(result)
-    }
-}
-
-impl Postgres {
-    /// Ends a failed transaction at once, so the connection can read the checkpoint again
-    /// (and a caller retry) instead of answering "transaction is aborted".
-    fn rolled_back_on_error<T>(
-        &mut self,
-        result: Result<T, PostgresError>,
-    ) -> Result<T, PostgresError> {
-        if result.is_err() {
-            let _ = self.client.batch_execute("ROLLBACK");
-        }
-        result
-    }
-
-    fn insert_row(
-        &mut self,
-        table: &'static str,
-        cols: Vec<(&'static str, Val)>,
-    ) -> Result<(), PostgresError> {
-        let columns: Vec<&'static str> = cols.iter().map(|c| c.0).collect();
-        let shape = std::iter::once(table)
-            .chain(columns.iter().copied())
-            .collect();
-        let values: Vec<&Val> = cols.iter().map(|c| &c.1).collect();
-        self.push(shape, table, &columns, &values, || {
-            sql::insert(table, &columns, &record_set(table, &columns))
-        })
-    }
-
-    fn commit_rows(
-        &mut self,
-        rows: Vec<Row>,
-        position: u64,
-        hash: Hash,
-        applied: u64,
-    ) -> Result<(), PostgresError> {
-        // Inserts first, then the merged rows in (table, key) order.
-        self.send_all()?;
-        for row in &rows {
-            let columns = sql::columns(row);
-            let mut shape = vec![row.table, "|"];
-            for g in &row.groups {
-                shape.push(match g.rule {
-                    super::Rule::Newer => ">",
-                    super::Rule::Older => "<",
-                });
-                shape.push(g.stamp);
-            }
-            shape.extend(columns.iter().copied());
-            let stamps: Vec<Val> = row.stamps.iter().map(|s| Val::Blob(s.to_vec())).collect();
-            let mut values: Vec<&Val> = row.key.iter().map(|c| &c.1).collect();
-            for (g, stamp) in row.groups.iter().zip(&stamps) {
-                values.extend(g.cols.iter().map(|c| &c.1));
-                values.push(stamp);
-            }
-            let table = row.table;
-            self.push(shape, table, &columns, &values, || {
-                sql::upsert(row, &record_set(table, &columns))
-            })?;
-        }
-        self.send_all()?;
-        self.client.execute(
-            "INSERT INTO spool_checkpoints (node, position, hash, events) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (node) DO UPDATE SET position = excluded.position, hash = excluded.hash, \
-             events = spool_checkpoints.events + excluded.events, updated_at = now()",
-            &[
-                &self.node,
-                &(position as i64),
-                &hash.0.as_slice(),
-                &(applied as i64),
-            ],
-        )?;
-        self.client.batch_execute("COMMIT")?;
-        Ok(())
     }
 }
