@@ -367,6 +367,42 @@ fn any_causal_order_of_the_same_events_gives_the_same_digest() {
     }
 }
 
+/// The append-only tables (whose key index a bulk load may build after its rows) are exactly
+/// those that only ever receive inserts.
+#[test]
+fn the_append_only_tables_are_the_ones_only_inserted_into() {
+    use spool::project::{writes, Context, Write, APPEND_ONLY};
+    let (mut inserted, mut upserted) = (BTreeMap::new(), BTreeMap::new());
+    for spec in kinds::CATALOGUE {
+        let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(spec.name)
+            .join(format!("v{}.golden.json", spec.version));
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
+        let payload = spec.encode(&golden["data"]).unwrap();
+        let body = kinds::body(spec.name, spec.version, &payload).unwrap();
+        let ctx = Context {
+            id: "o:1".into(),
+            stamp: [1; 24],
+            at: "2026-01-01T00:00:00.000Z".into(),
+            actor: "a",
+            stream: "s",
+        };
+        for w in writes(&ctx, &body) {
+            match w {
+                Write::Insert { table, .. } => inserted.insert(table, spec.name),
+                Write::Upsert { table, .. } => upserted.insert(table, spec.name),
+            };
+        }
+    }
+    let inserted: Vec<&str> = inserted.into_keys().collect();
+    assert_eq!(inserted, APPEND_ONLY);
+    for table in APPEND_ONLY {
+        assert!(!upserted.contains_key(table), "{table} also gets upserts");
+    }
+}
+
 /// A group must always write the same columns: otherwise which columns survive would depend on
 /// which write arrived last, not on the stamps.
 #[test]

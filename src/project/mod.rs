@@ -124,6 +124,17 @@ pub fn time_text(ms: u64) -> String {
     })
 }
 
+/// The tables that only ever receive [`Write::Insert`] (rows keyed by event id): a bulk load
+/// from an empty table may build their key index after the rows, since each event is applied
+/// once. A test checks this list against every kind's writes.
+pub const APPEND_ONLY: &[&str] = &[
+    "activity_log",
+    "pairing_attempts",
+    "score_history",
+    "score_overrides",
+    "vault_access_log",
+];
+
 /// The local tables' projector: the writes one event makes.
 pub fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
     rows::writes(ctx, body)

@@ -25,7 +25,7 @@ use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
 use super::merge::Row;
-use super::{sql, Rule, Target, Val};
+use super::{sql, Target, Val, APPEND_ONLY};
 use crate::event::{Hash, Origin};
 
 /// Once per database: the roles and the schema version.
@@ -105,7 +105,7 @@ pub struct Postgres {
     /// Column types of the tables written, by (table, column).
     types: HashMap<(String, String), Type>,
     /// One statement per shape (table, columns, groups), and the rows waiting for it.
-    shapes: HashMap<Vec<&'static str>, Shape>,
+    shapes: sql::Shapes<Shape>,
     held_bytes_max: usize,
 }
 
@@ -160,7 +160,7 @@ impl Postgres {
             node: node.to_hex(),
             expected: None,
             types,
-            shapes: HashMap::new(),
+            shapes: sql::Shapes::default(),
             held_bytes_max: HELD_BYTES_LIVE,
         })
     }
@@ -195,6 +195,49 @@ impl Postgres {
                      SET LOCAL search_path = {SHADOW}, public"
                 ))?;
                 tx.batch_execute(TABLES)?;
+                // Loading keeps no index it can build afterwards, each sorted once: the
+                // secondary indexes, and the keys of append-only tables (each event is applied
+                // once, so their rows cannot collide). `finish_load` restores them.
+                tx.execute(
+                    "CREATE TABLE spool_backfill_deferred (sql text NOT NULL)",
+                    &[],
+                )?;
+                tx.execute(
+                    "INSERT INTO spool_backfill_deferred \
+                     SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
+                     JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND NOT i.indisunique",
+                    &[&SHADOW],
+                )?;
+                let appended: Vec<String> = APPEND_ONLY.iter().map(|t| t.to_string()).collect();
+                tx.execute(
+                    "INSERT INTO spool_backfill_deferred \
+                     SELECT format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', n.nspname, t.relname, \
+                                   k.conname, pg_get_constraintdef(k.oid)) \
+                     FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid \
+                     JOIN pg_namespace n ON n.oid = t.relnamespace \
+                     WHERE n.nspname = $1 AND k.contype = 'p' AND t.relname = ANY($2)",
+                    &[&SHADOW, &appended],
+                )?;
+                tx.batch_execute(&format!(
+                    "DO $$ DECLARE r record; BEGIN \
+                       FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = '{SHADOW}' AND NOT i.indisunique LOOP \
+                         EXECUTE format('DROP INDEX {SHADOW}.%I', r.relname); \
+                       END LOOP; \
+                       FOR r IN SELECT t.relname, k.conname FROM pg_constraint k \
+                         JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+                         WHERE n.nspname = '{SHADOW}' AND k.contype = 'p' \
+                           AND t.relname IN ({}) LOOP \
+                         EXECUTE format('ALTER TABLE {SHADOW}.%I DROP CONSTRAINT %I', r.relname, r.conname); \
+                       END LOOP; END $$",
+                    APPEND_ONLY
+                        .iter()
+                        .map(|t| format!("'{t}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))?;
                 tx.execute(
                     "CREATE TABLE spool_backfill_state (id int PRIMARY KEY CHECK (id = 1), \
                      node text NOT NULL, pinned bigint NOT NULL, started_at timestamptz NOT NULL DEFAULT now())",
@@ -257,12 +300,13 @@ impl Postgres {
     /// (with their grants, policies and indexes, and this node's checkpoint only, so other
     /// nodes re-apply their events), and the old ones dropped.
     pub fn swap(mut self) -> Result<(), PostgresError> {
+        self.finish_load()?;
         let mut tx = self.client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
         let tables: Vec<String> = tx
             .query(
                 "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 \
-                 AND tablename <> 'spool_backfill_state' ORDER BY 1",
+                 AND tablename NOT LIKE 'spool\\_backfill\\_%' ORDER BY 1",
                 &[&SHADOW],
             )?
             .iter()
@@ -285,6 +329,28 @@ impl Postgres {
         Ok(())
     }
 
+    /// Makes the shadow tables whole before they go live: the indexes and keys deferred while
+    /// loading are built, each sorted once, in one transaction that also clears the list (so a
+    /// resumed backfill builds them exactly once). A duplicate key would fail here, loudly.
+    fn finish_load(&mut self) -> Result<(), PostgresError> {
+        let mut tx = self.client.transaction()?;
+        let deferred: Vec<String> = tx
+            .query(
+                &format!("SELECT sql FROM {SHADOW}.spool_backfill_deferred"),
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for sql in deferred {
+            // Our own DDL, as Postgres printed it.
+            tx.batch_execute(&sql)?;
+        }
+        tx.batch_execute(&format!("DELETE FROM {SHADOW}.spool_backfill_deferred"))?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Ends a failed transaction at once, so the connection can read the checkpoint again
     /// (and a caller retry) instead of answering "transaction is aborted".
     fn rolled_back_on_error<T>(
@@ -302,20 +368,13 @@ impl Postgres {
         table: &'static str,
         cols: Vec<(&'static str, Val)>,
     ) -> Result<(), PostgresError> {
-        let columns: Vec<&'static str> = cols.iter().map(|c| c.0).collect();
-        let key = std::iter::once(table)
-            .chain(columns.iter().copied())
-            .collect();
         let mode = self.mode;
-        let shape = shape(
-            &mut self.shapes,
-            &self.types,
-            mode,
-            key,
-            table,
-            &columns,
-            None,
-        )?;
+        let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
+        let (types, n) = (&self.types, self.shapes.len());
+        let shape = self.shapes.find(names, || {
+            let columns: Vec<&'static str> = cols.iter().map(|c| c.0).collect();
+            new_shape(types, mode, n, table, &columns, None)
+        })?;
         shape.rows.push(cols.into_iter().map(|c| c.1).collect());
         if shape.rows.len() >= ROWS_PER_STATEMENT {
             send(&mut self.client, mode, shape)?;
@@ -332,28 +391,13 @@ impl Postgres {
     ) -> Result<(), PostgresError> {
         // Inserts first, then the merged rows in (table, key) order.
         self.send_all()?;
+        let mode = self.mode;
         for row in rows {
-            let columns = sql::columns(&row);
-            let mut key = vec![row.table, "|"];
-            for g in &row.groups {
-                key.push(match g.rule {
-                    Rule::Newer => ">",
-                    Rule::Older => "<",
-                });
-                key.push(g.stamp);
-            }
-            key.extend(columns.iter().copied());
-            let mode = self.mode;
-            let shape = shape(
-                &mut self.shapes,
-                &self.types,
-                mode,
-                key,
-                row.table,
-                &columns,
-                Some(&row),
-            )?;
-            let mut values: Vec<Val> = Vec::with_capacity(columns.len());
+            let (types, n) = (&self.types, self.shapes.len());
+            let shape = self.shapes.find(sql::row_shape(&row), || {
+                new_shape(types, mode, n, row.table, &sql::columns(&row), Some(&row))
+            })?;
+            let mut values: Vec<Val> = Vec::with_capacity(shape.columns.len());
             values.extend(row.key.into_iter().map(|c| c.1));
             for (g, stamp) in row.groups.into_iter().zip(row.stamps) {
                 values.extend(g.cols.into_iter().map(|c| c.1));
@@ -403,65 +447,57 @@ impl Postgres {
     }
 
     fn send_all(&mut self) -> Result<(), PostgresError> {
-        for shape in self.shapes.values_mut() {
+        for shape in self.shapes.iter_mut() {
             send(&mut self.client, self.mode, shape)?;
         }
         Ok(())
     }
 }
 
-/// The shape of `key` (table, columns, groups), made on first use.
-fn shape<'s>(
-    shapes: &'s mut HashMap<Vec<&'static str>, Shape>,
+/// A new shape: its columns' types, and its statement (live) or staging table (backfill).
+fn new_shape(
     types: &HashMap<(String, String), Type>,
     mode: Mode,
-    key: Vec<&'static str>,
+    n: usize,
     table: &'static str,
     columns: &[&'static str],
     merged: Option<&Row>,
-) -> Result<&'s mut Shape, PostgresError> {
-    if !shapes.contains_key(&key) {
-        let types = columns
-            .iter()
-            .map(|c| {
-                types
-                    .get(&(table.to_owned(), (*c).to_owned()))
-                    .cloned()
-                    .ok_or(PostgresError::Value {
-                        table,
-                        column: c,
-                        problem: "no such column in the database".into(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let n = shapes.len();
-        let (sql, staging) = match (mode, merged) {
-            (Mode::Live, None) => (
-                sql::insert(table, columns, &record_set(table, columns)),
-                None,
-            ),
-            (Mode::Live, Some(row)) => (sql::upsert(row, &record_set(table, columns)), None),
-            (Mode::Backfill, None) => (String::new(), None),
-            (Mode::Backfill, Some(row)) => {
-                let staging = format!("spool_stage_{n}");
-                let source = format!("SELECT {} FROM {staging}", columns.join(", "));
-                (sql::upsert(row, &source), Some(staging))
-            }
-        };
-        shapes.insert(
-            key.clone(),
-            Shape {
-                table,
-                columns: columns.to_vec(),
-                types,
-                sql,
-                statement: None,
-                staging,
-                rows: Vec::new(),
-            },
-        );
-    }
-    Ok(shapes.get_mut(&key).expect("made above"))
+) -> Result<Shape, PostgresError> {
+    let types = columns
+        .iter()
+        .map(|c| {
+            types
+                .get(&(table.to_owned(), (*c).to_owned()))
+                .cloned()
+                .ok_or(PostgresError::Value {
+                    table,
+                    column: c,
+                    problem: "no such column in the database".into(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (sql, staging) = match (mode, merged) {
+        (Mode::Live, None) => (
+            sql::insert(table, columns, &record_set(table, columns)),
+            None,
+        ),
+        (Mode::Live, Some(row)) => (sql::upsert(row, &record_set(table, columns)), None),
+        (Mode::Backfill, None) => (String::new(), None),
+        (Mode::Backfill, Some(row)) => {
+            let staging = format!("spool_stage_{n}");
+            let source = format!("SELECT {} FROM {staging}", columns.join(", "));
+            (sql::upsert(row, &source), Some(staging))
+        }
+    };
+    Ok(Shape {
+        table,
+        columns: columns.to_vec(),
+        types,
+        sql,
+        statement: None,
+        staging,
+        rows: Vec::new(),
+    })
 }
 
 /// The column types of every table in `schema`.
@@ -671,7 +707,7 @@ impl Target for Postgres {
     /// Starts from nothing: a transaction a failed replay left open is rolled back and its
     /// waiting rows dropped.
     fn begin(&mut self) -> Result<(), PostgresError> {
-        for shape in self.shapes.values_mut() {
+        for shape in self.shapes.iter_mut() {
             shape.rows.clear();
         }
         self.client.batch_execute("ROLLBACK; BEGIN")?;

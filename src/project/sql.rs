@@ -66,3 +66,72 @@ pub fn upsert(row: &Row, source: &str) -> String {
 pub fn values(n: usize) -> String {
     format!("VALUES ({})", vec!["?"; n].join(", "))
 }
+
+/// Statement shapes (a table, its columns and groups) with what a target keeps for each, found
+/// by a hash of the names' addresses (names are the projector's constants, so this costs no
+/// string hashing per row) and confirmed by comparing the names themselves.
+pub struct Shapes<S> {
+    pub list: Vec<(Vec<&'static str>, S)>,
+    by_hash: std::collections::HashMap<u64, usize>,
+}
+
+impl<S> Default for Shapes<S> {
+    fn default() -> Self {
+        Shapes {
+            list: Vec::new(),
+            by_hash: Default::default(),
+        }
+    }
+}
+
+impl<S> Shapes<S> {
+    /// The shape named by `names`, made by `make` on first use.
+    pub fn find<E>(
+        &mut self,
+        names: impl Iterator<Item = &'static str> + Clone,
+        make: impl FnOnce() -> Result<S, E>,
+    ) -> Result<&mut S, E> {
+        let mut hash = names.clone().fold(0xcbf2_9ce4_8422_2325_u64, |h, n| {
+            let h = (h ^ n.as_ptr() as u64).wrapping_mul(0x0100_0000_01b3);
+            (h ^ n.len() as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        let at = loop {
+            match self.by_hash.get(&hash) {
+                Some(&at) if self.list[at].0.iter().copied().eq(names.clone()) => break at,
+                Some(_) => hash = hash.wrapping_add(1),
+                None => {
+                    self.list.push((names.collect(), make()?));
+                    self.by_hash.insert(hash, self.list.len() - 1);
+                    break self.list.len() - 1;
+                }
+            }
+        };
+        Ok(&mut self.list[at].1)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.list.iter_mut().map(|(_, s)| s)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+}
+
+/// The names that make a merged row's statement shape: table, then per group its rule, stamp
+/// and columns, then the key.
+pub fn row_shape(row: &Row) -> impl Iterator<Item = &'static str> + Clone + '_ {
+    std::iter::once(row.table)
+        .chain(row.key.iter().map(|c| c.0))
+        .chain(row.groups.iter().flat_map(|g| {
+            [
+                match g.rule {
+                    Rule::Newer => ">",
+                    Rule::Older => "<",
+                },
+                g.stamp,
+            ]
+            .into_iter()
+            .chain(g.cols.iter().map(|c| c.0))
+        }))
+}

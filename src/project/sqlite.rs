@@ -4,7 +4,6 @@
 //! Boundary: the only module that imports rusqlite. Table and column names come from the
 //! projector's constants; every value is a bound parameter.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -12,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, ToSql};
 
 use super::merge::Row;
 use super::sql;
-use super::{Rule, Target, Val};
+use super::{Target, Val};
 use crate::event::Hash;
 
 /// The DDL, shipped as files so it can be read and diffed: the tables, and their secondary
@@ -46,7 +45,7 @@ pub enum SqliteError {
 pub struct Sqlite {
     conn: Connection,
     /// Statement shapes with their SQL, built once, and the open transaction's inserts.
-    shapes: Shapes,
+    shapes: sql::Shapes<Shape>,
     /// How many bytes of merged rows the replay may hold before it commits.
     held_bytes_max: usize,
     /// A rebuild creates the secondary indexes in [`Sqlite::finish`].
@@ -124,7 +123,7 @@ impl Sqlite {
         }
         Ok(Sqlite {
             conn,
-            shapes: Shapes::default(),
+            shapes: sql::Shapes::default(),
             held_bytes_max: HELD_BYTES_LIVE,
             indexes_deferred: false,
         })
@@ -298,54 +297,18 @@ impl ToSql for Val {
 /// One statement's shape (table, columns and groups) with its SQL, and the open transaction's
 /// rows waiting for it.
 struct Shape {
-    names: Vec<&'static str>,
     sql: String,
     inserts: Vec<Vec<(&'static str, Val)>>,
     upserts: Vec<Row>,
 }
 
-/// The shapes seen so far, found by a hash of their names' addresses (names are the
-/// projector's constants) and confirmed by comparing the names themselves.
-#[derive(Default)]
-struct Shapes {
-    list: Vec<Shape>,
-    by_hash: HashMap<u64, usize>,
-}
-
-impl Shapes {
-    fn find(
-        &mut self,
-        names: impl Iterator<Item = &'static str> + Clone,
-        sql: impl FnOnce() -> String,
-    ) -> &mut Shape {
-        let mut hash = names.clone().fold(0xcbf2_9ce4_8422_2325_u64, |h, n| {
-            let h = (h ^ n.as_ptr() as u64).wrapping_mul(0x0100_0000_01b3);
-            (h ^ n.len() as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-        let at = loop {
-            match self.by_hash.get(&hash) {
-                Some(&at) if self.list[at].names.iter().copied().eq(names.clone()) => break at,
-                Some(_) => hash = hash.wrapping_add(1),
-                None => {
-                    self.list.push(Shape {
-                        names: names.collect(),
-                        sql: sql(),
-                        inserts: Vec::new(),
-                        upserts: Vec::new(),
-                    });
-                    self.by_hash.insert(hash, self.list.len() - 1);
-                    break self.list.len() - 1;
-                }
-            }
-        };
-        &mut self.list[at]
-    }
-}
-
-fn rule_mark(rule: Rule) -> &'static str {
-    match rule {
-        Rule::Newer => ">",
-        Rule::Older => "<",
+impl Shape {
+    fn new(sql: String) -> Result<Shape, SqliteError> {
+        Ok(Shape {
+            sql,
+            inserts: Vec::new(),
+            upserts: Vec::new(),
+        })
     }
 }
 
@@ -398,7 +361,7 @@ impl Target for Sqlite {
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("ROLLBACK")?;
         }
-        for shape in &mut self.shapes.list {
+        for shape in self.shapes.iter_mut() {
             shape.inserts.clear();
             shape.upserts.clear();
         }
@@ -415,8 +378,8 @@ impl Target for Sqlite {
         let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
         let shape = self.shapes.find(names, || {
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-            sql::insert(table, &names, &sql::values(names.len()))
-        });
+            Shape::new(sql::insert(table, &names, &sql::values(names.len())))
+        })?;
         shape.inserts.push(cols);
         if shape.inserts.len() >= INSERT_RUN {
             execute(&self.conn, shape)?;
@@ -434,21 +397,14 @@ impl Target for Sqlite {
         applied: u64,
     ) -> Result<(), SqliteError> {
         for row in rows {
-            let names = std::iter::once(row.table)
-                .chain(row.key.iter().map(|c| c.0))
-                .chain(row.groups.iter().flat_map(|g| {
-                    [rule_mark(g.rule), g.stamp]
-                        .into_iter()
-                        .chain(g.cols.iter().map(|c| c.0))
-                }));
             self.shapes
-                .find(names, || {
-                    sql::upsert(&row, &sql::values(sql::columns(&row).len()))
-                })
+                .find(sql::row_shape(&row), || {
+                    Shape::new(sql::upsert(&row, &sql::values(sql::columns(&row).len())))
+                })?
                 .upserts
                 .push(row);
         }
-        for shape in &mut self.shapes.list {
+        for shape in self.shapes.iter_mut() {
             execute(&self.conn, shape)?;
         }
         self.conn.execute(
