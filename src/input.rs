@@ -94,6 +94,11 @@ pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
     new_event(request)
 }
 
+/// The answer to an appended event, as `spool append` prints it and the daemon returns it.
+pub fn appended_json(a: &crate::log::Appended) -> Value {
+    serde_json::json!({"origin": a.origin, "seq": a.seq, "position": a.position, "hash": a.hash})
+}
+
 /// Validates a request and encodes its data.
 pub fn new_event(request: AppendRequest) -> Result<NewEvent, InputError> {
     check_name("stream", &request.stream)?;

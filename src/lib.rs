@@ -12,4 +12,5 @@ pub mod input;
 pub mod kinds;
 pub mod log;
 pub mod project;
+pub mod serve;
 pub mod sync;

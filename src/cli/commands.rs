@@ -1,6 +1,6 @@
 //! One function per command. Each opens what it needs, does one thing, and prints.
 
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::{BufRead, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
-use spool::log::{Appended, Filter, Log, Record};
+use spool::log::{Filter, Log, Record};
 use spool::project::postgres::{self, Postgres};
 use spool::project::sqlite::{Durability, Sqlite};
 use spool::project::{self, Until};
@@ -36,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Init { label } => init(&home, label),
+        Command::Serve { http } => serve(&home, http),
         Command::Append(args) => append(&home, args),
         Command::Log(args) => log(&home, args),
         Command::Verify { json } => verify(&home, json),
@@ -90,6 +91,12 @@ fn host_name() -> String {
 }
 
 fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
+    let socket = dir.join(spool::serve::SOCKET);
+    if socket.exists() {
+        if let Some(code) = append_through_daemon(&socket, &args)? {
+            return Ok(code);
+        }
+    }
     let events = match args.kind {
         Some(kind) => {
             let data_text = args.data.unwrap_or_default();
@@ -123,15 +130,154 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
     let appended = log.append(events)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     for a in appended {
-        writeln!(out, "{}", appended_json(&a))?;
+        writeln!(out, "{}", input::appended_json(&a))?;
     }
     out.flush()?;
     refresh_projection(&home, &log);
     Ok(ExitCode::SUCCESS)
 }
 
-fn appended_json(a: &Appended) -> Value {
-    json!({"origin": a.origin, "seq": a.seq, "position": a.position, "hash": a.hash})
+/// Times `append` retries a batch the daemon answered busy.
+const BUSY_RETRIES: u32 = 50;
+
+/// Appends through a running `spool serve` (the log is its to write). `None` when no daemon
+/// answers on the socket (a stale socket): the caller then opens the log itself.
+fn append_through_daemon(socket: &Path, args: &AppendArgs) -> anyhow::Result<Option<ExitCode>> {
+    let body = match &args.kind {
+        Some(kind) => {
+            let data_text = args.data.clone().unwrap_or_default();
+            let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
+                field: "data".into(),
+                problem: format!("not valid JSON: {e}"),
+            })?;
+            json!([{"kind": kind, "stream": args.stream.clone().unwrap_or_default(),
+                    "actor": args.actor.clone().unwrap_or_default(), "data": data,
+                    "key": args.key, "correlation": args.correlation, "causation": args.causation}])
+        }
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Usage(
+                    "give --kind, --stream, --actor and --data, or pipe JSON lines on stdin".into(),
+                )
+                .into());
+            }
+            let mut lines = Vec::new();
+            let mut bytes = 0;
+            for (i, line) in stdin.lock().lines().enumerate() {
+                let line = line.map_err(|e| InputError::Read(e.to_string()))?;
+                bytes += line.len();
+                if bytes > input::BATCH_BYTES_MAX {
+                    return Err(InputError::BatchBytesTooLarge.into());
+                }
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value: Value = serde_json::from_str(&line).map_err(|e| InputError::Line {
+                    line: i + 1,
+                    error: Box::new(InputError::Json(e.to_string())),
+                })?;
+                lines.push(value);
+            }
+            if lines.is_empty() {
+                return Err(InputError::Empty.into());
+            }
+            Value::Array(lines)
+        }
+    };
+    let body = serde_json::to_vec(&body)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = runtime.block_on(async {
+        let mut client = match spool::serve::client::Client::connect(socket).await {
+            Ok(client) => client,
+            Err(_) => return Ok(None),
+        };
+        for attempt in 0.. {
+            let (status, reply) = client.request("POST", "/v1/events", body.clone()).await?;
+            if status == 503 && attempt < BUSY_RETRIES && reply.windows(4).any(|w| w == b"busy") {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            return Ok::<_, anyhow::Error>(Some((status, reply)));
+        }
+        unreachable!("the loop returns")
+    })?;
+    let Some((status, reply)) = answer else {
+        return Ok(None);
+    };
+    let reply: Value = serde_json::from_slice(&reply).context("the daemon's answer")?;
+    match status {
+        200 => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for line in reply.as_array().into_iter().flatten() {
+                writeln!(out, "{line}")?;
+            }
+            out.flush()?;
+            Ok(Some(ExitCode::SUCCESS))
+        }
+        400 | 413 => Err(Usage(reply["error"].as_str().unwrap_or("refused").to_owned()).into()),
+        _ => anyhow::bail!(
+            "spool serve answered {status}: {}",
+            reply["error"].as_str().unwrap_or("")
+        ),
+    }
+}
+
+fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let log = home.open_log()?;
+    let socket = home.dir().join(spool::serve::SOCKET);
+    let http = match http {
+        Some(addr) => Some((addr, serve_token(home.dir())?)),
+        None => None,
+    };
+    eprintln!(
+        "spool serve: node {} ({}), socket {}{}",
+        home.origin(),
+        home.label(),
+        socket.display(),
+        http.as_ref().map_or(String::new(), |(a, _)| format!(
+            ", http://{a} (bearer token in {})",
+            home.dir().join(SERVE_TOKEN).display()
+        ))
+    );
+    spool::serve::run(
+        log,
+        spool::serve::Options {
+            socket,
+            http,
+            projection: home.projection_path(),
+        },
+    )?;
+    eprintln!("spool serve: stopped; everything acknowledged is durable");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The HTTP listener's bearer token, made once (mode 0600) in the node home.
+const SERVE_TOKEN: &str = "serve.token";
+
+fn serve_token(dir: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(SERVE_TOKEN);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    file.sync_all()?;
+    Ok(token)
 }
 
 fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {

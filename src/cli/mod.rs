@@ -89,6 +89,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Run the node's writer: a JSON API on the Unix socket `spool.sock` in the home (and
+    /// with --http on a loopback address, bearer token in `serve.token`), keeping the
+    /// projection live, until SIGTERM or SIGINT.
+    Serve {
+        /// Also serve HTTP on this loopback address (e.g. 127.0.0.1:7421).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+    },
     /// Apply an export file (a path, or stdin) in causal order.
     Ingest {
         /// The export file (default: standard input).

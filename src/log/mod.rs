@@ -665,6 +665,15 @@ impl Log {
         self.writer.append(events)
     }
 
+    /// Queues a batch without blocking: `Busy` when the writer's queue is full. The answer (once
+    /// the batch is durable) arrives on the receiver.
+    pub fn submit(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<Appended>, LogError>>, LogError> {
+        self.writer.submit(events)
+    }
+
     /// Applies shipped events in causal order (see [`crate::sync::Causal`]): each is applied
     /// once its predecessor and deps are, kept waiting durably until then, skipped if already
     /// held, and a fork or a broken chain link stops the ingest there (what came before it is

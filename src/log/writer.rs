@@ -121,7 +121,6 @@ impl Handle {
     }
 
     /// Queues without blocking; `Busy` when the queue is full. The answer arrives on the receiver.
-    #[allow(dead_code)] // The daemon's entry point (issue 7); exercised by the tests below.
     pub(super) fn submit(
         &self,
         events: Vec<NewEvent>,

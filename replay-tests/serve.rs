@@ -1,0 +1,328 @@
+//! `spool serve`: concurrent clients over the Unix socket, SIGKILL under load, the SIGTERM
+//! drain, refusals, and the CLI appending through the daemon.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spool::event::Origin;
+use spool::log::{Log, LogOptions};
+use spool::serve::client::Client;
+
+use common::{spool, SPOOL};
+
+/// An acknowledged event: where the daemon said it landed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Ack {
+    position: u64,
+    seq: u64,
+    hash: String,
+}
+
+fn ack(v: &Value) -> Ack {
+    Ack {
+        position: v["position"].as_u64().unwrap(),
+        seq: v["seq"].as_u64().unwrap(),
+        hash: v["hash"].as_str().unwrap().to_owned(),
+    }
+}
+
+fn home(dir: &Path) -> PathBuf {
+    let home = dir.join("node");
+    let out = spool(&home, &["init", "--label", "desk"], "");
+    assert!(out.status.success(), "{out:?}");
+    home
+}
+
+/// Starts `spool serve` and waits for its socket.
+fn start(home: &Path) -> Child {
+    let child = Command::new(SPOOL)
+        .arg("--home")
+        .arg(home)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = home.join("spool.sock");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn event(client: usize, i: usize) -> Value {
+    json!({"kind": "activity.logged", "stream": format!("client/{client}"), "actor": "agent:load",
+           "data": {"message": format!("client {client} event {i}")},
+           "key": format!("c{client}-e{i}")})
+}
+
+/// `clients` tasks each sending `per_client` single-event requests (or until the daemon goes);
+/// returns every acknowledgement received.
+fn load(socket: &Path, clients: usize, per_client: usize) -> Vec<Ack> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (socket, acks) = (socket.to_owned(), acks.clone());
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut client) = Client::connect(&socket).await else {
+                    return;
+                };
+                for i in 0..per_client {
+                    let body = serde_json::to_vec(&event(c, i)).unwrap();
+                    let Ok((status, reply)) = client.request("POST", "/v1/events", body).await
+                    else {
+                        return;
+                    };
+                    match status {
+                        200 => {
+                            let v: Value = serde_json::from_slice(&reply).unwrap();
+                            acks.lock().unwrap().push(ack(&v));
+                        }
+                        503 => tokio::time::sleep(Duration::from_millis(10)).await,
+                        other => panic!("{other}: {}", String::from_utf8_lossy(&reply)),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    Arc::try_unwrap(acks).unwrap().into_inner().unwrap()
+}
+
+/// Every acknowledgement names an event the log holds, with that hash; the log verifies.
+fn check_durable(home: &Path, acks: &[Ack]) -> u64 {
+    let out = spool(home, &["verify"], "");
+    assert!(out.status.success(), "verify: {out:?}");
+    let node: toml::Value =
+        toml::from_str(&std::fs::read_to_string(home.join("node.toml")).unwrap()).unwrap();
+    let origin = Origin::from_hex(node["id"].as_str().unwrap()).unwrap();
+    let log = Log::open(&home.join("log.redb"), origin, LogOptions::default()).unwrap();
+    let reader = log.read().unwrap();
+    for a in acks {
+        let record = reader
+            .get(a.position)
+            .unwrap()
+            .unwrap_or_else(|| panic!("acknowledged position {} is not in the log", a.position));
+        assert_eq!(record.hash.to_hex(), a.hash, "position {}", a.position);
+    }
+    reader.last_position().unwrap()
+}
+
+#[test]
+fn sixty_four_clients_append_a_thousand_each_and_every_event_is_there_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let mut acks = load(&home.join("spool.sock"), 64, 1_000);
+    signal(&daemon, "TERM");
+    let status = daemon.wait_with_output().unwrap().status;
+    assert!(status.success(), "{status}");
+    assert_eq!(acks.len(), 64_000);
+    acks.sort();
+    let positions: Vec<u64> = acks.iter().map(|a| a.position).collect();
+    assert_eq!(
+        positions,
+        (1..=64_000).collect::<Vec<_>>(),
+        "each event once"
+    );
+    let seqs: std::collections::BTreeSet<u64> = acks.iter().map(|a| a.seq).collect();
+    assert_eq!(seqs.len(), 64_000);
+    assert_eq!(check_durable(&home, &acks), 64_000);
+}
+
+#[test]
+fn a_daemon_killed_under_load_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let socket = home.join("spool.sock");
+    let killer = {
+        let pid = daemon.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1_500));
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+        })
+    };
+    let acks = load(&socket, 16, 100_000);
+    killer.join().unwrap();
+    let mut daemon = daemon;
+    daemon.wait().unwrap();
+    println!("{} events acknowledged before the SIGKILL", acks.len());
+    assert!(!acks.is_empty(), "the load ran before the kill");
+    let held = check_durable(&home, &acks);
+    assert!(held >= acks.len() as u64);
+    // The stale socket does not stop the node: append falls back to the log itself.
+    assert!(socket.exists());
+    let out = spool(
+        &home,
+        &[
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "b",
+            "--actor",
+            "a:b",
+            "--data",
+            r#"{"message":"after"}"#,
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_answers_what_was_accepted_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let socket = home.join("spool.sock");
+    let stopper = {
+        let pid = daemon.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1_000));
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+        })
+    };
+    let acks = load(&socket, 16, 100_000);
+    stopper.join().unwrap();
+    let out = daemon.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit after SIGTERM: {}", out.status);
+    assert!(!socket.exists(), "the socket is removed");
+    println!("{} events acknowledged before the drain", acks.len());
+    assert!(!acks.is_empty());
+    assert_eq!(
+        check_durable(&home, &acks),
+        acks.len() as u64,
+        "nothing beyond the acknowledged"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_by_name_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let socket = home.join("spool.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(&socket).await.unwrap();
+        async fn post(client: &mut Client, body: Vec<u8>) -> (u16, Value) {
+            let (status, reply) = client.request("POST", "/v1/events", body).await.unwrap();
+            (
+                status,
+                serde_json::from_slice::<Value>(&reply).unwrap_or(Value::Null),
+            )
+        }
+        let (status, reply) = post(&mut client, b"{not json".to_vec()).await;
+        assert_eq!(status, 400, "{reply}");
+        let (status, reply) = post(
+            &mut client,
+            serde_json::to_vec(&json!({"kind": "activity.logged", "stream": "b", "actor": "a:b", "data": {"message": 7}}))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(reply["error"].as_str().unwrap().contains("message"), "{reply}");
+        // A batch with one bad event writes none of them.
+        let (status, reply) = post(
+            &mut client,
+            serde_json::to_vec(&json!([event(0, 0), {"kind": "no.such", "stream": "b", "actor": "a:b", "data": {}}]))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(reply["error"].as_str().unwrap().starts_with("event 1:"), "{reply}");
+    });
+    // Over the limit: refused once the body passes it (the rest is never read).
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut writer = raw.try_clone().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let size = 9 * 1024 * 1024;
+            let _ = write!(
+                writer,
+                "POST /v1/events HTTP/1.1\r\nHost: spool\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+            );
+            let _ = writer.write_all(&vec![b' '; size]);
+        });
+        let mut head = [0u8; 12];
+        raw.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413");
+        drop(raw);
+        feeder.join().unwrap();
+    }
+    let runtime2 = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status: Value = runtime2.block_on(async {
+        let mut client = Client::connect(&socket).await.unwrap();
+        let (_, body) = client.request("GET", "/v1/status", vec![]).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    });
+    assert_eq!(status["events"], 0, "{status}");
+    // The CLI appends through the daemon while it runs.
+    let out = spool(
+        &home,
+        &[
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "b",
+            "--actor",
+            "a:b",
+            "--data",
+            r#"{"message":"via the daemon"}"#,
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["position"], 1);
+    signal(&daemon, "TERM");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}

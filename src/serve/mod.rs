@@ -1,0 +1,399 @@
+//! `spool serve`: the node-resident writer. Local programs append through a JSON API on a Unix
+//! socket in the node home (mode 0600) and, when asked, on a loopback HTTP address with a bearer
+//! token. One writer (the log's) group-commits behind a bounded queue; when it is full a client
+//! gets 503 with Retry-After instead of the daemon growing without bound. The daemon keeps the
+//! SQLite projection live and reports its lag.
+//!
+//! Invariants: an answer listing an event is sent only once that event is durable; an invalid
+//! request changes nothing (400 naming the field, 413 when too large); on SIGTERM or SIGINT the
+//! daemon stops accepting, answers what it accepted, and closes the log (the writer drains)
+//! before it exits.
+//!
+//! Boundary: the only module importing axum/hyper (with the CLI's client side in `client`); it
+//! knows requests and the log, not SQL (the projection goes through `project`).
+
+pub mod client;
+mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+use crate::input::{self, AppendRequest, InputError, BATCH_EVENTS_MAX};
+use crate::log::{Log, LogError};
+use crate::project::sqlite::{Durability, Sqlite};
+use crate::project::{self};
+use crate::sync::Vector;
+
+/// Largest request body (JSON), one event or a batch.
+pub const REQUEST_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// What a busy client is told to wait before retrying, in seconds.
+const RETRY_AFTER_SECONDS: u64 = 1;
+/// The socket's name in the node home.
+pub const SOCKET: &str = "spool.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("--http {0}: only a loopback address is served (127.0.0.0/8 or ::1)")]
+    NotLoopback(std::net::SocketAddr),
+}
+
+/// Where and how the daemon listens.
+pub struct Options {
+    /// The Unix socket (in the node home).
+    pub socket: PathBuf,
+    /// A loopback HTTP address, and the bearer token it requires.
+    pub http: Option<(std::net::SocketAddr, String)>,
+    /// The SQLite projection kept live.
+    pub projection: PathBuf,
+}
+
+struct App {
+    log: Log,
+    metrics: metrics::Metrics,
+    /// Woken after every commit: the projector and the event streams follow it.
+    committed: Notify,
+    projection: PathBuf,
+    /// The projection's position, for the lag.
+    projected: std::sync::atomic::AtomicU64,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
+pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
+    if let Some((addr, _)) = &options.http {
+        if !addr.ip().is_loopback() {
+            return Err(ServeError::NotLoopback(*addr));
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spool-serve")
+        .build()?;
+    let app = Arc::new(App {
+        log,
+        metrics: metrics::Metrics::default(),
+        committed: Notify::new(),
+        projection: options.projection.clone(),
+        projected: Default::default(),
+    });
+    runtime.block_on(serve(app.clone(), options))?;
+    drop(runtime);
+    // The last reference: closing the log lets the writer finish and sync.
+    match Arc::try_unwrap(app) {
+        Ok(app) => drop(app.log),
+        Err(_) => tracing::warn!("the log is still referenced at exit; it closes with the process"),
+    }
+    Ok(())
+}
+
+async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
+    let _ = std::fs::remove_file(&options.socket);
+    let unix = tokio::net::UnixListener::bind(&options.socket)?;
+    set_mode_0600(&options.socket)?;
+    let stop = Arc::new(Notify::new());
+    let projector = tokio::spawn(project_live(app.clone(), stop.clone()));
+    let routes = |token: Option<String>| {
+        Router::new()
+            .route("/v1/events", post(append))
+            .route("/v1/heads", get(heads))
+            .route("/v1/status", get(status))
+            .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn(move |req, next| {
+                let token = token.clone();
+                authorize(token, req, next)
+            }))
+            .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+            .with_state(app.clone())
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let unix_stop = stop.clone();
+    let unix_routes = routes(None);
+    servers.spawn(async move {
+        axum::serve(unix, unix_routes)
+            .with_graceful_shutdown(async move { unix_stop.notified().await })
+            .await
+    });
+    if let Some((addr, token)) = options.http {
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let tcp_stop = stop.clone();
+        let tcp_routes = routes(Some(token));
+        servers.spawn(async move {
+            axum::serve(tcp, tcp_routes)
+                .with_graceful_shutdown(async move { tcp_stop.notified().await })
+                .await
+        });
+    }
+    tracing::info!(socket = %options.socket.display(), "spool serve: listening");
+    shutdown_signal().await;
+    tracing::info!("spool serve: stopping; answering what was accepted");
+    stop.notify_waiters();
+    while let Some(done) = servers.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::warn!("a listener ended with {e}");
+        }
+    }
+    stop.notify_waiters();
+    app.committed.notify_waiters();
+    let _ = projector.await;
+    let _ = std::fs::remove_file(&options.socket);
+    Ok(())
+}
+
+fn set_mode_0600(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// The HTTP listener requires `Authorization: Bearer <token>`; the socket is guarded by its
+/// file mode.
+async fn authorize(
+    token: Option<String>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return error(StatusCode::UNAUTHORIZED, "a bearer token is required", None);
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(status: StatusCode, message: &str, field: Option<&str>) -> Response {
+    let mut body = json!({"error": message});
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    (status, Json(body)).into_response()
+}
+
+/// `POST /v1/events`: one event (an object) or a batch (an array), all-or-nothing.
+async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let started = Instant::now();
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            app.metrics.refused.inc();
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("not valid JSON: {e}"),
+                None,
+            );
+        }
+    };
+    let (items, single) = match value {
+        Value::Array(items) => (items, false),
+        other => (vec![other], true),
+    };
+    if items.is_empty() || items.len() > BATCH_EVENTS_MAX {
+        app.metrics.refused.inc();
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("a batch holds 1 to {BATCH_EVENTS_MAX} events"),
+            None,
+        );
+    }
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let parsed = serde_path_to_error::deserialize::<_, AppendRequest>(item)
+            .map_err(|e| InputError::Field {
+                field: e.path().to_string(),
+                problem: e.inner().to_string(),
+            })
+            .and_then(input::new_event);
+        match parsed {
+            Ok(event) => events.push(event),
+            Err(e) => {
+                app.metrics.refused.inc();
+                let field = match &e {
+                    InputError::Field { field, .. } => Some(field.clone()),
+                    InputError::Data { error, .. } => Some(format!("data{}", error.field)),
+                    _ => None,
+                };
+                let at = if single {
+                    e.to_string()
+                } else {
+                    format!("event {i}: {e}")
+                };
+                return error(StatusCode::BAD_REQUEST, &at, field.as_deref());
+            }
+        }
+    }
+    let count = events.len() as u64;
+    let answer = match app.log.submit(events) {
+        Ok(answer) => answer,
+        Err(LogError::Busy(_)) => {
+            app.metrics.busy.inc();
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy: the writer's queue is full; retry",
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            return response;
+        }
+        Err(e) => return log_error(&e),
+    };
+    match answer.await {
+        Ok(Ok(appended)) => {
+            app.metrics.appended(count, started.elapsed());
+            app.committed.notify_waiters();
+            let lines: Vec<Value> = appended.iter().map(input::appended_json).collect();
+            match single {
+                true => Json(lines.into_iter().next().unwrap_or(Value::Null)).into_response(),
+                false => Json(Value::Array(lines)).into_response(),
+            }
+        }
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
+}
+
+fn log_error(e: &LogError) -> Response {
+    let status = match e {
+        LogError::Halted { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, &e.to_string(), None)
+}
+
+/// `GET /v1/heads`: the version vector, as `spool heads --json` prints it.
+async fn heads(State(app): State<Arc<App>>) -> Response {
+    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+        let heads = app.log.read()?.heads()?;
+        let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
+        Ok(serde_json::from_str(&vector.to_string()).unwrap_or(Value::Null))
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
+}
+
+/// `GET /v1/status`: events, heads, waiting events, forks, the writer's counters and the
+/// projection's lag.
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+        let stats = app.log.stats()?;
+        let reader = app.log.read()?;
+        let writer = app.log.writer_stats();
+        let projected = app.projected.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(json!({
+            "node": app.log.origin(),
+            "events": stats.events,
+            "file_bytes": stats.file_bytes,
+            "heads": stats.heads.iter().map(|h| json!({"origin": h.origin, "seq": h.seq, "hash": h.hash})).collect::<Vec<_>>(),
+            "waiting": reader.pending()?,
+            "forks": reader.forks()?,
+            "halted": reader.halted()?,
+            "writer": {"commits": writer.commits, "events": writer.events},
+            "projection": {"position": projected, "lag_events": stats.events.saturating_sub(projected)},
+        }))
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
+    let writer = app.log.writer_stats();
+    let last = app.log.read().and_then(|r| r.last_position()).unwrap_or(0);
+    let projected = app.projected.load(std::sync::atomic::Ordering::Relaxed);
+    let text = app.metrics.render(writer, last.saturating_sub(projected));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Keeps the SQLite projection up to the log: catches up after every commit (and every second,
+/// for events ingested otherwise), on a blocking thread.
+async fn project_live(app: Arc<App>, stop: Arc<Notify>) {
+    let mut db: Option<Sqlite> = None;
+    loop {
+        let worker = app.clone();
+        let open = db.take();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut db = match open {
+                Some(db) => db,
+                None => {
+                    Sqlite::open(&worker.projection, Durability::Live).map_err(|e| e.to_string())?
+                }
+            };
+            let caught_up = worker
+                .log
+                .read()
+                .map_err(|e| e.to_string())
+                .and_then(|reader| {
+                    project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())
+                })
+                .and_then(|_| db.checkpoint().map_err(|e| e.to_string()));
+            match caught_up {
+                Ok((position, _, _)) => {
+                    worker
+                        .projected
+                        .store(position, std::sync::atomic::Ordering::Relaxed);
+                    Ok(db)
+                }
+                // Reopened next time: a failed catch-up leaves nothing half done behind.
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match done {
+            Ok(Ok(open)) => db = Some(open),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "the projection was not updated ({e}); `spool rebuild sqlite` rebuilds it"
+                )
+            }
+            Err(e) => tracing::warn!("the projection task failed: {e}"),
+        }
+        tokio::select! {
+            _ = app.committed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.notified() => return,
+        }
+    }
+}
