@@ -326,3 +326,64 @@ fn bad_requests_are_refused_by_name_and_change_nothing() {
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }
+
+/// `GET /v1/events?after=POS` streams what is there after POS, then each event as it commits;
+/// SIGTERM ends the stream and the daemon still exits 0.
+#[test]
+fn the_event_stream_follows_commits_and_ends_at_sigterm() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let append = |message: &str| {
+        let data = json!({ "message": message }).to_string();
+        let out = spool(
+            &home,
+            &[
+                "append",
+                "--kind",
+                "activity.logged",
+                "--stream",
+                "b",
+                "--actor",
+                "a:b",
+                "--data",
+                &data,
+            ],
+            "",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    append("one");
+    append("two");
+    let mut raw = std::os::unix::net::UnixStream::connect(home.join("spool.sock")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        raw,
+        "GET /v1/events?after=1 HTTP/1.1\r\nHost: spool\r\n\r\n"
+    )
+    .unwrap();
+    let mut lines = BufReader::new(raw).lines();
+    let mut next_event = || -> (u64, Value) {
+        let mut id = None;
+        loop {
+            let line = lines.next().expect("the stream is open").unwrap();
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.parse().unwrap());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                return (id.expect("an id first"), serde_json::from_str(v).unwrap());
+            }
+        }
+    };
+    let (id, event) = next_event();
+    assert_eq!((id, event["data"]["message"].as_str()), (2, Some("two")));
+    append("three");
+    let (id, event) = next_event();
+    assert_eq!((id, event["data"]["message"].as_str()), (3, Some("three")));
+    signal(&daemon, "TERM");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}

@@ -94,6 +94,44 @@ pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
     new_event(request)
 }
 
+/// An event as `spool log` prints it and the daemon streams it: the envelope, the position and
+/// hash, and the payload decoded (or why it could not be).
+pub fn event_json(record: &crate::log::Record) -> Value {
+    use std::time::{Duration, UNIX_EPOCH};
+    let e = record.event().to_event();
+    let time = UNIX_EPOCH + Duration::from_millis(crate::hlc::physical_ms(e.hlc));
+    let deps: Vec<Value> = e
+        .deps
+        .iter()
+        .map(|d| serde_json::json!({"origin": d.origin, "seq": d.seq}))
+        .collect();
+    let mut out = serde_json::json!({
+        "position": record.position,
+        "origin": e.origin,
+        "seq": e.seq,
+        "hash": record.hash,
+        "prev": e.prev,
+        "hlc": e.hlc,
+        "time": humantime::format_rfc3339_millis(time).to_string(),
+        "deps": deps,
+        "stream": e.stream,
+        "actor": e.actor,
+        "kind": e.kind,
+        "version": e.version,
+        "correlation": e.correlation,
+        "causation": e.causation,
+        "key": e.key,
+    });
+    match kinds::decode(&e.kind, e.version, &e.payload) {
+        Ok(data) => out["data"] = data,
+        Err(error) => {
+            out["data"] = Value::Null;
+            out["data_error"] = serde_json::json!(error.to_string());
+        }
+    }
+    out
+}
+
 /// The answer to an appended event, as `spool append` prints it and the daemon returns it.
 pub fn appended_json(a: &crate::log::Appended) -> Value {
     serde_json::json!({"origin": a.origin, "seq": a.seq, "position": a.position, "hash": a.hash})

@@ -11,12 +11,12 @@ use serde_json::{json, Value};
 use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
-use spool::log::{Filter, Log, Record};
+use spool::kinds;
+use spool::log::{Filter, Log};
 use spool::project::postgres::{self, Postgres};
 use spool::project::sqlite::{Durability, Sqlite};
 use spool::project::{self, Until};
 use spool::sync::{file as shipping, Selection, Vector};
-use spool::{hlc, kinds};
 
 use super::{
     AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand,
@@ -308,7 +308,7 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .take(remaining.min(PAGE_EVENTS as u64) as usize)
         {
-            writeln!(out, "{}", event_json(record))?;
+            writeln!(out, "{}", input::event_json(record))?;
             remaining -= 1;
         }
         after = last;
@@ -318,41 +318,6 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// An event as `spool log` prints it: envelope and decoded data.
-fn event_json(record: &Record) -> Value {
-    let e = record.event().to_event();
-    let time = UNIX_EPOCH + Duration::from_millis(hlc::physical_ms(e.hlc));
-    let deps: Vec<Value> = e
-        .deps
-        .iter()
-        .map(|d| json!({"origin": d.origin, "seq": d.seq}))
-        .collect();
-    let mut out = json!({
-        "position": record.position,
-        "origin": e.origin,
-        "seq": e.seq,
-        "hash": record.hash,
-        "prev": e.prev,
-        "hlc": e.hlc,
-        "time": humantime::format_rfc3339_millis(time).to_string(),
-        "deps": deps,
-        "stream": e.stream,
-        "actor": e.actor,
-        "kind": e.kind,
-        "version": e.version,
-        "correlation": e.correlation,
-        "causation": e.causation,
-        "key": e.key,
-    });
-    match kinds::decode(&e.kind, e.version, &e.payload) {
-        Ok(data) => out["data"] = data,
-        Err(error) => {
-            out["data"] = Value::Null;
-            out["data_error"] = json!(error.to_string());
-        }
-    }
-    out
-}
-
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
     let log = home.open_log()?;

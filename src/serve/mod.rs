@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -60,6 +60,8 @@ pub struct Options {
 
 struct App {
     log: Log,
+    /// Set when the daemon stops: event streams end so the drain can finish.
+    stopping: tokio::sync::watch::Sender<bool>,
     metrics: metrics::Metrics,
     /// Woken after every commit: the projector and the event streams follow it.
     committed: Notify,
@@ -81,6 +83,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         .build()?;
     let app = Arc::new(App {
         log,
+        stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
         committed: Notify::new(),
         projection: options.projection.clone(),
@@ -104,7 +107,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let projector = tokio::spawn(project_live(app.clone(), stop.clone()));
     let routes = |token: Option<String>| {
         Router::new()
-            .route("/v1/events", post(append))
+            .route("/v1/events", post(append).get(events))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics))
@@ -136,6 +139,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     tracing::info!(socket = %options.socket.display(), "spool serve: listening");
     shutdown_signal().await;
     tracing::info!("spool serve: stopping; answering what was accepted");
+    app.stopping.send_replace(true);
     stop.notify_waiters();
     while let Some(done) = servers.join_next().await {
         if let Ok(Err(e)) = done {
@@ -286,6 +290,76 @@ fn log_error(e: &LogError) -> Response {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, &e.to_string(), None)
+}
+
+/// Events sent in one read of a stream.
+const STREAM_PAGE_EVENTS: usize = 256;
+
+#[derive(serde::Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /v1/events?after=POS`: Server-Sent Events, one per event after `POS` in position order
+/// (`id` is the position, `data` the event as `spool log` prints it), then each new one as it
+/// commits. Read a page at a time, only as the client takes them: memory stays bounded
+/// however far behind the client is.
+async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let state = (
+        app,
+        from.after,
+        std::collections::VecDeque::<(u64, String)>::new(),
+    );
+    let stream = futures_util::stream::unfold(state, |(app, mut after, mut queued)| async move {
+        let mut stopping = app.stopping.subscribe();
+        loop {
+            if let Some((position, data)) = queued.pop_front() {
+                let event = Event::default().id(position.to_string()).data(data);
+                return Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (app, after, queued),
+                ));
+            }
+            if *stopping.borrow() {
+                return None;
+            }
+            let reader = app.clone();
+            let page =
+                tokio::task::spawn_blocking(move || -> Result<Vec<(u64, String)>, LogError> {
+                    let page = reader.log.read()?.scan(
+                        after,
+                        STREAM_PAGE_EVENTS,
+                        &crate::log::Filter::default(),
+                    )?;
+                    Ok(page
+                        .records
+                        .iter()
+                        .map(|r| (r.position, input::event_json(r).to_string()))
+                        .collect())
+                })
+                .await;
+            match page {
+                Ok(Ok(page)) if !page.is_empty() => {
+                    after = page.last().map_or(after, |(p, _)| *p);
+                    queued.extend(page);
+                }
+                Ok(Ok(_)) => {
+                    tokio::select! {
+                        _ = app.committed.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopping.changed() => return None,
+                    }
+                }
+                // A read that fails ends the stream; the client reconnects with its last id.
+                _ => return None,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// `GET /v1/heads`: the version vector, as `spool heads --json` prints it.
