@@ -158,9 +158,12 @@ fn start_cluster() -> String {
     } else {
         format!("{} ", postgres.display())
     };
+    let fast = match std::env::var("SPOOL_TEST_PG_DURABLE").as_deref() {
+        Ok("1") => "",
+        _ => "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+    };
     let script = format!(
-        "{start} -D '{data}' -k '{dir}' -c listen_addresses='' -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
+        "{start} -D '{data}' -k '{dir}' -c listen_addresses='' {fast} -c max_connections=200 \
          >'{dir}/log' 2>&1 & pg=$!; \
          while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.3; done; \
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{dir}'",

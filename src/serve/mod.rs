@@ -103,8 +103,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let _ = std::fs::remove_file(&options.socket);
     let unix = tokio::net::UnixListener::bind(&options.socket)?;
     set_mode_0600(&options.socket)?;
-    let stop = Arc::new(Notify::new());
-    let projector = tokio::spawn(project_live(app.clone(), stop.clone()));
+    let projector = tokio::spawn(project_live(app.clone()));
     let routes = |token: Option<String>| {
         Router::new()
             .route("/v1/events", post(append).get(events))
@@ -119,20 +118,24 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .with_state(app.clone())
     };
     let mut servers = tokio::task::JoinSet::new();
-    let unix_stop = stop.clone();
+    let mut unix_stop = app.stopping.subscribe();
     let unix_routes = routes(None);
     servers.spawn(async move {
         axum::serve(unix, unix_routes)
-            .with_graceful_shutdown(async move { unix_stop.notified().await })
+            .with_graceful_shutdown(async move {
+                let _ = unix_stop.wait_for(|stopping| *stopping).await;
+            })
             .await
     });
     if let Some((addr, token)) = options.http {
         let tcp = tokio::net::TcpListener::bind(addr).await?;
-        let tcp_stop = stop.clone();
+        let mut tcp_stop = app.stopping.subscribe();
         let tcp_routes = routes(Some(token));
         servers.spawn(async move {
             axum::serve(tcp, tcp_routes)
-                .with_graceful_shutdown(async move { tcp_stop.notified().await })
+                .with_graceful_shutdown(async move {
+                    let _ = tcp_stop.wait_for(|stopping| *stopping).await;
+                })
                 .await
         });
     }
@@ -140,14 +143,11 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     shutdown_signal().await;
     tracing::info!("spool serve: stopping; answering what was accepted");
     app.stopping.send_replace(true);
-    stop.notify_waiters();
     while let Some(done) = servers.join_next().await {
         if let Ok(Err(e)) = done {
             tracing::warn!("a listener ended with {e}");
         }
     }
-    stop.notify_waiters();
-    app.committed.notify_waiters();
     let _ = projector.await;
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
@@ -423,9 +423,13 @@ async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
 
 /// Keeps the SQLite projection up to the log: catches up after every commit (and every second,
 /// for events ingested otherwise), on a blocking thread.
-async fn project_live(app: Arc<App>, stop: Arc<Notify>) {
+async fn project_live(app: Arc<App>) {
+    let mut stopping = app.stopping.subscribe();
     let mut db: Option<Sqlite> = None;
     loop {
+        if *stopping.borrow() {
+            return;
+        }
         let worker = app.clone();
         let open = db.take();
         let done = tokio::task::spawn_blocking(move || {
@@ -467,7 +471,7 @@ async fn project_live(app: Arc<App>, stop: Arc<Notify>) {
         tokio::select! {
             _ = app.committed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.notified() => return,
+            _ = stopping.changed() => return,
         }
     }
 }
