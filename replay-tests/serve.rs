@@ -384,6 +384,23 @@ fn the_event_stream_follows_commits_and_ends_at_sigterm() {
     append("three");
     let (id, event) = next_event();
     assert_eq!((id, event["data"]["message"].as_str()), (3, Some("three")));
+    // status and heads answer through the daemon, which holds the log.
+    let out = spool(&home, &["status", "--json"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["events"], 3);
+    let out = spool(&home, &["heads", "--json"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let heads: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(heads.as_object().unwrap().values().next().unwrap(), 3);
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }

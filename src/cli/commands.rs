@@ -372,8 +372,75 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `GET path` from a running `spool serve`: `None` when no daemon answers on the socket.
+fn daemon_get(dir: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+    let socket = dir.join(spool::serve::SOCKET);
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = runtime.block_on(async {
+        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
+            return Ok(None);
+        };
+        client.request("GET", path, Vec::new()).await.map(Some)
+    })?;
+    let Some((status, body)) = answer else {
+        return Ok(None);
+    };
+    let value: Value = serde_json::from_slice(&body).context("the daemon's answer")?;
+    match status {
+        200 => Ok(Some(value)),
+        _ => anyhow::bail!(
+            "spool serve answered {status}: {}",
+            value["error"].as_str().unwrap_or("")
+        ),
+    }
+}
+
+/// `spool status` while the daemon holds the log: its view, with the writer and projection.
+fn status_from_daemon(home: &Home, status: Value, as_json: bool) -> ExitCode {
+    if as_json {
+        println!("{status}");
+        return ExitCode::SUCCESS;
+    }
+    println!("node    {} ({})", home.origin(), home.label());
+    println!("home    {} (through spool serve)", home.dir().display());
+    println!("events  {}", status["events"]);
+    println!("file    {} bytes", status["file_bytes"]);
+    for h in status["heads"].as_array().into_iter().flatten() {
+        println!(
+            "  {}  seq {}  {}",
+            h["origin"].as_str().unwrap_or(""),
+            h["seq"],
+            h["hash"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "waiting {} shipped event(s) wait for their dependencies",
+        status["waiting"]
+    );
+    println!(
+        "writer  {} commits, {} events since it started",
+        status["writer"]["commits"], status["writer"]["events"]
+    );
+    println!(
+        "projection at position {}, {} events behind",
+        status["projection"]["position"], status["projection"]["lag_events"]
+    );
+    if let Some(reason) = status["halted"].as_str() {
+        println!("HALTED  own writes are stopped: {reason}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
+    if let Some(status) = daemon_get(dir, "/v1/status")? {
+        return Ok(status_from_daemon(&home, status, as_json));
+    }
     let log = home.open_log()?;
     let stats = log.stats()?;
     let reader = log.read()?;
@@ -469,6 +536,31 @@ fn schema_show(name: &str, version: Option<u16>) -> anyhow::Result<ExitCode> {
 
 fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
+    if let Some(status) = daemon_get(dir, "/v1/status")? {
+        let heads = status["heads"].as_array().cloned().unwrap_or_default();
+        if as_json {
+            let vector: serde_json::Map<String, Value> = heads
+                .iter()
+                .map(|h| {
+                    (
+                        h["origin"].as_str().unwrap_or("").to_owned(),
+                        h["seq"].clone(),
+                    )
+                })
+                .collect();
+            println!("{}", Value::Object(vector));
+        } else {
+            for h in &heads {
+                println!(
+                    "{}  seq {}  {}",
+                    h["origin"].as_str().unwrap_or(""),
+                    h["seq"],
+                    h["hash"].as_str().unwrap_or("")
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let log = home.open_log()?;
     let heads = log.read()?.heads()?;
     if as_json {

@@ -367,7 +367,7 @@ async fn heads(State(app): State<Arc<App>>) -> Response {
     let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
         let heads = app.log.read()?.heads()?;
         let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
-        Ok(serde_json::from_str(&vector.to_string()).unwrap_or(Value::Null))
+        Ok(vector.to_json())
     })
     .await;
     match result {
