@@ -404,3 +404,42 @@ fn the_event_stream_follows_commits_and_ends_at_sigterm() {
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }
+
+/// `spool ingest` goes through a running daemon: another node's export is applied by it, and
+/// ingesting it again holds everything already.
+#[test]
+fn ingest_goes_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    assert!(spool(&other, &["init", "--label", "pi"], "")
+        .status
+        .success());
+    let lines: String = (0..300).map(|i| format!("{}\n", event(9, i))).collect();
+    assert!(spool(&other, &["append"], &lines).status.success());
+    let file = dir.path().join("pi.spool");
+    let out = spool(&other, &["export", "--out", file.to_str().unwrap()], "");
+    assert!(out.status.success(), "{out:?}");
+    let home = home(dir.path());
+    let daemon = start(&home);
+    let out = spool(&home, &["ingest", file.to_str().unwrap(), "--json"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["read"].as_u64(), summary["applied"].as_u64()),
+        (Some(300), Some(300))
+    );
+    let again: Value = serde_json::from_slice(
+        &spool(&home, &["ingest", file.to_str().unwrap(), "--json"], "").stdout,
+    )
+    .unwrap();
+    assert_eq!(again["duplicates"], 300);
+    let status: Value =
+        serde_json::from_slice(&spool(&home, &["status", "--json"], "").stdout).unwrap();
+    assert_eq!(status["events"], 300);
+    signal(&daemon, "TERM");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}

@@ -615,6 +615,12 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
 
 fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
+    let socket = dir.join(spool::serve::SOCKET);
+    if socket.exists() {
+        if let Some(summary) = ingest_through_daemon(&socket, file.as_deref())? {
+            return print_ingest(&summary, as_json);
+        }
+    }
     let log = home.open_log()?;
     let input: Box<dyn std::io::Read + Send> = match &file {
         Some(path) => Box::new(std::io::BufReader::new(
@@ -630,45 +636,117 @@ fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<Ex
     };
     let summary = shipping::ingest(&log, input, |_| {})?;
     refresh_projection(&home, &log);
-    let r = &summary.report;
-    let stopped = match (&summary.file_error, &summary.refused) {
-        (_, Some((offset, refused))) => Some(format!(
-            "refused origin {} seq {} ({}, event at byte {offset}): {}; nothing after it was read",
-            refused.id.origin, refused.id.seq, refused.hash, refused.reason
-        )),
-        (Some(error), None) => Some(format!("{error}; everything before it was ingested")),
-        (None, None) => None,
-    };
+    print_ingest(&summary.to_json(), as_json)
+}
+
+/// Prints an ingest's summary (its JSON form, from this process or the daemon).
+fn print_ingest(summary: &Value, as_json: bool) -> anyhow::Result<ExitCode> {
+    let stopped = summary["stopped"].as_str().map(str::to_owned);
+    let n = |k: &str| summary[k].as_u64().unwrap_or(0);
     if as_json {
-        println!(
-            "{}",
-            json!({
-                "ok": stopped.is_none(),
-                "read": summary.frames,
-                "applied": r.applied,
-                "released": r.released,
-                "waiting": r.waiting,
-                "duplicates": r.duplicates,
-                "clamped": r.clamped,
-                "stopped": stopped,
-                "refused": summary.refused.as_ref().map(|(_, refused)| refused),
-            })
-        );
+        println!("{summary}");
     } else {
         println!(
             "read {} events: {} applied ({} of them released from waiting), {} waiting for their dependencies, {} already held",
-            summary.frames, r.applied, r.released, r.waiting, r.duplicates
+            n("read"), n("applied"), n("released"), n("waiting"), n("duplicates")
         );
-        if r.clamped > 0 {
+        if n("clamped") > 0 {
             println!(
                 "{} stamps were far ahead of this node's clock and were clamped",
-                r.clamped
+                n("clamped")
             );
         }
     }
     match stopped {
         Some(why) => Err(Usage(why).into()),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Events sent in one ingest request to the daemon (each request's events are durable before
+/// the next is sent).
+const DAEMON_INGEST_EVENTS: usize = 10_000;
+/// Bytes of one ingest request to the daemon (its limit is larger).
+const DAEMON_INGEST_BYTES: usize = 32 << 20;
+
+/// Ingests through a running `spool serve`: the file's frames are checked here and sent in
+/// bounded pieces, each an export file of its own. `None` when no daemon answers.
+fn ingest_through_daemon(socket: &Path, file: Option<&Path>) -> anyhow::Result<Option<Value>> {
+    let input: Box<dyn std::io::Read> = match file {
+        Some(path) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let Ok(mut client) = runtime.block_on(spool::serve::client::Client::connect(socket)) else {
+        return Ok(None);
+    };
+    let mut total = json!({"ok": true, "read": 0, "applied": 0, "released": 0, "waiting": 0,
+                           "duplicates": 0, "clamped": 0, "stopped": null, "refused": null});
+    let mut reader = match shipping::ExportReader::new(input) {
+        Ok(reader) => reader,
+        Err(e) => {
+            total["ok"] = false.into();
+            total["stopped"] = format!("{e}").into();
+            return Ok(Some(total));
+        }
+    };
+    let mut file_error = None;
+    loop {
+        let mut piece = shipping::ExportWriter::new(Vec::new())?;
+        let (mut events, mut bytes) = (0, 0);
+        while events < DAEMON_INGEST_EVENTS && bytes < DAEMON_INGEST_BYTES {
+            match reader.next_frame() {
+                Ok(Some(frame)) => {
+                    piece.push(&frame.shipped.meta.hash, &frame.shipped.bytes)?;
+                    events += 1;
+                    bytes += frame.shipped.bytes.len();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    file_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if events > 0 {
+            let (_, body) = piece.finish()?;
+            let (status, reply) = runtime.block_on(client.request("POST", "/v1/ingest", body))?;
+            let reply: Value = serde_json::from_slice(&reply).context("the daemon's answer")?;
+            if status != 200 {
+                anyhow::bail!(
+                    "spool serve answered {status}: {}",
+                    reply["error"].as_str().unwrap_or("")
+                );
+            }
+            for k in [
+                "read",
+                "applied",
+                "released",
+                "waiting",
+                "duplicates",
+                "clamped",
+            ] {
+                total[k] = (total[k].as_u64().unwrap_or(0) + reply[k].as_u64().unwrap_or(0)).into();
+            }
+            if reply["ok"] != true {
+                total["ok"] = false.into();
+                total["stopped"] = reply["stopped"].clone();
+                total["refused"] = reply["refused"].clone();
+                return Ok(Some(total));
+            }
+        }
+        if let Some(e) = file_error {
+            total["ok"] = false.into();
+            total["stopped"] = format!("{e}; everything before it was ingested").into();
+            return Ok(Some(total));
+        }
+        if events < DAEMON_INGEST_EVENTS && bytes < DAEMON_INGEST_BYTES {
+            return Ok(Some(total));
+        }
     }
 }
 

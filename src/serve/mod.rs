@@ -35,6 +35,8 @@ use crate::sync::Vector;
 
 /// Largest request body (JSON), one event or a batch.
 pub const REQUEST_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest ingest request (an export file; `spool ingest` sends larger files in pieces).
+pub const INGEST_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// What a busy client is told to wait before retrying, in seconds.
 const RETRY_AFTER_SECONDS: u64 = 1;
 /// The socket's name in the node home.
@@ -107,6 +109,10 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let routes = |token: Option<String>| {
         Router::new()
             .route("/v1/events", post(append).get(events))
+            .route(
+                "/v1/ingest",
+                post(ingest).layer(DefaultBodyLimit::max(INGEST_BYTES_MAX)),
+            )
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics))
@@ -290,6 +296,24 @@ fn log_error(e: &LogError) -> Response {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, &e.to_string(), None)
+}
+
+/// `POST /v1/ingest`: an export file (`spool export`), applied in causal order as `spool ingest`
+/// applies it; answered with its summary once durable.
+async fn ingest(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let worker = app.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        crate::sync::file::ingest(&worker.log, std::io::Cursor::new(body), |_| {})
+    })
+    .await;
+    match done {
+        Ok(Ok(summary)) => {
+            app.committed.notify_waiters();
+            Json(summary.to_json()).into_response()
+        }
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
 }
 
 /// Events sent in one read of a stream.

@@ -268,6 +268,37 @@ pub struct IngestSummary {
     pub refused: Option<(u64, Refused)>,
 }
 
+impl IngestSummary {
+    /// Why the ingest stopped before the file's end, if it did.
+    pub fn stopped(&self) -> Option<String> {
+        match (&self.file_error, &self.refused) {
+            (_, Some((offset, refused))) => Some(format!(
+                "refused origin {} seq {} ({}, event at byte {offset}): {}; nothing after it was read",
+                refused.id.origin, refused.id.seq, refused.hash, refused.reason
+            )),
+            (Some(error), None) => Some(format!("{error}; everything before it was ingested")),
+            (None, None) => None,
+        }
+    }
+
+    /// The summary as `spool ingest --json` prints it and the daemon answers it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let r = &self.report;
+        let stopped = self.stopped();
+        serde_json::json!({
+            "ok": stopped.is_none(),
+            "read": self.frames,
+            "applied": r.applied,
+            "released": r.released,
+            "waiting": r.waiting,
+            "duplicates": r.duplicates,
+            "clamped": r.clamped,
+            "stopped": stopped,
+            "refused": self.refused.as_ref().map(|(_, refused)| refused),
+        })
+    }
+}
+
 /// Reads an export file and ingests it in batches, each durable before the next is sent; a
 /// reading thread checks the next batch's frames while the log commits the current one. A file
 /// error or a refusal stops it; everything before that point is applied.
