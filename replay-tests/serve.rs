@@ -443,3 +443,57 @@ fn ingest_goes_through_the_daemon() {
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }
+
+/// While the daemon holds the log, `log`, `verify`, `sql` and `digest` answer through it (or
+/// from the projection it keeps live) with what they print without it.
+#[test]
+fn reading_commands_work_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let lines: String = (0..1_500)
+        .map(|i| format!("{}\n", event(i % 3, i)))
+        .collect();
+    assert!(spool(&home, &["append"], &lines).status.success());
+    let stopped: Vec<Vec<u8>> = [
+        vec!["log", "--stream", "client/1", "--limit", "600"],
+        vec!["log", "--after", "700"],
+        vec!["sql", "SELECT count(*) AS n FROM activity_log"],
+        vec!["digest", "sqlite", "--json"],
+    ]
+    .iter()
+    .map(|args| {
+        let out = spool(&home, args, "");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    })
+    .collect();
+    let daemon = start(&home);
+    let running: Vec<Vec<u8>> = [
+        vec!["log", "--stream", "client/1", "--limit", "600"],
+        vec!["log", "--after", "700"],
+        vec!["sql", "SELECT count(*) AS n FROM activity_log"],
+        vec!["digest", "sqlite", "--json"],
+    ]
+    .iter()
+    .map(|args| {
+        let out = spool(&home, args, "");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    })
+    .collect();
+    assert_eq!(running, stopped);
+    assert_eq!(String::from_utf8_lossy(&running[0]).lines().count(), 500);
+    let out = spool(&home, &["verify", "--json"], "");
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["ok"].as_bool(), report["events"].as_u64()),
+        (Some(true), Some(1_500))
+    );
+    signal(&daemon, "TERM");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}

@@ -1,14 +1,15 @@
 //! Shared by the integration tests: run the `spool` binary against a home.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SPOOL: &str = env!("CARGO_BIN_EXE_spool");
 
-/// Runs `spool --home HOME ARGS` with `stdin`, giving up (and failing) after 60 s.
+/// Runs `spool --home HOME ARGS` with `stdin`, giving up (and failing) after 60 s. Its output
+/// is read while it runs, so a large one cannot fill the pipe and stall it.
 pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(SPOOL)
         .arg("--home")
@@ -25,16 +26,32 @@ pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
     let feeder = std::thread::spawn(move || {
         let _ = input.write_all(text.as_bytes());
     });
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
     let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "spool {args:?} did not finish in 60 s"
-        );
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("spool {args:?} did not finish in 60 s");
+        }
         std::thread::sleep(Duration::from_millis(5));
-    }
+    };
     feeder.join().unwrap();
-    child.wait_with_output().unwrap()
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 pub fn stdout(o: &Output) -> String {

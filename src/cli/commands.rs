@@ -293,6 +293,9 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
         origin,
     };
     let home = Home::open(dir)?;
+    if daemon_get(dir, "/v1/heads")?.is_some() {
+        return log_through_daemon(dir, &args.after, args.limit, &filter);
+    }
     let log = home.open_log()?;
     let reader = log.read()?;
     let mut remaining = args.limit.unwrap_or(u64::MAX);
@@ -317,55 +320,87 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An event as `spool log` prints it: envelope and decoded data.
+/// `spool log` while the daemon holds the log: the same pages, asked of it.
+fn log_through_daemon(
+    dir: &Path,
+    after: &u64,
+    limit: Option<u64>,
+    filter: &Filter,
+) -> anyhow::Result<ExitCode> {
+    let mut remaining = limit.unwrap_or(u64::MAX);
+    let mut after = *after;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    while remaining > 0 {
+        let query = serde_urlencoded::to_string([
+            ("after", Some(after.to_string())),
+            ("limit", Some(remaining.min(PAGE_EVENTS as u64).to_string())),
+            ("stream", filter.stream.clone()),
+            ("kind", filter.kind.clone()),
+            ("origin", filter.origin.map(|o| o.to_hex())),
+        ])?;
+        let path = format!("/v1/log?{query}");
+        let page = daemon_get(dir, &path)?.context("spool serve stopped answering")?;
+        for event in page["events"].as_array().into_iter().flatten() {
+            writeln!(out, "{event}")?;
+            remaining -= 1;
+        }
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    let log = home.open_log()?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let started = Instant::now();
-    let report = log.verify(threads).context("verify")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let rate = report.events as f64 / seconds.max(1e-9);
+    let report = match daemon_get(dir, "/v1/verify")? {
+        Some(report) => report,
+        None => {
+            let home = Home::open(dir)?;
+            let log = home.open_log()?;
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            let started = Instant::now();
+            let report = log.verify(threads).context("verify")?;
+            report.to_json(started.elapsed().as_secs_f64())
+        }
+    };
+    let ok = report["ok"] == true;
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
     if as_json {
-        let problems: Vec<Value> = report
-            .problems
-            .iter()
-            .map(|p| {
-                let mut v = serde_json::to_value(p).expect("a report serializes");
-                v["message"] = json!(p.to_string());
-                v
-            })
-            .collect();
+        println!("{report}");
+    } else if ok {
+        let seconds = report["seconds"].as_f64().unwrap_or(0.0);
         println!(
-            "{}",
-            json!({
-                "ok": report.ok(),
-                "events": report.events,
-                "origins": report.origins,
-                "bytes": report.bytes,
-                "seconds": seconds,
-                "problems_total": report.problems_total,
-                "problems": problems,
-            })
-        );
-    } else if report.ok() {
-        println!(
-            "ok: {} events of {} origins, {} bytes, checked in {seconds:.3} s ({rate:.0} events/s)",
-            report.events, report.origins, report.bytes
+            "ok: {} events of {} origins, {} bytes, checked in {seconds:.3} s ({:.0} events/s)",
+            n("events"),
+            n("origins"),
+            n("bytes"),
+            n("events") as f64 / seconds.max(1e-9)
         );
     } else {
-        println!("FAILED: {}", report.problems[0]);
-        for p in &report.problems[1..] {
-            println!("  also: {p}");
+        let messages: Vec<&str> = report["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["message"].as_str())
+            .collect();
+        if let Some((first, rest)) = messages.split_first() {
+            println!("FAILED: {first}");
+            for p in rest {
+                println!("  also: {p}");
+            }
         }
         println!(
             "{} problem(s) in {} events of {} origins",
-            report.problems_total, report.events, report.origins
+            n("problems_total"),
+            n("events"),
+            n("origins")
         );
     }
-    Ok(if report.ok() {
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -771,8 +806,11 @@ fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
         Some(path) => path,
         None => {
             let home = Home::open(dir)?;
-            let log = home.open_log()?;
-            catch_up(&home, &log)?;
+            // A running daemon keeps the projection current (its status reports the lag).
+            if daemon_get(dir, "/v1/heads")?.is_none() {
+                let log = home.open_log()?;
+                catch_up(&home, &log)?;
+            }
             home.projection_path()
         }
     };

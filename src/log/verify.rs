@@ -32,6 +32,29 @@ impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.problems_total == 0
     }
+
+    /// The report as `spool verify --json` prints it and the daemon answers it; `seconds` is
+    /// how long the check took.
+    pub fn to_json(&self, seconds: f64) -> serde_json::Value {
+        let problems: Vec<serde_json::Value> = self
+            .problems
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).expect("a report serializes");
+                v["message"] = p.to_string().into();
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "ok": self.ok(),
+            "events": self.events,
+            "origins": self.origins,
+            "bytes": self.bytes,
+            "seconds": seconds,
+            "problems_total": self.problems_total,
+            "problems": problems,
+        })
+    }
 }
 
 /// One origin's events within one range.

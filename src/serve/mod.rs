@@ -113,6 +113,8 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
                 "/v1/ingest",
                 post(ingest).layer(DefaultBodyLimit::max(INGEST_BYTES_MAX)),
             )
+            .route("/v1/log", get(log_page))
+            .route("/v1/verify", get(verify))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics))
@@ -384,6 +386,72 @@ async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Respo
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// Most events in one `GET /v1/log` page.
+const LOG_PAGE_EVENTS: usize = 1_000;
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    stream: Option<String>,
+    kind: Option<String>,
+    origin: Option<String>,
+}
+
+/// `GET /v1/log?after=&limit=&stream=&kind=&origin=`: one page of events as `spool log` prints
+/// them, and `next` (where the following page starts; null at the end).
+async fn log_page(State(app): State<Arc<App>>, Query(q): Query<LogQuery>) -> Response {
+    let origin = match q
+        .origin
+        .as_deref()
+        .map(crate::event::Origin::from_hex)
+        .transpose()
+    {
+        Ok(origin) => origin,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("origin: {e}"),
+                Some("origin"),
+            )
+        }
+    };
+    let filter = crate::log::Filter {
+        stream: q.stream,
+        kind: q.kind,
+        origin,
+    };
+    let limit = q.limit.unwrap_or(LOG_PAGE_EVENTS).clamp(1, LOG_PAGE_EVENTS);
+    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+        let page = app.log.read()?.scan(q.after, limit, &filter)?;
+        let events: Vec<Value> = page.records.iter().map(input::event_json).collect();
+        Ok(json!({"events": events, "next": page.last_examined}))
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
+}
+
+/// `GET /v1/verify`: every hash, archive, chain and index checked, as `spool verify --json`.
+async fn verify(State(app): State<Arc<App>>) -> Response {
+    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let started = Instant::now();
+        let report = app.log.verify(threads)?;
+        Ok(report.to_json(started.elapsed().as_secs_f64()))
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
 }
 
 /// `GET /v1/heads`: the version vector, as `spool heads --json` prints it.
