@@ -50,7 +50,7 @@ pub struct AppendRequest {
     pub causation: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum InputError {
     #[error("line {line}: {error}")]
     Line { line: usize, error: Box<InputError> },
@@ -66,6 +66,8 @@ pub enum InputError {
     PayloadTooLarge { kind: String, bytes: usize },
     #[error("a batch holds at most {BATCH_EVENTS_MAX} events")]
     BatchTooLarge,
+    #[error("a batch holds 1 to {BATCH_EVENTS_MAX} events")]
+    BatchSize,
     #[error("a batch holds at most {BATCH_BYTES_MAX} bytes of JSON")]
     BatchBytesTooLarge,
     #[error("a line holds at most {LINE_BYTES_MAX} bytes")]
@@ -92,6 +94,121 @@ pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
         }
     })?;
     new_event(request)
+}
+
+/// A request body of the daemon's `POST /v1/events`: one request (an object) or a batch (an
+/// array of 1 to [`BATCH_EVENTS_MAX`]), validated as a whole.
+pub struct Body {
+    pub events: Vec<NewEvent>,
+    /// The body was one object rather than an array.
+    pub single: bool,
+}
+
+/// Why a body was refused: the error, and the field it names (a JSON path, `[3].data/title`
+/// style) when there is one.
+#[derive(Debug)]
+pub struct BodyError {
+    pub error: InputError,
+    pub field: Option<String>,
+    /// The event of a batch that was refused.
+    pub index: Option<usize>,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "event {i}: {}", self.error),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+/// Parses and validates a request body straight from its bytes. The common case (a valid body)
+/// is read once; only a refused body is read again, tracking paths, to name the field.
+pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
+    let refuse = |error: InputError, field: Option<String>, index: Option<usize>| BodyError {
+        error,
+        field,
+        index,
+    };
+    let single = bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[');
+    let requests = if single {
+        serde_json::from_slice::<AppendRequest>(bytes).map(|r| vec![r])
+    } else {
+        serde_json::from_slice::<Vec<AppendRequest>>(bytes)
+    };
+    let requests = match requests {
+        Ok(requests) => requests,
+        Err(_) => {
+            let (error, path) = match single {
+                true => tracked::<AppendRequest>(bytes).map(|_| ()),
+                false => tracked::<Vec<AppendRequest>>(bytes).map(|_| ()),
+            }
+            .expect_err("a body that failed to parse fails again");
+            let mut segments = path.iter();
+            let index = match (single, segments.next()) {
+                (false, Some(serde_path_to_error::Segment::Seq { index })) => Some(*index),
+                _ => None,
+            };
+            let field = match index {
+                Some(_) => segments
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("."),
+                None => path.to_string(),
+            };
+            let error = match &error {
+                // The element itself is not an object.
+                InputError::Field { problem, .. } if field.is_empty() => {
+                    InputError::Json(problem.clone())
+                }
+                InputError::Field { problem, .. } => InputError::Field {
+                    field: field.clone(),
+                    problem: problem.clone(),
+                },
+                other => other.clone(),
+            };
+            let field = matches!(error, InputError::Field { .. }).then_some(field);
+            return Err(refuse(error, field, index));
+        }
+    };
+    if requests.is_empty() || requests.len() > BATCH_EVENTS_MAX {
+        return Err(refuse(InputError::BatchSize, None, None));
+    }
+    let mut events = Vec::with_capacity(requests.len());
+    for (i, request) in requests.into_iter().enumerate() {
+        let event = new_event(request).map_err(|error| {
+            let field = match &error {
+                InputError::Field { field, .. } => Some(field.clone()),
+                InputError::Data { error, .. } => Some(format!("data{}", error.field)),
+                _ => None,
+            };
+            refuse(error, field, (!single).then_some(i))
+        })?;
+        events.push(event);
+    }
+    Ok(Body { events, single })
+}
+
+/// Reads `bytes` as a `T`, tracking the path, to explain why it is refused.
+fn tracked<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, (InputError, serde_path_to_error::Path)> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().clone();
+        let field = path.to_string();
+        let inner = e.into_inner();
+        let error = if inner.is_syntax() || inner.is_eof() || field == "." {
+            InputError::Json(inner.to_string())
+        } else {
+            InputError::Field {
+                field,
+                problem: strip_position(&inner.to_string()),
+            }
+        };
+        (error, path)
+    })
 }
 
 /// An event as `spool log` prints it and the daemon streams it: the envelope, the position and
@@ -385,5 +502,46 @@ mod tests {
             parse_lines("\n \n".as_bytes()).unwrap_err(),
             InputError::Empty
         );
+    }
+
+    #[test]
+    fn a_request_body_is_one_event_or_a_batch_refused_by_event_and_field() {
+        let good = line("activity.logged", "s", r#"{"message":"m"}"#);
+        let one = parse_body(good.as_bytes()).unwrap();
+        assert!(one.single && one.events.len() == 1);
+        let many = parse_body(format!(" [{good},{good}]").as_bytes()).unwrap();
+        assert!(!many.single && many.events.len() == 2);
+
+        let refused = |body: String| parse_body(body.as_bytes()).err().unwrap();
+        // A field of the envelope, in the second event.
+        let e = refused(format!(
+            r#"[{good},{{"kind":"activity.logged","stream":7,"actor":"a","data":{{}}}}]"#
+        ));
+        assert_eq!((e.index, e.field.as_deref()), (Some(1), Some("stream")));
+        assert!(e.to_string().starts_with("event 1: field `stream`"), "{e}");
+        // A field of the data, found by its schema.
+        let e = refused(format!(
+            "[{good},{}]",
+            line("activity.logged", "s", r#"{"message":1}"#)
+        ));
+        assert_eq!(
+            (e.index, e.field.as_deref()),
+            (Some(1), Some("data/message"))
+        );
+        // An element that is not an object, an empty batch, and text that is not JSON.
+        let e = refused(format!("[{good},5]"));
+        assert_eq!((e.index, e.field.as_deref()), (Some(1), None));
+        assert!(matches!(e.error, InputError::Json(_)), "{e}");
+        assert_eq!(refused("[]".into()).error, InputError::BatchSize);
+        assert!(matches!(
+            refused("{not json".into()).error,
+            InputError::Json(_)
+        ));
+        // A single request names the field without an index.
+        let e = refused(
+            r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{},"extra":1}"#.into(),
+        );
+        assert_eq!(e.index, None);
+        assert!(e.to_string().contains("extra"), "{e}");
     }
 }

@@ -231,10 +231,14 @@ where
     T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
         + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
 {
-    let value: T = serde_path_to_error::deserialize(data).map_err(|e| DataError {
-        field: pointer(e.path()),
-        problem: e.into_inner().to_string(),
-    })?;
+    // Read once plainly; only a refusal is read again, tracking the path, to name the field.
+    let value = match T::deserialize(data) {
+        Ok(value) => value,
+        Err(_) => serde_path_to_error::deserialize::<_, T>(data).map_err(|e| DataError {
+            field: pointer(e.path()),
+            problem: e.into_inner().to_string(),
+        })?,
+    };
     value.check()?;
     Ok(to_payload(&value))
 }
@@ -344,6 +348,9 @@ impl KindSpec {
     /// Checks `data` against the schema and encodes it as this version.
     pub fn encode(&self, data: &Value) -> Result<Vec<u8>, DataError> {
         let validator = &VALIDATORS[&(self.name, self.version)];
+        if validator.is_valid(data) {
+            return (self.encode)(data);
+        }
         // One error is reported: a missing or unknown field first, as it explains the rest.
         let err = validator.iter_errors(data).min_by_key(|e| match e.kind() {
             ValidationErrorKind::Required { .. } => 0,

@@ -199,6 +199,8 @@ pub enum ReplayError<E: std::error::Error + 'static> {
         expected: Hash,
         found: Option<Hash>,
     },
+    #[error("starting the projecting thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Brings `target` up to the end of the log from its checkpoint, after checking that the
@@ -281,11 +283,15 @@ pub fn replay<T: Target>(
     let held_bytes_max = target.held_bytes_max();
     let (send, receive) = std::sync::mpsc::sync_channel(REPLAY_CHUNKS_QUEUED);
     std::thread::scope(|scope| {
-        scope.spawn(move || {
-            if let Err(error) = project_range(reader, from, last, until, held_bytes_max, &send) {
-                let _ = send.send(Err(error));
-            }
-        });
+        std::thread::Builder::new()
+            .name("spool-project".into())
+            .spawn_scoped(scope, move || {
+                if let Err(error) = project_range(reader, from, last, until, held_bytes_max, &send)
+                {
+                    let _ = send.send(Err(error));
+                }
+            })
+            .map_err(ReplayError::Thread)?;
         let mut applied = 0;
         let mut open = false;
         for step in receive {

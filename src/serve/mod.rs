@@ -25,9 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::Notify;
 
-use crate::input::{self, AppendRequest, InputError, BATCH_EVENTS_MAX};
+use crate::input;
 use crate::log::{Log, LogError};
 use crate::project::sqlite::{Durability, Sqlite};
 use crate::project::{self};
@@ -65,8 +64,9 @@ struct App {
     /// Set when the daemon stops: event streams end so the drain can finish.
     stopping: tokio::sync::watch::Sender<bool>,
     metrics: metrics::Metrics,
-    /// Woken after every commit: the projector and the event streams follow it.
-    committed: Notify,
+    /// Marked after every commit: the projector and the event streams follow it. A watch, so a
+    /// commit that lands while a follower is busy is seen when it next waits.
+    committed: tokio::sync::watch::Sender<()>,
     projection: PathBuf,
     /// The projection's position, for the lag.
     projected: std::sync::atomic::AtomicU64,
@@ -87,7 +87,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         log,
         stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
-        committed: Notify::new(),
+        committed: tokio::sync::watch::Sender::new(()),
         projection: options.projection.clone(),
         projected: Default::default(),
     });
@@ -105,7 +105,12 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let _ = std::fs::remove_file(&options.socket);
     let unix = tokio::net::UnixListener::bind(&options.socket)?;
     set_mode_0600(&options.socket)?;
-    let projector = tokio::spawn(project_live(app.clone()));
+    let projector = {
+        let (app, runtime) = (app.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name("spool-projector".into())
+            .spawn(move || project_live(app, runtime))?
+    };
     let routes = |token: Option<String>| {
         Router::new()
             .route("/v1/events", post(append).get(events))
@@ -156,7 +161,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             tracing::warn!("a listener ended with {e}");
         }
     }
-    let _ = projector.await;
+    let _ = tokio::task::spawn_blocking(move || projector.join()).await;
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
 }
@@ -211,55 +216,14 @@ fn error(status: StatusCode, message: &str, field: Option<&str>) -> Response {
 /// `POST /v1/events`: one event (an object) or a batch (an array), all-or-nothing.
 async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let started = Instant::now();
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
+    let (events, single) = match input::parse_body(&body) {
+        Ok(body) => (body.events, body.single),
+        Err(refused) => {
             app.metrics.refused.inc();
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("not valid JSON: {e}"),
-                None,
-            );
+            let message = refused.to_string();
+            return error(StatusCode::BAD_REQUEST, &message, refused.field.as_deref());
         }
     };
-    let (items, single) = match value {
-        Value::Array(items) => (items, false),
-        other => (vec![other], true),
-    };
-    if items.is_empty() || items.len() > BATCH_EVENTS_MAX {
-        app.metrics.refused.inc();
-        return error(
-            StatusCode::BAD_REQUEST,
-            &format!("a batch holds 1 to {BATCH_EVENTS_MAX} events"),
-            None,
-        );
-    }
-    let mut events = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let parsed = serde_path_to_error::deserialize::<_, AppendRequest>(item)
-            .map_err(|e| InputError::Field {
-                field: e.path().to_string(),
-                problem: e.inner().to_string(),
-            })
-            .and_then(input::new_event);
-        match parsed {
-            Ok(event) => events.push(event),
-            Err(e) => {
-                app.metrics.refused.inc();
-                let field = match &e {
-                    InputError::Field { field, .. } => Some(field.clone()),
-                    InputError::Data { error, .. } => Some(format!("data{}", error.field)),
-                    _ => None,
-                };
-                let at = if single {
-                    e.to_string()
-                } else {
-                    format!("event {i}: {e}")
-                };
-                return error(StatusCode::BAD_REQUEST, &at, field.as_deref());
-            }
-        }
-    }
     let count = events.len() as u64;
     let answer = match app.log.submit(events) {
         Ok(answer) => answer,
@@ -280,7 +244,7 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
     match answer.await {
         Ok(Ok(appended)) => {
             app.metrics.appended(count, started.elapsed());
-            app.committed.notify_waiters();
+            app.committed.send_replace(());
             let lines: Vec<Value> = appended.iter().map(input::appended_json).collect();
             match single {
                 true => Json(lines.into_iter().next().unwrap_or(Value::Null)).into_response(),
@@ -310,7 +274,7 @@ async fn ingest(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
     .await;
     match done {
         Ok(Ok(summary)) => {
-            app.committed.notify_waiters();
+            app.committed.send_replace(());
             Json(summary.to_json()).into_response()
         }
         Ok(Err(e)) => log_error(&e),
@@ -340,6 +304,7 @@ async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Respo
     );
     let stream = futures_util::stream::unfold(state, |(app, mut after, mut queued)| async move {
         let mut stopping = app.stopping.subscribe();
+        let mut committed = app.committed.subscribe();
         loop {
             if let Some((position, data)) = queued.pop_front() {
                 let event = Event::default().id(position.to_string()).data(data);
@@ -373,7 +338,7 @@ async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Respo
                 }
                 Ok(Ok(_)) => {
                     tokio::select! {
-                        _ = app.committed.notified() => {}
+                        _ = committed.changed() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = stopping.changed() => return None,
                     }
@@ -514,56 +479,61 @@ async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
 }
 
 /// Keeps the SQLite projection up to the log: catches up after every commit (and every second,
-/// for events ingested otherwise), on a blocking thread.
-async fn project_live(app: Arc<App>) {
+/// for events ingested otherwise).
+///
+/// It runs on a thread of its own at a lower scheduling priority (nice 10): appends come first,
+/// and under a burst the projection falls behind (reported as its lag) and catches up in larger
+/// transactions once the burst ends.
+fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
+    lower_priority();
     let mut stopping = app.stopping.subscribe();
+    let mut committed = app.committed.subscribe();
     let mut db: Option<Sqlite> = None;
     loop {
         if *stopping.borrow() {
             return;
         }
-        let worker = app.clone();
-        let open = db.take();
-        let done = tokio::task::spawn_blocking(move || {
-            let mut db = match open {
-                Some(db) => db,
-                None => {
-                    Sqlite::open(&worker.projection, Durability::Live).map_err(|e| e.to_string())?
-                }
-            };
-            let caught_up = worker
-                .log
-                .read()
-                .map_err(|e| e.to_string())
-                .and_then(|reader| {
-                    project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())
-                })
-                .and_then(|_| db.checkpoint().map_err(|e| e.to_string()));
-            match caught_up {
-                Ok((position, _, _)) => {
-                    worker
-                        .projected
-                        .store(position, std::sync::atomic::Ordering::Relaxed);
-                    Ok(db)
-                }
-                // Reopened next time: a failed catch-up leaves nothing half done behind.
-                Err(e) => Err(e),
-            }
-        })
-        .await;
-        match done {
-            Ok(Ok(open)) => db = Some(open),
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    "the projection was not updated ({e}); `spool rebuild sqlite` rebuilds it"
-                )
-            }
-            Err(e) => tracing::warn!("the projection task failed: {e}"),
+        let open = match db.take() {
+            Some(db) => Ok(db),
+            None => Sqlite::open(&app.projection, Durability::Live).map_err(|e| e.to_string()),
+        };
+        let caught_up = open.and_then(|mut db| {
+            let reader = app.log.read().map_err(|e| e.to_string())?;
+            project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())?;
+            let (position, _, _) = db.checkpoint().map_err(|e| e.to_string())?;
+            app.projected
+                .store(position, std::sync::atomic::Ordering::Relaxed);
+            Ok(db)
+        });
+        match caught_up {
+            Ok(open) => db = Some(open),
+            // Reopened next time: a failed catch-up leaves nothing half done behind.
+            Err(e) => tracing::warn!(
+                "the projection was not updated ({e}); `spool rebuild sqlite` rebuilds it"
+            ),
         }
-        tokio::select! {
-            _ = app.committed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stopping.changed() => return,
+        let stop = runtime.block_on(async {
+            tokio::select! {
+                _ = committed.changed() => false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = stopping.changed() => true,
+            }
+        });
+        if stop {
+            return;
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to nice 10 (Linux sets it per thread; the
+/// threads it starts inherit it). Best effort: a refusal leaves the priority as it was.
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread, with no pointers.
+    let refused = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) != 0
+    };
+    if refused {
+        tracing::debug!("the projector runs at the daemon's priority");
     }
 }
