@@ -1,7 +1,9 @@
 //! `spool serve`: concurrent clients over the Unix socket, SIGKILL under load, the SIGTERM
-//! drain, refusals, and the CLI appending through the daemon.
+//! drain, refusals, and every CLI command (appends, reads and the long jobs) through the daemon.
 
 mod common;
+#[path = "common/pg.rs"]
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -493,6 +495,86 @@ fn reading_commands_work_while_the_daemon_runs() {
     assert_eq!(
         (report["ok"].as_bool(), report["events"].as_u64()),
         (Some(true), Some(1_500))
+    );
+    signal(&daemon, "TERM");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}
+
+/// The daemon's view of its projection's lag, once it is zero.
+fn wait_projected(home: &Path) {
+    let started = Instant::now();
+    loop {
+        let out = spool(home, &["status", "--json"], "");
+        assert!(out.status.success(), "{out:?}");
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if status["projection"]["lag_events"].as_u64() == Some(0) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn export_rebuild_project_and_backfill_work_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    let lines: String = (0..1_500)
+        .map(|i| format!("{}\n", event(i % 3, i)))
+        .collect();
+    assert!(spool(&home, &["append"], &lines).status.success());
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let ok = |args: &[&str]| {
+        let out = spool(&home, args, "");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    ok(&["export", "--out", &file("direct.spool")]);
+    let digest = ok(&["digest", "sqlite", "--json"]);
+
+    let daemon = start(&home);
+    // The export is the same file, whether to a file or to standard output.
+    ok(&["export", "--out", &file("served.spool")]);
+    let direct = std::fs::read(file("direct.spool")).unwrap();
+    assert_eq!(std::fs::read(file("served.spool")).unwrap(), direct);
+    assert_eq!(ok(&["export"]), direct);
+    // A rebuild into another file holds the same rows.
+    ok(&["rebuild", "sqlite", "--into", &file("rebuilt.db")]);
+    assert_eq!(
+        ok(&["digest", "sqlite", "--db", &file("rebuilt.db"), "--json"]),
+        digest
+    );
+    // A rebuild of the node's own projection: the live projector carries on in the new file.
+    ok(&["rebuild", "sqlite"]);
+    let more: String = (1_500..1_510)
+        .map(|i| format!("{}\n", event(0, i)))
+        .collect();
+    assert!(spool(&home, &["append"], &more).status.success());
+    wait_projected(&home);
+    let count = ok(&["sql", "SELECT count(*) AS n FROM activity_log"]);
+    assert_eq!(String::from_utf8_lossy(&count).trim(), r#"{"n":1510}"#);
+    // Postgres: a projection pass and a backfill, each into a database of its own.
+    for (job, what) in [("project", "applied"), ("backfill", "events")] {
+        let url = pg::database();
+        let out = ok(&[job, "postgres", "--url", &url, "--json"]);
+        let summary: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(summary[what].as_u64(), Some(1_510), "{job}: {summary}");
+        let rows: i64 = pg::connect(&url)
+            .query_one("SELECT count(*) FROM activity_log", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 1_510, "{job}");
+    }
+    // A bad request to a job is refused by name.
+    let out = spool(&home, &["rebuild", "sqlite", "--as-of", "yesterday"], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--as-of"),
+        "{out:?}"
     );
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());

@@ -9,6 +9,7 @@ pub mod event;
 pub mod hlc;
 pub mod home;
 pub mod input;
+pub mod jobs;
 pub mod kinds;
 pub mod log;
 pub mod project;

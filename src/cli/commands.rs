@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 use spool::event::Origin;
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError};
+use spool::jobs;
 use spool::kinds;
 use spool::log::{Filter, Log};
-use spool::project::postgres::{self, Postgres};
+use spool::project;
 use spool::project::sqlite::{Durability, Sqlite};
-use spool::project::{self, Until};
 use spool::sync::{file as shipping, Selection, Vector};
 
 use super::{
@@ -435,6 +435,64 @@ fn daemon_get(dir: &Path, path: &str) -> anyhow::Result<Option<Value>> {
     }
 }
 
+/// Runs a long job in a running `spool serve` (which holds the log), showing its progress:
+/// `None` when no daemon answers on the socket.
+fn daemon_job(dir: &Path, path: &str, request: Value, what: &str) -> anyhow::Result<Option<Value>> {
+    let socket = dir.join(spool::serve::SOCKET);
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bar = progress_bar(0, what);
+    let mut pending = Vec::new();
+    let mut outcome: Option<Value> = None;
+    let answered = runtime.block_on(async {
+        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
+            return Ok(None);
+        };
+        let body = serde_json::to_vec(&request).expect("JSON");
+        client
+            .request_streaming("POST", path, body, |status, piece| {
+                pending.extend_from_slice(piece);
+                if status != 200 {
+                    return Ok(());
+                }
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let value: Value = serde_json::from_slice(&line)
+                        .map_err(|e| std::io::Error::other(format!("the daemon's answer: {e}")))?;
+                    if let Some(p) = value.get("progress") {
+                        bar.set_length(p["total"].as_u64().unwrap_or(0));
+                        bar.set_position(p["done"].as_u64().unwrap_or(0));
+                    } else {
+                        outcome = Some(value);
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map(Some)
+    })?;
+    bar.finish_and_clear();
+    let Some(status) = answered else {
+        return Ok(None);
+    };
+    if status != 200 {
+        let answer: Value = serde_json::from_slice(&pending).unwrap_or(Value::Null);
+        anyhow::bail!(
+            "spool serve answered {status}: {}",
+            answer["error"].as_str().unwrap_or("")
+        );
+    }
+    match outcome {
+        Some(v) if v.get("result").is_some() => Ok(Some(v["result"].clone())),
+        Some(v) => anyhow::bail!("{}", v["error"].as_str().unwrap_or("the job failed")),
+        None => anyhow::bail!("spool serve stopped before the job finished"),
+    }
+}
+
 /// `spool status` while the daemon holds the log: its view, with the writer and projection.
 fn status_from_daemon(home: &Home, status: Value, as_json: bool) -> ExitCode {
     if as_json {
@@ -625,27 +683,101 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let home = Home::open(dir)?;
-    let log = home.open_log()?;
-    let reader = log.read()?;
-    let selection = Selection { origins, since };
+    let request = json!({"origins": args.origin, "since": args.since});
     let count = match &args.out {
         Some(path) => {
             // Written beside the target and renamed, so a reader never sees half a file.
             let partial = path.with_extension("partial");
             let file = std::fs::File::create(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
-            let (count, out) = shipping::export(&reader, &selection, BufWriter::new(file), |_| {})?;
+            let mut out = BufWriter::new(file);
+            let count = match export_through_daemon(dir, &request, &mut out)? {
+                Some(count) => count,
+                None => {
+                    let log = home.open_log()?;
+                    let reader = log.read()?;
+                    let selection = Selection { origins, since };
+                    shipping::export(&reader, &selection, &mut out, |_| {})?.0
+                }
+            };
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&partial, path)?;
             count
         }
         None => {
-            let out = BufWriter::new(std::io::stdout().lock());
-            shipping::export(&reader, &selection, out, |_| {})?.0
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            let count = match export_through_daemon(dir, &request, &mut out)? {
+                Some(count) => count,
+                None => {
+                    let log = home.open_log()?;
+                    let reader = log.read()?;
+                    let selection = Selection { origins, since };
+                    shipping::export(&reader, &selection, &mut out, |_| {})?.0
+                }
+            };
+            out.flush()?;
+            count
         }
     };
     eprintln!("spool: exported {count} events");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spool export` while the daemon holds the log: its export file, copied to `out` as it comes
+/// and read back as it passes to count the events and check it is whole. `None` when no daemon
+/// answers.
+fn export_through_daemon(
+    dir: &Path,
+    request: &Value,
+    out: &mut impl Write,
+) -> anyhow::Result<Option<u64>> {
+    let socket = dir.join(spool::serve::SOCKET);
+    if !socket.exists() {
+        return Ok(None);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The trailer ends the file: the mark, the event count, the digest.
+    const TRAILER_BYTES: usize = 4 + 8 + 32;
+    let mut tail: Vec<u8> = Vec::new();
+    let answered = runtime.block_on(async {
+        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
+            return Ok(None);
+        };
+        let body = serde_json::to_vec(request).expect("JSON");
+        client
+            .request_streaming("POST", "/v1/export", body, |status, piece| {
+                if status == 200 {
+                    out.write_all(piece)?;
+                }
+                tail.extend_from_slice(piece);
+                let keep = tail.len().saturating_sub(TRAILER_BYTES.max(64 * 1024));
+                tail.drain(..keep);
+                Ok(())
+            })
+            .await
+            .map(Some)
+    })?;
+    let Some(status) = answered else {
+        return Ok(None);
+    };
+    if status != 200 {
+        let answer: Value = serde_json::from_slice(&tail).unwrap_or(Value::Null);
+        anyhow::bail!(
+            "spool serve answered {status}: {}",
+            answer["error"].as_str().unwrap_or("")
+        );
+    }
+    let trailer = tail
+        .len()
+        .checked_sub(TRAILER_BYTES)
+        .map(|at| &tail[at..])
+        .filter(|t| t[..4] == [0xff; 4])
+        .context("the daemon's export ended without its trailer")?;
+    Ok(Some(u64::from_le_bytes(
+        trailer[4..12].try_into().expect("8 bytes"),
+    )))
 }
 
 fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
@@ -820,8 +952,6 @@ fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
     Ok(Sqlite::open_read_only(&path)?)
 }
 
-/// Times a projection retries a batch that a concurrent projector's transaction deadlocked.
-const DEADLOCK_RETRIES: u32 = 20;
 /// How often `--follow` looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
@@ -833,55 +963,47 @@ fn project_postgres(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
-    let mut target = Postgres::connect(url, home.origin()).context("connecting to Postgres")?;
-    if let Some(bytes) = held_bytes_max {
-        target.hold_at_most(bytes);
-    }
+    let job = jobs::PostgresJob {
+        url,
+        node: home.origin(),
+        held_bytes_max,
+    };
+    let request = json!({"url": url, "held_bytes_max": held_bytes_max});
     loop {
-        let log = match home.open_log() {
-            Ok(log) => log,
-            // Another spool command has the log for a moment: look again at the next tick.
-            Err(spool::home::HomeError::Log(spool::log::LogError::Locked { .. })) if follow => {
-                std::thread::sleep(FOLLOW_POLL);
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let reader = log.read()?;
-        let last = reader.last_position()?;
-        let started = Instant::now();
-        let mut retries = 0;
-        let applied = loop {
-            let (from, _) = project::Target::checkpoint(&mut target)?;
-            let bar = progress_bar(last.saturating_sub(from), "projecting");
-            let result = project::catch_up(&reader, &mut target, |p| {
-                bar.set_position(p.saturating_sub(from))
-            });
-            bar.finish_and_clear();
-            match result {
-                Err(project::ReplayError::Target(e))
-                    if postgres::is_retryable(&e) && retries < DEADLOCK_RETRIES =>
-                {
-                    retries += 1;
-                    std::thread::sleep(Duration::from_millis(20 * u64::from(retries)));
+        let summary = match daemon_job(
+            dir,
+            "/v1/jobs/project-postgres",
+            request.clone(),
+            "projecting",
+        )? {
+            Some(summary) => summary,
+            None => match home.open_log() {
+                Ok(log) => {
+                    let reader = log.read()?;
+                    let bar = progress_bar(0, "projecting");
+                    let summary = jobs::project_postgres(&reader, &job, |done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    });
+                    bar.finish_and_clear();
+                    summary?
                 }
-                other => break other?,
-            }
+                // Another spool command has the log for a moment: look again at the next tick.
+                Err(spool::home::HomeError::Log(spool::log::LogError::Locked { .. })) if follow => {
+                    std::thread::sleep(FOLLOW_POLL);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
-        drop(reader);
-        drop(log);
-        let (position, _, events) = target.checkpoint()?;
+        let applied = summary["applied"].as_u64().unwrap_or(0);
         if applied > 0 || !follow {
-            let seconds = started.elapsed().as_secs_f64();
             if as_json {
-                println!(
-                    "{}",
-                    json!({"applied": applied, "position": position, "events": events,
-                           "seconds": seconds, "retries": retries})
-                );
+                println!("{summary}");
             } else {
                 println!(
-                    "projected {applied} events into Postgres up to position {position} in {seconds:.2} s ({events} applied there by this node in all)"
+                    "projected {applied} events into Postgres up to position {} in {:.2} s ({} applied there by this node in all)",
+                    summary["position"], summary["seconds"].as_f64().unwrap_or(0.0), summary["events"]
                 );
             }
         }
@@ -899,44 +1021,39 @@ fn backfill_postgres(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let home = Home::open(dir)?;
-    let log = home.open_log()?;
-    let reader = log.read()?;
-    let started = Instant::now();
-    let (mut target, pinned) = Postgres::backfill(url, home.origin(), reader.last_position()?)
-        .context("preparing the backfill")?;
-    if let Some(bytes) = held_bytes_max {
-        target.hold_at_most(bytes);
-    }
-    let (from, _, _) = target.checkpoint()?;
-    if from > 0 {
-        eprintln!("resuming the backfill from position {from} (pinned at {pinned})");
-    }
-    let bar = progress_bar(pinned.saturating_sub(from), "backfilling");
-    let until = Until {
-        position: Some(pinned),
-        time_ms: None,
+    let request = json!({"url": url, "held_bytes_max": held_bytes_max});
+    let summary = match daemon_job(dir, "/v1/jobs/backfill-postgres", request, "backfilling")? {
+        Some(summary) => summary,
+        None => {
+            let log = home.open_log()?;
+            let reader = log.read()?;
+            let job = jobs::PostgresJob {
+                url,
+                node: home.origin(),
+                held_bytes_max,
+            };
+            let bar = progress_bar(0, "backfilling");
+            let summary = jobs::backfill_postgres(&reader, &job, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            summary?
+        }
     };
-    let copied = project::resume(&reader, &mut target, until, |p| {
-        bar.set_position(p.saturating_sub(from))
-    })?;
-    bar.finish_and_clear();
-    // Events appended since the pin (through the writer daemon), then the swap.
-    let tail = project::catch_up(&reader, &mut target, |_| {})?;
-    let (position, _, events) = target.checkpoint()?;
-    target.swap().context("swapping the backfilled tables in")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let rate = (copied + tail) as f64 / seconds.max(1e-9);
     if as_json {
-        println!(
-            "{}",
-            json!({"applied": copied + tail, "pinned": pinned, "tail": tail,
-                   "position": position, "events": events, "seconds": seconds,
-                   "events_per_second": rate})
-        );
+        println!("{summary}");
     } else {
+        if summary["resumed_from"].as_u64().unwrap_or(0) > 0 {
+            println!(
+                "resumed the backfill from position {}",
+                summary["resumed_from"]
+            );
+        }
         println!(
-            "backfilled {events} events up to position {position} (pinned at {pinned}, {tail} from the tail) and swapped the tables in; this run applied {} in {seconds:.2} s ({rate:.0} events/s)",
-            copied + tail
+            "backfilled {} events up to position {} (pinned at {}, {} from the tail) and swapped the tables in; this run applied {} in {:.2} s ({:.0} events/s)",
+            summary["events"], summary["position"], summary["pinned"], summary["tail"], summary["applied"],
+            summary["seconds"].as_f64().unwrap_or(0.0), summary["events_per_second"].as_f64().unwrap_or(0.0)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -956,55 +1073,35 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::Result<ExitCode> {
-    let until = match as_of.as_deref() {
-        None => Until::default(),
-        Some(text) => match text.parse::<u64>() {
-            Ok(position) => Until {
-                position: Some(position),
-                time_ms: None,
-            },
-            Err(_) => {
-                let time = humantime::parse_rfc3339_weak(text).map_err(|e| {
-                    Usage(format!(
-                        "--as-of {text:?}: neither a position nor an RFC 3339 time ({e})"
-                    ))
-                })?;
-                let ms = time
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as u64;
-                Until {
-                    position: None,
-                    time_ms: Some(ms),
-                }
-            }
-        },
-    };
+    let until = jobs::as_of(as_of.as_deref()).map_err(|e| Usage(e.to_string()))?;
     let home = Home::open(dir)?;
-    let log = home.open_log()?;
-    let path = into.unwrap_or_else(|| home.projection_path());
-    let partial = path.with_extension("rebuilding");
-    let _ = std::fs::remove_file(&partial);
-    let reader = log.read()?;
-    let last = until.position.map_or(reader.last_position()?, |p| {
-        p.min(reader.last_position().unwrap_or(p))
-    });
-    let bar = progress_bar(last, "rebuilding");
-    let started = Instant::now();
-    let mut target = Sqlite::open(&partial, Durability::Rebuild)?;
-    let applied = project::replay(&reader, &mut target, 0, until, |p| bar.set_position(p))?;
-    bar.finish_and_clear();
-    target.finish()?;
-    std::fs::rename(&partial, &path)
-        .with_context(|| format!("moving the rebuilt projection to {}", path.display()))?;
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    // The daemon's working directory is not ours: it is given an absolute path.
+    let into = into.map(std::path::absolute).transpose()?;
+    let request = json!({"into": into, "as_of": as_of});
+    let summary = match daemon_job(dir, "/v1/jobs/rebuild", request, "rebuilding")? {
+        Some(summary) => summary,
+        None => {
+            let log = home.open_log()?;
+            let path = into.unwrap_or_else(|| home.projection_path());
+            let reader = log.read()?;
+            let bar = progress_bar(0, "rebuilding");
+            let built = jobs::rebuild(&reader, &path, until, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let (partial, summary) = built?;
+            jobs::swap_in(&partial, &path)?;
+            summary
+        }
+    };
     println!(
-        "rebuilt {}: {applied} events up to position {last} in {seconds:.2} s ({:.0} events/s)",
-        path.display(),
-        applied as f64 / seconds.max(1e-9)
+        "rebuilt {}: {} events up to position {} in {:.2} s ({:.0} events/s)",
+        summary["path"].as_str().unwrap_or(""),
+        summary["applied"],
+        summary["position"],
+        summary["seconds"].as_f64().unwrap_or(0.0),
+        summary["events_per_second"].as_f64().unwrap_or(0.0)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,8 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("a request: {0}")]
     Request(#[from] hyper::http::Error),
+    #[error("writing the daemon's answer: {0}")]
+    Write(std::io::Error),
 }
 
 /// A connection to the daemon, reused for any number of requests.
@@ -49,6 +51,27 @@ impl Client {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Vec<u8>), ClientError> {
+        let mut answer = Vec::new();
+        let status = self
+            .request_streaming(method, path, body, |_, chunk| {
+                answer.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok((status, answer))
+    }
+
+    /// Sends one request and hands the answer's body to `chunk` piece by piece as it arrives
+    /// (a long job's progress, an export), with the answer's status; returns the status. An
+    /// error from `chunk` stops the reading and is returned; so does a body the daemon cut
+    /// short (a job that failed midway).
+    pub async fn request_streaming(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        mut chunk: impl FnMut(u16, &[u8]) -> std::io::Result<()>,
+    ) -> Result<u16, ClientError> {
         self.sender.ready().await?;
         let request = Request::builder()
             .method(method)
@@ -58,7 +81,12 @@ impl Client {
             .body(Full::new(Bytes::from(body)))?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes().to_vec();
-        Ok((status, body))
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                chunk(status, &data).map_err(ClientError::Write)?;
+            }
+        }
+        Ok(status)
     }
 }

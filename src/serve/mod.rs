@@ -68,6 +68,9 @@ struct App {
     /// commit that lands while a follower is busy is seen when it next waits.
     committed: tokio::sync::watch::Sender<()>,
     projection: PathBuf,
+    /// The live projector's connection, held while it catches up; a rebuild of the node's
+    /// projection takes it to close it before swapping the new file in.
+    projection_db: std::sync::Mutex<Option<Sqlite>>,
     /// The projection's position, for the lag.
     projected: std::sync::atomic::AtomicU64,
 }
@@ -88,7 +91,9 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
         committed: tokio::sync::watch::Sender::new(()),
-        projection: options.projection.clone(),
+        // Compared with the paths clients send (absolute), to know a rebuild of this one.
+        projection: std::path::absolute(&options.projection)?,
+        projection_db: Default::default(),
         projected: Default::default(),
     });
     runtime.block_on(serve(app.clone(), options))?;
@@ -119,6 +124,10 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
                 post(ingest).layer(DefaultBodyLimit::max(INGEST_BYTES_MAX)),
             )
             .route("/v1/log", get(log_page))
+            .route("/v1/export", post(export))
+            .route("/v1/jobs/rebuild", post(rebuild))
+            .route("/v1/jobs/project-postgres", post(project_postgres))
+            .route("/v1/jobs/backfill-postgres", post(backfill_postgres))
             .route("/v1/verify", get(verify))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
@@ -478,6 +487,259 @@ async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
         .into_response()
 }
 
+/// A body streamed from a blocking job: bytes go out in pieces through a small bounded channel
+/// (memory stays bounded however slow the client), and a client that goes away stops the job's
+/// writes with an error. A body dropped before [`Streamed::finish`] ends in an error, so the
+/// client sees it cut short rather than complete.
+struct Streamed {
+    sender: tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>,
+    buffer: Vec<u8>,
+    finished: bool,
+}
+
+/// Bytes gathered before a piece of a streamed body is sent.
+const STREAM_PIECE_BYTES: usize = 64 * 1024;
+
+impl Streamed {
+    /// The writer, and the response whose body it feeds.
+    fn new(content_type: &'static str) -> (Streamed, Response) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|piece| (piece, receiver))
+        });
+        let response = (
+            [(header::CONTENT_TYPE, content_type)],
+            axum::body::Body::from_stream(stream),
+        )
+            .into_response();
+        let writer = Streamed {
+            sender,
+            buffer: Vec::new(),
+            finished: false,
+        };
+        (writer, response)
+    }
+
+    /// Sends what is left and ends the body whole.
+    fn finish(mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut self)?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Sends one JSON line at once (a job's progress or its outcome).
+    fn line(&mut self, value: &Value) -> std::io::Result<()> {
+        serde_json::to_writer(&mut *self, value)?;
+        std::io::Write::write_all(self, b"\n")?;
+        std::io::Write::flush(self)
+    }
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if !self.finished {
+            let stopped = std::io::Error::other("the daemon stopped this answer midway");
+            let _ = self.sender.blocking_send(Err(stopped));
+        }
+    }
+}
+
+impl std::io::Write for Streamed {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= STREAM_PIECE_BYTES {
+            self.flush()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let piece = axum::body::Bytes::from(std::mem::take(&mut self.buffer));
+        self.sender
+            .blocking_send(Ok(piece))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportRequest {
+    /// Origins (hex) to export; all when empty.
+    #[serde(default)]
+    origins: Vec<String>,
+    /// A version vector, as `spool heads --json` prints it: only what it lacks is exported.
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// `POST /v1/export`: the export file of `spool export`, streamed as it is written.
+async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request: ExportRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+    };
+    let origins = request
+        .origins
+        .iter()
+        .map(|o| crate::event::Origin::from_hex(o))
+        .collect::<Result<Vec<_>, _>>();
+    let origins = match origins {
+        Ok(o) => o,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("origins: {e}"),
+                Some("origins"),
+            )
+        }
+    };
+    let since = match request.since.as_deref().map(Vector::parse).transpose() {
+        Ok(v) => v.unwrap_or_default(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("since: {e}"),
+                Some("since"),
+            )
+        }
+    };
+    let selection = crate::sync::Selection { origins, since };
+    let (writer, response) = Streamed::new("application/octet-stream");
+    tokio::task::spawn_blocking(move || {
+        let written = app
+            .log
+            .read()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|reader| {
+                crate::sync::file::export(&reader, &selection, writer, |_| {})
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            });
+        // A failed export drops the writer unfinished: the client sees the body cut short.
+        match written.and_then(|(_, writer)| writer.finish()) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!("an export stopped: {e}"),
+        }
+    });
+    response
+}
+
+/// Runs a long job on a blocking thread and answers with its progress and outcome as JSON
+/// lines: `{"progress": {"done", "total"}}` at most ten times a second, then `{"result": ...}`
+/// or `{"error": "..."}`.
+fn job(
+    app: Arc<App>,
+    work: impl FnOnce(&App, &mut dyn FnMut(u64, u64)) -> Result<Value, crate::jobs::JobError>
+        + Send
+        + 'static,
+) -> Response {
+    let (mut writer, response) = Streamed::new("application/x-ndjson");
+    tokio::task::spawn_blocking(move || {
+        let mut shown = Instant::now();
+        let mut progress = |done: u64, total: u64| {
+            if shown.elapsed() >= Duration::from_millis(100) {
+                shown = Instant::now();
+                // A client that left does not stop the job: it finishes what it started.
+                let _ = writer.line(&json!({"progress": {"done": done, "total": total}}));
+            }
+        };
+        let outcome = match work(&app, &mut progress) {
+            Ok(result) => json!({"result": result}),
+            Err(e) => json!({"error": e.to_string()}),
+        };
+        if writer.line(&outcome).is_ok() {
+            let _ = writer.finish();
+        }
+    });
+    response
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RebuildRequest {
+    /// Where to build (an absolute path); the node's projection when absent.
+    into: Option<PathBuf>,
+    /// A position or an RFC 3339 time.
+    as_of: Option<String>,
+}
+
+/// `POST /v1/jobs/rebuild`: `spool rebuild sqlite`. Rebuilding the node's own projection
+/// closes the live projector's connection for the swap; it reopens on the new file.
+async fn rebuild(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request: RebuildRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+    };
+    let until = match crate::jobs::as_of(request.as_of.as_deref()) {
+        Ok(until) => until,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), Some("as_of")),
+    };
+    let path = request.into.unwrap_or_else(|| app.projection.clone());
+    if !path.is_absolute() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "into: an absolute path is required",
+            Some("into"),
+        );
+    }
+    job(app, move |app, progress| {
+        let reader = app.log.read()?;
+        let (partial, summary) = crate::jobs::rebuild(&reader, &path, until, progress)?;
+        drop(reader);
+        if path == app.projection {
+            let mut held = app.projection_db.lock().unwrap_or_else(|e| e.into_inner());
+            held.take();
+            crate::jobs::swap_in(&partial, &path)?;
+            app.projected.store(0, std::sync::atomic::Ordering::Relaxed);
+            app.committed.send_replace(());
+        } else {
+            crate::jobs::swap_in(&partial, &path)?;
+        }
+        Ok(summary)
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostgresRequest {
+    url: String,
+    held_bytes_max: Option<usize>,
+}
+
+/// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
+async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request: PostgresRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+    };
+    job(app, move |app, progress| {
+        let job = crate::jobs::PostgresJob {
+            url: &request.url,
+            node: app.log.origin(),
+            held_bytes_max: request.held_bytes_max,
+        };
+        crate::jobs::project_postgres(&app.log.read()?, &job, progress)
+    })
+}
+
+/// `POST /v1/jobs/backfill-postgres`: `spool backfill postgres`.
+async fn backfill_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request: PostgresRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+    };
+    job(app, move |app, progress| {
+        let job = crate::jobs::PostgresJob {
+            url: &request.url,
+            node: app.log.origin(),
+            held_bytes_max: request.held_bytes_max,
+        };
+        crate::jobs::backfill_postgres(&app.log.read()?, &job, progress)
+    })
+}
+
 /// Keeps the SQLite projection up to the log: catches up after every commit (and every second,
 /// for events ingested otherwise).
 ///
@@ -488,29 +750,31 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
     lower_priority();
     let mut stopping = app.stopping.subscribe();
     let mut committed = app.committed.subscribe();
-    let mut db: Option<Sqlite> = None;
     loop {
         if *stopping.borrow() {
             return;
         }
-        let open = match db.take() {
-            Some(db) => Ok(db),
-            None => Sqlite::open(&app.projection, Durability::Live).map_err(|e| e.to_string()),
-        };
-        let caught_up = open.and_then(|mut db| {
-            let reader = app.log.read().map_err(|e| e.to_string())?;
-            project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())?;
-            let (position, _, _) = db.checkpoint().map_err(|e| e.to_string())?;
-            app.projected
-                .store(position, std::sync::atomic::Ordering::Relaxed);
-            Ok(db)
-        });
-        match caught_up {
-            Ok(open) => db = Some(open),
-            // Reopened next time: a failed catch-up leaves nothing half done behind.
-            Err(e) => tracing::warn!(
-                "the projection was not updated ({e}); `spool rebuild sqlite` rebuilds it"
-            ),
+        {
+            let mut held = app.projection_db.lock().unwrap_or_else(|e| e.into_inner());
+            let open = match held.take() {
+                Some(db) => Ok(db),
+                None => Sqlite::open(&app.projection, Durability::Live).map_err(|e| e.to_string()),
+            };
+            let caught_up = open.and_then(|mut db| {
+                let reader = app.log.read().map_err(|e| e.to_string())?;
+                project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())?;
+                let (position, _, _) = db.checkpoint().map_err(|e| e.to_string())?;
+                app.projected
+                    .store(position, std::sync::atomic::Ordering::Relaxed);
+                Ok(db)
+            });
+            match caught_up {
+                Ok(open) => *held = Some(open),
+                // Reopened next time: a failed catch-up leaves nothing half done behind.
+                Err(e) => tracing::warn!(
+                    "the projection was not updated ({e}); `spool rebuild sqlite` rebuilds it"
+                ),
+            }
         }
         let stop = runtime.block_on(async {
             tokio::select! {
