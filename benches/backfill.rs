@@ -48,9 +48,24 @@ fn main() {
             position: Some(pinned),
             time_ms: None,
         };
-        let applied = project::resume(&reader, &mut target, until, |_| {}).unwrap();
+        let mut streamed = None;
+        let applied = project::resume(&reader, &mut target, until, |p| {
+            if p == pinned {
+                streamed = Some(started.elapsed());
+            }
+        })
+        .unwrap();
+        let replayed = started.elapsed();
         target.swap().unwrap();
-        backfills.push(applied as f64 / started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        let streamed = streamed.unwrap_or(replayed);
+        println!(
+            "  events projected and append-only rows copied {:.2} s, merged rows and commit {:.2} s, indexes, keys and swap {:.2} s",
+            streamed.as_secs_f64(),
+            (replayed - streamed).as_secs_f64(),
+            (took - replayed).as_secs_f64()
+        );
+        backfills.push(applied as f64 / took.as_secs_f64());
         peers.push(row_upserts(&reader, &pg::database(), origin, peer_events));
     }
     let (backfill, peer) = (median(backfills), median(peers));

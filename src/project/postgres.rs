@@ -5,7 +5,8 @@
 //! - live (`spool project postgres`): rows travel as one JSON record set per statement
 //!   (`jsonb_populate_recordset`), up to [`ROWS_PER_STATEMENT`] rows a round trip, into `public`;
 //! - backfill (`spool backfill postgres`): rows are written with binary COPY into a shadow schema
-//!   (merged rows through a temporary staging table, then one stamped upsert), which [`swap`]
+//!   (merged rows of the first commit straight in, as the tables are empty; later ones through a
+//!   temporary staging table, then one stamped upsert), which [`swap`]
 //!   moves into `public` in one transaction, so readers never see a half-built table.
 //!
 //! Writes are idempotent and commutative (inserts if absent, stamped upserts), so several nodes
@@ -34,7 +35,7 @@ pub const SCHEMA: &str = include_str!("../../projections/postgres/schema.sql");
 pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
 /// Bumped whenever the DDL changes: an older database is refused, not misread.
 pub const SCHEMA_VERSION: i64 = 1;
-/// Rows sent in one statement (live) or one COPY (backfill inserts).
+/// Rows sent in one statement (live) or one COPY (backfill).
 pub const ROWS_PER_STATEMENT: usize = 4_096;
 /// Memory for merged rows held until commit, live and in a backfill.
 pub const HELD_BYTES_LIVE: usize = 64 << 20;
@@ -392,11 +393,23 @@ impl Postgres {
         // Inserts first, then the merged rows in (table, key) order.
         self.send_all()?;
         let mode = self.mode;
+        // A backfill's first commit finds its mutable tables empty, and a batch holds one
+        // merged row per key: its rows are copied straight in, as the stamped upsert would
+        // have inserted them. Later commits (after a resume, the tail) upsert.
+        let straight_in = mode == Mode::Backfill && self.expected == Some(0);
         for row in rows {
             let (types, n) = (&self.types, self.shapes.len());
-            let shape = self.shapes.find(sql::row_shape(&row), || {
-                new_shape(types, mode, n, row.table, &sql::columns(&row), Some(&row))
-            })?;
+            let shape = if straight_in {
+                let columns = sql::columns(&row);
+                let names = std::iter::once(row.table).chain(columns.iter().copied());
+                self.shapes.find(names, || {
+                    new_shape(types, mode, n, row.table, &columns, None)
+                })?
+            } else {
+                self.shapes.find(sql::row_shape(&row), || {
+                    new_shape(types, mode, n, row.table, &sql::columns(&row), Some(&row))
+                })?
+            };
             let mut values: Vec<Val> = Vec::with_capacity(shape.columns.len());
             values.extend(row.key.into_iter().map(|c| c.1));
             for (g, stamp) in row.groups.into_iter().zip(row.stamps) {
@@ -404,7 +417,7 @@ impl Postgres {
                 values.push(Val::Blob(stamp.to_vec()));
             }
             shape.rows.push(values);
-            if mode == Mode::Live && shape.rows.len() >= ROWS_PER_STATEMENT {
+            if (mode == Mode::Live || straight_in) && shape.rows.len() >= ROWS_PER_STATEMENT {
                 send(&mut self.client, mode, shape)?;
             }
         }
