@@ -451,11 +451,7 @@ fn ingest_goes_through_the_daemon() {
 #[test]
 fn reading_commands_work_while_the_daemon_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let home = home(dir.path());
-    let lines: String = (0..1_500)
-        .map(|i| format!("{}\n", event(i % 3, i)))
-        .collect();
-    assert!(spool(&home, &["append"], &lines).status.success());
+    let home = home_with_events(dir.path(), 1_500);
     let stopped: Vec<Vec<u8>> = [
         vec!["log", "--stream", "client/1", "--limit", "600"],
         vec!["log", "--after", "700"],
@@ -477,15 +473,7 @@ fn reading_commands_work_while_the_daemon_runs() {
         vec!["digest", "sqlite", "--json"],
     ]
     .iter()
-    .map(|args| {
-        let out = spool(&home, args, "");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    })
+    .map(|args| ok_bytes(&home, args))
     .collect();
     assert_eq!(running, stopped);
     assert_eq!(String::from_utf8_lossy(&running[0]).lines().count(), 500);
@@ -500,7 +488,26 @@ fn reading_commands_work_while_the_daemon_runs() {
     assert!(daemon.wait_with_output().unwrap().status.success());
 }
 
-/// The daemon's view of its projection's lag, once it is zero.
+/// A node in `dir` holding `n` events of three clients, appended without a daemon.
+fn home_with_events(dir: &Path, n: usize) -> PathBuf {
+    let home = home(dir);
+    let lines: String = (0..n).map(|i| format!("{}\n", event(i % 3, i))).collect();
+    assert!(spool(&home, &["append"], &lines).status.success());
+    home
+}
+
+/// What `spool args` printed, once it succeeded.
+fn ok_bytes(home: &Path, args: &[&str]) -> Vec<u8> {
+    let out = spool(home, args, "");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Waits until the daemon's projection has no lag.
 fn wait_projected(home: &Path) {
     let started = Instant::now();
     loop {
@@ -518,21 +525,9 @@ fn wait_projected(home: &Path) {
 #[test]
 fn export_rebuild_project_and_backfill_work_while_the_daemon_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let home = home(dir.path());
-    let lines: String = (0..1_500)
-        .map(|i| format!("{}\n", event(i % 3, i)))
-        .collect();
-    assert!(spool(&home, &["append"], &lines).status.success());
+    let home = home_with_events(dir.path(), 1_500);
     let file = |name: &str| dir.path().join(name).display().to_string();
-    let ok = |args: &[&str]| {
-        let out = spool(&home, args, "");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let ok = |args: &[&str]| ok_bytes(&home, args);
     ok(&["export", "--out", &file("direct.spool")]);
     let digest = ok(&["digest", "sqlite", "--json"]);
 

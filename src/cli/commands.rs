@@ -409,6 +409,29 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 
 /// `GET path` from a running `spool serve`: `None` when no daemon answers on the socket.
 fn daemon_get(dir: &Path, path: &str) -> anyhow::Result<Option<Value>> {
+    let mut body = Vec::new();
+    let answered = daemon_call(dir, "GET", path, Vec::new(), |piece| {
+        body.extend_from_slice(piece);
+        Ok(())
+    })?;
+    match answered {
+        None => Ok(None),
+        Some(()) => Ok(Some(
+            serde_json::from_slice(&body).context("the daemon's answer")?,
+        )),
+    }
+}
+
+/// One request to a running `spool serve`, handing the answer's body to `piece` as it arrives:
+/// `None` when no daemon answers on the socket. A refusal becomes an error with the daemon's
+/// reason; a body the daemon cut short (its job failed midway) becomes an error too.
+fn daemon_call(
+    dir: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    mut piece: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> anyhow::Result<Option<()>> {
     let socket = dir.join(spool::serve::SOCKET);
     if !socket.exists() {
         return Ok(None);
@@ -416,75 +439,61 @@ fn daemon_get(dir: &Path, path: &str) -> anyhow::Result<Option<Value>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let answer = runtime.block_on(async {
+    let mut refusal = Vec::new();
+    let answered = runtime.block_on(async {
         let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
             return Ok(None);
         };
-        client.request("GET", path, Vec::new()).await.map(Some)
+        client
+            .request_streaming(method, path, body, |status, bytes| match status {
+                200 => piece(bytes),
+                _ => {
+                    refusal.extend_from_slice(bytes);
+                    Ok(())
+                }
+            })
+            .await
+            .map(Some)
     })?;
-    let Some((status, body)) = answer else {
-        return Ok(None);
-    };
-    let value: Value = serde_json::from_slice(&body).context("the daemon's answer")?;
-    match status {
-        200 => Ok(Some(value)),
-        _ => anyhow::bail!(
-            "spool serve answered {status}: {}",
-            value["error"].as_str().unwrap_or("")
-        ),
+    match answered {
+        None => Ok(None),
+        Some(200) => Ok(Some(())),
+        Some(status) => {
+            let answer: Value = serde_json::from_slice(&refusal).unwrap_or(Value::Null);
+            anyhow::bail!(
+                "spool serve answered {status}: {}",
+                answer["error"].as_str().unwrap_or("")
+            )
+        }
     }
 }
 
 /// Runs a long job in a running `spool serve` (which holds the log), showing its progress:
 /// `None` when no daemon answers on the socket.
 fn daemon_job(dir: &Path, path: &str, request: Value, what: &str) -> anyhow::Result<Option<Value>> {
-    let socket = dir.join(spool::serve::SOCKET);
-    if !socket.exists() {
-        return Ok(None);
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let bar = progress_bar(0, what);
     let mut pending = Vec::new();
     let mut outcome: Option<Value> = None;
-    let answered = runtime.block_on(async {
-        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
-            return Ok(None);
-        };
-        let body = serde_json::to_vec(&request).expect("JSON");
-        client
-            .request_streaming("POST", path, body, |status, piece| {
-                pending.extend_from_slice(piece);
-                if status != 200 {
-                    return Ok(());
-                }
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let value: Value = serde_json::from_slice(&line)
-                        .map_err(|e| std::io::Error::other(format!("the daemon's answer: {e}")))?;
-                    if let Some(p) = value.get("progress") {
-                        bar.set_length(p["total"].as_u64().unwrap_or(0));
-                        bar.set_position(p["done"].as_u64().unwrap_or(0));
-                    } else {
-                        outcome = Some(value);
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map(Some)
-    })?;
+    let body = serde_json::to_vec(&request).expect("JSON");
+    let answered = daemon_call(dir, "POST", path, body, |piece| {
+        pending.extend_from_slice(piece);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let value: Value = serde_json::from_slice(&line)
+                .map_err(|e| std::io::Error::other(format!("the daemon's answer: {e}")))?;
+            match value.get("progress") {
+                Some(p) => shown(&bar)(
+                    p["done"].as_u64().unwrap_or(0),
+                    p["total"].as_u64().unwrap_or(0),
+                ),
+                None => outcome = Some(value),
+            }
+        }
+        Ok(())
+    });
     bar.finish_and_clear();
-    let Some(status) = answered else {
+    if answered?.is_none() {
         return Ok(None);
-    };
-    if status != 200 {
-        let answer: Value = serde_json::from_slice(&pending).unwrap_or(Value::Null);
-        anyhow::bail!(
-            "spool serve answered {status}: {}",
-            answer["error"].as_str().unwrap_or("")
-        );
     }
     match outcome {
         Some(v) if v.get("result").is_some() => Ok(Some(v["result"].clone())),
@@ -684,6 +693,16 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     let home = Home::open(dir)?;
     let request = json!({"origins": args.origin, "since": args.since});
+    // Through the daemon when it holds the log, else from the file.
+    let export = |out: &mut dyn Write| -> anyhow::Result<u64> {
+        if let Some(count) = export_through_daemon(dir, &request, out)? {
+            return Ok(count);
+        }
+        let log = home.open_log()?;
+        let reader = log.read()?;
+        let selection = Selection { origins, since };
+        Ok(shipping::export(&reader, &selection, out, |_| {})?.0)
+    };
     let count = match &args.out {
         Some(path) => {
             // Written beside the target and renamed, so a reader never sees half a file.
@@ -691,30 +710,14 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
             let file = std::fs::File::create(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
             let mut out = BufWriter::new(file);
-            let count = match export_through_daemon(dir, &request, &mut out)? {
-                Some(count) => count,
-                None => {
-                    let log = home.open_log()?;
-                    let reader = log.read()?;
-                    let selection = Selection { origins, since };
-                    shipping::export(&reader, &selection, &mut out, |_| {})?.0
-                }
-            };
+            let count = export(&mut out)?;
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&partial, path)?;
             count
         }
         None => {
             let mut out = BufWriter::new(std::io::stdout().lock());
-            let count = match export_through_daemon(dir, &request, &mut out)? {
-                Some(count) => count,
-                None => {
-                    let log = home.open_log()?;
-                    let reader = log.read()?;
-                    let selection = Selection { origins, since };
-                    shipping::export(&reader, &selection, &mut out, |_| {})?.0
-                }
-            };
+            let count = export(&mut out)?;
             out.flush()?;
             count
         }
@@ -723,51 +726,26 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `spool export` while the daemon holds the log: its export file, copied to `out` as it comes
-/// and read back as it passes to count the events and check it is whole. `None` when no daemon
-/// answers.
+/// `spool export` while the daemon holds the log: its export file, copied to `out` as it comes,
+/// the last bytes kept to read the event count from the trailer (which also shows the file is
+/// whole). `None` when no daemon answers.
 fn export_through_daemon(
     dir: &Path,
     request: &Value,
-    out: &mut impl Write,
+    out: &mut dyn Write,
 ) -> anyhow::Result<Option<u64>> {
-    let socket = dir.join(spool::serve::SOCKET);
-    if !socket.exists() {
-        return Ok(None);
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     // The trailer ends the file: the mark, the event count, the digest.
     const TRAILER_BYTES: usize = 4 + 8 + 32;
     let mut tail: Vec<u8> = Vec::new();
-    let answered = runtime.block_on(async {
-        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
-            return Ok(None);
-        };
-        let body = serde_json::to_vec(request).expect("JSON");
-        client
-            .request_streaming("POST", "/v1/export", body, |status, piece| {
-                if status == 200 {
-                    out.write_all(piece)?;
-                }
-                tail.extend_from_slice(piece);
-                let keep = tail.len().saturating_sub(TRAILER_BYTES.max(64 * 1024));
-                tail.drain(..keep);
-                Ok(())
-            })
-            .await
-            .map(Some)
+    let body = serde_json::to_vec(request).expect("JSON");
+    let answered = daemon_call(dir, "POST", "/v1/export", body, |piece| {
+        out.write_all(piece)?;
+        tail.extend_from_slice(piece);
+        tail.drain(..tail.len().saturating_sub(TRAILER_BYTES));
+        Ok(())
     })?;
-    let Some(status) = answered else {
+    if answered.is_none() {
         return Ok(None);
-    };
-    if status != 200 {
-        let answer: Value = serde_json::from_slice(&tail).unwrap_or(Value::Null);
-        anyhow::bail!(
-            "spool serve answered {status}: {}",
-            answer["error"].as_str().unwrap_or("")
-        );
     }
     let trailer = tail
         .len()
@@ -981,10 +959,7 @@ fn project_postgres(
                 Ok(log) => {
                     let reader = log.read()?;
                     let bar = progress_bar(0, "projecting");
-                    let summary = jobs::project_postgres(&reader, &job, |done, total| {
-                        bar.set_length(total);
-                        bar.set_position(done);
-                    });
+                    let summary = jobs::project_postgres(&reader, &job, shown(&bar));
                     bar.finish_and_clear();
                     summary?
                 }
@@ -1033,10 +1008,7 @@ fn backfill_postgres(
                 held_bytes_max,
             };
             let bar = progress_bar(0, "backfilling");
-            let summary = jobs::backfill_postgres(&reader, &job, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            });
+            let summary = jobs::backfill_postgres(&reader, &job, shown(&bar));
             bar.finish_and_clear();
             summary?
         }
@@ -1057,6 +1029,14 @@ fn backfill_postgres(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A job's progress (events done, events in all) shown on `bar`.
+fn shown(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
 }
 
 /// A progress bar on standard error (hidden when it is not a terminal) with rate and ETA.
@@ -1085,10 +1065,7 @@ fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::
             let path = into.unwrap_or_else(|| home.projection_path());
             let reader = log.read()?;
             let bar = progress_bar(0, "rebuilding");
-            let built = jobs::rebuild(&reader, &path, until, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            });
+            let built = jobs::rebuild(&reader, &path, until, shown(&bar));
             bar.finish_and_clear();
             let (partial, summary) = built?;
             jobs::swap_in(&partial, &path)?;

@@ -708,9 +708,16 @@ struct PostgresRequest {
     held_bytes_max: Option<usize>,
 }
 
-/// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
-async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: PostgresRequest = match serde_json::from_slice(&body) {
+/// A Postgres job as `jobs` runs it.
+type PostgresRun = fn(
+    &crate::log::Reader,
+    &crate::jobs::PostgresJob,
+    &mut dyn FnMut(u64, u64),
+) -> Result<Value, crate::jobs::JobError>;
+
+/// Runs a Postgres job for this node on the body's `url` and `held_bytes_max`.
+fn postgres_job(app: Arc<App>, body: &[u8], run: PostgresRun) -> Response {
+    let request: PostgresRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
     };
@@ -720,23 +727,21 @@ async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) 
             node: app.log.origin(),
             held_bytes_max: request.held_bytes_max,
         };
-        crate::jobs::project_postgres(&app.log.read()?, &job, progress)
+        run(&app.log.read()?, &job, progress)
+    })
+}
+
+/// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
+async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    postgres_job(app, &body, |reader, job, progress| {
+        crate::jobs::project_postgres(reader, job, progress)
     })
 }
 
 /// `POST /v1/jobs/backfill-postgres`: `spool backfill postgres`.
 async fn backfill_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: PostgresRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
-    };
-    job(app, move |app, progress| {
-        let job = crate::jobs::PostgresJob {
-            url: &request.url,
-            node: app.log.origin(),
-            held_bytes_max: request.held_bytes_max,
-        };
-        crate::jobs::backfill_postgres(&app.log.read()?, &job, progress)
+    postgres_job(app, &body, |reader, job, progress| {
+        crate::jobs::backfill_postgres(reader, job, progress)
     })
 }
 
