@@ -402,32 +402,46 @@ fn two_nodes_projecting_at_once_leave_the_rows_of_one() {
 #[test]
 fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
     let dir = tempfile::tempdir().unwrap();
-    let node = home(dir.path(), "desk");
-    let mut rng = StdRng::seed_from_u64(5);
+    let (node, url, clean) = killed_repeatedly(dir.path(), "project", 5, "public", |_| {});
+    project(&node, &url, &[]);
+    assert_eq!(checkpoint_events(&url), vec![20_000]);
+    assert_eq!(checkpoint_events(&clean), vec![20_000]);
+    assert_eq!(dump(&url), dump(&clean));
+}
+
+/// A node with 20 000 events; `spool JOB postgres` run once into a clean database, and again
+/// into another while being killed at random moments (checking the database with
+/// `after_kill` after each kill) until it finished or was killed 25 times. Commits are made as
+/// small as they go (`--held-bytes-max 1`) so kills land between them. Returns the node, the
+/// killed job's database and the clean one.
+fn killed_repeatedly(
+    dir: &Path,
+    job: &str,
+    seed: u64,
+    schema: &str,
+    after_kill: impl Fn(&str),
+) -> (std::path::PathBuf, String, String) {
+    let node = home(dir, "desk");
+    let mut rng = StdRng::seed_from_u64(seed);
     for _ in 0..4 {
         append(&node, &random_requests(&mut rng, 5_000, "desk"));
     }
+    fn args<'a>(job: &'a str, url: &'a str) -> [&'a str; 6] {
+        [job, "postgres", "--url", url, "--held-bytes-max", "1"]
+    }
     let clean = pg::database();
-    let args = |url: &str| -> Vec<String> {
-        ["project", "postgres", "--url", url, "--held-bytes-max", "1"]
-            .map(String::from)
-            .to_vec()
-    };
-    run(
-        &node,
-        &args(&clean).iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    run(&node, &args(job, &clean));
     let url = pg::database();
     let seen = kill_repeatedly(
         &node,
-        &args(&url).iter().map(String::as_str).collect::<Vec<_>>(),
+        &args(job, &url),
         25,
         &mut rng,
-        || position_in(&url, "public"),
-        || {},
+        || position_in(&url, schema),
+        || after_kill(&url),
     );
     println!(
-        "killed the projection {} times; its checkpoint was then at {seen:?}",
+        "killed {job} {} times; its checkpoint was then at {seen:?}",
         seen.len()
     );
     assert!(seen.len() >= 5, "killed while it worked: {seen:?}");
@@ -435,10 +449,7 @@ fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
         seen.iter().filter(|&&p| p > 0 && p < 20_000).count() >= 3,
         "kills between commits: {seen:?}"
     );
-    project(&node, &url, &[]);
-    assert_eq!(checkpoint_events(&url), vec![20_000]);
-    assert_eq!(checkpoint_events(&clean), vec![20_000]);
-    assert_eq!(dump(&url), dump(&clean));
+    (node, url, clean)
 }
 
 /// Rows in `table` (0 while the table does not exist yet).
@@ -538,61 +549,23 @@ fn a_backfill_swaps_in_the_rows_of_a_live_projection_at_once() {
 #[test]
 fn a_killed_backfill_resumes_to_the_clean_result() {
     let dir = tempfile::tempdir().unwrap();
-    let node = home(dir.path(), "desk");
-    let mut rng = StdRng::seed_from_u64(41);
-    for _ in 0..4 {
-        append(&node, &random_requests(&mut rng, 5_000, "desk"));
-    }
-    let clean = pg::database();
-    let args = |url: &str| -> Vec<String> {
-        [
-            "backfill",
-            "postgres",
-            "--url",
-            url,
-            "--held-bytes-max",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    run(
-        &node,
-        &args(&clean).iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let url = pg::database();
-    let seen = kill_repeatedly(
-        &node,
-        &args(&url).iter().map(String::as_str).collect::<Vec<_>>(),
-        25,
-        &mut rng,
-        || position_in(&url, "spool_backfill"),
-        || {
+    let (node, url, clean) =
+        killed_repeatedly(dir.path(), "backfill", 41, "spool_backfill", |url| {
             // Either the swap has not happened (the shadow schema is there and the live
             // tables are empty) or it happened whole (a kill can land after its commit).
-            let shadow: bool = pg::connect(&url)
+            let shadow: bool = pg::connect(url)
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'spool_backfill')",
                     &[],
                 )
                 .unwrap()
                 .get(0);
-            let live = count(&url, "activity_log");
+            let live = count(url, "activity_log");
             assert!(
                 (shadow && live == 0) || (!shadow && live > 0),
                 "half a swap: shadow schema {shadow}, {live} live rows"
             );
-        },
-    );
-    println!(
-        "killed the backfill {} times; its checkpoint was then at {seen:?}",
-        seen.len()
-    );
-    assert!(seen.len() >= 5, "killed while it worked: {seen:?}");
-    assert!(
-        seen.iter().filter(|&&p| p > 0 && p < 20_000).count() >= 3,
-        "kills between commits: {seen:?}"
-    );
+        });
     let out = spool(&node, &["backfill", "postgres", "--url", &url], "");
     assert!(
         out.status.success(),

@@ -60,11 +60,24 @@ fn start(home: &Path) -> Child {
 }
 
 fn signal(child: &Child, name: &str) {
+    send_signal(child.id(), name);
+}
+
+fn send_signal(pid: u32, name: &str) {
     let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
+        .args([&format!("-{name}"), &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Sends signal `name` to the daemon `after` this long, from a thread of its own.
+fn signal_after(child: &Child, name: &'static str, after: Duration) -> std::thread::JoinHandle<()> {
+    let pid = child.id();
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        send_signal(pid, name);
+    })
 }
 
 fn event(client: usize, i: usize) -> Value {
@@ -161,16 +174,7 @@ fn a_daemon_killed_under_load_loses_no_acknowledged_event() {
     let home = home(dir.path());
     let daemon = start(&home);
     let socket = home.join("spool.sock");
-    let killer = {
-        let pid = daemon.id();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1_500));
-            Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .unwrap();
-        })
-    };
+    let killer = signal_after(&daemon, "KILL", Duration::from_millis(1_500));
     let acks = load(&socket, 16, 100_000);
     killer.join().unwrap();
     let mut daemon = daemon;
@@ -209,16 +213,7 @@ fn sigterm_answers_what_was_accepted_then_exits_zero() {
     let home = home(dir.path());
     let daemon = start(&home);
     let socket = home.join("spool.sock");
-    let stopper = {
-        let pid = daemon.id();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1_000));
-            Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .unwrap();
-        })
-    };
+    let stopper = signal_after(&daemon, "TERM", Duration::from_millis(1_000));
     let acks = load(&socket, 16, 100_000);
     stopper.join().unwrap();
     let out = daemon.wait_with_output().unwrap();
