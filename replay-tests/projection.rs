@@ -367,29 +367,41 @@ fn any_causal_order_of_the_same_events_gives_the_same_digest() {
     }
 }
 
+/// Each current kind's golden event (`schemas/KIND/vN.golden.json`) and the writes the
+/// projector makes of it.
+fn golden_writes() -> Vec<(&'static kinds::KindSpec, Vec<spool::project::Write>)> {
+    use spool::project::{writes, Context};
+    kinds::CATALOGUE
+        .iter()
+        .map(|spec| {
+            let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("schemas")
+                .join(spec.name)
+                .join(format!("v{}.golden.json", spec.version));
+            let golden: Value =
+                serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
+            let payload = spec.encode(&golden["data"]).unwrap();
+            let body = kinds::body(spec.name, spec.version, &payload).unwrap();
+            let ctx = Context {
+                id: "o:1".into(),
+                stamp: [1; 24],
+                at: "2026-01-01T00:00:00.000Z".into(),
+                actor: "a",
+                stream: "s",
+            };
+            (*spec, writes(&ctx, &body))
+        })
+        .collect()
+}
+
 /// The append-only tables (whose key index a bulk load may build after its rows) are exactly
 /// those that only ever receive inserts.
 #[test]
 fn the_append_only_tables_are_the_ones_only_inserted_into() {
-    use spool::project::{writes, Context, Write, APPEND_ONLY};
+    use spool::project::{Write, APPEND_ONLY};
     let (mut inserted, mut upserted) = (BTreeMap::new(), BTreeMap::new());
-    for spec in kinds::CATALOGUE {
-        let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("schemas")
-            .join(spec.name)
-            .join(format!("v{}.golden.json", spec.version));
-        let golden: Value =
-            serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
-        let payload = spec.encode(&golden["data"]).unwrap();
-        let body = kinds::body(spec.name, spec.version, &payload).unwrap();
-        let ctx = Context {
-            id: "o:1".into(),
-            stamp: [1; 24],
-            at: "2026-01-01T00:00:00.000Z".into(),
-            actor: "a",
-            stream: "s",
-        };
-        for w in writes(&ctx, &body) {
+    for (spec, ws) in golden_writes() {
+        for w in ws {
             match w {
                 Write::Insert { table, .. } => inserted.insert(table, spec.name),
                 Write::Upsert { table, .. } => upserted.insert(table, spec.name),
@@ -407,25 +419,10 @@ fn the_append_only_tables_are_the_ones_only_inserted_into() {
 /// which write arrived last, not on the stamps.
 #[test]
 fn every_write_to_a_column_group_sets_the_same_columns() {
-    use spool::project::{writes, Context, Write};
+    use spool::project::Write;
     let mut seen: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    for spec in kinds::CATALOGUE {
-        let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("schemas")
-            .join(spec.name)
-            .join(format!("v{}.golden.json", spec.version));
-        let golden: Value =
-            serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
-        let payload = spec.encode(&golden["data"]).unwrap();
-        let body = kinds::body(spec.name, spec.version, &payload).unwrap();
-        let ctx = Context {
-            id: "o:1".into(),
-            stamp: [1; 24],
-            at: "2026-01-01T00:00:00.000Z".into(),
-            actor: "a",
-            stream: "s",
-        };
-        for w in writes(&ctx, &body) {
+    for (spec, ws) in golden_writes() {
+        for w in ws {
             if let Write::Upsert { table, groups, .. } = w {
                 for g in groups {
                     let cols: Vec<String> = g.cols.iter().map(|c| c.0.to_owned()).collect();
