@@ -479,6 +479,17 @@ fn reading_commands_work_while_the_daemon_runs() {
         (report["ok"].as_bool(), report["events"].as_u64()),
         (Some(true), Some(1_500))
     );
+    // A bad line refused through the daemon is named as it is without one, and adds nothing.
+    let bad = format!("{}\n{{\"kind\": \"activity.logged\"}}\n", event(0, 9_999));
+    let out = spool(&home, &["append"], &bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 2"),
+        "{out:?}"
+    );
+    let out = ok_bytes(&home, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(status["events"].as_u64(), Some(1_500));
     signal(&daemon, "TERM");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }

@@ -304,7 +304,16 @@ pub fn new_event(request: AppendRequest) -> Result<NewEvent, InputError> {
 }
 
 /// Reads JSON lines (blank lines skipped) into one batch, refusing the whole batch on any error.
-pub fn parse_lines(mut input: impl BufRead) -> Result<Vec<NewEvent>, InputError> {
+pub fn parse_lines(input: impl BufRead) -> Result<Vec<NewEvent>, InputError> {
+    read_lines(input, parse_request)
+}
+
+/// Reads JSON lines (blank lines skipped) with `each`, refusing the whole batch on the first
+/// error, named by its line; every limit of a batch is checked.
+pub fn read_lines<T>(
+    mut input: impl BufRead,
+    mut each: impl FnMut(&str) -> Result<T, InputError>,
+) -> Result<Vec<T>, InputError> {
     let mut events = Vec::new();
     let mut line = Vec::new();
     let mut total = 0usize;
@@ -335,7 +344,7 @@ pub fn parse_lines(mut input: impl BufRead) -> Result<Vec<NewEvent>, InputError>
         if events.len() == BATCH_EVENTS_MAX {
             return Err(at_line(InputError::BatchTooLarge));
         }
-        events.push(parse_request(text).map_err(at_line)?);
+        events.push(each(text).map_err(at_line)?);
     }
     if events.is_empty() {
         return Err(InputError::Empty);

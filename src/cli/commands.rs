@@ -1,6 +1,6 @@
 //! One function per command. Each opens what it needs, does one thing, and prints.
 
-use std::io::{BufRead, BufWriter, IsTerminal, Write};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use spool::event::Origin;
 use spool::home::Home;
-use spool::input::{self, AppendRequest, InputError};
+use spool::input::{self, AppendRequest, InputError, NewEvent};
 use spool::jobs;
 use spool::kinds;
 use spool::log::{Filter, Log};
@@ -91,20 +91,16 @@ fn host_name() -> String {
 }
 
 fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
-    let socket = dir.join(spool::serve::SOCKET);
-    if socket.exists() {
-        if let Some(code) = append_through_daemon(&socket, &args)? {
-            return Ok(code);
-        }
-    }
-    let events = match args.kind {
+    // Checked here, whether the daemon or this process then writes them: a refusal names the
+    // flag or line either way. The daemon is sent the requests as given.
+    let (events, requests): (Vec<NewEvent>, Vec<Value>) = match args.kind {
         Some(kind) => {
             let data_text = args.data.unwrap_or_default();
             let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
                 field: "data".into(),
                 problem: format!("not valid JSON: {e}"),
             })?;
-            vec![input::new_event(AppendRequest {
+            let request = AppendRequest {
                 kind,
                 stream: args.stream.unwrap_or_default(),
                 actor: args.actor.unwrap_or_default(),
@@ -112,7 +108,11 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
                 key: args.key,
                 correlation: args.correlation,
                 causation: args.causation,
-            })?]
+            };
+            let sent = json!({"kind": request.kind, "stream": request.stream,
+                              "actor": request.actor, "data": request.data, "key": request.key,
+                              "correlation": request.correlation, "causation": request.causation});
+            (vec![input::new_event(request)?], vec![sent])
         }
         None => {
             let stdin = std::io::stdin();
@@ -122,9 +122,22 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            input::parse_lines(stdin.lock())?
+            input::read_lines(stdin.lock(), |text| {
+                let event = input::parse_request(text)?;
+                let sent =
+                    serde_json::from_str(text).map_err(|e| InputError::Json(e.to_string()))?;
+                Ok((event, sent))
+            })?
+            .into_iter()
+            .unzip()
         }
     };
+    let socket = dir.join(spool::serve::SOCKET);
+    if socket.exists() {
+        if let Some(code) = append_through_daemon(&socket, &Value::Array(requests))? {
+            return Ok(code);
+        }
+    }
     let home = Home::open(dir)?;
     let log = home.open_log()?;
     let appended = log.append(events)?;
@@ -142,49 +155,7 @@ const BUSY_RETRIES: u32 = 50;
 
 /// Appends through a running `spool serve` (the log is its to write). `None` when no daemon
 /// answers on the socket (a stale socket): the caller then opens the log itself.
-fn append_through_daemon(socket: &Path, args: &AppendArgs) -> anyhow::Result<Option<ExitCode>> {
-    let body = match &args.kind {
-        Some(kind) => {
-            let data_text = args.data.clone().unwrap_or_default();
-            let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
-                field: "data".into(),
-                problem: format!("not valid JSON: {e}"),
-            })?;
-            json!([{"kind": kind, "stream": args.stream.clone().unwrap_or_default(),
-                    "actor": args.actor.clone().unwrap_or_default(), "data": data,
-                    "key": args.key, "correlation": args.correlation, "causation": args.causation}])
-        }
-        None => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                return Err(Usage(
-                    "give --kind, --stream, --actor and --data, or pipe JSON lines on stdin".into(),
-                )
-                .into());
-            }
-            let mut lines = Vec::new();
-            let mut bytes = 0;
-            for (i, line) in stdin.lock().lines().enumerate() {
-                let line = line.map_err(|e| InputError::Read(e.to_string()))?;
-                bytes += line.len();
-                if bytes > input::BATCH_BYTES_MAX {
-                    return Err(InputError::BatchBytesTooLarge.into());
-                }
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let value: Value = serde_json::from_str(&line).map_err(|e| InputError::Line {
-                    line: i + 1,
-                    error: Box::new(InputError::Json(e.to_string())),
-                })?;
-                lines.push(value);
-            }
-            if lines.is_empty() {
-                return Err(InputError::Empty.into());
-            }
-            Value::Array(lines)
-        }
-    };
+fn append_through_daemon(socket: &Path, body: &Value) -> anyhow::Result<Option<ExitCode>> {
     let body = serde_json::to_vec(&body)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
