@@ -887,10 +887,14 @@ fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
         Some(path) => path,
         None => {
             let home = Home::open(dir)?;
-            // A running daemon keeps the projection current (its status reports the lag).
-            if daemon_get(dir, "/v1/heads")?.is_none() {
-                let log = home.open_log()?;
-                catch_up(&home, &log)?;
+            // A running daemon keeps the projection current: wait for it to reach what the
+            // log held when asked, so a read follows the writes before it.
+            match daemon_get(dir, "/v1/status")? {
+                Some(status) => wait_projected(dir, &status)?,
+                None => {
+                    let log = home.open_log()?;
+                    catch_up(&home, &log)?;
+                }
             }
             home.projection_path()
         }
@@ -899,6 +903,28 @@ fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
         return Err(Usage(format!("{}: no such projection file", path.display())).into());
     }
     Ok(Sqlite::open_read_only(&path)?)
+}
+
+/// Longest wait for the daemon's projection to reach the log's end before reading it anyway.
+const PROJECTED_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the daemon's projection holds every event its log held at `status`.
+fn wait_projected(dir: &Path, status: &Value) -> anyhow::Result<()> {
+    let target = status["events"].as_u64().unwrap_or(0);
+    let started = Instant::now();
+    let mut status = status.clone();
+    while status["projection"]["position"].as_u64().unwrap_or(0) < target {
+        if started.elapsed() > PROJECTED_WAIT {
+            eprintln!(
+                "spool: the projection is {} events behind the log; reading it as it is",
+                status["projection"]["lag_events"]
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        status = daemon_get(dir, "/v1/status")?.context("spool serve stopped answering")?;
+    }
+    Ok(())
 }
 
 /// How often `--follow` looks for new events.

@@ -783,7 +783,11 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
         }
         let stop = runtime.block_on(async {
             tokio::select! {
-                _ = committed.changed() => false,
+                // The commits of the next moment are taken together: one transaction for many.
+                _ = committed.changed() => {
+                    tokio::time::sleep(PROJECT_GATHER).await;
+                    false
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                 _ = stopping.changed() => true,
             }
@@ -793,6 +797,9 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
         }
     }
 }
+
+/// How long the live projector waits after a commit for more before it catches up.
+const PROJECT_GATHER: Duration = Duration::from_millis(10);
 
 /// Lowers the calling thread's scheduling priority to nice 10 (Linux sets it per thread; the
 /// threads it starts inherit it). Best effort: a refusal leaves the priority as it was.
