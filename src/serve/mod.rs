@@ -527,7 +527,15 @@ impl Streamed {
         Ok(())
     }
 
-    /// Sends one JSON line at once (a job's progress or its outcome).
+    /// Sends one JSON line if the channel has room, else drops it: a job's progress never
+    /// waits for a slow client.
+    fn line_if_room(&mut self, value: &Value) {
+        let mut line = value.to_string();
+        line.push('\n');
+        let _ = self.sender.try_send(Ok(line.into()));
+    }
+
+    /// Sends one JSON line at once (a job's outcome).
     fn line(&mut self, value: &Value) -> std::io::Result<()> {
         serde_json::to_writer(&mut *self, value)?;
         std::io::Write::write_all(self, b"\n")?;
@@ -642,7 +650,7 @@ fn job(
             if shown.elapsed() >= Duration::from_millis(100) {
                 shown = Instant::now();
                 // A client that left does not stop the job: it finishes what it started.
-                let _ = writer.line(&json!({"progress": {"done": done, "total": total}}));
+                writer.line_if_room(&json!({"progress": {"done": done, "total": total}}));
             }
         };
         let outcome = match work(&app, &mut progress) {
