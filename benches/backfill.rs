@@ -4,8 +4,10 @@
 //! `SPOOL_BENCH_PEER_EVENTS` events, default 20 000, and reported per event).
 //!
 //! `cargo bench --bench backfill`. Medians of `SPOOL_BENCH_RUNS` (default 3);
-//! `SPOOL_BENCH_SCALE` scales the event count. The cluster runs with fsync off (the test
-//! harness's settings), which favours the per-row peer: its every statement is a commit.
+//! `SPOOL_BENCH_SCALE` scales the event count. The cluster is durable (fsync and synchronous
+//! commit on), as Supabase's is: the per-row peer then waits for the WAL at every statement, as
+//! it does in production. `SPOOL_BENCH_PG_FSYNC=off` runs both sides with the test harness's
+//! fsync off instead, which favours the peer.
 
 #[path = "../replay-tests/common/pg.rs"]
 mod pg;
@@ -28,7 +30,15 @@ fn main() {
     let scale: f64 = env_or("SPOOL_BENCH_SCALE", 1.0);
     let peer_events: usize = env_or("SPOOL_BENCH_PEER_EVENTS", 20_000);
     let events = ((1_000_000.0 * scale) as usize / 10_000).max(1) * 10_000;
-    println!("spool backfill bench: {events} events (tasks, scores, Loom, heartbeats, activity), {runs} runs, medians");
+    let durable = std::env::var("SPOOL_BENCH_PG_FSYNC").as_deref() != Ok("off");
+    // Set before any thread starts: the cluster reads it when it is first used.
+    if durable {
+        std::env::set_var("SPOOL_TEST_PG_DURABLE", "1");
+    }
+    println!(
+        "spool backfill bench: {events} events (tasks, scores, Loom, heartbeats, activity), {runs} runs, medians; Postgres fsync {}",
+        if durable { "on" } else { "off" }
+    );
     let dir = tempfile::tempdir().unwrap();
     let origin = Origin([1; 16]);
     let log = Log::create(&dir.path().join("log.redb"), origin, LogOptions::default()).unwrap();
