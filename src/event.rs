@@ -252,6 +252,16 @@ pub fn decode(bytes: &[u8]) -> Result<EventRef<'_>, DecodeError> {
     Ok(EventRef { archived })
 }
 
+/// Reads stored bytes that [`decode`] accepted before, without checking the archive again.
+///
+/// # Safety
+/// `bytes` must be bytes `decode` returned `Ok` for, unchanged since.
+pub unsafe fn decode_checked_before(bytes: &[u8]) -> EventRef<'_> {
+    // SAFETY: the caller's promise: a validated archive after the format byte.
+    let archived = unsafe { rkyv::access_unchecked::<ArchivedStoredEvent>(&bytes[1..]) };
+    EventRef { archived }
+}
+
 impl EventRef<'_> {
     pub fn origin(&self) -> Origin {
         Origin(self.archived.origin)

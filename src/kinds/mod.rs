@@ -205,7 +205,10 @@ catalogue! {
 
 /// Looks a kind up by name.
 pub fn lookup(name: &str) -> Option<&'static KindSpec> {
-    static BY_NAME: LazyLock<HashMap<&'static str, &'static KindSpec>> =
+    // Looked up once per event replayed: a fast hash (the names are ours, not an attacker's
+    // keys to collide; an unknown name just misses).
+    type ByName = HashMap<&'static str, &'static KindSpec, foldhash::fast::FixedState>;
+    static BY_NAME: LazyLock<ByName> =
         LazyLock::new(|| CATALOGUE.iter().map(|k| (k.name, *k)).collect());
     BY_NAME.get(name).copied()
 }

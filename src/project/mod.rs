@@ -93,7 +93,7 @@ impl<'a> Context<'a> {
         let mut text = String::with_capacity(32 + 1 + 20);
         text.push_str(std::str::from_utf8(&hex).expect("hex digits"));
         text.push(':');
-        let _ = write!(text, "{}", id.seq);
+        text.push_str(itoa::Buffer::new().format(id.seq));
         Context {
             id: text,
             stamp,

@@ -239,7 +239,7 @@ pub fn export<W: Write>(
         };
         for record in &page.records {
             if selection.wants(record.event().id()) {
-                file.push(&record.hash, &record.bytes)?;
+                file.push(&record.hash, record.bytes())?;
             }
         }
         progress(last);
