@@ -297,24 +297,25 @@ impl ToSql for Val {
 /// One statement's shape (table, columns and groups) with its SQL, and the open transaction's
 /// rows waiting for it.
 struct Shape {
+    /// Its place among the shapes.
+    id: usize,
     sql: String,
     inserts: Vec<Vec<(&'static str, Val)>>,
-    upserts: Vec<Row>,
 }
 
 impl Shape {
-    fn new(sql: String) -> Result<Shape, SqliteError> {
+    fn new(id: usize, sql: String) -> Result<Shape, SqliteError> {
         Ok(Shape {
+            id,
             sql,
             inserts: Vec::new(),
-            upserts: Vec::new(),
         })
     }
 }
 
-/// Writes the rows waiting in `shape` with its one prepared statement.
+/// Writes the inserts waiting in `shape` with its one prepared statement.
 fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
-    if shape.inserts.is_empty() && shape.upserts.is_empty() {
+    if shape.inserts.is_empty() {
         return Ok(());
     }
     let mut stmt = conn.prepare_cached(&shape.sql)?;
@@ -324,22 +325,25 @@ fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
         }
         stmt.raw_execute()?;
     }
-    for row in shape.upserts.drain(..) {
-        let mut i = 0;
-        for (_, v) in &row.key {
+    Ok(())
+}
+
+/// Writes one merged row with its shape's statement (key, then each group's columns and stamp).
+fn upsert(stmt: &mut rusqlite::CachedStatement<'_>, row: &Row) -> Result<(), SqliteError> {
+    let mut i = 0;
+    for (_, v) in &row.key {
+        i += 1;
+        stmt.raw_bind_parameter(i, v)?;
+    }
+    for (g, stamp) in row.groups.iter().zip(&row.stamps) {
+        for (_, v) in &g.cols {
             i += 1;
             stmt.raw_bind_parameter(i, v)?;
         }
-        for (g, stamp) in row.groups.iter().zip(&row.stamps) {
-            for (_, v) in &g.cols {
-                i += 1;
-                stmt.raw_bind_parameter(i, v)?;
-            }
-            i += 1;
-            stmt.raw_bind_parameter(i, &stamp[..])?;
-        }
-        stmt.raw_execute()?;
+        i += 1;
+        stmt.raw_bind_parameter(i, &stamp[..])?;
     }
+    stmt.raw_execute()?;
     Ok(())
 }
 
@@ -363,7 +367,6 @@ impl Target for Sqlite {
         }
         for shape in self.shapes.iter_mut() {
             shape.inserts.clear();
-            shape.upserts.clear();
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
@@ -376,9 +379,10 @@ impl Target for Sqlite {
         cols: Vec<(&'static str, Val)>,
     ) -> Result<(), SqliteError> {
         let names = std::iter::once(table).chain(cols.iter().map(|c| c.0));
+        let id = self.shapes.len();
         let shape = self.shapes.find(names, || {
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
-            Shape::new(sql::insert(table, &names, &sql::values(names.len())))
+            Shape::new(id, sql::insert(table, &names, &sql::values(names.len())))
         })?;
         shape.inserts.push(cols);
         if shape.inserts.len() >= INSERT_RUN {
@@ -387,8 +391,9 @@ impl Target for Sqlite {
         Ok(())
     }
 
-    /// Writes the waiting inserts, then the merged rows (one prepared statement per shape,
-    /// each shape's rows in key order), the checkpoint, and commits.
+    /// Writes the waiting inserts, then the merged rows in (table, key) order, each with its
+    /// shape's prepared statement, so every table is written front to back; the checkpoint;
+    /// and commits.
     fn commit(
         &mut self,
         rows: Vec<Row>,
@@ -396,17 +401,25 @@ impl Target for Sqlite {
         hash: Hash,
         applied: u64,
     ) -> Result<(), SqliteError> {
-        for row in rows {
-            self.shapes
-                .find(sql::row_shape(&row), || {
-                    Shape::new(sql::upsert(&row, &sql::values(sql::columns(&row).len())))
-                })?
-                .upserts
-                .push(row);
-        }
         for shape in self.shapes.iter_mut() {
             execute(&self.conn, shape)?;
         }
+        let mut statements: Vec<Option<rusqlite::CachedStatement<'_>>> = Vec::new();
+        for row in &rows {
+            let id = self.shapes.len();
+            let shape = self.shapes.find(sql::row_shape(row), || {
+                Shape::new(id, sql::upsert(row, &sql::values(sql::columns(row).len())))
+            })?;
+            if statements.len() <= shape.id {
+                statements.resize_with(shape.id + 1, || None);
+            }
+            let stmt = match &mut statements[shape.id] {
+                Some(stmt) => stmt,
+                slot => slot.insert(self.conn.prepare_cached(&shape.sql)?),
+            };
+            upsert(stmt, row)?;
+        }
+        drop(statements);
         self.conn.execute(
             "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3 WHERE id = 1",
             rusqlite::params![position as i64, hash.0.as_slice(), applied as i64],
