@@ -574,9 +574,10 @@ fn send(client: &mut Client, mode: Mode, shape: &mut Shape) -> Result<(), Postgr
                 shape.columns.join(", ")
             );
             let mut writer = BinaryCopyInWriter::new(client.copy_in(&copy)?, &shape.types);
+            let mut values: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(shape.columns.len());
             for row in &rows {
-                let values: Vec<&(dyn ToSql + Sync)> =
-                    row.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                values.clear();
+                values.extend(row.iter().map(|v| v as &(dyn ToSql + Sync)));
                 writer.write(&values)?;
             }
             writer.finish()?;
@@ -660,6 +661,23 @@ impl ToSql for RecordSet<'_> {
     postgres::types::to_sql_checked!();
 }
 
+/// RFC 3339 text as a time. The last one read is kept: the rows of one burst of events share
+/// their millisecond.
+fn timestamp(text: &str) -> Result<SystemTime, humantime::TimestampError> {
+    thread_local! {
+        static LAST: std::cell::RefCell<(String, SystemTime)> =
+            const { std::cell::RefCell::new((String::new(), SystemTime::UNIX_EPOCH)) };
+    }
+    LAST.with_borrow_mut(|(last, at)| {
+        if last != text {
+            *at = humantime::parse_rfc3339(text)?;
+            last.clear();
+            last.push_str(text);
+        }
+        Ok(*at)
+    })
+}
+
 /// A value in Postgres's binary form for its column's type (COPY): integers as the column's
 /// width or boolean, RFC 3339 text as a timestamp, JSON text as jsonb.
 impl ToSql for Val {
@@ -688,10 +706,7 @@ impl ToSql for Val {
                     out.extend_from_slice(t.as_bytes());
                     Ok(IsNull::No)
                 }
-                Type::TIMESTAMPTZ | Type::TIMESTAMP => {
-                    let at: SystemTime = humantime::parse_rfc3339(t)?;
-                    at.to_sql(ty, out)
-                }
+                Type::TIMESTAMPTZ | Type::TIMESTAMP => timestamp(t)?.to_sql(ty, out),
                 _ => t.as_str().to_sql(ty, out),
             },
             Val::Blob(b) => b.as_slice().to_sql(ty, out),
