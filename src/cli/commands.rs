@@ -681,10 +681,16 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
             let file = std::fs::File::create(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
             let mut out = BufWriter::new(file);
-            let count = export(&mut out)?;
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&partial, path)?;
-            count
+            let written = export(&mut out).and_then(|count| {
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                std::fs::rename(&partial, path)?;
+                Ok(count)
+            });
+            if written.is_err() {
+                // Half an export is of no use to anyone: it goes.
+                let _ = std::fs::remove_file(&partial);
+            }
+            written?
         }
         None => {
             let mut out = BufWriter::new(std::io::stdout().lock());
