@@ -8,6 +8,8 @@
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
 //! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes.
 
+#[path = "../replay-tests/common/daemon.rs"]
+mod daemon;
 #[path = "../replay-tests/common/pg.rs"]
 mod pg;
 mod workload;
@@ -43,18 +45,8 @@ fn main() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let mut daemon = Command::new(spool)
-        .arg("--home")
-        .arg(&home)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = daemon::start(spool, &home);
     let socket = home.join("spool.sock");
-    while !socket.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let url = pg::database();
     let mut client = pg::connect(&url);
     client
@@ -98,14 +90,7 @@ fn main() {
             results.push((clients, batch, ours));
         }
     }
-    Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(
-        daemon.wait().unwrap().success(),
-        "spool serve drains and exits 0"
-    );
+    daemon::stop(daemon);
     let find = |c, b| results.iter().find(|r| r.0 == c && r.1 == b).map(|r| &r.2);
     let verdict = |target: &str, ok: Option<bool>| {
         let said = match ok {

@@ -2,13 +2,15 @@
 //! drain, refusals, and every CLI command (appends, reads and the long jobs) through the daemon.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/pg.rs"]
 mod pg;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use spool::event::Origin;
@@ -40,35 +42,8 @@ fn home(dir: &Path) -> PathBuf {
     home
 }
 
-/// Starts `spool serve` and waits for its socket.
 fn start(home: &Path) -> Child {
-    let child = Command::new(SPOOL)
-        .arg("--home")
-        .arg(home)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let socket = home.join("spool.sock");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-fn signal(child: &Child, name: &str) {
-    send_signal(child.id(), name);
-}
-
-fn send_signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon::start(SPOOL, home)
 }
 
 /// Sends signal `name` to the daemon `after` this long, from a thread of its own.
@@ -76,7 +51,7 @@ fn signal_after(child: &Child, name: &'static str, after: Duration) -> std::thre
     let pid = child.id();
     std::thread::spawn(move || {
         std::thread::sleep(after);
-        send_signal(pid, name);
+        daemon::send_signal(pid, name);
     })
 }
 
@@ -152,9 +127,7 @@ fn sixty_four_clients_append_a_thousand_each_and_every_event_is_there_once() {
     let home = home(dir.path());
     let daemon = start(&home);
     let mut acks = load(&home.join("spool.sock"), 64, 1_000);
-    signal(&daemon, "TERM");
-    let status = daemon.wait_with_output().unwrap().status;
-    assert!(status.success(), "{status}");
+    daemon::stop(daemon);
     assert_eq!(acks.len(), 64_000);
     acks.sort();
     let positions: Vec<u64> = acks.iter().map(|a| a.position).collect();
@@ -320,8 +293,7 @@ fn bad_requests_are_refused_by_name_and_change_nothing() {
     );
     let line: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["position"], 1);
-    signal(&daemon, "TERM");
-    assert!(daemon.wait_with_output().unwrap().status.success());
+    daemon::stop(daemon);
 }
 
 /// `GET /v1/events?after=POS` streams what is there after POS, then each event as it commits;
@@ -398,8 +370,7 @@ fn the_event_stream_follows_commits_and_ends_at_sigterm() {
     );
     let heads: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(heads.as_object().unwrap().values().next().unwrap(), 3);
-    signal(&daemon, "TERM");
-    assert!(daemon.wait_with_output().unwrap().status.success());
+    daemon::stop(daemon);
 }
 
 /// `spool ingest` goes through a running daemon: another node's export is applied by it, and
@@ -437,8 +408,7 @@ fn ingest_goes_through_the_daemon() {
     let status: Value =
         serde_json::from_slice(&spool(&home, &["status", "--json"], "").stdout).unwrap();
     assert_eq!(status["events"], 300);
-    signal(&daemon, "TERM");
-    assert!(daemon.wait_with_output().unwrap().status.success());
+    daemon::stop(daemon);
 }
 
 /// While the daemon holds the log, `log`, `verify`, `sql` and `digest` answer through it (or
@@ -490,8 +460,7 @@ fn reading_commands_work_while_the_daemon_runs() {
     let out = ok_bytes(&home, &["status", "--json"]);
     let status: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(status["events"].as_u64(), Some(1_500));
-    signal(&daemon, "TERM");
-    assert!(daemon.wait_with_output().unwrap().status.success());
+    daemon::stop(daemon);
 }
 
 /// A node in `dir` holding `n` events of three clients, appended without a daemon.
@@ -562,6 +531,5 @@ fn export_rebuild_project_and_backfill_work_while_the_daemon_runs() {
         String::from_utf8_lossy(&out.stderr).contains("--as-of"),
         "{out:?}"
     );
-    signal(&daemon, "TERM");
-    assert!(daemon.wait_with_output().unwrap().status.success());
+    daemon::stop(daemon);
 }

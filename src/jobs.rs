@@ -119,23 +119,29 @@ pub struct PostgresJob<'a> {
     pub held_bytes_max: Option<usize>,
 }
 
-/// One pass of `spool project postgres`: brings the database up to the log's end from this
-/// node's checkpoint there, retrying a batch that deadlocked with another projector.
-pub fn project_postgres(
-    reader: &Reader,
-    job: &PostgresJob,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<Value, JobError> {
+/// The connection `spool project postgres` writes through (the schema made if absent); one
+/// serves every pass of `--follow`.
+pub fn postgres_target(job: &PostgresJob) -> Result<Postgres, JobError> {
     let mut target = Postgres::connect(job.url, job.node)?;
     if let Some(bytes) = job.held_bytes_max {
         target.hold_at_most(bytes);
     }
+    Ok(target)
+}
+
+/// One pass of `spool project postgres`: brings the database up to the log's end from this
+/// node's checkpoint there, retrying a batch that deadlocked with another projector.
+pub fn project_postgres(
+    reader: &Reader,
+    target: &mut Postgres,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Value, JobError> {
     let last = reader.last_position()?;
     let started = Instant::now();
     let mut retries = 0;
     let applied = loop {
-        let (from, _) = Target::checkpoint(&mut target)?;
-        let result = project::catch_up(reader, &mut target, |p| {
+        let (from, _) = Target::checkpoint(target)?;
+        let result = project::catch_up(reader, target, |p| {
             progress(p.saturating_sub(from), last.saturating_sub(from))
         });
         match result {

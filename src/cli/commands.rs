@@ -264,8 +264,8 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
         origin,
     };
     let home = Home::open(dir)?;
-    if daemon_get(dir, "/v1/heads")?.is_some() {
-        return log_through_daemon(dir, &args.after, args.limit, &filter);
+    if let Some(code) = log_through_daemon(dir, args.after, args.limit, &filter)? {
+        return Ok(code);
     }
     let log = home.open_log()?;
     let reader = log.read()?;
@@ -291,16 +291,17 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `spool log` while the daemon holds the log: the same pages, asked of it.
+/// `spool log` while the daemon holds the log: the same pages, asked of it. `None` when no
+/// daemon answers.
 fn log_through_daemon(
     dir: &Path,
-    after: &u64,
+    mut after: u64,
     limit: Option<u64>,
     filter: &Filter,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Option<ExitCode>> {
     let mut remaining = limit.unwrap_or(u64::MAX);
-    let mut after = *after;
     let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
     while remaining > 0 {
         let query = serde_urlencoded::to_string([
             ("after", Some(after.to_string())),
@@ -310,7 +311,12 @@ fn log_through_daemon(
             ("origin", filter.origin.map(|o| o.to_hex())),
         ])?;
         let path = format!("/v1/log?{query}");
-        let page = daemon_get(dir, &path)?.context("spool serve stopped answering")?;
+        let page = match (daemon_get(dir, &path)?, first) {
+            (Some(page), _) => page,
+            (None, true) => return Ok(None),
+            (None, false) => anyhow::bail!("spool serve stopped answering"),
+        };
+        first = false;
         for event in page["events"].as_array().into_iter().flatten() {
             writeln!(out, "{event}")?;
             remaining -= 1;
@@ -321,7 +327,7 @@ fn log_through_daemon(
         }
     }
     out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(ExitCode::SUCCESS))
 }
 
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
@@ -648,15 +654,8 @@ fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let since = match &args.since {
-        Some(text) => Vector::parse(text).map_err(|e| Usage(format!("--since: {e}")))?,
-        None => Vector::default(),
-    };
-    let origins = args
-        .origin
-        .iter()
-        .map(|o| Origin::from_hex(o).map_err(|e| Usage(format!("--origin: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let selection = Selection::parse(&args.origin, args.since.as_deref())
+        .map_err(|(part, e)| Usage(format!("--{part}: {e}")))?;
     if args.out.is_none() && std::io::stdout().is_terminal() {
         return Err(
             Usage("the export is binary: redirect it to a file or give --out FILE".into()).into(),
@@ -671,7 +670,6 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
         }
         let log = home.open_log()?;
         let reader = log.read()?;
-        let selection = Selection { origins, since };
         Ok(shipping::export(&reader, &selection, out, |_| {})?.0)
     };
     let count = match &args.out {
@@ -950,6 +948,8 @@ fn project_postgres(
         held_bytes_max,
     };
     let request = json!({"url": url, "held_bytes_max": held_bytes_max});
+    // Projecting from the file, one connection serves every pass.
+    let mut target = None;
     loop {
         let summary = match daemon_job(
             dir,
@@ -960,9 +960,13 @@ fn project_postgres(
             Some(summary) => summary,
             None => match home.open_log() {
                 Ok(log) => {
+                    let target = match &mut target {
+                        Some(target) => target,
+                        None => target.insert(jobs::postgres_target(&job)?),
+                    };
                     let reader = log.read()?;
                     let bar = progress_bar(0, "projecting");
-                    let summary = jobs::project_postgres(&reader, &job, shown(&bar));
+                    let summary = jobs::project_postgres(&reader, target, shown(&bar));
                     bar.finish_and_clear();
                     summary?
                 }

@@ -277,6 +277,16 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
     }
 }
 
+/// Runs `work` (reading or writing the log) on a blocking thread and answers with its JSON, or
+/// with the log's error.
+async fn answer_json(work: impl FnOnce() -> Result<Value, LogError> + Send + 'static) -> Response {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => log_error(&e),
+        Err(_) => log_error(&LogError::WriterGone),
+    }
+}
+
 fn log_error(e: &LogError) -> Response {
     let status = match e {
         LogError::Halted { .. } => StatusCode::CONFLICT,
@@ -288,19 +298,12 @@ fn log_error(e: &LogError) -> Response {
 /// `POST /v1/ingest`: an export file (`spool export`), applied in causal order as `spool ingest`
 /// applies it; answered with its summary once durable.
 async fn ingest(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let worker = app.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        crate::sync::file::ingest(&worker.log, std::io::Cursor::new(body), |_| {})
+    answer_json(move || {
+        let summary = crate::sync::file::ingest(&app.log, std::io::Cursor::new(body), |_| {})?;
+        app.committed.send_replace(());
+        Ok(summary.to_json())
     })
-    .await;
-    match done {
-        Ok(Ok(summary)) => {
-            app.committed.send_replace(());
-            Json(summary.to_json()).into_response()
-        }
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
-    }
+    .await
 }
 
 /// Events sent in one read of a stream.
@@ -411,54 +414,39 @@ async fn log_page(State(app): State<Arc<App>>, Query(q): Query<LogQuery>) -> Res
         origin,
     };
     let limit = q.limit.unwrap_or(LOG_PAGE_EVENTS).clamp(1, LOG_PAGE_EVENTS);
-    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+    answer_json(move || {
         let page = app.log.read()?.scan(q.after, limit, &filter)?;
         let events: Vec<Value> = page.records.iter().map(input::event_json).collect();
         Ok(json!({"events": events, "next": page.last_examined}))
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
-    }
+    .await
 }
 
 /// `GET /v1/verify`: every hash, archive, chain and index checked, as `spool verify --json`.
 async fn verify(State(app): State<Arc<App>>) -> Response {
-    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+    answer_json(move || {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let started = Instant::now();
         let report = app.log.verify(threads)?;
         Ok(report.to_json(started.elapsed().as_secs_f64()))
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
-    }
+    .await
 }
 
 /// `GET /v1/heads`: the version vector, as `spool heads --json` prints it.
 async fn heads(State(app): State<Arc<App>>) -> Response {
-    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+    answer_json(move || {
         let heads = app.log.read()?.heads()?;
         let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
         Ok(vector.to_json())
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
-    }
+    .await
 }
 
 /// `GET /v1/status`: events, heads, waiting events, forks, the writer's counters and the
 /// projection's lag.
 async fn status(State(app): State<Arc<App>>) -> Response {
-    let result = tokio::task::spawn_blocking(move || -> Result<Value, LogError> {
+    answer_json(move || {
         let stats = app.log.stats()?;
         let reader = app.log.read()?;
         let writer = app.log.writer_stats();
@@ -475,12 +463,7 @@ async fn status(State(app): State<Arc<App>>) -> Response {
             "projection": {"position": projected, "lag_events": stats.events.saturating_sub(projected)},
         }))
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
-    }
+    .await
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -601,32 +584,20 @@ async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
     };
-    let origins = request
-        .origins
-        .iter()
-        .map(|o| crate::event::Origin::from_hex(o))
-        .collect::<Result<Vec<_>, _>>();
-    let origins = match origins {
-        Ok(o) => o,
-        Err(e) => {
+    let selection = match crate::sync::Selection::parse(&request.origins, request.since.as_deref())
+    {
+        Ok(selection) => selection,
+        Err((part, e)) => {
+            // The body's field: `origins` holds the origins.
+            let field = if part == "origin" { "origins" } else { part };
             return error(
                 StatusCode::BAD_REQUEST,
-                &format!("origins: {e}"),
-                Some("origins"),
-            )
+                &format!("{field}: {e}"),
+                Some(field),
+            );
         }
     };
-    let since = match request.since.as_deref().map(Vector::parse).transpose() {
-        Ok(v) => v.unwrap_or_default(),
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("since: {e}"),
-                Some("since"),
-            )
-        }
-    };
-    let selection = crate::sync::Selection { origins, since };
+
     let (writer, response) = Streamed::new("application/octet-stream");
     tokio::task::spawn_blocking(move || {
         let written = app
@@ -754,7 +725,8 @@ fn postgres_job(app: Arc<App>, body: &[u8], run: PostgresRun) -> Response {
 /// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
 async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     postgres_job(app, &body, |reader, job, progress| {
-        crate::jobs::project_postgres(reader, job, progress)
+        let mut target = crate::jobs::postgres_target(job)?;
+        crate::jobs::project_postgres(reader, &mut target, progress)
     })
 }
 

@@ -84,6 +84,23 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// Reads a selection as `spool export` is given it: origins in hex, and a version vector as
+    /// `spool heads --json` prints it. The error names the part refused (`origin`, `since`).
+    pub fn parse(
+        origins: &[String],
+        since: Option<&str>,
+    ) -> Result<Selection, (&'static str, String)> {
+        let origins = origins
+            .iter()
+            .map(|o| Origin::from_hex(o).map_err(|e| ("origin", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let since = match since {
+            Some(text) => Vector::parse(text).map_err(|e| ("since", e))?,
+            None => Vector::default(),
+        };
+        Ok(Selection { origins, since })
+    }
+
     /// Whether event `id` belongs in the export.
     pub fn wants(&self, id: EventId) -> bool {
         (self.origins.is_empty() || self.origins.contains(&id.origin))
