@@ -42,7 +42,13 @@ macro_rules! hex_newtype {
     ($ty:ident, $len:expr, $what:expr) => {
         impl $ty {
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                self.hex(&mut [0; 2 * $len]).to_owned()
+            }
+
+            /// The lowercase hex digits, written into `buf` (no allocation).
+            pub fn hex<'b>(&self, buf: &'b mut [u8; 2 * $len]) -> &'b str {
+                hex::encode_to_slice(self.0, buf).expect("a buffer of twice the length");
+                std::str::from_utf8(buf).expect("hex digits are ASCII")
             }
 
             /// Parses exactly `2 * len` hex digits.
@@ -59,13 +65,13 @@ macro_rules! hex_newtype {
 
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
+                f.write_str(self.hex(&mut [0; 2 * $len]))
             }
         }
 
         impl serde::Serialize for $ty {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                s.serialize_str(self.hex(&mut [0; 2 * $len]))
             }
         }
 

@@ -249,9 +249,23 @@ pub fn event_json(record: &crate::log::Record) -> Value {
     out
 }
 
-/// The answer to an appended event, as `spool append` prints it and the daemon returns it.
-pub fn appended_json(a: &crate::log::Appended) -> Value {
-    serde_json::json!({"origin": a.origin, "seq": a.seq, "position": a.position, "hash": a.hash})
+/// The answer to an appended event, as `spool append` prints it and the daemon returns it
+/// (fields in name order).
+#[derive(Debug, serde::Serialize)]
+pub struct AppendedJson {
+    hash: crate::event::Hash,
+    origin: crate::event::Origin,
+    position: u64,
+    seq: u64,
+}
+
+pub fn appended_json(a: &crate::log::Appended) -> AppendedJson {
+    AppendedJson {
+        hash: a.hash,
+        origin: a.origin,
+        position: a.position,
+        seq: a.seq,
+    }
 }
 
 /// Validates a request and encodes its data.

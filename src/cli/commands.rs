@@ -143,7 +143,7 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
     let appended = log.append(events)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     for a in appended {
-        writeln!(out, "{}", input::appended_json(&a))?;
+        writeln!(out, "{}", serde_json::to_string(&input::appended_json(&a))?)?;
     }
     out.flush()?;
     refresh_projection(&home, &log);

@@ -214,20 +214,24 @@ pub fn lookup(name: &str) -> Option<&'static KindSpec> {
 }
 
 /// Compiled validators, by (kind, version), for the catalogue and superseded versions.
-static VALIDATORS: LazyLock<HashMap<(&'static str, u16), jsonschema::Validator>> =
-    LazyLock::new(|| {
-        CATALOGUE
-            .iter()
-            .chain(SUPERSEDED)
-            .map(|k| {
-                let schema: Value = serde_json::from_str(k.schema)
-                    .unwrap_or_else(|e| panic!("schema of {} is not JSON: {e}", k.name));
-                let validator = jsonschema::validator_for(&schema)
-                    .unwrap_or_else(|e| panic!("schema of {} is not a JSON Schema: {e}", k.name));
-                ((k.name, k.version), validator)
-            })
-            .collect()
-    });
+/// Looked up once per event encoded: a fast hash, as for [`lookup`].
+type ByVersion = HashMap<(&'static str, u16), jsonschema::Validator, foldhash::fast::FixedState>;
+static VALIDATORS: LazyLock<ByVersion> = LazyLock::new(|| {
+    CATALOGUE
+        .iter()
+        .chain(SUPERSEDED)
+        .map(|k| {
+            let schema: Value = serde_json::from_str(k.schema)
+                .unwrap_or_else(|e| panic!("schema of {} is not JSON: {e}", k.name));
+            // Our patterns need no lookaround: the linear-time `regex` engine suffices.
+            let validator = jsonschema::options()
+                .with_pattern_options(jsonschema::PatternOptions::regex())
+                .build(&schema)
+                .unwrap_or_else(|e| panic!("schema of {} is not a JSON Schema: {e}", k.name));
+            ((k.name, k.version), validator)
+        })
+        .collect()
+});
 
 fn encode_as<T: Payload>(data: &Value) -> Result<Vec<u8>, DataError>
 where
@@ -442,25 +446,42 @@ where
     rkyv::from_bytes::<T, rancor::Error>(bytes).map_err(|e| e.to_string())
 }
 
-/// Serializes `meta`-like free-form JSON in canonical form (sorted keys, no spaces).
+/// Serializes `meta`-like free-form JSON in canonical form (sorted keys, no spaces), without
+/// copying it: maps already in key order (serde_json's are) are written as they are.
 fn canonical_json(value: &Value) -> String {
-    fn sort(value: &Value) -> Value {
-        match value {
-            Value::Object(map) => {
-                let mut entries: Vec<_> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                Value::Object(
-                    entries
-                        .into_iter()
-                        .map(|(k, v)| (k.clone(), sort(v)))
-                        .collect(),
-                )
+    struct Sorted<'a>(&'a Value);
+
+    impl serde::Serialize for Sorted<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{SerializeMap, SerializeSeq};
+            match self.0 {
+                Value::Object(map) => {
+                    let mut out = s.serialize_map(Some(map.len()))?;
+                    if map.keys().is_sorted() {
+                        for (k, v) in map {
+                            out.serialize_entry(k, &Sorted(v))?;
+                        }
+                    } else {
+                        let mut entries: Vec<_> = map.iter().collect();
+                        entries.sort_by(|a, b| a.0.cmp(b.0));
+                        for (k, v) in entries {
+                            out.serialize_entry(k, &Sorted(v))?;
+                        }
+                    }
+                    out.end()
+                }
+                Value::Array(items) => {
+                    let mut out = s.serialize_seq(Some(items.len()))?;
+                    for v in items {
+                        out.serialize_element(&Sorted(v))?;
+                    }
+                    out.end()
+                }
+                other => other.serialize(s),
             }
-            Value::Array(items) => Value::Array(items.iter().map(sort).collect()),
-            other => other.clone(),
         }
     }
-    sort(value).to_string()
+    serde_json::to_string(&Sorted(value)).expect("a JSON value serializes")
 }
 
 #[cfg(test)]
@@ -500,6 +521,32 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(pointer(err.path()), "/steps/0/x");
+    }
+
+    #[test]
+    fn string_patterns_refuse_what_they_exclude() {
+        let spec = lookup("vault.recipient_added").unwrap();
+        let good = serde_json::json!({
+            "recipient_id": "r1", "device_id": "d1", "label": "laptop",
+            "public_key": format!("age1{}", "q".repeat(58)),
+            "fingerprint": "ab".repeat(32),
+        });
+        assert!(spec.encode(&good).is_ok());
+        for (field, bad) in [
+            ("/recipient_id", serde_json::json!("a\u{7}b")),
+            ("/device_id", serde_json::json!("d\u{7f}")),
+            ("/label", serde_json::json!("line\nbreak")),
+            (
+                "/public_key",
+                serde_json::json!(format!("age1{}", "b".repeat(58))),
+            ),
+            ("/fingerprint", serde_json::json!("AB".repeat(32))),
+        ] {
+            let mut data = good.clone();
+            data[&field[1..]] = bad;
+            let err = spec.encode(&data).unwrap_err();
+            assert_eq!(err.field, field, "{err:?}");
+        }
     }
 
     #[test]

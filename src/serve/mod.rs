@@ -266,10 +266,10 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
         Ok(Ok(appended)) => {
             app.metrics.appended(count, started.elapsed());
             app.committed.send_replace(());
-            let lines: Vec<Value> = appended.iter().map(input::appended_json).collect();
+            let lines: Vec<_> = appended.iter().map(input::appended_json).collect();
             match single {
-                true => Json(lines.into_iter().next().unwrap_or(Value::Null)).into_response(),
-                false => Json(Value::Array(lines)).into_response(),
+                true => Json(lines.first()).into_response(),
+                false => Json(lines).into_response(),
             }
         }
         Ok(Err(e)) => log_error(&e),
