@@ -97,11 +97,14 @@ impl Merged {
     pub fn into_rows(self) -> Vec<Row> {
         let mut rows = self.rows;
         for row in &mut rows {
-            if row.groups.len() > 1 {
-                let mut both: Vec<(Group, [u8; 24])> =
-                    row.groups.drain(..).zip(row.stamps.drain(..)).collect();
-                both.sort_unstable_by_key(|(g, _)| g.stamp);
-                (row.groups, row.stamps) = both.into_iter().unzip();
+            // A row has a few groups: an insertion sort, in place, moving each stamp along.
+            for i in 1..row.groups.len() {
+                let mut j = i;
+                while j > 0 && row.groups[j - 1].stamp > row.groups[j].stamp {
+                    row.groups.swap(j - 1, j);
+                    row.stamps.swap(j - 1, j);
+                    j -= 1;
+                }
             }
         }
         rows.sort_unstable_by(|a, b| a.table.cmp(b.table).then_with(|| key_order(&a.key, &b.key)));
