@@ -24,6 +24,14 @@ pub struct BlockBuilder {
 }
 
 impl BlockBuilder {
+    /// A builder whose buffers already hold a full block: filling it never regrows them.
+    pub fn with_capacity() -> Self {
+        BlockBuilder {
+            buffer: Vec::with_capacity(BLOCK_BYTES_TARGET + 4 * (BLOCK_EVENTS_MAX + 1)),
+            ends: Vec::with_capacity(BLOCK_EVENTS_MAX),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }

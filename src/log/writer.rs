@@ -170,6 +170,8 @@ struct State {
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
     stream_flush_events: usize,
+    /// Chunk buffers kept from one group to the next, so encoding does not regrow them.
+    spare: Vec<Chunk>,
 }
 
 impl State {
@@ -243,6 +245,7 @@ impl State {
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
+            spare: Vec::new(),
         })
     }
 
@@ -406,6 +409,9 @@ const CHUNK_EVENTS: usize = 256;
 /// A group with at least this many new events has its chain hashed on a helper thread while the
 /// writer encodes the next chunk and stores the last (hashing is about a third of the work).
 const PARALLEL_EVENTS_MIN: usize = 4 * CHUNK_EVENTS;
+/// Chunk buffers kept between groups: as many as a group in flight uses at once, so the
+/// memory held stays bounded whatever the largest group was.
+const SPARE_CHUNKS: usize = 4;
 
 /// Consecutive new events, encoded with `prev` still unset, then chained.
 #[derive(Default)]
@@ -449,13 +455,14 @@ fn commit_group(
     let origin = state.origin;
     let (head_seq, mut head_hash) = state.causal.head(origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
-    let mut answers: Vec<Appended> = Vec::new();
+    let total: usize = group.iter().map(|(batch, _)| batch.len()).sum();
+    let mut answers: Vec<Appended> = Vec::with_capacity(total);
     // Answers of events written here, in position order.
-    let mut fresh: Vec<usize> = Vec::new();
+    let mut fresh: Vec<usize> = Vec::with_capacity(total);
     // Answers repeating a key first written in this group: (answer, the first one's answer).
     let mut repeats: Vec<(usize, usize)> = Vec::new();
     let mut lens = Vec::with_capacity(group.len());
-    let mut new_events = Vec::new();
+    let mut new_events = Vec::with_capacity(total);
     {
         let events = txn.open_table(EVENTS)?;
         let mut keys = txn.open_table(KEYS)?;
@@ -520,7 +527,7 @@ fn commit_group(
         let mut table = txn.open_table(EVENTS)?;
         let mut blocks = Blocks::new(&mut table, first_position);
         let mut fresh = fresh.iter();
-        let mut spare = Vec::new();
+        let mut spare = std::mem::take(&mut state.spare);
         let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
             for (bytes, hash) in chunk.events() {
                 blocks.push(hash, bytes)?;
@@ -575,6 +582,8 @@ fn commit_group(
             })?;
         }
         blocks.close()?;
+        spare.truncate(SPARE_CHUNKS);
+        state.spare = spare;
     }
     for (at, first) in repeats {
         answers[at].hash = answers[first].hash;
@@ -843,7 +852,7 @@ impl<'t, 'txn> Blocks<'t, 'txn> {
     fn new(table: &'t mut redb::Table<'txn, u64, &'static [u8]>, first: u64) -> Self {
         Blocks {
             table,
-            block: BlockBuilder::default(),
+            block: BlockBuilder::with_capacity(),
             first,
         }
     }
