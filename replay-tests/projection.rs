@@ -513,6 +513,61 @@ fn commits_forced_by_held_memory_give_the_same_rows() {
     assert_eq!(digests[0], digests[1]);
 }
 
+/// A batch of more merged rows than a commit frees in place (the SQLite target hands the rows
+/// of a large commit to another thread) writes every row, as commits of one row at a time do.
+#[test]
+fn a_commit_of_many_merged_rows_writes_every_row() {
+    let tasks = 12_000;
+    let specs: Vec<Spec> = (0..tasks * 2)
+        .map(|i| {
+            let task = format!("t{}", i % tasks);
+            let (kind, data) = match i < tasks {
+                true => (
+                    "task.created",
+                    json!({"task_id": task, "title": format!("T {i}"), "status": "todo"}),
+                ),
+                false => ("task.moved", json!({"task_id": task, "lane": LANES[i % 3]})),
+            };
+            Spec {
+                origin: ['a', 'b', 'c'][i % 3],
+                at_ms: 1_000 + i as u64,
+                deps: BTreeMap::new(),
+                kind: kind.into(),
+                stream: format!("task/{task}"),
+                actor: "test".into(),
+                data,
+            }
+        })
+        .collect();
+    let (dir, log) = node();
+    log.ingest(build(&specs)).unwrap();
+    let reader = log.read().unwrap();
+    let mut digests = Vec::new();
+    for (name, budget) in [("whole", usize::MAX), ("split", 1)] {
+        let mut db = Sqlite::open(&dir.path().join(name), Durability::Rebuild).unwrap();
+        db.hold_at_most(budget);
+        let mut target = Commits {
+            db: &mut db,
+            count: 0,
+            fail_at: None,
+        };
+        project::replay(&reader, &mut target, 0, Until::default(), |_| {}).unwrap();
+        let commits = target.count;
+        assert_eq!(
+            commits == 1,
+            budget == usize::MAX,
+            "{name}: {commits} commits"
+        );
+        let digest = db.digest().unwrap();
+        assert!(
+            digest.1.contains(&("tasks".to_owned(), tasks as u64)),
+            "{name}: {digest:?}"
+        );
+        digests.push(digest);
+    }
+    assert_eq!(digests[0], digests[1]);
+}
+
 /// A failing target stops the replay (and its reading thread) with the error; what was
 /// committed before stays, and a catch-up finishes the rest.
 #[test]
