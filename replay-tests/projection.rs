@@ -480,17 +480,18 @@ impl project::Target for Commits<'_> {
     }
 }
 
-/// A replay that commits whenever the target's memory is full writes the same rows as one that
-/// commits once, including inserts written in runs before their commit.
-#[test]
-fn commits_forced_by_held_memory_give_the_same_rows() {
-    let mut rng = StdRng::seed_from_u64(7);
-    let events = build(&random_specs(&mut rng, 50_000));
+/// What `Sqlite::digest` gives: the hash of the rows and each table's row count.
+type Digest = (Hash, Vec<(String, u64)>);
+
+/// The digest and commit count of a rebuild of `events` holding every merged row until the end
+/// ("whole") and of one committing whenever a row is held ("split"), each checked to have
+/// applied and checkpointed every event.
+fn whole_and_split(events: Vec<Shipped>) -> [(Digest, usize); 2] {
+    let count = events.len() as u64;
     let (dir, log) = node();
     log.ingest(events).unwrap();
     let reader = log.read().unwrap();
-    let mut digests = Vec::new();
-    for (name, budget) in [("whole", usize::MAX), ("split", 1)] {
+    [("whole", usize::MAX), ("split", 1)].map(|(name, budget)| {
         let mut db = Sqlite::open(&dir.path().join(name), Durability::Rebuild).unwrap();
         db.hold_at_most(budget);
         let mut target = Commits {
@@ -499,18 +500,26 @@ fn commits_forced_by_held_memory_give_the_same_rows() {
             fail_at: None,
         };
         let applied = project::replay(&reader, &mut target, 0, Until::default(), |_| {}).unwrap();
-        assert_eq!(applied, 50_000);
         let commits = target.count;
-        assert_eq!(commits > 1, budget == 1, "{name}: {commits} commits");
-        assert_eq!(db.checkpoint().unwrap().0, 50_000);
-        assert_eq!(db.checkpoint().unwrap().2, 50_000);
-        digests.push(db.digest().unwrap());
-    }
-    assert!(digests[0]
+        assert_eq!(applied, count, "{name}");
+        assert_eq!(db.checkpoint().unwrap().0, count, "{name}");
+        assert_eq!(db.checkpoint().unwrap().2, count, "{name}");
+        (db.digest().unwrap(), commits)
+    })
+}
+
+/// A replay that commits whenever the target's memory is full writes the same rows as one that
+/// commits once, including inserts written in runs before their commit.
+#[test]
+fn commits_forced_by_held_memory_give_the_same_rows() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let [(whole, once), (split, many)] = whole_and_split(build(&random_specs(&mut rng, 50_000)));
+    assert_eq!((once, many > 1), (1, true), "{once} and {many} commits");
+    assert!(whole
         .1
         .iter()
         .any(|(t, n)| t == "activity_log" && *n > 4_096));
-    assert_eq!(digests[0], digests[1]);
+    assert_eq!(whole, split);
 }
 
 /// A batch of more merged rows than a commit frees in place (the SQLite target hands the rows
@@ -539,33 +548,13 @@ fn a_commit_of_many_merged_rows_writes_every_row() {
             }
         })
         .collect();
-    let (dir, log) = node();
-    log.ingest(build(&specs)).unwrap();
-    let reader = log.read().unwrap();
-    let mut digests = Vec::new();
-    for (name, budget) in [("whole", usize::MAX), ("split", 1)] {
-        let mut db = Sqlite::open(&dir.path().join(name), Durability::Rebuild).unwrap();
-        db.hold_at_most(budget);
-        let mut target = Commits {
-            db: &mut db,
-            count: 0,
-            fail_at: None,
-        };
-        project::replay(&reader, &mut target, 0, Until::default(), |_| {}).unwrap();
-        let commits = target.count;
-        assert_eq!(
-            commits == 1,
-            budget == usize::MAX,
-            "{name}: {commits} commits"
-        );
-        let digest = db.digest().unwrap();
-        assert!(
-            digest.1.contains(&("tasks".to_owned(), tasks as u64)),
-            "{name}: {digest:?}"
-        );
-        digests.push(digest);
-    }
-    assert_eq!(digests[0], digests[1]);
+    let [(whole, once), (split, many)] = whole_and_split(build(&specs));
+    assert_eq!((once, many > 1), (1, true), "{once} and {many} commits");
+    assert!(
+        whole.1.contains(&("tasks".to_owned(), tasks as u64)),
+        "{whole:?}"
+    );
+    assert_eq!(whole, split);
 }
 
 /// A failing target stops the replay (and its reading thread) with the error; what was

@@ -24,14 +24,6 @@ pub struct BlockBuilder {
 }
 
 impl BlockBuilder {
-    /// A builder whose buffers already hold a full block: filling it never regrows them.
-    pub fn with_capacity() -> Self {
-        BlockBuilder {
-            buffer: Vec::with_capacity(BLOCK_BYTES_TARGET + 4 * (BLOCK_EVENTS_MAX + 1)),
-            ends: Vec::with_capacity(BLOCK_EVENTS_MAX),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.ends.len()
     }
@@ -63,8 +55,11 @@ impl BlockBuilder {
         &self.buffer
     }
 
+    /// Empties the builder. Its buffers are kept (a builder is reused from block to block and
+    /// commit to commit), except what a single large event grew them past two full blocks.
     pub fn clear(&mut self) {
         self.buffer.clear();
+        self.buffer.shrink_to(2 * BLOCK_BYTES_TARGET);
         self.ends.clear();
     }
 }

@@ -170,8 +170,10 @@ struct State {
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
     stream_flush_events: usize,
-    /// Chunk buffers kept from one group to the next, so encoding does not regrow them.
+    /// Chunk buffers and the block buffer, kept from one commit to the next so that encoding
+    /// and packing do not regrow them.
     spare: Vec<Chunk>,
+    block: BlockBuilder,
 }
 
 impl State {
@@ -246,6 +248,7 @@ impl State {
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
             spare: Vec::new(),
+            block: BlockBuilder::default(),
         })
     }
 
@@ -525,7 +528,7 @@ fn commit_group(
     let written = new_events.len() as u64;
     {
         let mut table = txn.open_table(EVENTS)?;
-        let mut blocks = Blocks::new(&mut table, first_position);
+        let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
         let mut fresh = fresh.iter();
         let mut spare = std::mem::take(&mut state.spare);
         let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
@@ -581,7 +584,7 @@ fn commit_group(
                 hashed.into_iter().try_for_each(|c| store(c, &mut spare))
             })?;
         }
-        blocks.close()?;
+        state.block = blocks.close()?;
         spare.truncate(SPARE_CHUNKS);
         state.spare = spare;
     }
@@ -633,7 +636,11 @@ fn commit_ingest(
         let mut pending = txn.open_table(PENDING)?;
         let mut forks = txn.open_table(FORKS)?;
         let mut extents = txn.open_table(EXTENTS)?;
-        let mut blocks = Blocks::new(&mut events, state.next_position);
+        let mut blocks = Blocks::new(
+            &mut events,
+            state.next_position,
+            std::mem::take(&mut state.block),
+        );
         // Events applied in this transaction, which the tables cannot show yet.
         let mut here: foldhash::HashMap<EventId, Hash> = Default::default();
         let mut moved: HashSet<Origin> = HashSet::new();
@@ -755,7 +762,7 @@ fn commit_ingest(
             }
         }
         report.waiting = state.causal.waiting() as u64;
-        blocks.close()?;
+        state.block = blocks.close()?;
         let mut heads = txn.open_table(HEADS)?;
         for origin in moved {
             let extent = state.extents[&origin];
@@ -849,10 +856,16 @@ struct Blocks<'t, 'txn> {
 }
 
 impl<'t, 'txn> Blocks<'t, 'txn> {
-    fn new(table: &'t mut redb::Table<'txn, u64, &'static [u8]>, first: u64) -> Self {
+    /// Packs events from position `first` on into `block`'s buffers (cleared; kept by the caller).
+    fn new(
+        table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
+        first: u64,
+        mut block: BlockBuilder,
+    ) -> Self {
+        block.clear();
         Blocks {
             table,
-            block: BlockBuilder::with_capacity(),
+            block,
             first,
         }
     }
@@ -868,11 +881,12 @@ impl<'t, 'txn> Blocks<'t, 'txn> {
         Ok(())
     }
 
-    fn close(mut self) -> Result<(), LogError> {
+    /// Writes the last block and gives back the builder, for the next commit.
+    fn close(mut self) -> Result<BlockBuilder, LogError> {
         if !self.block.is_empty() {
             self.table.insert(self.first, self.block.seal())?;
         }
-        Ok(())
+        Ok(self.block)
     }
 }
 
