@@ -404,12 +404,16 @@ fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
     let dir = tempfile::tempdir().unwrap();
     let (node, url, clean) = killed_repeatedly(dir.path(), "project", 5, "public", |_| {});
     project(&node, &url, &[]);
-    assert_eq!(checkpoint_events(&url), vec![20_000]);
-    assert_eq!(checkpoint_events(&clean), vec![20_000]);
+    assert_eq!(checkpoint_events(&url), vec![KILLED_EVENTS as i64]);
+    assert_eq!(checkpoint_events(&clean), vec![KILLED_EVENTS as i64]);
     assert_eq!(dump(&url), dump(&clean));
 }
 
-/// A node with 20 000 events; `spool JOB postgres` run once into a clean database, and again
+/// Events of the node `killed_repeatedly` makes: enough commits (one per 1 000 events) that a
+/// run is killed many times even when the projection is quick; each kill waits for two.
+const KILLED_EVENTS: u64 = 40_000;
+
+/// A node with [`KILLED_EVENTS`] events; `spool JOB postgres` run once into a clean database, and again
 /// into another while being killed at random moments (checking the database with
 /// `after_kill` after each kill) until it finished or was killed 25 times. Commits are made as
 /// small as they go (`--held-bytes-max 1`) so kills land between them. Returns the node, the
@@ -423,7 +427,7 @@ fn killed_repeatedly(
 ) -> (std::path::PathBuf, String, String) {
     let node = home(dir, "desk");
     let mut rng = StdRng::seed_from_u64(seed);
-    for _ in 0..4 {
+    for _ in 0..KILLED_EVENTS / 5_000 {
         append(&node, &random_requests(&mut rng, 5_000, "desk"));
     }
     fn args<'a>(job: &'a str, url: &'a str) -> [&'a str; 6] {
@@ -446,7 +450,7 @@ fn killed_repeatedly(
     );
     assert!(seen.len() >= 5, "killed while it worked: {seen:?}");
     assert!(
-        seen.iter().filter(|&&p| p > 0 && p < 20_000).count() >= 3,
+        seen.iter().filter(|&&p| p > 0 && p < KILLED_EVENTS).count() >= 3,
         "kills between commits: {seen:?}"
     );
     (node, url, clean)
@@ -572,6 +576,6 @@ fn a_killed_backfill_resumes_to_the_clean_result() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(checkpoint_events(&url), vec![20_000]);
+    assert_eq!(checkpoint_events(&url), vec![KILLED_EVENTS as i64]);
     assert_eq!(dump(&url), dump(&clean));
 }
