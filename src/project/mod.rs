@@ -23,7 +23,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::event::{EventId, EventRef, Hash};
 use crate::hlc;
 use crate::kinds::{self, Body};
-use crate::log::{Filter, LogError, Reader, Record};
+use crate::log::{Filter, LogError, Reader};
 use merge::Merged;
 
 /// A value in a row.
@@ -322,25 +322,10 @@ pub fn replay<T: Target>(
     })
 }
 
-/// Pages of read and decoded events in flight between the reading and projecting threads.
-const REPLAY_PAGES_QUEUED: usize = 4;
-
-/// A page of the log read, checked and decoded by the reading side of [`replay`].
-struct Decoded {
-    /// The events applied (those past `until`'s time are left out), with their payloads.
-    events: Vec<(Record, Body)>,
-    /// The last event of the page, applied or not.
-    end: (u64, Hash),
-}
-
 /// The projecting side of [`replay`]: sends the append-only rows of the events in
 /// `(from, last]` a chunk at a time, and their merged mutable rows at the end of each batch.
 /// Stops early, without error, when the applying side has stopped.
-///
-/// Reading the log (its hashes checked) and decoding payloads run on a thread of their own
-/// ahead of this one: in a rebuild's profile they were a third of the projecting thread's work,
-/// while the applying thread waited on it.
-fn project_range<E: std::error::Error + Send + 'static>(
+fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,
     from: u64,
     last: u64,
@@ -348,94 +333,18 @@ fn project_range<E: std::error::Error + Send + 'static>(
     held_bytes_max: usize,
     send: &std::sync::mpsc::SyncSender<Result<Step, ReplayError<E>>>,
 ) -> Result<(), ReplayError<E>> {
-    let (to_project, read) = std::sync::mpsc::sync_channel(REPLAY_PAGES_QUEUED);
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("spool-read".into())
-            .spawn_scoped(scope, move || {
-                if let Err(error) = read_range(reader, from, last, until, &to_project) {
-                    let _ = to_project.send(Err(error));
-                }
-            })
-            .map_err(ReplayError::Thread)?;
-        // Dropped on return, so a reader blocked on a full queue stops too.
-        let read = read;
-        let mut merged = Merged::default();
-        let mut batch = 0;
-        let mut tail = None;
-        for page in read.iter() {
-            let page = page?;
-            let mut rows = Vec::with_capacity(page.events.len());
-            for (record, body) in &page.events {
-                for write in writes(&Context::of(&record.event()), body) {
-                    match write {
-                        Write::Insert { table, cols } => rows.push((table, cols)),
-                        Write::Upsert {
-                            table,
-                            key,
-                            stamp,
-                            groups,
-                        } => merged.add(table, key, stamp, groups),
-                    }
-                }
-                batch += 1;
-            }
-            // Freed here, not on the applying thread.
-            drop(page.events);
-            tail = Some(page.end);
-            if send
-                .send(Ok(Step::Inserts {
-                    rows,
-                    tail: page.end.0,
-                }))
-                .is_err()
-            {
-                return Ok(());
-            }
-            if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
-                let step = Step::Commit {
-                    rows: std::mem::take(&mut merged).into_rows(),
-                    tail: page.end,
-                    applied: std::mem::take(&mut batch),
-                };
-                tail = None;
-                if send.send(Ok(step)).is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        if let Some(tail) = tail {
-            let step = Step::Commit {
-                rows: merged.into_rows(),
-                tail,
-                applied: batch,
-            };
-            let _ = send.send(Ok(step));
-        }
-        Ok(())
-    })
-}
-
-/// The reading side of [`replay`]: reads the events in `(from, last]` a chunk at a time, with
-/// their hashes checked, and decodes their payloads. Stops early, without error, when the
-/// projecting side has stopped.
-fn read_range<E: std::error::Error + 'static>(
-    reader: &Reader,
-    from: u64,
-    last: u64,
-    until: Until,
-    send: &std::sync::mpsc::SyncSender<Result<Decoded, ReplayError<E>>>,
-) -> Result<(), ReplayError<E>> {
     let mut after = from;
+    let mut merged = Merged::default();
+    let mut batch = 0;
+    let mut tail = None;
     while after < last {
         let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
         let page = reader.scan(after, limit, &Filter::default())?;
         let (Some(examined), Some(end)) = (page.last_examined, page.records.last()) else {
             break;
         };
-        let end = (end.position, end.hash);
-        let mut events = Vec::with_capacity(page.records.len());
-        for record in page.records {
+        let mut rows = Vec::with_capacity(page.records.len());
+        for record in &page.records {
             let event = record.event();
             if until
                 .time_ms
@@ -450,12 +359,49 @@ fn read_range<E: std::error::Error + 'static>(
                         error,
                     }
                 })?;
-            events.push((record, body));
+            for write in writes(&Context::of(&event), &body) {
+                match write {
+                    Write::Insert { table, cols } => rows.push((table, cols)),
+                    Write::Upsert {
+                        table,
+                        key,
+                        stamp,
+                        groups,
+                    } => merged.add(table, key, stamp, groups),
+                }
+            }
+            batch += 1;
         }
+        tail = Some((end.position, end.hash));
         after = examined;
-        if send.send(Ok(Decoded { events, end })).is_err() {
+        if send
+            .send(Ok(Step::Inserts {
+                rows,
+                tail: end.position,
+            }))
+            .is_err()
+        {
             return Ok(());
         }
+        if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
+            let step = Step::Commit {
+                rows: std::mem::take(&mut merged).into_rows(),
+                tail: (end.position, end.hash),
+                applied: std::mem::take(&mut batch),
+            };
+            tail = None;
+            if send.send(Ok(step)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(tail) = tail {
+        let step = Step::Commit {
+            rows: merged.into_rows(),
+            tail,
+            applied: batch,
+        };
+        let _ = send.send(Ok(step));
     }
     Ok(())
 }
