@@ -89,8 +89,8 @@ const CONFIG_TEMPLATE: &str = "\
 # spool node configuration. Every key is optional; the values shown are the defaults.
 
 [writer]
-# Most events and payload bytes one group commit holds.
-# group_events_max = 100000
+# Most events and payload bytes one group commit holds (a larger request commits alone).
+# group_events_max = 1000
 # group_bytes_max = 67108864
 # Append requests that may wait for the writer before appenders block or are told to retry.
 # queue_requests_max = 1024

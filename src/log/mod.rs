@@ -183,6 +183,9 @@ pub struct LogOptions {
     /// A received stamp further than this ahead of the physical clock is clamped.
     pub max_drift_ms: u64,
     /// Most events in one group commit (a single larger request still commits alone, whole).
+    /// Not more: a group's answers go out only when it is durable, so a large group leaves the
+    /// request threads idle while it commits, and then the writer idle while they parse the
+    /// next requests; smaller groups keep both at work.
     pub group_events_max: usize,
     /// Most payload bytes in one group commit (likewise).
     pub group_bytes_max: usize,
@@ -198,7 +201,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             max_drift_ms: 60_000,
-            group_events_max: 100_000,
+            group_events_max: 1_000,
             group_bytes_max: 64 * 1024 * 1024,
             queue_requests_max: 1024,
             stream_flush_events: 65_536,

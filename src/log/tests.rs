@@ -572,3 +572,43 @@ fn a_large_group_chains_on_the_helper_exactly_as_a_small_one() {
     assert_eq!(positions, expected);
     assert!(log.verify(2).unwrap().ok());
 }
+
+#[test]
+fn a_group_holds_at_most_its_cap_and_a_larger_request_commits_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        group_events_max: 3,
+        ..LogOptions::default()
+    };
+    let log = Log::create(&dir.path().join("log.redb"), origin(), options).unwrap();
+    let start = log.writer_stats();
+    let five: Vec<NewEvent> = (0..5)
+        .map(|i| activity("s", &format!("big {i}"), None))
+        .collect();
+    let positions: Vec<u64> = log
+        .append(five)
+        .unwrap()
+        .iter()
+        .map(|a| a.position)
+        .collect();
+    assert_eq!(positions, [1, 2, 3, 4, 5]);
+    let big = log.writer_stats();
+    assert_eq!((big.commits - start.commits, big.events), (1, 5));
+    // Twelve single-event requests queued at once: no group takes more than three of them.
+    let answers: Vec<_> = (0..12)
+        .map(|i| {
+            log.submit(vec![activity("s", &format!("one {i}"), None)])
+                .unwrap()
+        })
+        .collect();
+    for answer in answers {
+        answer.blocking_recv().unwrap().unwrap();
+    }
+    let end = log.writer_stats();
+    assert_eq!(end.events - big.events, 12);
+    assert!(
+        end.commits - big.commits >= 4,
+        "12 events in {} commits",
+        end.commits - big.commits
+    );
+}
