@@ -54,6 +54,14 @@ struct Counters {
     events: AtomicU64,
 }
 
+impl Counters {
+    /// Counts a durable commit of `events` new events.
+    fn committed(&self, events: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(events, Ordering::Relaxed);
+    }
+}
+
 /// What the writer has committed since the log was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
@@ -329,9 +337,11 @@ fn run(
         let outcome = match first {
             Request::Ingest(events, reply) => {
                 let outcome = commit_ingest(db, &mut state, events);
-                let written = outcome.as_ref().map_or(0, |r| r.applied);
+                if let Ok(report) = &outcome {
+                    counters.committed(report.applied);
+                }
                 let _ = reply.send(outcome.as_ref().map(Clone::clone).map_err(poison_of));
-                outcome.map(|_| written)
+                outcome.map(|_| ())
             }
             Request::Append(events, reply) => {
                 let (mut n, mut bytes) = (events.len(), 0);
@@ -360,10 +370,12 @@ fn run(
                 match commit_group(db, &mut state, &mut group) {
                     Ok(results) => {
                         let written = results.iter().flatten().filter(|a| !a.existing).count();
+                        // Counted before anyone is answered, so an answered appender sees it.
+                        counters.committed(written as u64);
                         for ((_, reply), result) in group.into_iter().zip(results) {
                             let _ = reply.send(Ok(result));
                         }
-                        Ok(written as u64)
+                        Ok(())
                     }
                     Err(error) => {
                         for (_, reply) in group {
@@ -374,16 +386,10 @@ fn run(
                 }
             }
         };
-        match outcome {
-            Ok(written) => {
-                counters.commits.fetch_add(1, Ordering::Relaxed);
-                counters.events.fetch_add(written, Ordering::Relaxed);
-            }
-            Err(error) => {
-                let cause = error.to_string();
-                tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
-                poisoned = Some(cause);
-            }
+        if let Err(error) = outcome {
+            let cause = error.to_string();
+            tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
+            poisoned = Some(cause);
         }
     }
     if poisoned.is_none() {
