@@ -79,9 +79,9 @@ fn main() {
             results.push((clients, batch, ours));
         }
     }
-    // The peer runs after every spool figure: its cluster's work after a load (checkpoints,
-    // autovacuum) took the 64-client 100-event figure from 331 000-345 000 events/s down to
-    // 224 000-292 000 when it ran between spool's.
+    // The peer runs after every spool figure: run between spool's, the cluster's work after
+    // each load (not profiled; checkpoints and autovacuum are the likely part) took the
+    // 64-client 100-event figure from 331 000-345 000 events/s down to 224 000-292 000.
     for (clients, batch, ours) in &results {
         if *batch == 1 {
             let peer = postgres_load(&url, *clients, seconds);
