@@ -37,6 +37,15 @@ fn main() {
     for _ in 0..events / 10_000 {
         log.append(w.events(10_000)).unwrap();
     }
+    // Closed and opened again, so the rebuild reads the file as `spool rebuild sqlite` does,
+    // not pages the appends left in the log's cache.
+    drop(log);
+    let log = Log::open(
+        &dir.path().join("log.redb"),
+        Origin([1; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
     let reader = log.read().unwrap();
     let mut rebuilds = Vec::new();
     let mut inserts = Vec::new();

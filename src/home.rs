@@ -50,6 +50,13 @@ struct NodeFile {
 pub struct Config {
     pub writer: WriterConfig,
     pub clock: ClockConfig,
+    pub log: LogConfig,
+}
+
+#[derive(serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub cache_bytes: usize,
 }
 
 #[derive(serde::Deserialize, Clone, Debug)]
@@ -77,6 +84,14 @@ impl Default for WriterConfig {
     }
 }
 
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            cache_bytes: LogOptions::default().cache_bytes,
+        }
+    }
+}
+
 impl Default for ClockConfig {
     fn default() -> Self {
         ClockConfig {
@@ -98,6 +113,10 @@ const CONFIG_TEMPLATE: &str = "\
 [clock]
 # A stamp from another node further ahead of this node's clock than this is clamped and reported.
 # max_drift_ms = 60000
+
+[log]
+# The log file's page cache, shared by the writer and this process's readers.
+# cache_bytes = 67108864
 ";
 
 /// An opened node home.
@@ -219,6 +238,7 @@ impl Home {
             group_events_max: self.config.writer.group_events_max.max(1),
             group_bytes_max: self.config.writer.group_bytes_max.max(1),
             queue_requests_max: self.config.writer.queue_requests_max.max(1),
+            cache_bytes: self.config.log.cache_bytes,
             ..LogOptions::default()
         }
     }
