@@ -819,6 +819,38 @@ impl Reader {
         entry_at(&self.txn.open_table(EVENTS)?, position)
     }
 
+    /// Checks the events after `after`, at most `limit`, and hands each to `visit` in position
+    /// order with its position and hash, without copying it (the replay's read). Returns the
+    /// last position visited (`None` when there was nothing after `after`).
+    pub fn visit<E: From<LogError>>(
+        &self,
+        after: u64,
+        limit: usize,
+        mut visit: impl FnMut(u64, Hash, EventRef<'_>) -> Result<(), E>,
+    ) -> Result<Option<u64>, E> {
+        let events = self.txn.open_table(EVENTS).map_err(LogError::from)?;
+        let mut last = None;
+        let mut visited = 0;
+        let mut stopped = None;
+        each_entry(&events, after.saturating_add(1), |position, entry| {
+            if visited == limit {
+                return Ok(false);
+            }
+            visited += 1;
+            let (hash, event) = check_entry(position, entry)?;
+            if let Err(error) = visit(position, hash, event) {
+                stopped = Some(error);
+                return Ok(false);
+            }
+            last = Some(position);
+            Ok(true)
+        })?;
+        match stopped {
+            Some(error) => Err(error),
+            None => Ok(last),
+        }
+    }
+
     /// Examines up to `limit` events after `after` (those of `filter.stream` only, when given)
     /// and returns the ones that pass `filter`, in position order.
     pub fn scan(&self, after: u64, limit: usize, filter: &Filter) -> Result<Page, LogError> {

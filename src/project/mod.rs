@@ -23,7 +23,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::event::{EventId, EventRef, Hash};
 use crate::hlc;
 use crate::kinds::{self, Body};
-use crate::log::{Filter, LogError, Reader};
+use crate::log::{LogError, Reader};
 use merge::Merged;
 
 /// A value in a row.
@@ -339,54 +339,48 @@ fn project_range<E: std::error::Error + 'static>(
     let mut tail = None;
     while after < last {
         let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
-        let page = reader.scan(after, limit, &Filter::default())?;
-        let (Some(examined), Some(end)) = (page.last_examined, page.records.last()) else {
+        let mut rows = Vec::with_capacity(limit);
+        let mut end = None;
+        let examined = reader.visit(
+            after,
+            limit,
+            |position, hash, event| -> Result<(), ReplayError<E>> {
+                end = Some((position, hash));
+                if until
+                    .time_ms
+                    .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
+                {
+                    return Ok(());
+                }
+                let body = kinds::body(event.kind(), event.version(), event.payload())
+                    .map_err(|error| ReplayError::Payload { position, error })?;
+                for write in writes(&Context::of(&event), &body) {
+                    match write {
+                        Write::Insert { table, cols } => rows.push((table, cols)),
+                        Write::Upsert {
+                            table,
+                            key,
+                            stamp,
+                            groups,
+                        } => merged.add(table, key, stamp, groups),
+                    }
+                }
+                batch += 1;
+                Ok(())
+            },
+        )?;
+        let (Some(examined), Some(end)) = (examined, end) else {
             break;
         };
-        let mut rows = Vec::with_capacity(page.records.len());
-        for record in &page.records {
-            let event = record.event();
-            if until
-                .time_ms
-                .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
-            {
-                continue;
-            }
-            let body =
-                kinds::body(event.kind(), event.version(), event.payload()).map_err(|error| {
-                    ReplayError::Payload {
-                        position: record.position,
-                        error,
-                    }
-                })?;
-            for write in writes(&Context::of(&event), &body) {
-                match write {
-                    Write::Insert { table, cols } => rows.push((table, cols)),
-                    Write::Upsert {
-                        table,
-                        key,
-                        stamp,
-                        groups,
-                    } => merged.add(table, key, stamp, groups),
-                }
-            }
-            batch += 1;
-        }
-        tail = Some((end.position, end.hash));
+        tail = Some(end);
         after = examined;
-        if send
-            .send(Ok(Step::Inserts {
-                rows,
-                tail: end.position,
-            }))
-            .is_err()
-        {
+        if send.send(Ok(Step::Inserts { rows, tail: end.0 })).is_err() {
             return Ok(());
         }
         if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
             let step = Step::Commit {
                 rows: std::mem::take(&mut merged).into_rows(),
-                tail: (end.position, end.hash),
+                tail: end,
                 applied: std::mem::take(&mut batch),
             };
             tail = None;
