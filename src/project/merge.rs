@@ -48,7 +48,7 @@ impl Merged {
         let rows = &mut self.rows;
         let at = match self
             .index
-            .find(hash, |&at| rows[at].table == table && rows[at].key == key)
+            .find(hash, |&at| same_row(&rows[at], table, &key))
         {
             Some(&at) => at,
             None => {
@@ -118,6 +118,19 @@ pub fn wins(rule: Rule, new: &[u8; 24], old: &[u8; 24]) -> bool {
         Rule::Newer => new > old,
         Rule::Older => new < old,
     }
+}
+
+/// Whether `row` is the row of `table` with `key`: names (projector constants) compared by
+/// address, as [`row_hash`] hashes the table, so a batch finds the rows it holds without comparing
+/// text; values by content.
+fn same_row(row: &Row, table: &'static str, key: &[(&'static str, Val)]) -> bool {
+    std::ptr::eq(row.table, table)
+        && row.key.len() == key.len()
+        && row
+            .key
+            .iter()
+            .zip(key)
+            .all(|(a, b)| std::ptr::eq(a.0, b.0) && a.1 == b.1)
 }
 
 /// A row's hash: its table (a projector constant, by address) and its key values.
