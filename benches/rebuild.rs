@@ -16,7 +16,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 use spool::event::Origin;
 use spool::log::{Log, LogOptions};
-use spool::project::sqlite::{Durability, Sqlite, HELD_BYTES_REBUILD, INDEXES, SCHEMA};
+use spool::project::sqlite::{Durability, Sqlite, HELD_BYTES_REBUILD, INDEXES, PAGE_BYTES, SCHEMA};
 use spool::project::{self, Until};
 use workload::{env_or, median, Mixed};
 
@@ -149,6 +149,8 @@ fn plain_insert(from: &std::path::Path, to: &std::path::Path) -> (f64, u64) {
         data.push((t.clone(), cols, rows));
     }
     let db = Connection::open(to).unwrap();
+    // The projection's page size, so the peer differs only in how it gets its rows.
+    db.pragma_update(None, "page_size", PAGE_BYTES).unwrap();
     db.pragma_update(None, "journal_mode", "OFF").unwrap();
     db.pragma_update(None, "synchronous", "OFF").unwrap();
     db.execute_batch(SCHEMA).unwrap();
