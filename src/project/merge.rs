@@ -4,7 +4,10 @@
 //! (the newest, or the oldest for first-writer-wins facts), and every write to a group sets all
 //! of its columns, so keeping only each group's winner within a batch and letting the target
 //! compare it against the stored row gives the rows that writing every event one by one gives.
-//! A batch then writes each mutable row once, however many events changed it.
+//! A batch then writes each mutable row once, however many events changed it. Rows are found
+//! by their table's and key columns' names as addresses: were one name ever two constants, a
+//! row would be held twice and written twice, each group still landing only if its stamp wins,
+//! so the rows would be the same.
 //!
 //! Boundary: pure; knows rows and stamps, nothing of SQL.
 
