@@ -46,6 +46,10 @@ fn main() {
     for _ in 0..events / 10_000 {
         log.append(w.events(10_000)).unwrap();
     }
+    // Closed and opened again, so the backfill reads the file as `spool backfill postgres`
+    // does, not pages the appends left in the log's cache.
+    drop(log);
+    let log = Log::open(&dir.path().join("log.redb"), origin, LogOptions::default()).unwrap();
     let reader = log.read().unwrap();
     let last = reader.last_position().unwrap();
     let mut backfills = Vec::new();
