@@ -304,6 +304,26 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_hold_the_defaults_and_the_log_cache_is_set_from_spool_toml() {
+        let d = LogOptions::default();
+        for text in [CONFIG_TEMPLATE, include_str!("../ops/spool.toml.example")] {
+            let config: Config = toml::from_str(text).unwrap();
+            assert_eq!(config.log.cache_bytes, d.cache_bytes);
+            assert_eq!(config.writer.group_events_max, d.group_events_max);
+            assert_eq!(config.writer.group_bytes_max, d.group_bytes_max);
+            assert_eq!(config.writer.queue_requests_max, d.queue_requests_max);
+            assert_eq!(config.clock.max_drift_ms, d.max_drift_ms);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let home_dir = dir.path().join("node");
+        Home::init(&home_dir, "pi").unwrap();
+        std::fs::write(home_dir.join(CONFIG_FILE), "[log]\ncache_bytes = 1048576\n").unwrap();
+        let home = Home::open(&home_dir).unwrap();
+        assert_eq!(home.log_options().cache_bytes, 1 << 20);
+        home.open_log().unwrap();
+    }
+
+    #[test]
     fn refusals_are_clear() {
         let dir = tempfile::tempdir().unwrap();
         let err = Home::open(dir.path()).unwrap_err();
