@@ -1,10 +1,11 @@
 //! `spool serve` under load over its Unix socket: 1, 16 and 64 clients sending single-event and
 //! 100-event requests, each client waiting for its acknowledgement before the next request;
-//! events/s and p50/p99 acknowledgement latency. Beside it, in the same run on the same machine,
-//! a Postgres events table appended one INSERT per event in autocommit (the way a
-//! Postgres-backed event store appends), on a throwaway cluster with fsync and synchronous
-//! commit on, as spool's commits are durable; it runs once every spool figure is taken, so
-//! neither load's aftermath lands on the other's figures.
+//! events/s and p50/p99 acknowledgement latency, and the writer's group commits (events per
+//! commit: how many of the clients' requests each durable commit took together). Beside it, in
+//! the same run on the same machine, a Postgres events table appended one INSERT per event in
+//! autocommit (the way a Postgres-backed event store appends), on a throwaway cluster with
+//! fsync and synchronous commit on, as spool's commits are durable; it runs once every spool
+//! figure is taken, so neither load's aftermath lands on the other's figures.
 //!
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
 //! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes.
@@ -65,10 +66,21 @@ fn main() {
     let mut results = Vec::new();
     for batch in batches() {
         for clients in [1usize, 16, 64] {
+            let before = writer_counters(&socket);
             let ours = spool_load(&socket, clients, batch, seconds);
+            let after = writer_counters(&socket);
             print(
                 &format!("spool serve, {clients} clients x {batch}-event requests"),
                 &ours,
+            );
+            let commits = after.0 - before.0;
+            println!(
+                "{:<48} {:>12}",
+                "  group commits; events per commit",
+                format!(
+                    "{commits}; {:.1}",
+                    (after.1 - before.1) as f64 / commits.max(1) as f64
+                )
             );
             let (lag, took) = projection_catch_up(&socket);
             println!(
@@ -232,24 +244,45 @@ fn request_bodies(client: u64, batch: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Waits until the daemon's projection has reached the log's end; returns its lag when the
-/// load stopped and how long it took to catch up.
-fn projection_catch_up(socket: &Path) -> (u64, Duration) {
+/// `GET /v1/status`, through a client of its own.
+async fn status(client: &mut Client) -> serde_json::Value {
+    let (status, body) = client
+        .request("GET", "/v1/status", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Runs `f` with a client of the daemon on a runtime of its own.
+fn with_client<T>(socket: &Path, f: impl AsyncFnOnce(&mut Client) -> T) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
         let mut client = Client::connect(socket).await.unwrap();
+        f(&mut client).await
+    })
+}
+
+/// The writer's counters from `/v1/status`: group commits and the events they wrote.
+fn writer_counters(socket: &Path) -> (u64, u64) {
+    with_client(socket, async |client| {
+        let v = status(client).await;
+        let count = |name: &str| v["writer"][name].as_u64().unwrap();
+        (count("commits"), count("events"))
+    })
+}
+
+/// Waits until the daemon's projection has reached the log's end; returns its lag when the
+/// load stopped and how long it took to catch up.
+fn projection_catch_up(socket: &Path) -> (u64, Duration) {
+    with_client(socket, async |client| {
         let started = Instant::now();
         let mut first = None;
         loop {
-            let (status, body) = client
-                .request("GET", "/v1/status", Vec::new())
-                .await
-                .unwrap();
-            assert_eq!(status, 200);
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let v = status(client).await;
             let lag = v["projection"]["lag_events"].as_u64().unwrap();
             let lag_at_stop = *first.get_or_insert(lag);
             if lag == 0 {
