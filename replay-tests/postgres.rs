@@ -413,8 +413,8 @@ fn a_projection_killed_mid_batch_resumes_to_the_clean_result() {
 /// run is killed many times even when the projection is quick; each kill waits for two.
 const KILLED_EVENTS: u64 = 40_000;
 
-/// A node with [`KILLED_EVENTS`] events; `spool JOB postgres` run once into a clean database, and again
-/// into another while being killed at random moments (checking the database with
+/// A node with [`KILLED_EVENTS`] events; `spool JOB postgres` run once into a clean database,
+/// and again into another while being killed at random moments (checking the database with
 /// `after_kill` after each kill) until it finished or was killed 25 times. Commits are made as
 /// small as they go (`--held-bytes-max 1`) so kills land between them. Returns the node, the
 /// killed job's database and the clean one.
