@@ -414,6 +414,39 @@ impl Record {
     }
 }
 
+/// Consecutive events read from the log, each checked (hash and archive) as it was copied
+/// here ([`Reader::read_checked`]). The bytes are private and never change after the check, so
+/// reading an event does not validate its archive again.
+#[derive(Default)]
+pub struct Checked {
+    bytes: Vec<u8>,
+    /// Per event: its position, its hash and where its bytes end in `bytes`.
+    events: Vec<(u64, Hash, usize)>,
+}
+
+impl Checked {
+    /// The events in position order, with their positions and hashes.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Hash, EventRef<'_>)> {
+        let mut start = 0;
+        self.events.iter().map(move |&(position, hash, end)| {
+            let bytes = &self.bytes[start..end];
+            start = end;
+            // SAFETY: `read_checked` validated these bytes as an archive (the struct's
+            // invariant), and they have not changed since.
+            (position, hash, unsafe {
+                event::decode_checked_before(bytes)
+            })
+        })
+    }
+
+    /// The last event's position and hash.
+    pub fn last(&self) -> Option<(u64, Hash)> {
+        self.events
+            .last()
+            .map(|&(position, hash, _)| (position, hash))
+    }
+}
+
 /// Checks an entry without copying it: the stored hash against blake3 of the bytes, then the
 /// archive.
 fn check_entry(position: u64, entry: &[u8]) -> Result<(Hash, EventRef<'_>), Corruption> {
@@ -819,36 +852,28 @@ impl Reader {
         entry_at(&self.txn.open_table(EVENTS)?, position)
     }
 
-    /// Checks the events after `after`, at most `limit`, and hands each to `visit` in position
-    /// order with its position and hash, without copying it (the replay's read). Returns the
-    /// last position visited (`None` when there was nothing after `after`).
-    pub fn visit<E: From<LogError>>(
+    /// Reads the events after `after`, at most `limit`, into `into` (replacing what it held and
+    /// keeping its buffers), each checked as it is copied: the replay's read, on a thread of its
+    /// own. Returns the last position read (`None` when there was nothing after `after`).
+    pub fn read_checked(
         &self,
         after: u64,
         limit: usize,
-        mut visit: impl FnMut(u64, Hash, EventRef<'_>) -> Result<(), E>,
-    ) -> Result<Option<u64>, E> {
-        let events = self.txn.open_table(EVENTS).map_err(LogError::from)?;
-        let mut last = None;
-        let mut visited = 0;
-        let mut stopped = None;
+        into: &mut Checked,
+    ) -> Result<Option<u64>, LogError> {
+        into.bytes.clear();
+        into.events.clear();
+        let events = self.txn.open_table(EVENTS)?;
         each_entry(&events, after.saturating_add(1), |position, entry| {
-            if visited == limit {
+            if into.events.len() == limit {
                 return Ok(false);
             }
-            visited += 1;
-            let (hash, event) = check_entry(position, entry)?;
-            if let Err(error) = visit(position, hash, event) {
-                stopped = Some(error);
-                return Ok(false);
-            }
-            last = Some(position);
+            let (hash, _) = check_entry(position, entry)?;
+            into.bytes.extend_from_slice(&entry[32..]);
+            into.events.push((position, hash, into.bytes.len()));
             Ok(true)
         })?;
-        match stopped {
-            Some(error) => Err(error),
-            None => Ok(last),
-        }
+        Ok(into.events.last().map(|&(position, ..)| position))
     }
 
     /// Examines up to `limit` events after `after` (those of `filter.stream` only, when given)

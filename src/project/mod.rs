@@ -23,7 +23,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::event::{EventId, EventRef, Hash};
 use crate::hlc;
 use crate::kinds::{self, Body};
-use crate::log::{LogError, Reader};
+use crate::log::{Checked, LogError, Reader};
 use merge::Merged;
 
 /// A value in a row.
@@ -324,7 +324,9 @@ pub fn replay<T: Target>(
 
 /// The projecting side of [`replay`]: sends the append-only rows of the events in
 /// `(from, last]` a chunk at a time, and their merged mutable rows at the end of each batch.
-/// Stops early, without error, when the applying side has stopped.
+/// The events are read and checked a chunk ahead on a thread of its own (hashing them is a
+/// fifth of the work), whose buffers come back to it to be filled again. Stops early, without
+/// error, when the applying side has stopped.
 fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,
     from: u64,
@@ -333,24 +335,42 @@ fn project_range<E: std::error::Error + 'static>(
     held_bytes_max: usize,
     send: &std::sync::mpsc::SyncSender<Result<Step, ReplayError<E>>>,
 ) -> Result<(), ReplayError<E>> {
-    let mut after = from;
-    let mut merged = Merged::default();
-    let mut batch = 0;
-    let mut tail = None;
-    while after < last {
-        let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
-        let mut rows = Vec::with_capacity(limit);
-        let mut end = None;
-        let examined = reader.visit(
-            after,
-            limit,
-            |position, hash, event| -> Result<(), ReplayError<E>> {
-                end = Some((position, hash));
+    let (read, chunks) = std::sync::mpsc::sync_channel::<Result<Checked, LogError>>(8);
+    let (recycle, empty) = std::sync::mpsc::channel::<Checked>();
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("spool-read".into())
+            .spawn_scoped(scope, move || {
+                let mut after = from;
+                while after < last {
+                    let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
+                    let mut chunk = empty.try_recv().unwrap_or_default();
+                    match reader.read_checked(after, limit, &mut chunk) {
+                        Ok(Some(end)) => after = end,
+                        Ok(None) => return,
+                        Err(error) => {
+                            let _ = read.send(Err(error));
+                            return;
+                        }
+                    }
+                    if read.send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(ReplayError::Thread)?;
+        let mut merged = Merged::default();
+        let mut batch = 0;
+        let mut tail = None;
+        for chunk in chunks {
+            let chunk = chunk?;
+            let mut rows = Vec::with_capacity(REPLAY_CHUNK_EVENTS);
+            for (position, _, event) in chunk.iter() {
                 if until
                     .time_ms
                     .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
                 {
-                    return Ok(());
+                    continue;
                 }
                 let body = kinds::body(event.kind(), event.version(), event.payload())
                     .map_err(|error| ReplayError::Payload { position, error })?;
@@ -366,36 +386,35 @@ fn project_range<E: std::error::Error + 'static>(
                     }
                 }
                 batch += 1;
-                Ok(())
-            },
-        )?;
-        let (Some(examined), Some(end)) = (examined, end) else {
-            break;
-        };
-        tail = Some(end);
-        after = examined;
-        if send.send(Ok(Step::Inserts { rows, tail: end.0 })).is_err() {
-            return Ok(());
-        }
-        if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
-            let step = Step::Commit {
-                rows: std::mem::take(&mut merged).into_rows(),
-                tail: end,
-                applied: std::mem::take(&mut batch),
+            }
+            let Some(end) = chunk.last() else {
+                break;
             };
-            tail = None;
-            if send.send(Ok(step)).is_err() {
+            let _ = recycle.send(chunk);
+            tail = Some(end);
+            if send.send(Ok(Step::Inserts { rows, tail: end.0 })).is_err() {
                 return Ok(());
             }
+            if merged.bytes() >= held_bytes_max || batch >= REPLAY_BATCH_EVENTS {
+                let step = Step::Commit {
+                    rows: std::mem::take(&mut merged).into_rows(),
+                    tail: end,
+                    applied: std::mem::take(&mut batch),
+                };
+                tail = None;
+                if send.send(Ok(step)).is_err() {
+                    return Ok(());
+                }
+            }
         }
-    }
-    if let Some(tail) = tail {
-        let step = Step::Commit {
-            rows: merged.into_rows(),
-            tail,
-            applied: batch,
-        };
-        let _ = send.send(Ok(step));
-    }
-    Ok(())
+        if let Some(tail) = tail {
+            let step = Step::Commit {
+                rows: merged.into_rows(),
+                tail,
+                applied: batch,
+            };
+            let _ = send.send(Ok(step));
+        }
+        Ok(())
+    })
 }
