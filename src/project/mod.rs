@@ -18,6 +18,8 @@ mod sql;
 pub mod sqlite;
 
 use std::fmt::Write as _;
+
+use compact_str::CompactString;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::event::{EventId, EventRef, Hash};
@@ -32,7 +34,9 @@ pub enum Val {
     Null,
     Int(i64),
     Real(f64),
-    Text(String),
+    /// Text of up to 24 bytes (most ids, names and timestamps) is held inline: a projected
+    /// event's values cost no allocation each.
+    Text(CompactString),
     Blob(Vec<u8>),
 }
 
@@ -73,11 +77,11 @@ pub enum Write {
 /// What a projector knows of an event besides its payload.
 pub struct Context<'a> {
     /// `<origin hex>:<seq>`: the key of append-only rows, equal on every node.
-    pub id: String,
+    pub id: CompactString,
     /// HLC (big-endian) then origin: bytewise order is the total order of stamps.
     pub stamp: [u8; 24],
     /// The stamp's physical time, RFC 3339 UTC with milliseconds.
-    pub at: String,
+    pub at: CompactString,
     pub actor: &'a str,
     pub stream: &'a str,
 }
@@ -90,7 +94,7 @@ impl<'a> Context<'a> {
         stamp[8..].copy_from_slice(&id.origin.0);
         let mut hex = [0u8; 32];
         hex::encode_to_slice(id.origin.0, &mut hex).expect("32 hex digits for 16 bytes");
-        let mut text = String::with_capacity(32 + 1 + 20);
+        let mut text = CompactString::with_capacity(32 + 1 + 20);
         text.push_str(std::str::from_utf8(&hex).expect("hex digits"));
         text.push(':');
         text.push_str(itoa::Buffer::new().format(id.seq));
@@ -105,10 +109,10 @@ impl<'a> Context<'a> {
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn time_text(ms: u64) -> String {
+pub fn time_text(ms: u64) -> CompactString {
     thread_local! {
         /// The last one formatted: events of one burst share their millisecond.
-        static LAST: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        static LAST: std::cell::RefCell<(u64, CompactString)> = const { std::cell::RefCell::new((u64::MAX, CompactString::const_new(""))) };
     }
     LAST.with_borrow_mut(|(last, text)| {
         if *last != ms {

@@ -1,5 +1,6 @@
 //! The local tables' projector, kind by kind (DDL: `projections/sqlite/schema.sql`).
 
+use compact_str::CompactString;
 use serde::Serialize;
 
 use super::{Context, Group, Rule, Val, Write};
@@ -8,11 +9,16 @@ use crate::kinds::Body;
 
 impl From<&str> for Val {
     fn from(s: &str) -> Val {
-        Val::Text(s.to_owned())
+        Val::Text(s.into())
     }
 }
 impl From<String> for Val {
     fn from(s: String) -> Val {
+        Val::Text(s.into())
+    }
+}
+impl From<CompactString> for Val {
+    fn from(s: CompactString) -> Val {
         Val::Text(s)
     }
 }
@@ -34,13 +40,17 @@ impl<T: Into<Val>> From<Option<T>> for Val {
 
 /// A value as JSON text (lists, enums).
 fn json<T: Serialize>(value: &T) -> Val {
-    Val::Text(serde_json::to_string(value).expect("payload values serialize"))
+    Val::Text(
+        serde_json::to_string(value)
+            .expect("payload values serialize")
+            .into(),
+    )
 }
 
 /// An enum's snake_case name.
 fn name<T: Serialize>(value: &T) -> Val {
     match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => Val::Text(s),
+        Ok(serde_json::Value::String(s)) => Val::Text(s.into()),
         _ => Val::Null,
     }
 }
@@ -49,19 +59,19 @@ fn name<T: Serialize>(value: &T) -> Val {
 fn opt<T: AsRef<str>>(value: &Option<T>) -> Val {
     value
         .as_ref()
-        .map_or(Val::Null, |v| Val::Text(v.as_ref().to_owned()))
+        .map_or(Val::Null, |v| Val::Text(v.as_ref().into()))
 }
 
 fn text(s: &str) -> Val {
-    Val::Text(s.to_owned())
+    Val::Text(s.into())
 }
 
 fn json_text(j: &Json) -> Val {
-    Val::Text(j.0.clone())
+    Val::Text(j.0.as_str().into())
 }
 
 fn object_text(j: &JsonObject) -> Val {
-    Val::Text(j.0.clone())
+    Val::Text(j.0.as_str().into())
 }
 
 /// A last-writer-wins group.
