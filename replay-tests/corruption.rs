@@ -79,8 +79,8 @@ fn verify_names_the_damaged_event() {
     let o = spool(&damaged, &["log"], "");
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("hash mismatch"), "{}", stderr(&o));
-    // So is a rebuild (the replay's projecting thread, which reads the log, meets the damage):
-    // it fails, naming it, and the projection in place keeps its rows.
+    // So is a rebuild (the replay's reading thread meets the damage and hands it on): it fails,
+    // naming it, and the projection in place keeps its rows.
     let before = ok(&damaged, &["digest", "sqlite"], "");
     let o = spool(&damaged, &["rebuild", "sqlite"], "");
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

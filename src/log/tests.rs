@@ -413,10 +413,27 @@ fn verify_names_a_damaged_event() {
         other => panic!("unexpected first problem {other}"),
     }
     // Reads refuse the damaged event instead of returning it.
+    let reader = log.read().unwrap();
     assert!(matches!(
-        log.read().unwrap().get(acked[3].position),
+        reader.get(acked[3].position),
         Err(LogError::Corrupt(_))
     ));
+    // So does the replay's read, whose chunk holds the damaged event; the events after it
+    // still read.
+    let mut chunk = Checked::default();
+    match reader.read_checked(0, 10, &mut chunk) {
+        Err(LogError::Corrupt(Corruption::HashMismatch { position, .. })) => {
+            assert_eq!(position, acked[3].position)
+        }
+        other => panic!("expected a hash mismatch, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        reader
+            .read_checked(acked[3].position, 10, &mut chunk)
+            .unwrap(),
+        Some(acked[4].position)
+    );
+    assert_eq!(chunk.last(), Some((acked[4].position, acked[4].hash)));
 }
 
 #[test]
@@ -506,6 +523,22 @@ fn large_events_and_many_small_ones_share_blocks_correctly() {
     let page = reader.scan(140, 20, &Filter::default()).unwrap();
     assert_eq!(page.records.first().map(|r| r.position), Some(141));
     assert_eq!(page.last_examined, Some(160));
+    // The replay's read, in chunks of 7 into one reused buffer, returns every event as stored.
+    let mut chunk = Checked::default();
+    let mut after = 0;
+    let mut read = Vec::new();
+    while let Some(last) = reader.read_checked(after, 7, &mut chunk).unwrap() {
+        assert!(chunk.iter().count() <= 7);
+        for (position, hash, event) in chunk.iter() {
+            let stored = reader.get(position).unwrap().unwrap();
+            assert_eq!((hash, event.id()), (stored.hash, stored.event().id()));
+            assert_eq!(event.payload(), stored.event().payload());
+            read.push(position);
+        }
+        assert_eq!(chunk.last().map(|(p, _)| p), Some(last));
+        after = last;
+    }
+    assert_eq!(read, (1..=301).collect::<Vec<u64>>());
     assert!(log.verify(2).unwrap().ok());
 }
 
