@@ -12,6 +12,7 @@ pub mod input;
 pub mod jobs;
 pub mod kinds;
 pub mod log;
+pub mod priority;
 pub mod project;
 pub mod serve;
 pub mod sync;

@@ -92,7 +92,12 @@ impl Handle {
         let writer_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(&db, state, requests, &options, &writer_counters))
+            .spawn(move || {
+                if !crate::priority::set_thread_nice(crate::priority::WRITER_NICE) {
+                    tracing::debug!("the writer runs at the process's priority");
+                }
+                run(&db, state, requests, &options, &writer_counters)
+            })
             .map_err(|e| LogError::Storage(redb::Error::Io(e)))?;
         Ok(Handle {
             queue: Some(queue),

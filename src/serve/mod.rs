@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 
 use crate::input;
 use crate::log::{Log, LogError};
+use crate::priority;
 use crate::project::sqlite::{Durability, Sqlite};
 use crate::project::{self};
 use crate::sync::Vector;
@@ -793,22 +794,10 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
 /// How long the live projector waits after a commit for more before it catches up.
 const PROJECT_GATHER: Duration = Duration::from_millis(10);
 
-/// The live projector's nice value. With 64 clients sending 100-event requests, 5 interleaved
-/// pairs of the serve bench gave a median of 324 000 events/s at nice 19 against 289 000 at
-/// nice 10: under load the projector's share of the two cores went to appends. Not
-/// `SCHED_IDLE` (a fifth of nice 19's weight): a thread that gets almost no CPU while appends
-/// run could hold a lock the writer needs (the log's page cache) for most of a burst.
-const PROJECTOR_NICE: libc::c_int = 19;
-
-/// Lowers the calling thread's scheduling priority to nice 19 (Linux sets it per thread; the
-/// threads it starts inherit it). Best effort: a refusal leaves the priority as it was.
+/// Lowers the calling thread's priority to [`priority::PROJECTOR_NICE`]. Best effort: a
+/// refusal leaves the priority as it was.
 fn lower_priority() {
-    // SAFETY: plain system calls on the calling thread, with no pointers.
-    let refused = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, PROJECTOR_NICE) != 0
-    };
-    if refused {
+    if !priority::set_thread_nice(priority::PROJECTOR_NICE) {
         tracing::debug!("the projector runs at the daemon's priority");
     }
 }
