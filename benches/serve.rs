@@ -8,7 +8,9 @@
 //! figure is taken, so neither load's aftermath lands on the other's figures.
 //!
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
-//! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes.
+//! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes; `SPOOL_BENCH_RUNS` (default 3) the
+//! rounds of every configuration, whose medians are the figures the targets are checked on (the
+//! machine is shared and noisy, and one 3-second load of a configuration varied by a fifth).
 
 #[path = "../replay-tests/common/daemon.rs"]
 mod daemon;
@@ -22,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spool::serve::client::Client;
-use workload::{env_or, Workload};
+use workload::{env_or, median, Workload};
 
 /// Events per second, and the median and 99th percentile acknowledgement latency.
 struct Figure {
@@ -33,6 +35,7 @@ struct Figure {
 
 fn main() {
     let seconds: f64 = env_or("SPOOL_BENCH_SECONDS", 3.0);
+    let runs: usize = env_or("SPOOL_BENCH_RUNS", 3usize).max(1);
     // Set before any thread starts: the cluster reads it when it is first used.
     std::env::set_var("SPOOL_TEST_PG_DURABLE", "1");
     let dir = tempfile::tempdir().unwrap();
@@ -58,45 +61,70 @@ fn main() {
              created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (origin, seq))",
         )
         .unwrap();
-    println!("spool serve load bench: {seconds} s per configuration; Postgres with fsync on");
+    println!(
+        "spool serve load bench: {seconds} s per configuration, {runs} rounds of every \
+         configuration (medians at the end); Postgres with fsync on"
+    );
     println!(
         "{:<48} {:>12} {:>9} {:>9}",
         "figure", "events/s", "p50 ms", "p99 ms"
     );
-    let mut results = Vec::new();
-    for batch in batches() {
-        for clients in [1usize, 16, 64] {
-            let before = writer_counters(&socket);
-            let ours = spool_load(&socket, clients, batch, seconds);
-            let after = writer_counters(&socket);
-            print(
-                &format!("spool serve, {clients} clients x {batch}-event requests"),
-                &ours,
-            );
-            let commits = after.0 - before.0;
-            println!(
-                "{:<48} {:>12}",
-                "  group commits; events per commit",
-                format!(
-                    "{commits}; {:.1}",
-                    (after.1 - before.1) as f64 / commits.max(1) as f64
-                )
-            );
-            let (lag, took) = projection_catch_up(&socket);
-            println!(
-                "{:<48} {:>12}",
-                "  projection lag at the end; caught up in",
-                format!("{lag} ev; {:.2} s", took.as_secs_f64())
-            );
-            results.push((clients, batch, ours));
+    // Rounds of every configuration in turn, so that a slow or a fast spell of the machine falls
+    // on every configuration, not all on one.
+    let mut results: Vec<(usize, usize, Vec<Figure>)> = Vec::new();
+    for round in 1..=runs {
+        for batch in batches() {
+            for clients in [1usize, 16, 64] {
+                let before = writer_counters(&socket);
+                let ours = spool_load(&socket, clients, batch, seconds);
+                let after = writer_counters(&socket);
+                print(
+                    &format!("round {round}: {clients} clients x {batch}-event requests"),
+                    &ours,
+                );
+                let commits = after.0 - before.0;
+                println!(
+                    "{:<48} {:>12}",
+                    "  group commits; events per commit",
+                    format!(
+                        "{commits}; {:.1}",
+                        (after.1 - before.1) as f64 / commits.max(1) as f64
+                    )
+                );
+                let (lag, took) = projection_catch_up(&socket);
+                println!(
+                    "{:<48} {:>12}",
+                    "  projection lag at the end; caught up in",
+                    format!("{lag} ev; {:.2} s", took.as_secs_f64())
+                );
+                match results.iter_mut().find(|r| r.0 == clients && r.1 == batch) {
+                    Some(r) => r.2.push(ours),
+                    None => results.push((clients, batch, vec![ours])),
+                }
+            }
         }
+    }
+    let results: Vec<(usize, usize, Figure)> = results
+        .into_iter()
+        .map(|(clients, batch, figures)| (clients, batch, median_figure(figures)))
+        .collect();
+    println!("-- medians of {runs} rounds; the peer after every spool figure");
+    for (clients, batch, ours) in &results {
+        print(
+            &format!("spool serve, {clients} clients x {batch}-event requests"),
+            ours,
+        );
     }
     // The peer runs after every spool figure: run between spool's, the cluster's work after
     // each load (not profiled; checkpoints and autovacuum are the likely part) took the
     // 64-client 100-event figure from 331 000-345 000 events/s down to 224 000-292 000.
     for (clients, batch, ours) in &results {
         if *batch == 1 {
-            let peer = postgres_load(&url, *clients, seconds);
+            let peer = median_figure(
+                (0..runs)
+                    .map(|_| postgres_load(&url, *clients, seconds))
+                    .collect(),
+            );
             print(
                 &format!("Postgres INSERT per event, {clients} clients"),
                 &peer,
@@ -145,6 +173,17 @@ fn batches() -> Vec<usize> {
                 .collect()
         })
         .unwrap_or_else(|_| vec![1, 100])
+}
+
+/// Each figure's median over the rounds (taken one by one: a round's p99 may sit beside
+/// another's rate).
+fn median_figure(figures: Vec<Figure>) -> Figure {
+    let of = |f: fn(&Figure) -> f64| median(figures.iter().map(f).collect());
+    Figure {
+        rate: of(|f| f.rate),
+        p50_ms: of(|f| f.p50_ms),
+        p99_ms: of(|f| f.p99_ms),
+    }
 }
 
 fn print(label: &str, f: &Figure) {
