@@ -242,9 +242,12 @@ pub fn resume<T: Target>(
 /// Most events in one transaction of the replay; a target may ask to commit sooner
 /// ([`Target::held_bytes_max`]).
 pub const REPLAY_BATCH_EVENTS: u64 = 1_000_000;
-/// Events the projecting thread reads and hands over at a time.
+/// Events the reading thread reads and the projecting thread hands over at a time.
 const REPLAY_CHUNK_EVENTS: usize = 1_000;
-/// Chunks in flight between the two threads.
+/// Chunks read and checked ahead of the projecting thread (with one being read and one being
+/// projected, at most ten chunks of events in memory). One ahead left both cores a quarter idle.
+const REPLAY_CHUNKS_READ_AHEAD: usize = 8;
+/// Steps in flight between the projecting thread and the applying one.
 const REPLAY_CHUNKS_QUEUED: usize = 64;
 
 /// What the projecting thread hands the applying one.
@@ -267,9 +270,10 @@ enum Step {
 /// memory bound, after [`REPLAY_BATCH_EVENTS`], and at the end. Calls `progress(position)` as
 /// events are applied. Returns the number of events applied.
 ///
-/// Two threads: one reads, decodes and projects events and merges their writes to mutable
-/// rows (the pure part); the caller's writes rows to the target, with a bounded queue between
-/// them. An error on either side stops both; the open transaction is then never committed.
+/// Three threads, with a bounded queue between each two: one reads and checks events; one
+/// decodes and projects them and merges their writes to mutable rows (the pure part); the
+/// caller's writes rows to the target. An error anywhere stops all three; the open transaction
+/// is then never committed.
 pub fn replay<T: Target>(
     reader: &Reader,
     target: &mut T,
@@ -339,7 +343,8 @@ fn project_range<E: std::error::Error + 'static>(
     held_bytes_max: usize,
     send: &std::sync::mpsc::SyncSender<Result<Step, ReplayError<E>>>,
 ) -> Result<(), ReplayError<E>> {
-    let (read, chunks) = std::sync::mpsc::sync_channel::<Result<Checked, LogError>>(8);
+    let (read, chunks) =
+        std::sync::mpsc::sync_channel::<Result<Checked, LogError>>(REPLAY_CHUNKS_READ_AHEAD);
     let (recycle, empty) = std::sync::mpsc::channel::<Checked>();
     std::thread::scope(|scope| {
         std::thread::Builder::new()
