@@ -4,8 +4,8 @@
 //! commit: how many of the clients' requests each durable commit took together). Beside it, in
 //! the same run on the same machine, a Postgres events table appended one INSERT per event in
 //! autocommit (the way a Postgres-backed event store appends), on a throwaway cluster with
-//! fsync and synchronous commit on, as spool's commits are durable; it runs once every spool
-//! figure is taken, so neither load's aftermath lands on the other's figures.
+//! fsync and synchronous commit on, as spool's commits are durable; it runs (as many rounds)
+//! after every spool figure is taken, so neither load's aftermath lands on the other's figures.
 //!
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
 //! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes; `SPOOL_BENCH_RUNS` (default 3) the

@@ -557,8 +557,8 @@ fn a_commit_of_many_merged_rows_writes_every_row() {
     assert_eq!(whole, split);
 }
 
-/// A failing target stops the replay (and its projecting thread, which reads the log) with the
-/// error; what was committed before stays, and a catch-up finishes the rest.
+/// A failing target stops the replay (and its reading and projecting threads) with the error;
+/// what was committed before stays, and a catch-up finishes the rest.
 #[test]
 fn a_failed_commit_stops_the_replay_and_a_catch_up_resumes_it() {
     let mut rng = StdRng::seed_from_u64(8);

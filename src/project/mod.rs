@@ -18,9 +18,9 @@ mod sql;
 pub mod sqlite;
 
 use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
 
 use compact_str::CompactString;
-use std::time::{Duration, UNIX_EPOCH};
 
 use crate::event::{EventId, EventRef, Hash};
 use crate::hlc;
@@ -332,8 +332,8 @@ pub fn replay<T: Target>(
 
 /// The projecting side of [`replay`]: sends the append-only rows of the events in
 /// `(from, last]` a chunk at a time, and their merged mutable rows at the end of each batch.
-/// The events are read and checked a chunk ahead on a thread of its own (hashing them is a
-/// fifth of the work), whose buffers come back to it to be filled again. Stops early, without
+/// The events are read and checked a chunk ahead on a thread of its own (hashing them was a
+/// fifth of this thread's work), whose buffers come back to it to be filled again. Stops early, without
 /// error, when the applying side has stopped.
 fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,

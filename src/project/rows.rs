@@ -12,11 +12,6 @@ impl From<&str> for Val {
         Val::Text(s.into())
     }
 }
-impl From<String> for Val {
-    fn from(s: String) -> Val {
-        Val::Text(s.into())
-    }
-}
 impl From<CompactString> for Val {
     fn from(s: CompactString) -> Val {
         Val::Text(s)
