@@ -296,6 +296,102 @@ fn bad_requests_are_refused_by_name_and_change_nothing() {
     daemon::stop(daemon);
 }
 
+/// One HTTP/1.1 request on a fresh connection (closed after the answer); the status and body.
+fn http_once(stream: impl std::io::Read + std::io::Write, head: &str, body: &str) -> (u16, Value) {
+    let mut stream = stream;
+    write!(
+        stream,
+        "{head}\r\nHost: spool\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn the_http_listener_takes_only_the_bearer_token_and_the_socket_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home(dir.path());
+    // A free loopback port: taken, read, released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = std::process::Command::new(SPOOL)
+        .arg("--home")
+        .arg(&home)
+        .args(["serve", "--http", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = home.join("spool.sock");
+    let tcp = || {
+        for _ in 0..1500 {
+            if let Ok(stream) = std::net::TcpStream::connect(&addr) {
+                return stream;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nothing listens on {addr}");
+    };
+    let append = "POST /v1/events HTTP/1.1";
+    let body = event(0, 0).to_string();
+    drop(tcp()); // Listening: the token is made before the listener starts.
+    let token = std::fs::read_to_string(home.join("serve.token")).unwrap();
+    let token = token.trim();
+    assert!(!token.is_empty());
+    for (auth, why) in [
+        (String::new(), "no token"),
+        (
+            "\r\nAuthorization: Bearer wrong".to_owned(),
+            "a wrong token",
+        ),
+        (
+            format!("\r\nAuthorization: Basic {token}"),
+            "not a bearer token",
+        ),
+        (
+            format!("\r\nAuthorization: Bearer {token}x"),
+            "a longer token",
+        ),
+    ] {
+        let (status, reply) = http_once(tcp(), &format!("{append}{auth}"), &body);
+        assert_eq!(status, 401, "{why}: {reply}");
+        assert_eq!(reply["error"], "a bearer token is required", "{why}");
+    }
+    let (status, reply) = http_once(
+        tcp(),
+        &format!("{append}\r\nAuthorization: Bearer {token}"),
+        &body,
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["position"], 1, "{reply}");
+    // The socket, guarded by its file mode, asks for no token.
+    let (status, reply) = http_once(
+        std::os::unix::net::UnixStream::connect(&socket).unwrap(),
+        append,
+        &event(0, 1).to_string(),
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["position"], 2, "{reply}");
+    // Only the two accepted appends were written.
+    let (status, reply) = http_once(
+        std::os::unix::net::UnixStream::connect(&socket).unwrap(),
+        "GET /v1/status HTTP/1.1",
+        "",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(reply["events"], 2, "{reply}");
+    daemon::stop(daemon);
+}
+
 /// `GET /v1/events?after=POS` streams what is there after POS, then each event as it commits;
 /// SIGTERM ends the stream and the daemon still exits 0.
 #[test]
