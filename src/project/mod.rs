@@ -333,8 +333,8 @@ pub fn replay<T: Target>(
 /// The projecting side of [`replay`]: sends the append-only rows of the events in
 /// `(from, last]` a chunk at a time, and their merged mutable rows at the end of each batch.
 /// The events are read and checked a chunk ahead on a thread of its own (hashing them was a
-/// fifth of this thread's work), whose buffers come back to it to be filled again. Stops early, without
-/// error, when the applying side has stopped.
+/// fifth of this thread's work), whose buffers come back to it to be filled again. Stops early,
+/// without error, when the applying side has stopped.
 fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,
     from: u64,

@@ -136,9 +136,13 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/metrics", get(metrics));
         // The socket is guarded by its file mode: only the HTTP listener checks a token.
         let router = match token {
-            Some(token) => router.layer(axum::middleware::from_fn(move |req, next| {
-                authorize(token.clone(), req, next)
-            })),
+            Some(token) => {
+                // Shared by every request, not copied for each.
+                let token: Arc<str> = token.into();
+                router.layer(axum::middleware::from_fn(move |req, next| {
+                    authorize(token.clone(), req, next)
+                }))
+            }
             None => router,
         };
         router
@@ -209,7 +213,7 @@ async fn shutdown_signal() {
 
 /// The HTTP listener requires `Authorization: Bearer <token>`.
 async fn authorize(
-    token: String,
+    token: Arc<str>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
