@@ -9,7 +9,8 @@
 //! after every spool figure is taken, so neither load's aftermath lands on the other's figures.
 //!
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
-//! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes; `SPOOL_BENCH_RUNS` (default 3) the
+//! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes; `SPOOL_BENCH_CLIENTS` (default
+//! `1,16,64`) the client counts; `SPOOL_BENCH_RUNS` (default 3) the
 //! rounds of every configuration, whose medians are the figures the targets are checked on (the
 //! machine is shared and noisy, and one 3-second load of a configuration varied by a fifth).
 
@@ -74,8 +75,8 @@ fn main() {
     // on every configuration, not all on one.
     let mut results: Vec<(usize, usize, Vec<Figure>)> = Vec::new();
     for round in 1..=runs {
-        for batch in batches() {
-            for clients in [1usize, 16, 64] {
+        for batch in sizes("SPOOL_BENCH_BATCHES", &[1, 100]) {
+            for clients in sizes("SPOOL_BENCH_CLIENTS", &[1, 16, 64]) {
                 let before = writer_counters(&socket);
                 let ours = spool_load(&socket, clients, batch, seconds);
                 let after = writer_counters(&socket);
@@ -161,19 +162,19 @@ fn main() {
     );
 }
 
-/// The request sizes measured: `SPOOL_BENCH_BATCHES` (say `100`), or both 1 and 100.
-fn batches() -> Vec<usize> {
-    std::env::var("SPOOL_BENCH_BATCHES")
-        .map(|v| {
-            v.split(',')
-                .map(|b| {
-                    b.trim()
-                        .parse()
-                        .expect("SPOOL_BENCH_BATCHES: sizes like 1,100")
-                })
-                .collect()
-        })
-        .unwrap_or_else(|_| vec![1, 100])
+/// A list of sizes from `var` (say `16,64`), or `default`.
+fn sizes(var: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{var}: sizes like 1,100, not {v:?}"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
 }
 
 /// Each figure's median over the rounds (taken one by one: a round's p99 may sit beside
