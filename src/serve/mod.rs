@@ -760,9 +760,9 @@ async fn backfill_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes)
 /// Keeps the SQLite projection up to the log: catches up after every commit (and every second,
 /// for events ingested otherwise).
 ///
-/// It runs on a thread of its own at the lowest normal priority (nice 19): appends come first,
-/// and under a burst the projection falls behind (reported as its lag) and catches up in larger
-/// transactions once the burst ends.
+/// It runs on a thread of its own in `SCHED_IDLE` (see [`priority::set_thread_idle`]): appends
+/// come first, and under a burst the projection falls behind (reported as its lag) and catches
+/// up in larger transactions once the burst ends.
 fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
     lower_priority();
     let mut stopping = app.stopping.subscribe();
@@ -813,10 +813,10 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
 /// How long the live projector waits after a commit for more before it catches up.
 const PROJECT_GATHER: Duration = Duration::from_millis(10);
 
-/// Lowers the calling thread's priority to [`priority::PROJECTOR_NICE`]. Best effort: a
-/// refusal leaves the priority as it was.
+/// Puts the calling thread in `SCHED_IDLE`, or where that is refused lowers it to
+/// [`priority::PROJECTOR_NICE`]. Best effort: a refusal of both leaves the priority as it was.
 fn lower_priority() {
-    if !priority::set_thread_nice(priority::PROJECTOR_NICE) {
+    if !priority::set_thread_idle() && !priority::set_thread_nice(priority::PROJECTOR_NICE) {
         tracing::debug!("the projector runs at the daemon's priority");
     }
 }
