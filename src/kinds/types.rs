@@ -10,7 +10,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::canonical_json;
+use super::canonical_json_from;
 
 macro_rules! string_type {
     ($(#[$doc:meta])* $name:ident, $schema:tt) => {
@@ -128,7 +128,7 @@ macro_rules! json_type {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                Ok($name(canonical_json(&Value::deserialize(d)?)))
+                canonical_json_from(d).map($name)
             }
         }
 
