@@ -57,7 +57,12 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub cache_bytes: usize,
+    pub kernel_cache_bytes: u64,
 }
+
+/// How much of the end of a node's log file stays in the kernel's page cache (`LogOptions`'
+/// own default, for a log opened without a home, is all of it).
+pub const KERNEL_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(serde::Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields, default)]
@@ -88,6 +93,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             cache_bytes: LogOptions::default().cache_bytes,
+            kernel_cache_bytes: KERNEL_CACHE_BYTES,
         }
     }
 }
@@ -117,6 +123,8 @@ const CONFIG_TEMPLATE: &str = "\
 [log]
 # The log file's page cache, shared by the writer and this process's readers.
 # cache_bytes = 67108864
+# How much of the end of the log file stays in the kernel's page cache as it grows (0: all of it).
+# kernel_cache_bytes = 268435456
 ";
 
 /// An opened node home.
@@ -239,6 +247,7 @@ impl Home {
             group_bytes_max: self.config.writer.group_bytes_max.max(1),
             queue_requests_max: self.config.writer.queue_requests_max.max(1),
             cache_bytes: self.config.log.cache_bytes,
+            kernel_cache_bytes: self.config.log.kernel_cache_bytes,
             ..LogOptions::default()
         }
     }
@@ -309,6 +318,7 @@ mod tests {
         for text in [CONFIG_TEMPLATE, include_str!("../ops/spool.toml.example")] {
             let config: Config = toml::from_str(text).unwrap();
             assert_eq!(config.log.cache_bytes, d.cache_bytes);
+            assert_eq!(config.log.kernel_cache_bytes, KERNEL_CACHE_BYTES);
             assert_eq!(config.writer.group_events_max, d.group_events_max);
             assert_eq!(config.writer.group_bytes_max, d.group_bytes_max);
             assert_eq!(config.writer.queue_requests_max, d.queue_requests_max);
@@ -317,9 +327,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home_dir = dir.path().join("node");
         Home::init(&home_dir, "pi").unwrap();
-        std::fs::write(home_dir.join(CONFIG_FILE), "[log]\ncache_bytes = 1048576\n").unwrap();
+        let home = Home::open(&home_dir).unwrap();
+        assert_eq!(home.log_options().kernel_cache_bytes, KERNEL_CACHE_BYTES);
+        std::fs::write(
+            home_dir.join(CONFIG_FILE),
+            "[log]\ncache_bytes = 1048576\nkernel_cache_bytes = 0\n",
+        )
+        .unwrap();
         let home = Home::open(&home_dir).unwrap();
         assert_eq!(home.log_options().cache_bytes, 1 << 20);
+        assert_eq!(home.log_options().kernel_cache_bytes, 0);
         home.open_log().unwrap();
     }
 

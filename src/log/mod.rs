@@ -200,6 +200,11 @@ pub struct LogOptions {
     /// cached would be fresh memory the process keeps; a cache that recycles its pages made
     /// a rebuild from an opened log faster, not slower.
     pub cache_bytes: usize,
+    /// How much of the end of the log file the writer leaves in the kernel's page cache; the
+    /// pages before it are dropped as the file grows (0: all stay, as the kernel decides). A
+    /// node's log is opened with 256 MiB (`[log] kernel_cache_bytes`); see the writer's
+    /// `KernelCache`.
+    pub kernel_cache_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -211,6 +216,7 @@ impl Default for LogOptions {
             queue_requests_max: 1024,
             stream_flush_events: 65_536,
             cache_bytes: 64 * 1024 * 1024,
+            kernel_cache_bytes: 0,
         }
     }
 }
@@ -702,7 +708,7 @@ impl Log {
         txn.open_table(FORKS)?;
         txn.commit()?;
         let db = Arc::new(db);
-        let writer = writer::Handle::start(db.clone(), origin, options)?;
+        let writer = writer::Handle::start(db.clone(), path, origin, options)?;
         Ok(Log {
             db,
             path: path.to_owned(),
