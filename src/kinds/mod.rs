@@ -434,7 +434,8 @@ where
 {
     // Written into a buffer the thread keeps, then copied out at its size: grown from empty for
     // each payload, the reallocations were half of this function's samples in the serve bench.
-    thread_local!(static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) });
+    use std::cell::Cell;
+    thread_local!(static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) });
     /// A buffer grown past this (by a large payload) is not kept.
     const SCRATCH_KEPT_BYTES: usize = 64 * 1024;
     let scratch = SCRATCH.take();

@@ -201,7 +201,7 @@ pub struct LogOptions {
     /// a rebuild from an opened log faster, not slower.
     pub cache_bytes: usize,
     /// How much of the end of the log file the writer leaves in the kernel's page cache; the
-    /// pages before it are dropped as the file grows (0: all stay, as the kernel decides). A
+    /// pages before it are dropped as the writer adds to it (0: all stay, as the kernel decides). A
     /// node's log is opened with 256 MiB (`[log] kernel_cache_bytes`); see the writer's
     /// `KernelCache`.
     pub kernel_cache_bytes: u64,

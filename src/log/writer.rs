@@ -352,11 +352,11 @@ fn run(
             });
             continue;
         }
-        // About what the commit writes (payloads, or shipped events), for `kernel_cache`.
-        let written: u64;
+        // About what the commit adds to the file (payloads, or shipped events): `kernel_cache`.
+        let bytes_written: u64;
         let outcome = match first {
             Request::Ingest(events, reply) => {
-                written = events.iter().map(|e| e.bytes.len() as u64).sum();
+                bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
                 let outcome = commit_ingest(db, &mut state, events);
                 if let Ok(report) = &outcome {
                     counters.committed(report.applied);
@@ -365,13 +365,14 @@ fn run(
                 outcome.map(|_| ())
             }
             Request::Append(events, reply) => {
-                let (mut n, mut bytes) = (events.len(), 0);
+                // The group's size; its payload bytes are also what the commit adds to the file.
+                let (mut n, mut bytes) = (events.len(), payload_bytes(&events));
                 let mut group = vec![(events, reply)];
                 while n < options.group_events_max && bytes < options.group_bytes_max {
                     match requests.try_recv() {
                         Ok(Request::Append(events, reply)) => {
                             n += events.len();
-                            bytes += events.iter().map(|e| e.payload.len()).sum::<usize>();
+                            bytes += payload_bytes(&events);
                             group.push((events, reply));
                         }
                         Ok(other) => {
@@ -388,11 +389,7 @@ fn run(
                     }
                     continue;
                 }
-                written = group
-                    .iter()
-                    .flat_map(|(events, _)| events)
-                    .map(|e| e.payload.len() as u64)
-                    .sum();
+                bytes_written = bytes as u64;
                 match commit_group(db, &mut state, &mut group) {
                     Ok(results) => {
                         let written = results.iter().flatten().filter(|a| !a.existing).count();
@@ -414,7 +411,7 @@ fn run(
         };
         if let (Ok(()), Some(cache)) = (&outcome, &mut kernel_cache) {
             // After the answers: appenders do not wait for it.
-            cache.after_commit(written);
+            cache.after_commit(bytes_written);
         }
         if let Err(error) = outcome {
             let cause = error.to_string();
@@ -429,26 +426,25 @@ fn run(
     }
 }
 
-/// How much the log file grows between the writer's checks of what it leaves cached.
+/// How much the writer's commits write between its drops of the log's older cached pages.
 pub(super) const KERNEL_CACHE_STEP: u64 = 16 * 1024 * 1024;
 
 /// Keeps only the newest part of the log file in the kernel's page cache: each time commits have
 /// written another [`KERNEL_CACHE_STEP`], the pages before the file's last `keep` bytes are
 /// dropped (`posix_fadvise(DONTNEED)`; the writer has just made them durable, so they are
 /// clean). Counted in bytes written, not by the file's growth: redb grows the file ahead of its
-/// data and then fills it. A long-running node's log would otherwise fill the memory the node's other
+/// data and then fills it (so what stays cached of the newest events is `keep` less the file's
+/// unused tail). A long-running node's log would otherwise fill the memory the node's other
 /// programs use with pages that only a rebuild or an export reads again, and those read the log
 /// once, in order. The live projector and event streams read the newest events, which stay.
-/// redb grows the file ahead of its data, so what stays cached of the newest events is `keep`
-/// less the file's unused tail.
 ///
-/// It also keeps appends off the kernel's slow path: a growing cache takes pages the machine
-/// has not used lately, each costing far more than one just freed (on the 2-core VM the benches
-/// ran on, touching 21 GiB took 61 s the first time, 25 s the next). With 64 clients sending
+/// It also keeps appends off the kernel's slow path: a growing cache takes pages the machine has
+/// not used lately, each costing far more than one just freed (on the 2-core VM the benches ran on,
+/// touching 21 GiB of memory took 60 s the first time, 25 s the next). With 64 clients sending
 /// 100-event requests the writer's share of its samples copying into new cache pages
 /// (`copy_folio_from_iter_atomic`) rose from 1-3% to 30-44% once the cache had grown. Three
-/// interleaved pairs of the serve bench's 100-event loads (3 rounds each) gave 64-client medians
-/// of 345 658, 325 820 and 322 661 events/s with 256 MiB kept, every round above 316 000,
+/// interleaved pairs of the serve bench's 100-event loads (3 rounds each) gave 64-client medians of
+/// 345 658, 325 820 and 322 661 events/s with 256 MiB kept, every round above 316 000,
 /// against 285 001, 267 490 and 324 838 with all kept, its rounds as low as 246 494.
 struct KernelCache {
     file: std::fs::File,
@@ -499,6 +495,10 @@ impl KernelCache {
             tracing::debug!(errno = refused, "the kernel kept the log's older pages");
         }
     }
+}
+
+fn payload_bytes(events: &[NewEvent]) -> usize {
+    events.iter().map(|e| e.payload.len()).sum()
 }
 
 /// What every request of a failed commit is told.
