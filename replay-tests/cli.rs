@@ -150,7 +150,7 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
         (activity("", "m"), "field `stream`: must not be empty"),
         (
             activity("s", "m").replace(r#""actor":"test""#, r#""actor":"test","colour":1"#),
-            "unknown field `colour`",
+            "field `(the request)`: has an unknown field",
         ),
         (
             activity("s", "m").replace(r#"{"message":"m"}"#, r#"{"message":"m","extra":true}"#),

@@ -27,6 +27,10 @@ struct Spec {
     stream: String,
     actor: String,
     data: Value,
+    /// As a newer build would write it: another version, or another kind's name, for a
+    /// payload encoded as `kind` (the kind this build knows).
+    stamped_version: Option<u16>,
+    stamped_kind: Option<String>,
 }
 
 fn origin(label: char) -> Origin {
@@ -59,8 +63,8 @@ fn build(specs: &[Spec]) -> Vec<Shipped> {
                     .collect(),
                 stream: s.stream.clone(),
                 actor: s.actor.clone(),
-                kind: s.kind.clone(),
-                version: kind.version,
+                kind: s.stamped_kind.clone().unwrap_or_else(|| s.kind.clone()),
+                version: s.stamped_version.unwrap_or(kind.version),
                 correlation: None,
                 causation: None,
                 key: None,
@@ -96,6 +100,8 @@ fn read_case(path: &Path) -> Vec<Spec> {
                 stream: v["stream"].as_str().unwrap().to_owned(),
                 actor: v["actor"].as_str().unwrap().to_owned(),
                 data: v["data"].clone(),
+                stamped_version: v["stamped_version"].as_u64().map(|n| n as u16),
+                stamped_kind: v["stamped_kind"].as_str().map(str::to_owned),
             }
         })
         .collect()
@@ -196,7 +202,14 @@ fn check(name: &str) -> Value {
 #[test]
 fn golden_cases_cover_every_table() {
     let mut covered = std::collections::BTreeSet::new();
-    for name in ["board", "loom", "fleet", "vault", "concurrent"] {
+    for name in [
+        "board",
+        "loom",
+        "fleet",
+        "vault",
+        "concurrent",
+        "unreadable",
+    ] {
         let tables = check(name);
         covered.extend(tables.as_object().unwrap().keys().cloned());
     }
@@ -345,6 +358,8 @@ fn random_specs(rng: &mut StdRng, n: usize) -> Vec<Spec> {
             stream,
             actor: "test".into(),
             data,
+            stamped_version: None,
+            stamped_kind: None,
         });
     }
     out
@@ -409,7 +424,13 @@ fn the_append_only_tables_are_the_ones_only_inserted_into() {
         }
     }
     let inserted: Vec<&str> = inserted.into_keys().collect();
-    assert_eq!(inserted, APPEND_ONLY);
+    // The replay itself inserts the list of events it could not read.
+    let listed: Vec<&str> = APPEND_ONLY
+        .iter()
+        .copied()
+        .filter(|t| *t != spool::project::UNREADABLE)
+        .collect();
+    assert_eq!(inserted, listed);
     for table in APPEND_ONLY {
         assert!(!upserted.contains_key(table), "{table} also gets upserts");
     }
@@ -545,6 +566,8 @@ fn a_commit_of_many_merged_rows_writes_every_row() {
                 stream: format!("task/{task}"),
                 actor: "test".into(),
                 data,
+                stamped_version: None,
+                stamped_kind: None,
             }
         })
         .collect();

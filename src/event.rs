@@ -315,6 +315,15 @@ impl EventRef<'_> {
     pub fn payload(&self) -> &[u8] {
         self.archived.payload.as_slice()
     }
+    pub fn correlation(&self) -> Option<&str> {
+        self.archived.correlation.as_ref().map(|k| k.as_str())
+    }
+    pub fn causation(&self) -> Option<&str> {
+        self.archived.causation.as_ref().map(|k| k.as_str())
+    }
+    pub fn deps_len(&self) -> usize {
+        self.archived.deps.len()
+    }
 
     /// Copies the view into an owned event.
     pub fn to_event(&self) -> Event {

@@ -51,6 +51,71 @@ pub struct Config {
     pub writer: WriterConfig,
     pub clock: ClockConfig,
     pub log: LogConfig,
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: where jobs run for a client (`spool rebuild --into`) may write besides the home.
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    pub dir: Option<PathBuf>,
+}
+
+/// Every bounded setting: its key, its value, and the range it must lie in. A value outside is
+/// refused by name with the range, before anything is opened: a queue of 2^40 requests or a
+/// cache of 2^63 bytes is never tried.
+const MIB: u64 = 1024 * 1024;
+
+impl Config {
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 6] {
+        let n = |v: usize| v as u64;
+        [
+            (
+                "writer.group_events_max",
+                n(self.writer.group_events_max),
+                1..=100_000,
+            ),
+            (
+                "writer.group_bytes_max",
+                n(self.writer.group_bytes_max),
+                MIB..=1024 * MIB,
+            ),
+            (
+                "writer.queue_requests_max",
+                n(self.writer.queue_requests_max),
+                1..=65_536,
+            ),
+            (
+                "clock.max_drift_ms",
+                self.clock.max_drift_ms,
+                0..=7 * 24 * 3_600_000,
+            ),
+            (
+                "log.cache_bytes",
+                n(self.log.cache_bytes),
+                MIB..=16 * 1024 * MIB,
+            ),
+            (
+                "log.kernel_cache_bytes",
+                self.log.kernel_cache_bytes,
+                0..=1024 * 1024 * MIB,
+            ),
+        ]
+    }
+
+    /// The first setting outside its range, as a sentence naming the key and the range.
+    pub fn check(&self) -> Result<(), String> {
+        for (key, value, range) in self.ranges() {
+            if !range.contains(&value) {
+                return Err(format!(
+                    "{key} must be from {} to {}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(serde::Deserialize, Clone, Debug)]
@@ -125,6 +190,10 @@ const CONFIG_TEMPLATE: &str = "\
 # cache_bytes = 67108864
 # How much of the end of the log file stays in the kernel's page cache as it grows (0: all of it).
 # kernel_cache_bytes = 268435456
+
+[jobs]
+# A folder where `spool rebuild sqlite --into` may write new files besides the home.
+# dir = \"/srv/spool-rebuilds\"
 ";
 
 /// An opened node home.
@@ -198,7 +267,12 @@ impl Home {
         let origin = Origin::from_hex(&node.id).map_err(|e| bad(&node_path, format!("id: {e}")))?;
         let config_path = dir.join(CONFIG_FILE);
         let config = match std::fs::read_to_string(&config_path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| bad(&config_path, e.to_string()))?,
+            Ok(text) => {
+                let config: Config =
+                    toml::from_str(&text).map_err(|e| bad(&config_path, e.to_string()))?;
+                config.check().map_err(|e| bad(&config_path, e))?;
+                config
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(source) => {
                 return Err(HomeError::Io {
@@ -235,6 +309,14 @@ impl Home {
         self.dir.join(LOG_FILE)
     }
 
+    /// Where jobs may write: the home, and `[jobs] dir`.
+    pub fn places(&self) -> crate::jobs::Places {
+        crate::jobs::Places {
+            home: self.dir.clone(),
+            dir: self.config.jobs.dir.clone(),
+        }
+    }
+
     /// The node's SQLite projection, kept current after every append and ingest.
     pub fn projection_path(&self) -> PathBuf {
         self.dir.join("projection.sqlite")
@@ -243,9 +325,9 @@ impl Home {
     pub fn log_options(&self) -> LogOptions {
         LogOptions {
             max_drift_ms: self.config.clock.max_drift_ms,
-            group_events_max: self.config.writer.group_events_max.max(1),
-            group_bytes_max: self.config.writer.group_bytes_max.max(1),
-            queue_requests_max: self.config.writer.queue_requests_max.max(1),
+            group_events_max: self.config.writer.group_events_max,
+            group_bytes_max: self.config.writer.group_bytes_max,
+            queue_requests_max: self.config.writer.queue_requests_max,
             cache_bytes: self.config.log.cache_bytes,
             kernel_cache_bytes: self.config.log.kernel_cache_bytes,
             ..LogOptions::default()
@@ -357,5 +439,56 @@ mod tests {
             err.contains("spool.toml") && err.contains("group_event_max"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_by_key_with_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("n");
+        Home::init(&home, "n").unwrap();
+        for (text, key) in [
+            (
+                "[writer]\nqueue_requests_max = 1099511627777\n",
+                "writer.queue_requests_max",
+            ),
+            (
+                "[writer]\nqueue_requests_max = 0\n",
+                "writer.queue_requests_max",
+            ),
+            (
+                "[writer]\ngroup_events_max = 0\n",
+                "writer.group_events_max",
+            ),
+            (
+                "[writer]\ngroup_bytes_max = 9223372036854775807\n",
+                "writer.group_bytes_max",
+            ),
+            (
+                "[log]\ncache_bytes = 9223372036854775807\n",
+                "log.cache_bytes",
+            ),
+            (
+                "[log]\nkernel_cache_bytes = 9223372036854775807\n",
+                "log.kernel_cache_bytes",
+            ),
+            (
+                "[clock]\nmax_drift_ms = 9223372036854775807\n",
+                "clock.max_drift_ms",
+            ),
+        ] {
+            std::fs::write(home.join(CONFIG_FILE), text).unwrap();
+            let err = Home::open(&home).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(" to "), "{text}: {err}");
+            assert!(
+                !err.contains("9223372036854775807") && !err.contains("1099511627777"),
+                "{err}"
+            );
+        }
+        std::fs::write(
+            home.join(CONFIG_FILE),
+            "[writer]\nqueue_requests_max = 65536\n",
+        )
+        .unwrap();
+        Home::open(&home).unwrap().open_log().unwrap();
     }
 }

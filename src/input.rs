@@ -11,7 +11,7 @@ use std::io::BufRead;
 
 use serde_json::Value;
 
-use crate::event::{NAME_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use crate::event::{DEPS_MAX, NAME_BYTES_MAX, PAYLOAD_BYTES_MAX};
 use crate::kinds::{self, DataError};
 
 /// Upper bound on events in one atomic batch.
@@ -58,7 +58,7 @@ pub enum InputError {
     Json(String),
     #[error("field `{field}`: {problem}")]
     Field { field: String, problem: String },
-    #[error("unknown event kind {0:?} (`spool schema list` shows the kinds)")]
+    #[error("kind: unknown event kind {} (`spool schema list` shows the kinds)", shown(.0))]
     UnknownKind(String),
     #[error("{kind}: {error}")]
     Data { kind: String, error: DataError },
@@ -78,20 +78,45 @@ pub enum InputError {
     Read(String),
 }
 
+impl InputError {
+    /// The stable machine-readable code of this refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InputError::Line { error, .. } => error.code(),
+            InputError::Json(_) | InputError::Empty | InputError::Read(_) => "invalid_json",
+            InputError::Field { .. } => "invalid_field",
+            InputError::UnknownKind(_) => "unknown_kind",
+            InputError::Data { .. } => "invalid_data",
+            InputError::PayloadTooLarge { .. }
+            | InputError::BatchTooLarge
+            | InputError::BatchSize
+            | InputError::BatchBytesTooLarge
+            | InputError::LineTooLong => "too_large",
+        }
+    }
+}
+
+/// How a refusal shows a value it names: at most a cut, escaped prefix, so neither a secret
+/// nor a megabyte is echoed back or logged.
+pub fn shown(value: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 24;
+    let mut out: String = value
+        .chars()
+        .take(SHOWN_CHARS_MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(SHOWN_CHARS_MAX).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
+}
+
 /// Parses one JSON request text.
 pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let request: AppendRequest = serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() || field == "." {
-            InputError::Json(inner.to_string())
-        } else {
-            InputError::Field {
-                field,
-                problem: strip_position(&inner.to_string()),
-            }
-        }
+        let path = e.path().clone();
+        refusal(&path, e.into_inner())
     })?;
     new_event(request)
 }
@@ -145,7 +170,11 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
                 false => tracked::<Vec<AppendRequest>>(bytes).map(|_| ()),
             }
             .expect_err("a body that failed to parse fails again");
-            let mut segments = path.iter();
+            let segments: Vec<&serde_path_to_error::Segment> = path
+                .as_ref()
+                .map(|p| p.iter().collect())
+                .unwrap_or_default();
+            let mut segments = segments.into_iter();
             let index = match (single, segments.next()) {
                 (false, Some(serde_path_to_error::Segment::Seq { index })) => Some(*index),
                 _ => None,
@@ -155,9 +184,24 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("."),
-                None => path.to_string(),
+                None => path.as_ref().map_or_else(String::new, ToString::to_string),
             };
             let error = match &error {
+                // Named by the object holding it (the refusal says why).
+                InputError::Field {
+                    field: holder,
+                    problem,
+                } if problem.starts_with("has an unknown field") => {
+                    let holder = match (index, field.rsplit_once('.')) {
+                        (_, Some((parent, _))) => parent.to_owned(),
+                        (None, None) => holder.clone(),
+                        (Some(_), None) => "(the request)".to_owned(),
+                    };
+                    InputError::Field {
+                        field: holder,
+                        problem: problem.clone(),
+                    }
+                }
                 // The element itself is not an object.
                 InputError::Field { problem, .. } if field.is_empty() => {
                     InputError::Json(problem.clone())
@@ -168,7 +212,10 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
                 },
                 other => other.clone(),
             };
-            let field = matches!(error, InputError::Field { .. }).then_some(field);
+            let field = match &error {
+                InputError::Field { field, .. } => Some(field.clone()),
+                _ => None,
+            };
             return Err(refuse(error, field, index));
         }
     };
@@ -193,22 +240,46 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
 /// Reads `bytes` as a `T`, tracking the path, to explain why it is refused.
 fn tracked<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
-) -> Result<T, (InputError, serde_path_to_error::Path)> {
+) -> Result<T, (InputError, Option<serde_path_to_error::Path>)> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut *de);
+    // Bytes after the value: refused as the first read refused them.
+    if parsed.is_ok() {
+        if let Err(e) = de.end() {
+            return Err((InputError::Json(e.to_string()), None));
+        }
+    }
+    parsed.map_err(|e| {
         let path = e.path().clone();
-        let field = path.to_string();
-        let inner = e.into_inner();
-        let error = if inner.is_syntax() || inner.is_eof() || field == "." {
-            InputError::Json(inner.to_string())
-        } else {
-            InputError::Field {
-                field,
-                problem: strip_position(&inner.to_string()),
-            }
-        };
-        (error, path)
+        let error = refusal(&path, e.into_inner());
+        (error, Some(path))
     })
+}
+
+/// A JSON refusal at `path`: a syntax error as such, a field's by its path and rule. An unknown
+/// field is named by the object holding it, not by its own name, which is the client's text.
+fn refusal(path: &serde_path_to_error::Path, inner: serde_json::Error) -> InputError {
+    let field = path.to_string();
+    let problem = strip_position(&inner.to_string());
+    if inner.is_syntax() || inner.is_eof() {
+        return InputError::Json(inner.to_string());
+    }
+    if problem.starts_with("unknown field") {
+        let segments: Vec<String> = path.iter().map(ToString::to_string).collect();
+        let holder = segments[..segments.len().saturating_sub(1)].join(".");
+        return InputError::Field {
+            field: if holder.is_empty() {
+                "(the request)".into()
+            } else {
+                holder
+            },
+            problem: format!("has an {problem}"),
+        };
+    }
+    match field.as_str() {
+        "." => InputError::Json(problem),
+        _ => InputError::Field { field, problem },
+    }
 }
 
 /// An event as `spool log` prints it and the daemon streams it: the envelope, the position and
@@ -317,6 +388,58 @@ pub fn new_event(request: AppendRequest) -> Result<NewEvent, InputError> {
     })
 }
 
+/// The rules `append` enforces, applied to an event another node wrote: its names within their
+/// limits and free of control characters, a seq from 1, at most [`DEPS_MAX`] deps, and a payload
+/// within its limit that, for a kind and version this build reads, decodes and passes the kind's
+/// schema and holds no NUL. An event of a kind or version this build cannot read is kept (its
+/// chain needs it) and skipped by projections until an upgrade reads it.
+pub fn check_shipped(event: &crate::event::EventRef<'_>) -> Result<(), InputError> {
+    check_name("stream", event.stream())?;
+    check_name("actor", event.actor())?;
+    check_name("kind", event.kind())?;
+    for (field, value) in [
+        ("key", event.key()),
+        ("correlation", event.correlation()),
+        ("causation", event.causation()),
+    ] {
+        if let Some(value) = value {
+            check_name(field, value)?;
+        }
+    }
+    let field = |field: &str, problem: &str| InputError::Field {
+        field: field.to_owned(),
+        problem: problem.to_owned(),
+    };
+    if event.seq() == 0 {
+        return Err(field("seq", "must be 1 or more"));
+    }
+    if event.deps_len() > DEPS_MAX {
+        return Err(field("deps", "names more origins than the limit of 1024"));
+    }
+    let payload = event.payload();
+    let spec = match kinds::lookup(event.kind()) {
+        Some(spec) if spec.readable.contains(&event.version()) => spec,
+        _ => return Ok(()),
+    };
+    if payload.len() > PAYLOAD_BYTES_MAX {
+        return Err(InputError::PayloadTooLarge {
+            kind: spec.name.to_owned(),
+            bytes: payload.len(),
+        });
+    }
+    let data = spec
+        .decode(event.version(), payload)
+        .map_err(|e| field("data", &format!("is not a readable payload ({e})")))?;
+    if let Some(path) = has_nul(&data).then(|| nul_at(&data, "data")).flatten() {
+        return Err(field(&path, "contains a NUL character (U+0000)"));
+    }
+    spec.encode(&data).map_err(|error| InputError::Data {
+        kind: spec.name.to_owned(),
+        error,
+    })?;
+    Ok(())
+}
+
 /// Reads JSON lines (blank lines skipped) into one batch, refusing the whole batch on any error.
 pub fn parse_lines(input: impl BufRead) -> Result<Vec<NewEvent>, InputError> {
     read_lines(input, parse_request)
@@ -415,12 +538,35 @@ fn nul_at(value: &Value, path: &str) -> Option<String> {
     }
 }
 
-/// serde_json appends " at line 1 column 9" to its messages; the field name says more.
+/// serde_json appends " at line 1 column 9" to its messages; the field name says more. serde
+/// also quotes the value it refused (`invalid type: string "…"`, ``unknown field `…` ``): the
+/// quote goes, the rule stays.
 fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
+    let message = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    let expected = message.find(", expected").map_or("", |i| &message[i..]);
+    for (start, rule) in [
+        ("invalid type: ", "invalid type"),
+        ("invalid value: ", "invalid value"),
+        ("unknown field", "unknown field"),
+        ("unknown variant", "unknown variant"),
+    ] {
+        if message.starts_with(start) {
+            let what = match start {
+                "invalid type: " => message
+                    .trim_start_matches(start)
+                    .split([' ', ','])
+                    .next()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            return format!("{rule}{what}{expected}");
+        }
     }
+    message.to_owned()
 }
 
 #[cfg(test)]
@@ -461,11 +607,11 @@ mod tests {
         );
         check(
             r#"{"kind":"activity.logged","stream":5,"actor":"a","data":{}}"#,
-            "field `stream`: invalid type: integer `5`, expected a string",
+            "field `stream`: invalid type (integer), expected a string",
         );
         check(
             r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{"message":"m"},"extra":1}"#,
-            "unknown field `extra`",
+            "field `(the request)`: has an unknown field, expected one of",
         );
         check(
             r#"{"kind":"activity.logged","stream":"s","data":{}}"#,
@@ -565,6 +711,23 @@ mod tests {
             r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{},"extra":1}"#.into(),
         );
         assert_eq!(e.index, None);
-        assert!(e.to_string().contains("extra"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("(the request)"));
+        // The unknown field's name is the client's text: not echoed.
+        assert!(!e.to_string().contains("extra"), "{e}");
+        let e = refused(format!(
+            r#"[{good},{{"kind":"activity.logged","stream":"s","actor":"a","data":{{}},"secret-ish":1}}]"#
+        ));
+        assert_eq!(
+            (e.index, e.field.as_deref()),
+            (Some(1), Some("(the request)"))
+        );
+        assert!(!e.to_string().contains("secret-ish"), "{e}");
+        // Bytes after a valid body are refused (they once panicked the path-tracking re-read).
+        for tail in [" x", "x", " {}", "]", " [1]"] {
+            let e = refused(format!("{good}{tail}"));
+            assert!(matches!(e.error, InputError::Json(_)), "{tail:?}: {e}");
+            let e = refused(format!("[{good}]{tail}"));
+            assert!(matches!(e.error, InputError::Json(_)), "{tail:?}: {e}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::event::Origin;
+use crate::files::{self, Existing, FileError, NewFile};
 use crate::log::{LogError, Reader};
 use crate::project::postgres::{self, Postgres, PostgresError};
 use crate::project::sqlite::{Durability, Sqlite, SqliteError};
@@ -19,7 +20,7 @@ use crate::project::{self, ReplayError, Target, Until};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("--as-of {text:?}: neither a position nor an RFC 3339 time ({problem})")]
+    #[error("--as-of {}: neither a position nor an RFC 3339 time ({problem})", crate::input::shown(.text))]
     AsOf { text: String, problem: String },
     #[error(transparent)]
     Log(#[from] LogError),
@@ -27,12 +28,22 @@ pub enum JobError {
     Sqlite(#[from] ReplayError<SqliteError>),
     #[error("Postgres: {0}")]
     Postgres(#[from] ReplayError<PostgresError>),
-    #[error("{what} {path}: {source}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+impl JobError {
+    /// The stable machine-readable code of this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobError::AsOf { .. } => "invalid_field",
+            JobError::Log(_) => "log",
+            JobError::Sqlite(_) => "sqlite",
+            JobError::Postgres(_) => "postgres",
+            JobError::File(FileError::Refused { .. }) => "path_refused",
+            JobError::File(FileError::Io { .. }) => "file",
+        }
+    }
 }
 
 impl From<SqliteError> for JobError {
@@ -72,39 +83,139 @@ pub fn as_of(text: Option<&str>) -> Result<Until, JobError> {
     })
 }
 
-/// Rebuilds a SQLite projection of the log up to `until` into a new file beside `path`, and
-/// returns that file; [`swap_in`] then puts it in place. Nothing at `path` changes until then.
+/// Where jobs may write: the node's home (never over its own files) and a folder the config
+/// names.
+#[derive(Clone, Debug)]
+pub struct Places {
+    pub home: PathBuf,
+    /// `[jobs] dir` of `spool.toml`.
+    pub dir: Option<PathBuf>,
+}
+
+/// The files of a home that no job may write, by name: the log, the live projection (a rebuild
+/// of it leaves `into` out), the identity, config, token and socket, and any file whose name
+/// begins with one of theirs (their journals and WAL files).
+const HOME_FILES: [&str; 6] = [
+    "log.redb",
+    "projection.sqlite",
+    "node.toml",
+    "spool.toml",
+    "serve.token",
+    "spool.sock",
+];
+
+/// A rebuild's target: the node's live projection (replaced whole), or a new file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RebuildTarget {
+    Live(PathBuf),
+    New(PathBuf),
+}
+
+impl RebuildTarget {
+    pub fn path(&self) -> &Path {
+        match self {
+            RebuildTarget::Live(path) | RebuildTarget::New(path) => path,
+        }
+    }
+}
+
+impl Places {
+    /// The target of `spool rebuild sqlite [--into PATH]`: without `into`, the node's projection;
+    /// with it, a new file inside the home or `[jobs] dir`, never a home file by any spelling,
+    /// a link, or a file that exists. The refusal names the rule.
+    pub fn rebuild_target(&self, into: Option<&Path>) -> Result<RebuildTarget, JobError> {
+        let Some(into) = into else {
+            return Ok(RebuildTarget::Live(self.home.join("projection.sqlite")));
+        };
+        let refused = |rule| {
+            JobError::File(FileError::Refused {
+                path: into.to_owned(),
+                rule,
+            })
+        };
+        if !into.is_absolute() {
+            return Err(refused("`into` must be an absolute path"));
+        }
+        let (Some(parent), Some(name)) = (into.parent(), into.file_name()) else {
+            return Err(refused("names no file"));
+        };
+        // Every spelling of a folder (`..`, links) resolved to one before it is compared.
+        let canonical = |path: &Path| {
+            std::fs::canonicalize(path).map_err(|source| {
+                JobError::File(FileError::Io {
+                    what: "resolving",
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+        };
+        let folder = canonical(parent)?;
+        let home = canonical(&self.home)?;
+        let allowed = match &self.dir {
+            Some(dir) => folder.starts_with(&home) || folder.starts_with(canonical(dir)?),
+            None => folder.starts_with(&home),
+        };
+        if folder == home {
+            let name = name.to_string_lossy();
+            if name.starts_with("log.redb") {
+                return Err(refused("is the node's log; no job writes it"));
+            }
+            if name.starts_with("projection.sqlite") {
+                return Err(refused(
+                    "is the node's live projection; leave `into` out to rebuild it",
+                ));
+            }
+            if HOME_FILES.iter().any(|own| name.starts_with(own)) {
+                return Err(refused("is one of the home's own files; no job writes it"));
+            }
+        }
+        if !allowed {
+            return Err(refused(
+                "is outside the node's home and `[jobs] dir`; a job writes only there",
+            ));
+        }
+        let target = folder.join(name);
+        files::check_target(&target, Existing::Refuse)?;
+        Ok(RebuildTarget::New(target))
+    }
+}
+
+/// Rebuilds a SQLite projection of the log up to `until` into a new file beside its target,
+/// and returns that file; [`swap_in`] then puts it in place. Nothing at the target changes until
+/// then, and a rebuild that fails (a full disk) removes its file.
 pub fn rebuild(
     reader: &Reader,
-    path: &Path,
+    target: &RebuildTarget,
     until: Until,
     mut progress: impl FnMut(u64, u64),
-) -> Result<(PathBuf, Value), JobError> {
-    let partial = path.with_extension("rebuilding");
-    let _ = std::fs::remove_file(&partial);
+) -> Result<(NewFile, Value), JobError> {
+    let existing = match target {
+        RebuildTarget::Live(_) => Existing::ReplaceRegular,
+        RebuildTarget::New(_) => Existing::Refuse,
+    };
+    let partial = NewFile::create(target.path(), existing)?;
     let end = reader.last_position()?;
     let last = until.position.map_or(end, |p| p.min(end));
     let started = Instant::now();
-    let mut target = Sqlite::open(&partial, Durability::Rebuild)?;
-    let applied = project::replay(reader, &mut target, 0, until, |p| progress(p, last))?;
-    target.finish()?;
+    let mut db = Sqlite::open(partial.temp_path(), Durability::Rebuild)?;
+    let applied = project::replay(reader, &mut db, 0, until, |p| progress(p, last))?;
+    db.finish()?;
     let seconds = started.elapsed().as_secs_f64();
     let summary = json!({
-        "path": path, "applied": applied, "position": last, "seconds": seconds,
+        "path": target.path(), "applied": applied, "position": last, "seconds": seconds,
         "events_per_second": applied as f64 / seconds.max(1e-9),
     });
     Ok((partial, summary))
 }
 
-/// Moves a rebuilt projection over `path` (one rename) and removes the old file's WAL.
-pub fn swap_in(partial: &Path, path: &Path) -> Result<(), JobError> {
-    std::fs::rename(partial, path).map_err(|source| JobError::File {
-        what: "moving the rebuilt projection to",
-        path: path.to_owned(),
-        source,
-    })?;
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+/// Puts a rebuilt projection at its target (one rename over the live projection, whose stale
+/// WAL goes with it; a link for a new file, which fails if one appeared meanwhile).
+pub fn swap_in(partial: NewFile, target: &RebuildTarget) -> Result<(), JobError> {
+    partial.place()?;
+    if let RebuildTarget::Live(path) = target {
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! them.
 
 pub mod event;
+pub mod files;
 pub mod hlc;
 pub mod home;
 pub mod input;

@@ -73,6 +73,14 @@ CREATE TABLE loom_step_runs (
   PRIMARY KEY (run_id, step_id)
 );
 
+-- Events this build could not read when it projected them (a kind or version from a newer
+-- build): skipped, listed here until an upgraded spool projects them.
+CREATE TABLE spool_unreadable (
+  id text PRIMARY KEY,
+  kind text NOT NULL, version bigint NOT NULL, stream text NOT NULL, problem text NOT NULL,
+  created_at timestamptz NOT NULL
+);
+
 CREATE TABLE activity_log (
   id text PRIMARY KEY,
   stream text NOT NULL, actor text NOT NULL, message text NOT NULL, source text, meta jsonb,

@@ -79,6 +79,15 @@ CREATE TABLE loom_step_runs (
   PRIMARY KEY (run_id, step_id)
 );
 
+-- Events this build could not read when it projected them (a kind or version from a newer
+-- build): kept in the log, skipped by the projection, listed here until an upgraded spool
+-- rebuilds the projection.
+CREATE TABLE spool_unreadable (
+  id TEXT PRIMARY KEY,
+  kind TEXT NOT NULL, version INTEGER NOT NULL, stream TEXT NOT NULL, problem TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+
 CREATE TABLE activity_log (
   id TEXT PRIMARY KEY,
   stream TEXT NOT NULL, actor TEXT NOT NULL, message TEXT NOT NULL, source TEXT, meta TEXT,

@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use spool::event::Origin;
+use spool::files::{Existing, NewFile};
 use spool::home::Home;
 use spool::input::{self, AppendRequest, InputError, NewEvent};
 use spool::jobs;
@@ -219,7 +220,7 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
         spool::serve::Options {
             socket,
             http,
-            projection: home.projection_path(),
+            places: home.places(),
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");
@@ -512,7 +513,29 @@ fn status_from_daemon(home: &Home, status: Value, as_json: bool) -> ExitCode {
     if let Some(reason) = status["halted"].as_str() {
         println!("HALTED  own writes are stopped: {reason}");
     }
+    print_unreadable(status["unreadable"].as_u64().unwrap_or(0));
     ExitCode::SUCCESS
+}
+
+/// The line `status` shows when the projection skipped events this build cannot read.
+fn print_unreadable(unreadable: u64) {
+    if unreadable > 0 {
+        println!(
+            "UNREADABLE {unreadable} events of kinds this build cannot read: upgrade spool \
+             (they are kept; a rebuild projects them then)"
+        );
+    }
+}
+
+/// Events the node's projection skipped as unreadable (0 when it has no projection yet).
+fn unreadable(home: &Home) -> u64 {
+    let path = home.projection_path();
+    if !path.exists() {
+        return 0;
+    }
+    Sqlite::open_read_only(&path)
+        .and_then(|db| db.unreadable())
+        .unwrap_or(0)
 }
 
 fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
@@ -541,6 +564,7 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
                 "waiting": pending,
                 "forks": forks,
                 "halted": halted,
+                "unreadable": unreadable(&home),
             })
         );
     } else {
@@ -568,6 +592,7 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         if let Some(reason) = &halted {
             println!("HALTED  own writes are stopped: {reason}");
         }
+        print_unreadable(unreadable(&home));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -674,21 +699,17 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let count = match &args.out {
         Some(path) => {
-            // Written beside the target and renamed, so a reader never sees half a file.
-            let partial = path.with_extension("partial");
-            let file = std::fs::File::create(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
-            let mut out = BufWriter::new(file);
-            let written = export(&mut out).and_then(|count| {
-                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                std::fs::rename(&partial, path)?;
-                Ok(count)
-            });
-            if written.is_err() {
-                // Half an export is of no use to anyone: it goes.
-                let _ = std::fs::remove_file(&partial);
-            }
-            written?
+            // Written into a file of its own beside the target and moved over it whole, so a
+            // reader never sees half a file; only a regular file is replaced, and a failed
+            // export removes only the file it made.
+            let mut partial = NewFile::create(path, Existing::ReplaceRegular)
+                .map_err(|e| Usage(format!("--out {e}")))?;
+            let mut out = BufWriter::new(partial.file());
+            let count = export(&mut out)?;
+            out.flush()?;
+            drop(out);
+            partial.place()?;
+            count
         }
         None => {
             let mut out = BufWriter::new(std::io::stdout().lock());
@@ -1064,18 +1085,22 @@ fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::
     let home = Home::open(dir)?;
     // The daemon's working directory is not ours: it is given an absolute path.
     let into = into.map(std::path::absolute).transpose()?;
+    // The same rule as the daemon's, checked here first so the refusal is the same either way.
+    let target = home
+        .places()
+        .rebuild_target(into.as_deref())
+        .map_err(|e| Usage(e.to_string()))?;
     let request = json!({"into": into, "as_of": as_of});
     let summary = match daemon_job(dir, "/v1/jobs/rebuild", request, "rebuilding")? {
         Some(summary) => summary,
         None => {
             let log = home.open_log()?;
-            let path = into.unwrap_or_else(|| home.projection_path());
             let reader = log.read()?;
             let bar = progress_bar(0, "rebuilding");
-            let built = jobs::rebuild(&reader, &path, until, shown(&bar));
+            let built = jobs::rebuild(&reader, &target, until, shown(&bar));
             bar.finish_and_clear();
             let (partial, summary) = built?;
-            jobs::swap_in(&partial, &path)?;
+            jobs::swap_in(partial, &target)?;
             summary
         }
     };
@@ -1111,7 +1136,7 @@ fn digest(dir: &Path, db: Option<PathBuf>, as_json: bool) -> anyhow::Result<Exit
 }
 
 fn sql(dir: &Path, statement: &str, db: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let projection = projection(dir, db)?;
+    let mut projection = projection(dir, db)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed = None;
     projection

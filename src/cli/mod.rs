@@ -249,10 +249,18 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // A damaged file can make the storage engine panic; report it as a failure, never a crash.
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(|| commands::run(cli));
-    match outcome {
+    // A panic is a bug: the hook says where (once, as a sentence), and the exit code is 1.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map_or_else(|| "an unknown place".to_owned(), ToString::to_string);
+        eprintln!(
+            "spool: a bug stopped this command at {location} ({}); please report it. \
+             Nothing acknowledged is lost: every write commits whole or not at all.",
+            spool::serve::panic_message(info.payload())
+        );
+    }));
+    match std::panic::catch_unwind(|| commands::run(cli)) {
         Ok(Ok(code)) => code,
         Ok(Err(error)) => {
             eprintln!("spool: {}", sentence(&error));
@@ -262,17 +270,7 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown failure".into());
-            eprintln!(
-                "spool: the log could not be read ({what}); the file may be damaged: `spool verify` checks it"
-            );
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

@@ -136,8 +136,35 @@ pub const APPEND_ONLY: &[&str] = &[
     "pairing_attempts",
     "score_history",
     "score_overrides",
+    "spool_unreadable",
     "vault_access_log",
 ];
+
+/// The table listing the events a projection skipped because this build cannot read them.
+pub const UNREADABLE: &str = "spool_unreadable";
+
+/// The row that records an event this build cannot read: the projection skips the event and
+/// lists it, so it never stops, and an upgraded build's rebuild projects it.
+fn unreadable(ctx: &Context<'_>, kind: &str, version: u16, error: &kinds::PayloadError) -> Write {
+    let problem = match error {
+        kinds::PayloadError::UnknownKind(_) => "a kind this build does not know".to_owned(),
+        kinds::PayloadError::UnknownVersion { .. } => {
+            "a version this build does not read".to_owned()
+        }
+        kinds::PayloadError::Invalid { problem, .. } => format!("not a valid payload: {problem}"),
+    };
+    Write::Insert {
+        table: UNREADABLE,
+        cols: vec![
+            ("id", Val::Text(ctx.id.clone())),
+            ("kind", Val::Text(kind.into())),
+            ("version", Val::Int(i64::from(version))),
+            ("stream", Val::Text(ctx.stream.into())),
+            ("problem", Val::Text(problem.into())),
+            ("created_at", Val::Text(ctx.at.clone())),
+        ],
+    }
+}
 
 /// The local tables' projector: the writes one event makes.
 pub fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
@@ -381,9 +408,15 @@ fn project_range<E: std::error::Error + 'static>(
                 {
                     continue;
                 }
-                let body = kinds::body(event.kind(), event.version(), event.payload())
-                    .map_err(|error| ReplayError::Payload { position, error })?;
-                for write in writes(&Context::of(&event), &body) {
+                let ctx = Context::of(&event);
+                let written = match kinds::body(event.kind(), event.version(), event.payload()) {
+                    Ok(body) => writes(&ctx, &body),
+                    Err(error) => {
+                        tracing::debug!("position {position}: skipped, {error}");
+                        vec![unreadable(&ctx, event.kind(), event.version(), &error)]
+                    }
+                };
+                for write in written {
                     match write {
                         Write::Insert { table, cols } => rows.push((table, cols)),
                         Write::Upsert {

@@ -34,7 +34,19 @@ pub const SCHEMA: &str = include_str!("../../projections/postgres/schema.sql");
 /// The tables, laid out in the current schema (`public`, or a backfill's shadow).
 pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
 /// Bumped whenever the DDL changes: an older database is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+/// Version 1 lacked the list of events a projection could not read (added whole by this).
+const MIGRATE_1_TO_2: &str = "CREATE TABLE IF NOT EXISTS public.spool_unreadable (
+  id text PRIMARY KEY,
+  kind text NOT NULL, version bigint NOT NULL, stream text NOT NULL, problem text NOT NULL,
+  created_at timestamptz NOT NULL
+);
+UPDATE public.spool_meta SET schema_version = 2 WHERE id = 1 AND schema_version = 1;";
+/// How long connecting may take (a server that does not answer), unless the URL says.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long sent data may stay unacknowledged, and an idle connection unprobed, before the
+/// connection is given up (a server that went silent mid-job).
+pub const SILENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Rows sent in one statement (live) or one COPY (backfill).
 pub const ROWS_PER_STATEMENT: usize = 4_096;
 /// Memory for merged rows held until commit, live and in a backfill.
@@ -51,6 +63,10 @@ pub enum PostgresError {
     Sql(#[from] postgres::Error),
     #[error("the database's spool schema is version {found}, this build writes {SCHEMA_VERSION}")]
     OtherSchema { found: i64 },
+    #[error("connecting to {target}: {cause}")]
+    Connect { target: String, cause: String },
+    #[error("the connection string is not valid: {0}")]
+    Url(String),
     #[error("the checkpoint of node {node} holds a hash of {len} bytes")]
     BadCheckpoint { node: String, len: usize },
     #[error("the checkpoint of node {node} moved while this replay ran (another projection of this node, or a backfill swapped in); it is read again")]
@@ -63,6 +79,66 @@ pub enum PostgresError {
         column: &'static str,
         problem: String,
     },
+}
+
+/// Connects with bounded waits: [`CONNECT_TIMEOUT`] to connect (unless the URL sets one), and
+/// keepalives and a TCP user timeout of [`SILENT_TIMEOUT`] so that a server that goes silent
+/// ends the job with an error. A failure names host, port and database, never the password.
+pub fn connect(url: &str) -> Result<Client, PostgresError> {
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| PostgresError::Url(e.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(SILENT_TIMEOUT / 2)
+        .tcp_user_timeout(SILENT_TIMEOUT);
+    config.connect(NoTls).map_err(|e| PostgresError::Connect {
+        target: target(&config),
+        cause: cause(&e),
+    })
+}
+
+/// Where a connection goes: hosts, ports and database, as a person reads them.
+fn target(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "host {} port {} database {}",
+        if hosts.is_empty() {
+            "(default)".into()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".into()
+        } else {
+            ports.join(",")
+        },
+        config.get_dbname().unwrap_or("(the user's)")
+    )
+}
+
+/// An error and its causes as one sentence (postgres's own Display stops at the first).
+fn cause(e: &postgres::Error) -> String {
+    let mut text = describe(e);
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// A database error with its server message (postgres's own Display says only "db error").
@@ -127,7 +203,7 @@ impl Postgres {
     /// Connects to `url` for live projection into `public`, creating the schema if the
     /// database has none.
     pub fn connect(url: &str, node: Origin) -> Result<Postgres, PostgresError> {
-        let mut client = Client::connect(url, NoTls)?;
+        let mut client = connect(url)?;
         client.batch_execute("SET client_min_messages = error")?;
         let mut tx = client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
@@ -143,12 +219,16 @@ impl Postgres {
                 &[&SCHEMA_VERSION],
             )?;
         }
-        let found: i64 = tx
+        let mut found: i64 = tx
             .query_one(
                 "SELECT schema_version FROM public.spool_meta WHERE id = 1",
                 &[],
             )?
             .get(0);
+        if found == 1 {
+            tx.batch_execute(MIGRATE_1_TO_2)?;
+            found = 2;
+        }
         tx.commit()?;
         if found != SCHEMA_VERSION {
             return Err(PostgresError::OtherSchema { found });

@@ -35,7 +35,20 @@ const INSERT_RUN: usize = 4_096;
 /// A commit of at least this many merged rows frees them on a thread of its own.
 const FREED_APART_ROWS: usize = 10_000;
 /// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
+/// How long one `spool sql` statement may run.
+pub const QUERY_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest string or blob one statement may make.
+pub const QUERY_VALUE_BYTES_MAX: i32 = 16 << 20;
+/// SQLite's memory for one statement, in all (its page cache included).
+pub const QUERY_MEMORY_BYTES_MAX: i64 = 256 << 20;
+/// Version 2 lacked the list of events a projection could not read (added whole by this).
+const MIGRATE_2_TO_3: &str = "CREATE TABLE IF NOT EXISTS spool_unreadable (
+  id TEXT PRIMARY KEY,
+  kind TEXT NOT NULL, version INTEGER NOT NULL, stream TEXT NOT NULL, problem TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+PRAGMA user_version = 3;";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqliteError {
@@ -43,6 +56,10 @@ pub enum SqliteError {
     Sql(#[from] rusqlite::Error),
     #[error("syncing the projection file: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the statement was stopped: {0} (`spool sql`'s limits: 10 s, 256 MiB, 16 MiB a value)"
+    )]
+    QueryLimit(String),
     #[error("{path}: projection schema version {found}, this build writes {SCHEMA_VERSION}; rebuild it (`spool rebuild sqlite`)")]
     OtherSchema { path: String, found: i64 },
 }
@@ -115,7 +132,11 @@ impl Sqlite {
 
     /// Refuses another schema version; with `create`, lays out an empty file.
     fn checked(conn: Connection, path: &Path, create: bool) -> Result<Sqlite, SqliteError> {
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == 2 && create {
+            conn.execute_batch(MIGRATE_2_TO_3)?;
+            version = 3;
+        }
         if version == 0 && create {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
@@ -190,6 +211,14 @@ impl Sqlite {
         Ok((Hash(*hasher.finalize().as_bytes()), counts))
     }
 
+    /// How many events the projection skipped because this build could not read them.
+    pub fn unreadable(&self) -> Result<u64, SqliteError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM spool_unreadable", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
     fn primary_key(&self, table: &str) -> Result<Vec<String>, SqliteError> {
         let mut stmt = self
             .conn
@@ -216,9 +245,9 @@ impl Sqlite {
         }
         let key = self.primary_key(table)?;
         let mut out = Vec::new();
-        self.query(
+        self.query_rows(
             &format!("SELECT * FROM \"{table}\" ORDER BY {}", key.join(", ")),
-            |names, values| {
+            &mut |names, values| {
                 out.push(names.iter().cloned().zip(values).collect());
             },
         )?;
@@ -226,10 +255,53 @@ impl Sqlite {
     }
 
     /// Runs one read-only statement; calls `row` with the column names and each row's values.
+    /// The statement is bounded: [`QUERY_TIME_MAX`], [`QUERY_VALUE_BYTES_MAX`] for any one
+    /// string or blob it makes, and [`QUERY_MEMORY_BYTES_MAX`] of SQLite's memory in all.
     pub fn query(
-        &self,
+        &mut self,
         sql: &str,
         mut row: impl FnMut(&[String], Vec<serde_json::Value>),
+    ) -> Result<(), SqliteError> {
+        use rusqlite::limits::Limit;
+        self.conn
+            .set_limit(Limit::SQLITE_LIMIT_LENGTH, QUERY_VALUE_BYTES_MAX)?;
+        self.conn
+            .pragma_update(None, "hard_heap_limit", QUERY_MEMORY_BYTES_MAX)?;
+        let deadline = std::time::Instant::now() + QUERY_TIME_MAX;
+        self.conn
+            .progress_handler(10_000, Some(move || std::time::Instant::now() > deadline))?;
+        let ran = self.query_rows(sql, &mut row);
+        self.conn.progress_handler(0, None::<fn() -> bool>)?;
+        ran.map_err(|e| match e {
+            SqliteError::Sql(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::OperationInterrupted =>
+            {
+                SqliteError::QueryLimit(format!("it ran past {} s", QUERY_TIME_MAX.as_secs()))
+            }
+            SqliteError::Sql(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::OutOfMemory =>
+            {
+                SqliteError::QueryLimit(format!(
+                    "it needed more than {} MiB of memory",
+                    QUERY_MEMORY_BYTES_MAX >> 20
+                ))
+            }
+            SqliteError::Sql(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::TooBig =>
+            {
+                SqliteError::QueryLimit(format!(
+                    "it made a value over {} MiB",
+                    QUERY_VALUE_BYTES_MAX >> 20
+                ))
+            }
+            other => other,
+        })
+    }
+
+    fn query_rows(
+        &self,
+        sql: &str,
+        row: &mut impl FnMut(&[String], Vec<serde_json::Value>),
     ) -> Result<(), SqliteError> {
         let mut stmt = self.conn.prepare(sql)?;
         let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();

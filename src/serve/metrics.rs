@@ -23,6 +23,8 @@ pub struct Metrics {
     commits: Gauge,
     committed_events: Gauge,
     lag: Gauge,
+    panics: Gauge,
+    unreadable: Gauge,
 }
 
 impl Default for Metrics {
@@ -38,6 +40,8 @@ impl Default for Metrics {
             commits: Gauge::default(),
             committed_events: Gauge::default(),
             lag: Gauge::default(),
+            panics: Gauge::default(),
+            unreadable: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("appended_events", "Events acknowledged", m.events.clone());
@@ -81,6 +85,16 @@ impl Default for Metrics {
             "Events the SQLite projection is behind the log",
             m.lag.clone(),
         );
+        registry.register(
+            "panics",
+            "Panics (bugs) in any thread since the daemon started; each is logged with its place",
+            m.panics.clone(),
+        );
+        registry.register(
+            "unreadable_events",
+            "Events of kinds or versions this build cannot read, kept and skipped by the projection (upgrade spool)",
+            m.unreadable.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -95,7 +109,9 @@ impl Metrics {
     }
 
     /// The text exposition, with the writer's counters and the lag as of now.
-    pub fn render(&self, writer: WriterStats, lag: u64) -> String {
+    pub fn render(&self, writer: WriterStats, lag: u64, panics: u64, unreadable: u64) -> String {
+        self.panics.set(panics as i64);
+        self.unreadable.set(unreadable as i64);
         self.commits.set(writer.commits as i64);
         self.committed_events.set(writer.events as i64);
         self.lag.set(lag as i64);

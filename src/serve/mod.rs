@@ -13,18 +13,24 @@
 //! knows requests and the log, not SQL (the projection goes through `project`).
 
 pub mod client;
+mod listen;
 mod metrics;
+mod reply;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+
+pub use listen::{BODIES_BYTES_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, DRAIN_TIMEOUT, HEAD_TIMEOUT};
+pub use reply::panic_message;
+use reply::{busy, refuse, refuse_field, Refused};
 
 use crate::input;
 use crate::log::{Log, LogError};
@@ -33,14 +39,24 @@ use crate::project::sqlite::{Durability, Sqlite};
 use crate::project::{self};
 use crate::sync::Vector;
 
-/// Largest request body (JSON), one event or a batch.
-pub const REQUEST_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest request body (JSON), one event or a batch: the same as a batch `spool append` reads.
+pub const REQUEST_BYTES_MAX: usize = input::BATCH_BYTES_MAX;
 /// Largest ingest request (an export file; `spool ingest` sends larger files in pieces).
 pub const INGEST_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// What a busy client is told to wait before retrying, in seconds.
 const RETRY_AFTER_SECONDS: u64 = 1;
 /// The socket's name in the node home.
 pub const SOCKET: &str = "spool.sock";
+/// Exports streamed at once; one more is told busy.
+pub const EXPORTS_MAX: usize = 4;
+/// Jobs (rebuild, Postgres) running at once; one more is told busy. A target is rebuilt by one
+/// job at a time.
+pub const JOBS_MAX: usize = 2;
+/// Verifies running at once (each uses every core); one more is told busy.
+pub const VERIFIES_MAX: usize = 1;
+/// How long a streamed answer (an export, a job's outcome) waits for a client that reads
+/// nothing before it is ended.
+pub const STREAM_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -56,8 +72,8 @@ pub struct Options {
     pub socket: PathBuf,
     /// A loopback HTTP address, and the bearer token it requires.
     pub http: Option<(std::net::SocketAddr, String)>,
-    /// The SQLite projection kept live.
-    pub projection: PathBuf,
+    /// Where jobs may write; its home's projection is the one kept live.
+    pub places: crate::jobs::Places,
 }
 
 struct App {
@@ -74,6 +90,15 @@ struct App {
     projection_db: std::sync::Mutex<Option<Sqlite>>,
     /// The projection's position, for the lag.
     projected: std::sync::atomic::AtomicU64,
+    /// Events the projection skipped: kinds or versions this build cannot read.
+    unreadable: std::sync::atomic::AtomicU64,
+    places: crate::jobs::Places,
+    exports: Arc<tokio::sync::Semaphore>,
+    jobs: Arc<tokio::sync::Semaphore>,
+    verifies: Arc<tokio::sync::Semaphore>,
+    /// The targets being rebuilt.
+    rebuilding: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    doors: listen::Doors,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
@@ -84,6 +109,8 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         }
     }
     no_huge_pages();
+    listen::raise_descriptor_limit();
+    reply::count_panics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("spool-serve")
@@ -93,13 +120,21 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
         committed: tokio::sync::watch::Sender::new(()),
-        // Compared with the paths clients send (absolute), to know a rebuild of this one.
-        projection: std::path::absolute(&options.projection)?,
+        projection: options.places.home.join("projection.sqlite"),
         projection_db: Default::default(),
         projected: Default::default(),
+        unreadable: Default::default(),
+        places: options.places.clone(),
+        exports: Arc::new(tokio::sync::Semaphore::new(EXPORTS_MAX)),
+        jobs: Arc::new(tokio::sync::Semaphore::new(JOBS_MAX)),
+        verifies: Arc::new(tokio::sync::Semaphore::new(VERIFIES_MAX)),
+        rebuilding: Default::default(),
+        doors: listen::Doors::default(),
     });
     runtime.block_on(serve(app.clone(), options))?;
-    drop(runtime);
+    // A job still running (a Postgres server that went silent) is not waited for: what it
+    // wrote is its own, and every acknowledged event is already durable.
+    runtime.shutdown_timeout(DRAIN_TIMEOUT);
     // The last reference: closing the log lets the writer finish and sync.
     match Arc::try_unwrap(app) {
         Ok(app) => drop(app.log),
@@ -121,10 +156,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let routes = |token: Option<String>| {
         let router = Router::new()
             .route("/v1/events", post(append).get(events))
-            .route(
-                "/v1/ingest",
-                post(ingest).layer(DefaultBodyLimit::max(INGEST_BYTES_MAX)),
-            )
+            .route("/v1/ingest", post(ingest))
             .route("/v1/log", get(log_page))
             .route("/v1/export", post(export))
             .route("/v1/jobs/rebuild", post(rebuild))
@@ -133,7 +165,9 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/v1/verify", get(verify))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
-            .route("/metrics", get(metrics));
+            .route("/metrics", get(metrics))
+            .fallback(|| async { StatusCode::NOT_FOUND })
+            .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED });
         // The socket is guarded by its file mode: only the HTTP listener checks a token.
         let router = match token {
             Some(token) => {
@@ -145,41 +179,42 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             }
             None => router,
         };
+        let bodies = app.clone();
         router
-            .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+            .layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next| {
+                    let app = bodies.clone();
+                    async move {
+                        let limit = match req.uri().path() {
+                            "/v1/ingest" => INGEST_BYTES_MAX,
+                            _ => REQUEST_BYTES_MAX,
+                        };
+                        app.doors.read_body(req, limit, next).await
+                    }
+                },
+            ))
+            .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn(reply::catch_panic))
+            .layer(axum::middleware::from_fn(reply::json_failures))
             .with_state(app.clone())
     };
     let mut servers = tokio::task::JoinSet::new();
-    let mut unix_stop = app.stopping.subscribe();
-    let unix_routes = routes(None);
-    servers.spawn(async move {
-        axum::serve(unix, unix_routes)
-            .with_graceful_shutdown(async move {
-                let _ = unix_stop.wait_for(|stopping| *stopping).await;
-            })
-            .await
-    });
+    let (doors, stop, unix_routes) = (app.doors.clone(), app.stopping.subscribe(), routes(None));
+    servers.spawn(async move { doors.serve(unix, unix_routes, stop).await });
     if let Some((addr, token)) = options.http {
         let tcp = tokio::net::TcpListener::bind(addr).await?;
-        let mut tcp_stop = app.stopping.subscribe();
-        let tcp_routes = routes(Some(token));
-        servers.spawn(async move {
-            axum::serve(tcp, tcp_routes)
-                .with_graceful_shutdown(async move {
-                    let _ = tcp_stop.wait_for(|stopping| *stopping).await;
-                })
-                .await
-        });
+        let (doors, stop, tcp_routes) = (
+            app.doors.clone(),
+            app.stopping.subscribe(),
+            routes(Some(token)),
+        );
+        servers.spawn(async move { doors.serve(tcp, tcp_routes, stop).await });
     }
     tracing::info!(socket = %options.socket.display(), "spool serve: listening");
     shutdown_signal().await;
     tracing::info!("spool serve: stopping; answering what was accepted");
     app.stopping.send_replace(true);
-    while let Some(done) = servers.join_next().await {
-        if let Ok(Err(e)) = done {
-            tracing::warn!("a listener ended with {e}");
-        }
-    }
+    while servers.join_next().await.is_some() {}
     let _ = tokio::task::spawn_blocking(move || projector.join()).await;
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
@@ -223,21 +258,17 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        return error(StatusCode::UNAUTHORIZED, "a bearer token is required", None);
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a bearer token is required",
+        );
     }
     next.run(req).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn error(status: StatusCode, message: &str, field: Option<&str>) -> Response {
-    let mut body = json!({"error": message});
-    if let Some(field) = field {
-        body["field"] = field.into();
-    }
-    (status, Json(body)).into_response()
 }
 
 /// `POST /v1/events`: one event (an object) or a batch (an array), all-or-nothing.
@@ -248,7 +279,13 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
         Err(refused) => {
             app.metrics.refused.inc();
             let message = refused.to_string();
-            return error(StatusCode::BAD_REQUEST, &message, refused.field.as_deref());
+            return refuse_field(
+                StatusCode::BAD_REQUEST,
+                refused.error.code(),
+                &message,
+                refused.field.as_deref(),
+                refused.index,
+            );
         }
     };
     let count = events.len() as u64;
@@ -256,15 +293,10 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
         Ok(answer) => answer,
         Err(LogError::Busy(_)) => {
             app.metrics.busy.inc();
-            let mut response = error(
-                StatusCode::SERVICE_UNAVAILABLE,
+            return busy(
                 "busy: the writer's queue is full; retry",
-                None,
+                RETRY_AFTER_SECONDS,
             );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
-            return response;
         }
         Err(e) => return log_error(&e),
     };
@@ -293,7 +325,7 @@ fn json_sized(value: &impl serde::Serialize, capacity: usize) -> Response {
     let mut body = Vec::with_capacity(capacity);
     match serde_json::to_writer(&mut body, value) {
         Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(_) => reply::internal(),
     }
 }
 
@@ -303,16 +335,19 @@ async fn answer_json(work: impl FnOnce() -> Result<Value, LogError> + Send + 'st
     match tokio::task::spawn_blocking(work).await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
+        // The panic hook logged and counted it.
+        Err(_) => reply::internal(),
     }
 }
 
 fn log_error(e: &LogError) -> Response {
-    let status = match e {
-        LogError::Halted { .. } => StatusCode::CONFLICT,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+    let (status, code) = match e {
+        LogError::Halted { .. } => (StatusCode::CONFLICT, "halted"),
+        LogError::Poisoned { .. } => (StatusCode::SERVICE_UNAVAILABLE, "poisoned"),
+        LogError::Busy(_) => return busy(&e.to_string(), RETRY_AFTER_SECONDS),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
-    error(status, &e.to_string(), None)
+    refuse(status, code, &e.to_string())
 }
 
 /// `POST /v1/ingest`: an export file (`spool export`), applied in causal order as `spool ingest`
@@ -329,21 +364,61 @@ async fn ingest(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
 /// Events sent in one read of a stream.
 const STREAM_PAGE_EVENTS: usize = 256;
 
-#[derive(serde::Deserialize)]
-struct After {
-    #[serde(default)]
-    after: u64,
+/// A query string's parameters, each taken once by name; a parameter this endpoint does not
+/// take, a repeated one or a bad value is refused naming the parameter, never quoting it.
+struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    fn parse(raw: Option<&str>, known: &[&'static str]) -> Result<QueryParams, Refused> {
+        let bad = |message: String| Refused::new(StatusCode::BAD_REQUEST, "bad_query", message);
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+            .map_err(|_| bad("the query string is not URL-encoded".into()))?;
+        for (i, (name, _)) in pairs.iter().enumerate() {
+            let Some(&name) = known.iter().find(|k| **k == name) else {
+                let takes = known.join(", ");
+                return Err(bad(format!(
+                    "an unknown query parameter; this endpoint takes {takes}"
+                )));
+            };
+            if pairs[..i].iter().any(|(n, _)| n == name) {
+                return Err(bad(format!("{name}: given twice")).field(name));
+            }
+        }
+        Ok(QueryParams(pairs))
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn number(&self, name: &'static str) -> Result<Option<u64>, Refused> {
+        self.text(name)
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| {
+                let message = format!("{name}: must be a whole number from 0 to 2^64 - 1");
+                Refused::new(StatusCode::BAD_REQUEST, "bad_query", message).field(name)
+            })
+    }
 }
 
 /// `GET /v1/events?after=POS`: Server-Sent Events, one per event after `POS` in position order
 /// (`id` is the position, `data` the event as `spool log` prints it), then each new one as it
 /// commits. Read a page at a time, only as the client takes them: memory stays bounded
 /// however far behind the client is.
-async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Response {
+async fn events(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
+    let after =
+        match QueryParams::parse(query.as_deref(), &["after"]).and_then(|q| q.number("after")) {
+            Ok(after) => after.unwrap_or(0),
+            Err(refused) => return refused.into_response(),
+        };
     let state = (
         app,
-        from.after,
+        after,
         std::collections::VecDeque::<(u64, String)>::new(),
     );
     let stream = futures_util::stream::unfold(state, |(app, mut after, mut queued)| async move {
@@ -400,42 +475,43 @@ async fn events(State(app): State<Arc<App>>, Query(from): Query<After>) -> Respo
 /// Most events in one `GET /v1/log` page.
 const LOG_PAGE_EVENTS: usize = 1_000;
 
-#[derive(serde::Deserialize)]
-struct LogQuery {
-    #[serde(default)]
-    after: u64,
-    limit: Option<usize>,
-    stream: Option<String>,
-    kind: Option<String>,
-    origin: Option<String>,
-}
-
 /// `GET /v1/log?after=&limit=&stream=&kind=&origin=`: one page of events as `spool log` prints
 /// them, and `next` (where the following page starts; null at the end).
-async fn log_page(State(app): State<Arc<App>>, Query(q): Query<LogQuery>) -> Response {
+async fn log_page(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
+    const KNOWN: [&str; 5] = ["after", "limit", "stream", "kind", "origin"];
+    let q = match QueryParams::parse(query.as_deref(), &KNOWN) {
+        Ok(q) => q,
+        Err(refused) => return refused.into_response(),
+    };
+    let (after, limit) = match (q.number("after"), q.number("limit")) {
+        (Ok(after), Ok(limit)) => (after.unwrap_or(0), limit),
+        (Err(refused), _) | (_, Err(refused)) => return refused.into_response(),
+    };
     let origin = match q
-        .origin
-        .as_deref()
+        .text("origin")
         .map(crate::event::Origin::from_hex)
         .transpose()
     {
         Ok(origin) => origin,
-        Err(e) => {
-            return error(
+        Err(_) => {
+            let message = "origin: must be 32 hex digits";
+            return refuse_field(
                 StatusCode::BAD_REQUEST,
-                &format!("origin: {e}"),
+                "bad_query",
+                message,
                 Some("origin"),
-            )
+                None,
+            );
         }
     };
     let filter = crate::log::Filter {
-        stream: q.stream,
-        kind: q.kind,
+        stream: q.text("stream").map(str::to_owned),
+        kind: q.text("kind").map(str::to_owned),
         origin,
     };
-    let limit = q.limit.unwrap_or(LOG_PAGE_EVENTS).clamp(1, LOG_PAGE_EVENTS);
+    let limit = limit.map_or(LOG_PAGE_EVENTS, |l| (l as usize).clamp(1, LOG_PAGE_EVENTS));
     answer_json(move || {
-        let page = app.log.read()?.scan(q.after, limit, &filter)?;
+        let page = app.log.read()?.scan(after, limit, &filter)?;
         let events: Vec<Value> = page.records.iter().map(input::event_json).collect();
         Ok(json!({"events": events, "next": page.last_examined}))
     })
@@ -444,7 +520,11 @@ async fn log_page(State(app): State<Arc<App>>, Query(q): Query<LogQuery>) -> Res
 
 /// `GET /v1/verify`: every hash, archive, chain and index checked, as `spool verify --json`.
 async fn verify(State(app): State<Arc<App>>) -> Response {
+    let Ok(running) = app.verifies.clone().try_acquire_owned() else {
+        return busy("a verify is already running; retry when it ends", 5);
+    };
     answer_json(move || {
+        let _running = running;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let started = Instant::now();
         let report = app.log.verify(threads)?;
@@ -480,6 +560,8 @@ async fn status(State(app): State<Arc<App>>) -> Response {
             "forks": reader.forks()?,
             "halted": reader.halted()?,
             "writer": {"commits": writer.commits, "events": writer.events},
+            "panics": reply::PANICS.load(std::sync::atomic::Ordering::Relaxed),
+            "unreadable": app.unreadable.load(std::sync::atomic::Ordering::Relaxed),
             "projection": {"position": projected, "lag_events": stats.events.saturating_sub(projected)},
         }))
     })
@@ -491,7 +573,11 @@ async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
     let writer = app.log.writer_stats();
     let last = app.log.read().and_then(|r| r.last_position()).unwrap_or(0);
     let projected = app.projected.load(std::sync::atomic::Ordering::Relaxed);
-    let text = app.metrics.render(writer, last.saturating_sub(projected));
+    let panics = reply::PANICS.load(std::sync::atomic::Ordering::Relaxed);
+    let unreadable = app.unreadable.load(std::sync::atomic::Ordering::Relaxed);
+    let text = app
+        .metrics
+        .render(writer, last.saturating_sub(projected), panics, unreadable);
     (
         [(
             header::CONTENT_TYPE,
@@ -510,6 +596,7 @@ struct Streamed {
     sender: tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>,
     buffer: Vec<u8>,
     finished: bool,
+    runtime: tokio::runtime::Handle,
 }
 
 /// Bytes gathered before a piece of a streamed body is sent.
@@ -531,6 +618,7 @@ impl Streamed {
             sender,
             buffer: Vec::new(),
             finished: false,
+            runtime: tokio::runtime::Handle::current(),
         };
         (writer, response)
     }
@@ -561,8 +649,9 @@ impl Streamed {
 impl Drop for Streamed {
     fn drop(&mut self) {
         if !self.finished {
+            // Never waits: a client that reads nothing sees the connection end instead.
             let stopped = std::io::Error::other("the daemon stopped this answer midway");
-            let _ = self.sender.blocking_send(Err(stopped));
+            let _ = self.sender.try_send(Err(stopped));
         }
     }
 }
@@ -581,9 +670,22 @@ impl std::io::Write for Streamed {
             return Ok(());
         }
         let piece = axum::body::Bytes::from(std::mem::take(&mut self.buffer));
-        self.sender
-            .blocking_send(Ok(piece))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
+        let sent = self
+            .runtime
+            .block_on(self.sender.send_timeout(Ok(piece), STREAM_STALL_TIMEOUT));
+        match sent {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client read nothing for 30 s",
+                ))
+            }
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the client left",
+            )),
+        }
     }
 }
 
@@ -600,26 +702,37 @@ struct ExportRequest {
 
 /// `POST /v1/export`: the export file of `spool export`, streamed as it is written.
 async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: ExportRequest = match serde_json::from_slice(&body) {
+    let request: ExportRequest = match json_request(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Err(refused) => return refused.into_response(),
     };
     let selection = match crate::sync::Selection::parse(&request.origins, request.since.as_deref())
     {
         Ok(selection) => selection,
-        Err((part, e)) => {
+        Err((part, _)) => {
             // The body's field: `origins` holds the origins.
-            let field = if part == "origin" { "origins" } else { part };
-            return error(
+            let (field, rule) = match part {
+                "origin" => ("origins", "origins: each must be 32 hex digits"),
+                _ => (
+                    "since",
+                    "since: must be a version vector as `spool heads --json` prints it",
+                ),
+            };
+            return refuse_field(
                 StatusCode::BAD_REQUEST,
-                &format!("{field}: {e}"),
+                "invalid_field",
+                rule,
                 Some(field),
+                None,
             );
         }
     };
-
+    let Ok(running) = app.exports.clone().try_acquire_owned() else {
+        return busy(&format!("{EXPORTS_MAX} exports are running; retry"), 5);
+    };
     let (writer, response) = Streamed::new("application/octet-stream");
     tokio::task::spawn_blocking(move || {
+        let _running = running;
         let written = app
             .log
             .read()
@@ -646,8 +759,15 @@ fn job(
         + Send
         + 'static,
 ) -> Response {
+    let Ok(running) = app.jobs.clone().try_acquire_owned() else {
+        return busy(
+            &format!("{JOBS_MAX} jobs are running; retry when one ends"),
+            5,
+        );
+    };
     let (mut writer, response) = Streamed::new("application/x-ndjson");
     tokio::task::spawn_blocking(move || {
+        let _running = running;
         let mut shown = Instant::now();
         let mut progress = |done: u64, total: u64| {
             if shown.elapsed() >= Duration::from_millis(100) {
@@ -658,13 +778,40 @@ fn job(
         };
         let outcome = match work(&app, &mut progress) {
             Ok(result) => json!({"result": result}),
-            Err(e) => json!({"error": e.to_string()}),
+            Err(e) => json!({"error": e.to_string(), "code": e.code()}),
         };
         if writer.line(&outcome).is_ok() {
             let _ = writer.finish();
         }
     });
     response
+}
+
+/// A JSON request body as `T`; a refusal names the field and the rule, never the value or an
+/// unknown field's name.
+fn json_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut *de);
+    let invalid = |message: String| Refused::new(StatusCode::BAD_REQUEST, "invalid_json", message);
+    if parsed.is_ok() && de.end().is_err() {
+        return Err(invalid("the body has bytes after its JSON value".into()));
+    }
+    parsed.map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || field == "." {
+            let (line, column) = (inner.line(), inner.column());
+            return invalid(format!(
+                "the body is not valid JSON (line {line}, column {column})"
+            ));
+        }
+        if inner.to_string().starts_with("unknown field") {
+            let message = "the body has a field this request does not take".to_owned();
+            return Refused::new(StatusCode::BAD_REQUEST, "invalid_field", message);
+        }
+        let message = format!("{field}: a value of the wrong type or out of range");
+        Refused::new(StatusCode::BAD_REQUEST, "invalid_field", message).field(field)
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -679,37 +826,83 @@ struct RebuildRequest {
 /// `POST /v1/jobs/rebuild`: `spool rebuild sqlite`. Rebuilding the node's own projection
 /// closes the live projector's connection for the swap; it reopens on the new file.
 async fn rebuild(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: RebuildRequest = match serde_json::from_slice(&body) {
+    let request: RebuildRequest = match json_request(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Err(refused) => return refused.into_response(),
     };
     let until = match crate::jobs::as_of(request.as_of.as_deref()) {
         Ok(until) => until,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), Some("as_of")),
+        Err(_) => {
+            let rule = "as_of: must be a position or an RFC 3339 time";
+            return refuse_field(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                rule,
+                Some("as_of"),
+                None,
+            );
+        }
     };
-    let path = request.into.unwrap_or_else(|| app.projection.clone());
-    if !path.is_absolute() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "into: an absolute path is required",
-            Some("into"),
-        );
-    }
+    let target = match app.places.rebuild_target(request.into.as_deref()) {
+        Ok(target) => target,
+        Err(e) => {
+            return refuse_field(
+                StatusCode::BAD_REQUEST,
+                "path_refused",
+                &e.to_string(),
+                Some("into"),
+                None,
+            )
+        }
+    };
+    // One rebuild of a target at a time; the claim ends with the job.
+    let claimed = Rebuilding::claim(&app, target.path());
+    let Some(claimed) = claimed else {
+        return busy("this target is being rebuilt; retry when that job ends", 5);
+    };
     job(app, move |app, progress| {
+        let _claimed = claimed;
         let reader = app.log.read()?;
-        let (partial, summary) = crate::jobs::rebuild(&reader, &path, until, progress)?;
+        let (partial, summary) = crate::jobs::rebuild(&reader, &target, until, progress)?;
         drop(reader);
-        if path == app.projection {
+        if let crate::jobs::RebuildTarget::Live(_) = target {
             let mut held = app.projection_db.lock().unwrap_or_else(|e| e.into_inner());
             held.take();
-            crate::jobs::swap_in(&partial, &path)?;
+            crate::jobs::swap_in(partial, &target)?;
             app.projected.store(0, std::sync::atomic::Ordering::Relaxed);
             app.committed.send_replace(());
         } else {
-            crate::jobs::swap_in(&partial, &path)?;
+            crate::jobs::swap_in(partial, &target)?;
         }
         Ok(summary)
     })
+}
+
+/// A target claimed by a rebuild, released when dropped.
+struct Rebuilding {
+    app: Arc<App>,
+    path: PathBuf,
+}
+
+impl Rebuilding {
+    fn claim(app: &Arc<App>, path: &Path) -> Option<Rebuilding> {
+        let mut claimed = app.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
+        claimed.insert(path.to_owned()).then(|| Rebuilding {
+            app: app.clone(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for Rebuilding {
+    fn drop(&mut self) {
+        let mut claimed = self
+            .app
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        claimed.remove(&self.path);
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -728,9 +921,9 @@ type PostgresRun = fn(
 
 /// Runs a Postgres job for this node on the body's `url` and `held_bytes_max`.
 fn postgres_job(app: Arc<App>, body: &[u8], run: PostgresRun) -> Response {
-    let request: PostgresRequest = match serde_json::from_slice(body) {
+    let request: PostgresRequest = match json_request(body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Err(refused) => return refused.into_response(),
     };
     job(app, move |app, progress| {
         let job = crate::jobs::PostgresJob {
@@ -781,8 +974,11 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
                 let reader = app.log.read().map_err(|e| e.to_string())?;
                 project::catch_up(&reader, &mut db, |_| {}).map_err(|e| e.to_string())?;
                 let (position, _, _) = db.checkpoint().map_err(|e| e.to_string())?;
+                let unreadable = db.unreadable().map_err(|e| e.to_string())?;
                 app.projected
                     .store(position, std::sync::atomic::Ordering::Relaxed);
+                app.unreadable
+                    .store(unreadable, std::sync::atomic::Ordering::Relaxed);
                 Ok(db)
             });
             match caught_up {

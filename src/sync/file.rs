@@ -36,6 +36,8 @@ pub enum FileError {
     NotAnExport,
     #[error("export format {0} is newer than this build reads (format {FILE_FORMAT})")]
     NewerFormat(u32),
+    #[error("a damaged export header: {0}")]
+    BadHeader(&'static str),
     #[error("the file is cut short at byte {offset}, after {frames} complete events (no trailer)")]
     Truncated { offset: u64, frames: u64 },
     #[error("damaged frame at byte {offset} (event {index} of the file): {problem}")]
@@ -116,6 +118,12 @@ impl<R: Read> ExportReader<R> {
         if format > FILE_FORMAT {
             return Err(FileError::NewerFormat(format));
         }
+        if format == 0 {
+            return Err(FileError::BadHeader("format 0 was never written"));
+        }
+        if header[12..16] != [0; 4] {
+            return Err(FileError::BadHeader("its reserved field is not zero"));
+        }
         Ok(ExportReader {
             input,
             offset: HEADER_BYTES,
@@ -167,6 +175,13 @@ impl<R: Read> ExportReader<R> {
         }
         let shipped =
             Shipped::verify(Hash(hash), bytes).map_err(|e| damaged(self, e.to_string()))?;
+        // What `append` would refuse is refused here too, by name, before it reaches the log.
+        if let Ok(event) = crate::event::decode(&shipped.bytes) {
+            crate::input::check_shipped(&event).map_err(|e| {
+                let id = event.id();
+                damaged(self, format!("origin {} seq {}: {e}", id.origin, id.seq))
+            })?;
+        }
         let frame = Frame {
             offset: self.offset,
             index: self.frames,
