@@ -858,20 +858,23 @@ impl Reader {
         entry_at(&self.txn.open_table(EVENTS)?, position)
     }
 
-    /// Reads the events after `after`, at most `limit`, into `into` (replacing what it held and
-    /// keeping its buffers), each checked as it is copied: the replay's read, on a thread of its
-    /// own. Returns the last position read (`None` when there was nothing after `after`).
+    /// Reads the events after `after`, at most `limit` of them and, past the first, at most
+    /// `bytes_max` of stored bytes, into `into` (replacing what it held and keeping its
+    /// buffers), each checked as it is copied: the replay's read, on a thread of its own.
+    /// Returns the last position read (`None` when there was nothing after `after`).
     pub fn read_checked(
         &self,
         after: u64,
         limit: usize,
+        bytes_max: usize,
         into: &mut Checked,
     ) -> Result<Option<u64>, LogError> {
         into.bytes.clear();
         into.events.clear();
         let events = self.txn.open_table(EVENTS)?;
         each_entry(&events, after.saturating_add(1), |position, entry| {
-            if into.events.len() == limit {
+            let full = !into.events.is_empty() && into.bytes.len() + entry.len() > bytes_max;
+            if into.events.len() == limit || full {
                 return Ok(false);
             }
             let (hash, _) = check_entry(position, entry)?;

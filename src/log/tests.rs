@@ -421,7 +421,7 @@ fn verify_names_a_damaged_event() {
     // So does the replay's read, whose chunk holds the damaged event; the events after it
     // still read.
     let mut chunk = Checked::default();
-    match reader.read_checked(0, 10, &mut chunk) {
+    match reader.read_checked(0, 10, usize::MAX, &mut chunk) {
         Err(LogError::Corrupt(Corruption::HashMismatch { position, .. })) => {
             assert_eq!(position, acked[3].position)
         }
@@ -429,7 +429,7 @@ fn verify_names_a_damaged_event() {
     }
     assert_eq!(
         reader
-            .read_checked(acked[3].position, 10, &mut chunk)
+            .read_checked(acked[3].position, 10, usize::MAX, &mut chunk)
             .unwrap(),
         Some(acked[4].position)
     );
@@ -527,7 +527,10 @@ fn large_events_and_many_small_ones_share_blocks_correctly() {
     let mut chunk = Checked::default();
     let mut after = 0;
     let mut read = Vec::new();
-    while let Some(last) = reader.read_checked(after, 7, &mut chunk).unwrap() {
+    while let Some(last) = reader
+        .read_checked(after, 7, usize::MAX, &mut chunk)
+        .unwrap()
+    {
         assert!(chunk.iter().count() <= 7);
         for (position, hash, event) in chunk.iter() {
             let stored = reader.get(position).unwrap().unwrap();
@@ -539,6 +542,19 @@ fn large_events_and_many_small_ones_share_blocks_correctly() {
         after = last;
     }
     assert_eq!(read, (1..=301).collect::<Vec<u64>>());
+    // Bounded in bytes too: past its first event a chunk stops before it would exceed them, and
+    // an event larger than the bound still comes, alone.
+    let (mut after, mut read) = (0, 0);
+    while let Some(last) = reader.read_checked(after, 1_000, 600, &mut chunk).unwrap() {
+        let events = chunk.iter().count();
+        assert!(events == 1 || chunk.bytes.len() <= 600, "{events} events");
+        read += events;
+        after = last;
+    }
+    assert_eq!(read, 301);
+    let mut one = Checked::default();
+    reader.read_checked(0, 1_000, 1, &mut one).unwrap();
+    assert_eq!(one.iter().count(), 1);
     assert!(log.verify(2).unwrap().ok());
 }
 

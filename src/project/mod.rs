@@ -40,6 +40,22 @@ pub enum Val {
     Blob(Vec<u8>),
 }
 
+impl Val {
+    /// The bytes it holds beyond its own size (text and blobs): what a run of rows held
+    /// before it is written is counted in.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Val::Text(t) => t.len(),
+            Val::Blob(b) => b.len(),
+            Val::Null | Val::Int(_) | Val::Real(_) => 0,
+        }
+    }
+}
+
+/// Bytes of row values a target holds in one run of inserts before it writes them, beside its
+/// count of rows: rows of large events are written in runs as small in bytes as small ones.
+pub const INSERT_RUN_BYTES: usize = 4 * 1024 * 1024;
+
 /// Which of two stamped writes to a column group lands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
@@ -271,6 +287,9 @@ pub fn resume<T: Target>(
 pub const REPLAY_BATCH_EVENTS: u64 = 1_000_000;
 /// Events the reading thread reads and the projecting thread hands over at a time.
 const REPLAY_CHUNK_EVENTS: usize = 1_000;
+/// Stored bytes in one chunk at most (past its first event): a log of large events is read
+/// ahead in as many bytes as one of small events, not a thousand times more.
+const REPLAY_CHUNK_BYTES: usize = 2 * 1024 * 1024;
 /// Chunks read and checked ahead of the projecting thread (with one being read and one being
 /// projected, at most ten chunks of events in memory). One ahead left both cores a quarter idle.
 const REPLAY_CHUNKS_READ_AHEAD: usize = 8;
@@ -381,7 +400,7 @@ fn project_range<E: std::error::Error + 'static>(
                 while after < last {
                     let limit = REPLAY_CHUNK_EVENTS.min((last - after) as usize);
                     let mut chunk = empty.try_recv().unwrap_or_default();
-                    match reader.read_checked(after, limit, &mut chunk) {
+                    match reader.read_checked(after, limit, REPLAY_CHUNK_BYTES, &mut chunk) {
                         Ok(Some(end)) => after = end,
                         Ok(None) => return,
                         Err(error) => {

@@ -26,7 +26,7 @@ use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
 use super::merge::Row;
-use super::{sql, Target, Val, APPEND_ONLY};
+use super::{sql, Target, Val, APPEND_ONLY, INSERT_RUN_BYTES};
 use crate::event::{Hash, Origin};
 
 /// Once per database: the roles and the schema version.
@@ -197,6 +197,8 @@ struct Shape {
     /// Backfill, merged rows: the temporary table they are copied into first.
     staging: Option<String>,
     rows: Vec<Vec<Val>>,
+    /// What `rows` hold in values.
+    rows_bytes: usize,
 }
 
 impl Postgres {
@@ -456,8 +458,9 @@ impl Postgres {
             let columns: Vec<&'static str> = cols.iter().map(|c| c.0).collect();
             new_shape(types, mode, n, table, &columns, None)
         })?;
+        shape.rows_bytes += cols.iter().map(|c| c.1.held_bytes()).sum::<usize>();
         shape.rows.push(cols.into_iter().map(|c| c.1).collect());
-        if shape.rows.len() >= ROWS_PER_STATEMENT {
+        if shape.rows.len() >= ROWS_PER_STATEMENT || shape.rows_bytes >= INSERT_RUN_BYTES {
             send(&mut self.client, mode, shape)?;
         }
         Ok(())
@@ -496,8 +499,11 @@ impl Postgres {
                 values.extend(g.cols.into_iter().map(|c| c.1));
                 values.push(Val::Blob(stamp.to_vec()));
             }
+            shape.rows_bytes += values.iter().map(Val::held_bytes).sum::<usize>();
             shape.rows.push(values);
-            if (mode == Mode::Live || straight_in) && shape.rows.len() >= ROWS_PER_STATEMENT {
+            let full =
+                shape.rows.len() >= ROWS_PER_STATEMENT || shape.rows_bytes >= INSERT_RUN_BYTES;
+            if (mode == Mode::Live || straight_in) && full {
                 send(&mut self.client, mode, shape)?;
             }
         }
@@ -590,6 +596,7 @@ fn new_shape(
         statement: None,
         staging,
         rows: Vec::new(),
+        rows_bytes: 0,
     })
 }
 
@@ -625,6 +632,7 @@ fn send(client: &mut Client, mode: Mode, shape: &mut Shape) -> Result<(), Postgr
         return Ok(());
     }
     let rows = std::mem::take(&mut shape.rows);
+    shape.rows_bytes = 0;
     match mode {
         Mode::Live => {
             let mut json = String::from("[");

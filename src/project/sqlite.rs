@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, ToSql};
 
 use super::merge::Row;
 use super::sql;
-use super::{Target, Val};
+use super::{Target, Val, INSERT_RUN_BYTES};
 use crate::event::Hash;
 
 /// The DDL, shipped as files so it can be read and diffed: the tables, and their secondary
@@ -384,6 +384,8 @@ struct Shape {
     id: usize,
     sql: String,
     inserts: Vec<Vec<(&'static str, Val)>>,
+    /// What `inserts` hold in values.
+    inserts_bytes: usize,
 }
 
 impl Shape {
@@ -392,6 +394,7 @@ impl Shape {
             id,
             sql,
             inserts: Vec::new(),
+            inserts_bytes: 0,
         })
     }
 }
@@ -402,6 +405,7 @@ fn execute(conn: &Connection, shape: &mut Shape) -> Result<(), SqliteError> {
         return Ok(());
     }
     let mut stmt = conn.prepare_cached(&shape.sql)?;
+    shape.inserts_bytes = 0;
     for row in shape.inserts.drain(..) {
         for (i, (_, v)) in row.iter().enumerate() {
             stmt.raw_bind_parameter(i + 1, v)?;
@@ -467,8 +471,9 @@ impl Target for Sqlite {
             let names: Vec<&str> = cols.iter().map(|c| c.0).collect();
             Shape::new(id, sql::insert(table, &names, &sql::values(names.len())))
         })?;
+        shape.inserts_bytes += cols.iter().map(|c| c.1.held_bytes()).sum::<usize>();
         shape.inserts.push(cols);
-        if shape.inserts.len() >= INSERT_RUN {
+        if shape.inserts.len() >= INSERT_RUN || shape.inserts_bytes >= INSERT_RUN_BYTES {
             execute(&self.conn, shape)?;
         }
         Ok(())

@@ -28,6 +28,9 @@ const TRAILER_MARK: u32 = u32::MAX;
 pub const FRAME_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024 * 1024;
 /// Events handed to the log per ingest request.
 pub const INGEST_BATCH_EVENTS: usize = 10_000;
+/// Stored bytes handed to the log per ingest request (a batch ends at whichever bound it meets
+/// first; one batch is checked while the one before commits, so ingest holds about twice this).
+pub const INGEST_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// Why an export file could not be read further. `offset` is the byte offset of the frame.
 #[derive(Debug, thiserror::Error)]
@@ -337,10 +340,15 @@ pub fn ingest(
             let mut batch = Vec::new();
             let mut offsets = Vec::new();
             let mut error = None;
-            while batch.len() < INGEST_BATCH_EVENTS {
+            let mut bytes = 0;
+            let full = |events: usize, bytes: usize| {
+                events >= INGEST_BATCH_EVENTS || bytes >= INGEST_BATCH_BYTES
+            };
+            while !full(batch.len(), bytes) {
                 match reader.next_frame() {
                     Ok(Some(frame)) => {
                         offsets.push(frame.offset);
+                        bytes += frame.shipped.bytes.len();
                         batch.push(frame.shipped);
                     }
                     Ok(None) => break,
@@ -350,7 +358,7 @@ pub fn ingest(
                     }
                 }
             }
-            let last = batch.len() < INGEST_BATCH_EVENTS || error.is_some();
+            let last = !full(batch.len(), bytes) || error.is_some();
             if batches.send((batch, offsets, error)).is_err() || last {
                 return; // Done, or the log refused and nobody listens.
             }
