@@ -80,6 +80,8 @@ fn fill(home: &Path, events: usize, event_kib: usize) {
 }
 
 /// Runs `spool --home HOME ARGS` to its end; returns its peak resident set in MiB.
+// The child is reaped by `wait4` (which also reports its peak), not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run(home: &Path, args: &[&str]) -> f64 {
     let child = Command::new(SPOOL)
         .arg("--home")
