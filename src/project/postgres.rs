@@ -95,10 +95,38 @@ pub fn connect(url: &str) -> Result<Client, PostgresError> {
         .keepalives(true)
         .keepalives_idle(SILENT_TIMEOUT / 2)
         .tcp_user_timeout(SILENT_TIMEOUT);
-    config.connect(NoTls).map_err(|e| PostgresError::Connect {
-        target: target(&config),
-        cause: cause(&e),
-    })
+    let target = target(&config);
+    // The driver's connect timeout bounds the TCP connect only: a server that accepts and then
+    // says nothing would hold the startup forever. The startup runs on a thread of its own and
+    // is given CONNECT_TIMEOUT in all; past that the job fails. (The thread itself ends only
+    // with its connection: the synchronous driver offers no way to cancel a startup.)
+    let (send, receive) = std::sync::mpsc::channel();
+    let connecting = std::thread::Builder::new()
+        .name("spool-pg-connect".into())
+        .spawn(move || {
+            let _ = send.send(config.connect(NoTls));
+        });
+    if let Err(e) = connecting {
+        return Err(PostgresError::Connect {
+            target,
+            cause: format!("starting the connecting thread: {e}"),
+        });
+    }
+    let wait = CONNECT_TIMEOUT + std::time::Duration::from_secs(1);
+    match receive.recv_timeout(wait) {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(PostgresError::Connect {
+            target,
+            cause: cause(&e),
+        }),
+        Err(_) => Err(PostgresError::Connect {
+            target,
+            cause: format!(
+                "the server accepted the connection and did not answer within {} s",
+                wait.as_secs()
+            ),
+        }),
+    }
 }
 
 /// Where a connection goes: hosts, ports and database, as a person reads them.
