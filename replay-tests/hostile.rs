@@ -1097,3 +1097,184 @@ fn a_damaged_export_header_is_refused_and_a_failed_rebuild_leaves_nothing() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz: the request parser and ingest, on bytes no client should send, bounded by count.
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use spool::log::{Filter, Log, LogOptions};
+
+    fn good_body() -> String {
+        format!(
+            "[{},{}]",
+            activity("board", "one"),
+            json!({"kind": "task.created", "stream": "task/t1", "actor": "user:carlos",
+                   "data": {"task_id": "t1", "title": "T", "status": "todo"}, "key": "k1"})
+        )
+    }
+
+    /// A byte string changed in up to eight places: flipped, deleted, inserted, cut.
+    fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let len = base.len().max(1);
+        prop::collection::vec((0..4u8, 0..len, any::<u8>()), 1..8).prop_map(move |edits| {
+            let mut bytes = base.clone();
+            for (op, at, byte) in edits {
+                let at = at.min(bytes.len().saturating_sub(1));
+                match op {
+                    0 if !bytes.is_empty() => bytes[at] ^= byte | 1,
+                    1 if !bytes.is_empty() => {
+                        bytes.remove(at);
+                    }
+                    2 => bytes.insert(at, byte),
+                    _ => bytes.truncate(at),
+                }
+            }
+            bytes
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_request_parser_takes_any_bytes_without_a_panic(
+            bytes in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..512),
+                mutated(good_body().into_bytes()),
+            ]
+        ) {
+            // Either a refusal, or events that every rule let through.
+            if let Ok(body) = spool::input::parse_body(&bytes) {
+                for e in body.events {
+                    prop_assert!(spool::kinds::lookup(&e.kind).is_some());
+                    prop_assert!(!e.stream.is_empty() && !e.stream.chars().any(char::is_control));
+                }
+            }
+        }
+    }
+
+    /// Stored bytes of an event whose fields a fuzzer chose.
+    #[derive(Debug, Clone)]
+    struct Fields {
+        stream: String,
+        actor: String,
+        kind: String,
+        version: u16,
+        key: Option<String>,
+        payload: Option<Vec<u8>>,
+        seq_delta: i8,
+    }
+
+    fn fields() -> impl Strategy<Value = Fields> {
+        let name = prop_oneof![
+            Just("board".to_owned()),
+            "[a-z./:]{0,12}",
+            ".{0,6}",
+            Just("\u{0}".to_owned()),
+            Just("a\nb".to_owned()),
+            Just("x".repeat(300)),
+        ];
+        let kind = prop_oneof![
+            Just("activity.logged".to_owned()),
+            Just("task.created".to_owned()),
+            Just("activity.logged\u{1}".to_owned()),
+            "[a-z.]{0,20}",
+        ];
+        (
+            name.clone(),
+            name.clone(),
+            kind,
+            prop_oneof![Just(1u16), 0..4u16, any::<u16>()],
+            prop::option::of(name),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            prop_oneof![Just(0i8), -1..2i8],
+        )
+            .prop_map(
+                |(stream, actor, kind, version, key, payload, seq_delta)| Fields {
+                    stream,
+                    actor,
+                    kind,
+                    version,
+                    key,
+                    payload,
+                    seq_delta,
+                },
+            )
+    }
+
+    /// A chain of events with these fields (hashes, links and trailer all made right), so
+    /// only the rules on what is inside can refuse them.
+    fn forged_file(all: &[Fields]) -> Vec<u8> {
+        let mut frames = Vec::new();
+        let mut prev = Hash::ZERO;
+        for (i, f) in all.iter().enumerate() {
+            let seq = (i as i64 + 1 + i64::from(f.seq_delta)).max(0) as u64;
+            let (hash, bytes) = forged(3, seq, prev, |e| {
+                e.stream = f.stream.clone();
+                e.actor = f.actor.clone();
+                e.kind = f.kind.clone();
+                e.version = f.version;
+                e.key = f.key.clone();
+                if let Some(p) = &f.payload {
+                    e.payload = p.clone();
+                }
+            });
+            prev = hash;
+            frames.push((hash, bytes));
+        }
+        export_file(&frames)
+    }
+
+    /// Ingests `file` into a fresh log: no panic; everything stored passes `append`'s rules and,
+    /// when this build reads its kind, decodes; the log verifies.
+    fn ingest_and_check(file: Vec<u8>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::create(
+            &dir.path().join("log.redb"),
+            Origin([0xee; 16]),
+            LogOptions::default(),
+        )
+        .unwrap();
+        let summary = spool::sync::file::ingest(&log, std::io::Cursor::new(file), |_| {}).unwrap();
+        let _ = summary.stopped();
+        let reader = log.read().unwrap();
+        let page = reader.scan(0, 10_000, &Filter::default()).unwrap();
+        for record in &page.records {
+            let e = record.event();
+            prop_assert!(
+                spool::input::check_shipped(&e).is_ok(),
+                "stored: {:?}",
+                spool::input::check_shipped(&e)
+            );
+            if let Some(spec) = spool::kinds::lookup(e.kind()) {
+                if spec.readable.contains(&e.version()) {
+                    prop_assert!(spool::kinds::decode(e.kind(), e.version(), e.payload()).is_ok());
+                }
+            }
+        }
+        drop(reader);
+        prop_assert!(log.verify(1).unwrap().ok());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn ingest_of_forged_events_stores_only_what_append_would(all in prop::collection::vec(fields(), 1..6)) {
+            ingest_and_check(forged_file(&all))?;
+        }
+
+        #[test]
+        fn ingest_of_damaged_files_never_panics(
+            file in mutated(forged_file(&[
+                Fields { stream: "board".into(), actor: "a".into(), kind: "activity.logged".into(), version: 1, key: None, payload: None, seq_delta: 0 },
+                Fields { stream: "task/t1".into(), actor: "a".into(), kind: "activity.logged".into(), version: 1, key: Some("k".into()), payload: None, seq_delta: 0 },
+            ]))
+        ) {
+            ingest_and_check(file)?;
+        }
+    }
+}
