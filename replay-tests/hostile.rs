@@ -400,12 +400,24 @@ fn export_out_replaces_only_a_regular_file_and_removes_only_its_own() {
     mkfifo(&fifo);
     let sub = dir.path().join("sub.spool");
     std::fs::create_dir(&sub).unwrap();
+    // A device node (as /dev/full is): made here, as root can (CI runs as root).
+    let device = dir.path().join("full");
+    let c = std::ffi::CString::new(device.to_str().unwrap()).unwrap();
+    // SAFETY: a plain system call on a path the test owns; (1, 7) is the "full" device.
+    let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 7)) };
+    assert_eq!(
+        made,
+        0,
+        "mknod needs root: {}",
+        std::io::Error::last_os_error()
+    );
     // Someone's file that looks like a temporary beside the target.
     std::fs::write(dir.path().join("notes.partial"), "mine").unwrap();
     for (out, rule) in [
         (&link, "symbolic link"),
         (&fifo, "not a regular file"),
         (&sub, "not a regular file"),
+        (&device, "not a regular file"),
     ] {
         let o = spool(&home, &["export", "--out", out.to_str().unwrap()], "");
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -421,6 +433,10 @@ fn export_out_replaces_only_a_regular_file_and_removes_only_its_own() {
         .unwrap()
         .file_type()
         .is_fifo());
+    assert!(std::fs::symlink_metadata(&device)
+        .unwrap()
+        .file_type()
+        .is_char_device());
     // A new file and a regular file are written whole; the look-alike stays.
     let notes = dir.path().join("notes.txt");
     ok(&home, &["export", "--out", notes.to_str().unwrap()], "");
@@ -1096,6 +1112,43 @@ fn a_damaged_export_header_is_refused_and_a_failed_rebuild_leaves_nothing() {
             "{names:?}"
         );
     }
+}
+
+/// A file the process may not read is named in the error, not just "Permission denied".
+#[test]
+fn a_permission_error_names_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = init(dir.path());
+    ok(&home, &["append"], &lines(1));
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    mode(dir.path(), 0o755);
+    mode(&home, 0o755);
+    for file in ["node.toml", "spool.toml"] {
+        mode(&home.join(file), 0o644);
+    }
+    mode(&home.join("log.redb"), 0o600);
+    // Root reads anything: the command runs as `nobody` then; anyone else just loses the mode.
+    // SAFETY: a plain system call without arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        mode(&home.join("log.redb"), 0o000);
+    }
+    let mut command = std::process::Command::new(SPOOL);
+    command.arg("--home").arg(&home).arg("status");
+    if root {
+        command.uid(65534).gid(65534);
+    }
+    let o = command.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains("log.redb") && said.contains("ermission denied"),
+        "{said}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

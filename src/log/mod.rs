@@ -355,6 +355,11 @@ pub enum LogError {
     Exists { path: PathBuf },
     #[error("storage: {0}")]
     Storage(#[from] redb::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the writer is poisoned by a failed commit ({cause}); nothing more is accepted until the log is reopened")]
     Poisoned { cause: String },
     #[error("the writer's queue of {0} requests is full; retry")]
@@ -796,7 +801,10 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> LogError {
                 std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
             ) =>
         {
-            LogError::Storage(redb::Error::Io(io))
+            LogError::Io {
+                path: path.to_owned(),
+                source: io,
+            }
         }
         other => LogError::NotALog {
             path: path.to_owned(),

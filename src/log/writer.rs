@@ -455,7 +455,10 @@ struct KernelCache {
 
 impl KernelCache {
     fn new(path: &std::path::Path, keep: u64) -> Result<KernelCache, LogError> {
-        let file = std::fs::File::open(path).map_err(|e| LogError::Storage(redb::Error::Io(e)))?;
+        let file = std::fs::File::open(path).map_err(|source| LogError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(KernelCache {
             file,
             keep,

@@ -281,6 +281,56 @@ pub fn raise_descriptor_limit() {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
+    /// A handler that panics answers 500 `internal` in JSON, and the daemon serves the next
+    /// request: the panic is caught, not a dropped connection.
+    #[test]
+    fn a_handler_that_panics_answers_internal_and_the_next_request_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let stop = tokio::sync::watch::Sender::new(false);
+        let router = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    let v: Vec<u8> = Vec::new();
+                    v[1].to_string()
+                }),
+            )
+            .route("/fine", axum::routing::get(|| async { "fine" }))
+            .layer(axum::middleware::from_fn(super::super::reply::catch_panic))
+            .layer(axum::middleware::from_fn(
+                super::super::reply::json_failures,
+            ));
+        let listener = runtime
+            .block_on(async { tokio::net::UnixListener::bind(&path) })
+            .unwrap();
+        let doors = super::Doors::default();
+        let served = runtime.spawn({
+            let stop = stop.subscribe();
+            async move { doors.serve(listener, router, stop).await }
+        });
+        let get = |route: &str| {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            write!(
+                s,
+                "GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        let answer = get("/boom");
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(answer.contains(r#""code":"internal""#), "{answer}");
+        assert!(get("/fine").ends_with("fine"));
+        stop.send_replace(true);
+        runtime.block_on(served).unwrap();
+    }
+
     #[test]
     fn the_full_answer_declares_its_length() {
         let text = std::str::from_utf8(super::FULL).unwrap();

@@ -11,6 +11,7 @@
 
 pub mod file;
 
+use crate::input::shown;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
@@ -39,8 +40,12 @@ impl Vector {
     pub fn parse(text: &str) -> Result<Vector, String> {
         let text = text.trim();
         let pairs: Vec<(String, u64)> = if text.starts_with('{') {
-            let map: BTreeMap<String, u64> = serde_json::from_str(text)
-                .map_err(|e| format!("not a version vector ({{\"<origin>\": seq}}): {e}"))?;
+            let map: BTreeMap<String, u64> = serde_json::from_str(text).map_err(|e| {
+                let (line, column) = (e.line(), e.column());
+                format!(
+                    "not a version vector ({{\"<origin>\": seq}}; line {line}, column {column})"
+                )
+            })?;
             map.into_iter().collect()
         } else {
             text.split(',')
@@ -49,10 +54,10 @@ impl Vector {
                     let (origin, seq) = pair
                         .trim()
                         .split_once(':')
-                        .ok_or_else(|| format!("{pair:?} is not origin:seq"))?;
+                        .ok_or_else(|| format!("{} is not origin:seq", shown(pair)))?;
                     let seq = seq
                         .parse()
-                        .map_err(|_| format!("{pair:?}: seq {seq:?} is not a number"))?;
+                        .map_err(|_| format!("{}: the seq is not a number", shown(pair)))?;
                     Ok((origin.to_owned(), seq))
                 })
                 .collect::<Result<_, String>>()?
