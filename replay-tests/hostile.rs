@@ -654,6 +654,21 @@ fn malformed_and_oversized_requests_are_refused_in_json_by_every_door() {
         assert_eq!(refusal(&answer).1, "too_large");
         assert!(answer.head.contains("connection: close"), "{}", answer.head);
     }
+    // Without the token, a promised body is never waited for: 401 at once.
+    let mut stream = node.connect(Door::Http);
+    write!(
+        stream,
+        "POST /v1/events HTTP/1.1\r\nHost: spool\r\nContent-Length: 100000000\r\n\r\n"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let answer = read_answer(&mut stream);
+    assert_eq!(refusal(&answer).1, "unauthorized");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // Nothing was written by any of it; a good request still is.
     let answer = node.call(Door::Socket, "POST", "/v1/events", good.as_bytes());
     assert_eq!(answer.status, 200);

@@ -168,19 +168,9 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/metrics", get(metrics))
             .fallback(|| async { StatusCode::NOT_FOUND })
             .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED });
-        // The socket is guarded by its file mode: only the HTTP listener checks a token.
-        let router = match token {
-            Some(token) => {
-                // Shared by every request, not copied for each.
-                let token: Arc<str> = token.into();
-                router.layer(axum::middleware::from_fn(move |req, next| {
-                    authorize(token.clone(), req, next)
-                }))
-            }
-            None => router,
-        };
+        // Bodies are read (within their limit, time and the shared budget) before any handler.
         let bodies = app.clone();
-        router
+        let router = router
             .layer(axum::middleware::from_fn(
                 move |req: axum::extract::Request, next| {
                     let app = bodies.clone();
@@ -193,7 +183,20 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
                     }
                 },
             ))
-            .layer(DefaultBodyLimit::disable())
+            .layer(DefaultBodyLimit::disable());
+        // The socket is guarded by its file mode: only the HTTP listener checks a token, and
+        // before a byte of the body is read.
+        let router = match token {
+            Some(token) => {
+                // Shared by every request, not copied for each.
+                let token: Arc<str> = token.into();
+                router.layer(axum::middleware::from_fn(move |req, next| {
+                    authorize(token.clone(), req, next)
+                }))
+            }
+            None => router,
+        };
+        router
             .layer(axum::middleware::from_fn(reply::catch_panic))
             .layer(axum::middleware::from_fn(reply::json_failures))
             .with_state(app.clone())
