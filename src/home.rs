@@ -319,7 +319,7 @@ impl Home {
 
     /// The node's SQLite projection, kept current after every append and ingest.
     pub fn projection_path(&self) -> PathBuf {
-        self.dir.join("projection.sqlite")
+        self.dir.join(crate::jobs::PROJECTION)
     }
 
     pub fn log_options(&self) -> LogOptions {

@@ -97,7 +97,7 @@ pub struct Places {
 /// begins with one of theirs (their journals and WAL files).
 const HOME_FILES: [&str; 6] = [
     "log.redb",
-    "projection.sqlite",
+    PROJECTION,
     "node.toml",
     "spool.toml",
     "serve.token",
@@ -119,13 +119,21 @@ impl RebuildTarget {
     }
 }
 
+/// The node's live SQLite projection, by name in its home.
+pub const PROJECTION: &str = "projection.sqlite";
+
 impl Places {
+    /// The node's live projection.
+    pub fn projection(&self) -> PathBuf {
+        self.home.join(PROJECTION)
+    }
+
     /// The target of `spool rebuild sqlite [--into PATH]`: without `into`, the node's projection;
     /// with it, a new file inside the home or `[jobs] dir`, never a home file by any spelling,
     /// a link, or a file that exists. The refusal names the rule.
     pub fn rebuild_target(&self, into: Option<&Path>) -> Result<RebuildTarget, JobError> {
         let Some(into) = into else {
-            return Ok(RebuildTarget::Live(self.home.join("projection.sqlite")));
+            return Ok(RebuildTarget::Live(self.projection()));
         };
         let refused = |rule| {
             JobError::File(FileError::Refused {
@@ -160,7 +168,7 @@ impl Places {
             if name.starts_with("log.redb") {
                 return Err(refused("is the node's log; no job writes it"));
             }
-            if name.starts_with("projection.sqlite") {
+            if name.starts_with(PROJECTION) {
                 return Err(refused(
                     "is the node's live projection; leave `into` out to rebuild it",
                 ));

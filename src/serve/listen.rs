@@ -33,8 +33,9 @@ pub const CONNECTIONS_MAX: usize = 512;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time to send a request's whole body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Request bodies held in memory at once, across every connection.
-pub const BODIES_BYTES_MAX: usize = 512 * 1024 * 1024;
+/// Request bodies held in memory at once, across every connection: one batch of the largest
+/// size, or many smaller ones.
+pub const BODIES_BYTES_MAX: usize = crate::input::BATCH_BYTES_MAX;
 /// How long SIGTERM waits for open requests before closing their connections.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,7 +197,10 @@ impl Doors {
             taken = units(n as usize);
             share = Some(self.take(taken).await?);
         }
-        let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
+        // A declared length is a claim: memory is taken as bytes arrive, not for the claim.
+        const CLAIMED_BYTES_TAKEN_MAX: u64 = 1024 * 1024;
+        let mut bytes =
+            Vec::with_capacity(declared.unwrap_or(0).min(CLAIMED_BYTES_TAKEN_MAX) as usize);
         let mut stream = body.into_data_stream();
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|_| {

@@ -120,7 +120,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
         committed: tokio::sync::watch::Sender::new(()),
-        projection: options.places.home.join("projection.sqlite"),
+        projection: options.places.projection(),
         projection_db: Default::default(),
         projected: Default::default(),
         unreadable: Default::default(),
