@@ -289,7 +289,7 @@ pub const REPLAY_BATCH_EVENTS: u64 = 1_000_000;
 const REPLAY_CHUNK_EVENTS: usize = 1_000;
 /// Stored bytes in one chunk at most (past its first event): a log of large events is read
 /// ahead in as many bytes as one of small events, not a thousand times more.
-const REPLAY_CHUNK_BYTES: usize = 2 * 1024 * 1024;
+const REPLAY_CHUNK_BYTES: usize = 1024 * 1024;
 /// Chunks read and checked ahead of the projecting thread (with one being read and one being
 /// projected, at most ten chunks of events in memory). One ahead left both cores a quarter idle.
 const REPLAY_CHUNKS_READ_AHEAD: usize = 8;
