@@ -64,12 +64,7 @@ fn init(dir: &Path) -> PathBuf {
 
 impl Node {
     fn start(home: &Path) -> Node {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = daemon::free_loopback_addr();
         let _ = std::fs::remove_file(home.join("spool.sock"));
         let daemon = std::process::Command::new(SPOOL)
             .arg("--home")

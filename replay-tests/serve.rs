@@ -316,13 +316,7 @@ fn http_once(stream: impl std::io::Read + std::io::Write, head: &str, body: &str
 fn the_http_listener_takes_only_the_bearer_token_and_the_socket_none() {
     let dir = tempfile::tempdir().unwrap();
     let home = home(dir.path());
-    // A free loopback port: taken, read, released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = daemon::free_loopback_addr();
     let daemon = std::process::Command::new(SPOOL)
         .arg("--home")
         .arg(&home)

@@ -6,6 +6,16 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A free loopback address: a port taken, read and released.
+pub fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// Starts `spool serve` (the binary at `spool`) on `home` and waits for its socket.
 pub fn start(spool: &str, home: &Path) -> Child {
     let child = Command::new(spool)

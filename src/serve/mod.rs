@@ -274,6 +274,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A 400 refusal naming the request's field.
+fn bad_field(code: &str, message: &str, field: &str) -> Response {
+    refuse_field(StatusCode::BAD_REQUEST, code, message, Some(field), None)
+}
+
 /// `POST /v1/events`: one event (an object) or a batch (an array), all-or-nothing.
 async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let started = Instant::now();
@@ -498,13 +503,7 @@ async fn log_page(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Res
         Ok(origin) => origin,
         Err(_) => {
             let message = "origin: must be 32 hex digits";
-            return refuse_field(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                message,
-                Some("origin"),
-                None,
-            );
+            return bad_field("bad_query", message, "origin");
         }
     };
     let filter = crate::log::Filter {
@@ -721,13 +720,7 @@ async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
                     "since: must be a version vector as `spool heads --json` prints it",
                 ),
             };
-            return refuse_field(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                rule,
-                Some(field),
-                None,
-            );
+            return bad_field("invalid_field", rule, field);
         }
     };
     let Ok(running) = app.exports.clone().try_acquire_owned() else {
@@ -837,25 +830,13 @@ async fn rebuild(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respon
         Ok(until) => until,
         Err(_) => {
             let rule = "as_of: must be a position or an RFC 3339 time";
-            return refuse_field(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                rule,
-                Some("as_of"),
-                None,
-            );
+            return bad_field("invalid_field", rule, "as_of");
         }
     };
     let target = match app.places.rebuild_target(request.into.as_deref()) {
         Ok(target) => target,
         Err(e) => {
-            return refuse_field(
-                StatusCode::BAD_REQUEST,
-                "path_refused",
-                &e.to_string(),
-                Some("into"),
-                None,
-            )
+            return bad_field("path_refused", &e.to_string(), "into");
         }
     };
     // One rebuild of a target at a time; the claim ends with the job.
