@@ -154,7 +154,7 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
         ),
         (
             activity("s", "m").replace(r#"{"message":"m"}"#, r#"{"message":"m","extra":true}"#),
-            "extra",
+            "has a property activity.logged v1 does not define",
         ),
         (too_big, "over the limit"),
     ];

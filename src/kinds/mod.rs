@@ -365,9 +365,21 @@ impl KindSpec {
             _ => 2,
         });
         if let Some(err) = err {
+            // An unknown property is named as a cut, escaped prefix (it is the client's text),
+            // and the schema says what the object takes.
+            let problem = match err.kind() {
+                ValidationErrorKind::AdditionalProperties { unexpected } => format!(
+                    "has a property {} v{} does not define ({}; `spool schema show {}` lists them)",
+                    self.name,
+                    self.version,
+                    crate::input::shown(unexpected.first().map_or("", String::as_str)),
+                    self.name
+                ),
+                _ => without_value(&err.to_string(), err.instance()),
+            };
             return Err(DataError {
                 field: err.instance_path().to_string(),
-                problem: without_value(&err.to_string(), err.instance()),
+                problem,
             });
         }
         (self.encode)(data)
