@@ -427,17 +427,18 @@ pub fn check_shipped(event: &crate::event::EventRef<'_>) -> Result<(), InputErro
             bytes: payload.len(),
         });
     }
+    let refused = |error| InputError::Data {
+        kind: spec.name.to_owned(),
+        error,
+    };
+    // In the order `new_event` checks a request: NUL characters, then the schema.
     let data = spec
-        .decode(event.version(), payload)
-        .map_err(|e| field("data", &format!("is not a readable payload ({e})")))?;
+        .stored_json(event.version(), payload)
+        .map_err(refused)?;
     if let Some(path) = has_nul(&data).then(|| nul_at(&data, "data")).flatten() {
         return Err(field(&path, "contains a NUL character (U+0000)"));
     }
-    spec.encode(&data).map_err(|error| InputError::Data {
-        kind: spec.name.to_owned(),
-        error,
-    })?;
-    Ok(())
+    spec.validate(&data).map_err(refused)
 }
 
 /// Reads JSON lines (blank lines skipped) into one batch, refusing the whole batch on any error.

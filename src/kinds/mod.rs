@@ -88,6 +88,8 @@ pub struct KindSpec {
     pub schema: &'static str,
     encode: fn(&Value) -> Result<Vec<u8>, DataError>,
     decode: fn(bool, u16, &[u8]) -> Result<Value, String>,
+    /// A stored payload as JSON of this version, after the rules the schema cannot state.
+    stored: fn(bool, u16, &[u8]) -> Result<Value, DataError>,
     /// The schema derived from the type; a test keeps `schema` equal to it.
     derived_schema: fn(&str, u16) -> Value,
     /// A payload of a readable version into its typed current form (current versions only).
@@ -140,6 +142,7 @@ macro_rules! catalogue {
             schema: include_str!(concat!("../../schemas/", $name, "/v", $v, ".schema.json")),
             encode: encode_as::<$ty>,
             decode: decode_as::<$ty>,
+            stored: stored_as::<$ty>,
             derived_schema: derived_schema::<$ty>,
             body: $body,
         }
@@ -259,6 +262,17 @@ where
     serde_json::to_value(&value).map_err(|e| e.to_string())
 }
 
+fn stored_as<T: Payload>(current: bool, version: u16, payload: &[u8]) -> Result<Value, DataError>
+where
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
+    let value: T = typed(current, version, payload)
+        .map_err(|p| DataError::at("", &format!("is not a readable payload ({p})")))?;
+    value.check()?;
+    serde_json::to_value(&value).map_err(|e| DataError::at("", &e.to_string()))
+}
+
 fn typed<T: Payload>(current: bool, version: u16, payload: &[u8]) -> Result<T, String>
 where
     T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>>
@@ -354,9 +368,29 @@ pub enum PayloadError {
 impl KindSpec {
     /// Checks `data` against the schema and encodes it as this version.
     pub fn encode(&self, data: &Value) -> Result<Vec<u8>, DataError> {
+        self.validate(data)?;
+        (self.encode)(data)
+    }
+
+    /// A payload another node stored, of a version this build reads, as JSON of this version,
+    /// once it decodes and passes the rules the schema cannot state; [`KindSpec::validate`]
+    /// then checks it as `encode` checks a request. (Not encoded again: the bytes are the
+    /// sender's, and its hash covers them.)
+    pub fn stored_json(&self, version: u16, payload: &[u8]) -> Result<Value, DataError> {
+        if !self.readable.contains(&version) {
+            return Err(DataError::at(
+                "",
+                "is of a version this build does not read",
+            ));
+        }
+        (self.stored)(version == self.version, version, payload)
+    }
+
+    /// `data` against this version's schema; the refusal names one field.
+    pub fn validate(&self, data: &Value) -> Result<(), DataError> {
         let validator = &VALIDATORS[&(self.name, self.version)];
         if validator.is_valid(data) {
-            return (self.encode)(data);
+            return Ok(());
         }
         // One error is reported: a missing or unknown field first, as it explains the rest.
         let err = validator.iter_errors(data).min_by_key(|e| match e.kind() {
@@ -382,7 +416,7 @@ impl KindSpec {
                 problem,
             });
         }
-        (self.encode)(data)
+        Ok(())
     }
 
     fn check_readable(&self, version: u16) -> Result<(), PayloadError> {
