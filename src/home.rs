@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use crate::event::Origin;
 use crate::log::{Log, LogError, LogOptions};
 
-const NODE_FILE: &str = "node.toml";
-const CONFIG_FILE: &str = "spool.toml";
-const LOG_FILE: &str = "log.redb";
+pub const NODE_FILE: &str = "node.toml";
+pub const CONFIG_FILE: &str = "spool.toml";
+pub const LOG_FILE: &str = "log.redb";
+/// The HTTP listener's bearer token (mode 0600), made by `spool serve --http`.
+pub const SERVE_TOKEN: &str = "serve.token";
 /// Upper bound on a node label, in bytes.
 pub const LABEL_BYTES_MAX: usize = 64;
 

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::event::Origin;
 use crate::files::{self, Existing, FileError, NewFile};
+use crate::home;
 use crate::log::{LogError, Reader};
 use crate::project::postgres::{self, Postgres, PostgresError};
 use crate::project::sqlite::{Durability, Sqlite, SqliteError};
@@ -96,12 +97,12 @@ pub struct Places {
 /// of it leaves `into` out), the identity, config, token and socket, and any file whose name
 /// begins with one of theirs (their journals and WAL files).
 const HOME_FILES: [&str; 6] = [
-    "log.redb",
+    home::LOG_FILE,
     PROJECTION,
-    "node.toml",
-    "spool.toml",
-    "serve.token",
-    "spool.sock",
+    home::NODE_FILE,
+    home::CONFIG_FILE,
+    home::SERVE_TOKEN,
+    crate::serve::SOCKET,
 ];
 
 /// A rebuild's target: the node's live projection (replaced whole), or a new file.
@@ -165,7 +166,7 @@ impl Places {
         };
         if folder == home {
             let name = name.to_string_lossy();
-            if name.starts_with("log.redb") {
+            if name.starts_with(home::LOG_FILE) {
                 return Err(refused("is the node's log; no job writes it"));
             }
             if name.starts_with(PROJECTION) {

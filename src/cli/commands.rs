@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use spool::event::Origin;
 use spool::files::{Existing, NewFile};
-use spool::home::Home;
+use spool::home::{Home, SERVE_TOKEN};
 use spool::input::{self, AppendRequest, InputError, NewEvent};
 use spool::jobs;
 use spool::kinds;
@@ -226,9 +226,6 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
     eprintln!("spool serve: stopped; everything acknowledged is durable");
     Ok(ExitCode::SUCCESS)
 }
-
-/// The HTTP listener's bearer token, made once (mode 0600) in the node home.
-const SERVE_TOKEN: &str = "serve.token";
 
 fn serve_token(dir: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;

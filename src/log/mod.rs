@@ -68,6 +68,9 @@ pub enum ShippedError {
     },
     #[error("not an event: {0}")]
     Undecodable(DecodeError),
+    /// The caller's rules refused what the event says.
+    #[error("origin {} seq {}: {problem}", id.origin, id.seq)]
+    Refused { id: EventId, problem: String },
 }
 
 fn name_prefix(id: &Option<EventId>) -> String {
@@ -80,6 +83,16 @@ fn name_prefix(id: &Option<EventId>) -> String {
 impl Shipped {
     /// Checks that `bytes` hash to `claimed` and decode as an event.
     pub fn verify(claimed: Hash, bytes: Vec<u8>) -> Result<Shipped, ShippedError> {
+        Shipped::verify_then(claimed, bytes, |_| Ok(()))
+    }
+
+    /// As [`Shipped::verify`], then `check` on the decoded event (the rules a receiver applies
+    /// to what it says), without decoding it a second time.
+    pub fn verify_then(
+        claimed: Hash,
+        bytes: Vec<u8>,
+        check: impl FnOnce(&EventRef<'_>) -> Result<(), String>,
+    ) -> Result<Shipped, ShippedError> {
         let actual = Hash::of(&bytes);
         let view = event::decode(&bytes);
         if actual != claimed {
@@ -90,6 +103,10 @@ impl Shipped {
             });
         }
         let view = view.map_err(ShippedError::Undecodable)?;
+        check(&view).map_err(|problem| ShippedError::Refused {
+            id: view.id(),
+            problem,
+        })?;
         let (meta, hlc, stream) = (
             Meta::of(actual, &view),
             view.hlc(),

@@ -233,11 +233,6 @@ pub struct Until {
 pub enum ReplayError<E: std::error::Error + 'static> {
     #[error(transparent)]
     Log(#[from] LogError),
-    #[error("event at position {position}: {error}")]
-    Payload {
-        position: u64,
-        error: kinds::PayloadError,
-    },
     #[error("projection: {0}")]
     Target(E),
     #[error("the projection's checkpoint (position {position}, hash {expected}) is not in this log ({found:?} there); rebuild it")]

@@ -176,15 +176,12 @@ impl<R: Read> ExportReader<R> {
         for part in [&len[..], &hash[..], &bytes[..]] {
             self.digest.update(part);
         }
-        let shipped =
-            Shipped::verify(Hash(hash), bytes).map_err(|e| damaged(self, e.to_string()))?;
         // What `append` would refuse is refused here too, by name, before it reaches the log.
-        if let Ok(event) = crate::event::decode(&shipped.bytes) {
-            crate::input::check_shipped(&event).map_err(|e| {
-                let id = event.id();
-                damaged(self, format!("origin {} seq {}: {e}", id.origin, id.seq))
-            })?;
-        }
+        let check = |event: &crate::event::EventRef<'_>| {
+            crate::input::check_shipped(event).map_err(|e| e.to_string())
+        };
+        let shipped = Shipped::verify_then(Hash(hash), bytes, check)
+            .map_err(|e| damaged(self, e.to_string()))?;
         let frame = Frame {
             offset: self.offset,
             index: self.frames,
