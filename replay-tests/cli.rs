@@ -116,10 +116,17 @@ fn a_repeated_idempotency_key_prints_the_first_line_and_writes_nothing() {
         args
     };
     let first = ok(&home, &args(r#"{"message":"one"}"#), "");
-    let again = ok(&home, &args(r#"{"message":"two"}"#), "");
-    assert_eq!(first, again);
-    let line = r#"{"kind":"activity.logged","stream":"s","actor":"a","data":{"message":"x"},"key":"run-42"}"#;
-    assert_eq!(ok(&home, &["append"], line), first);
+    assert!(first.contains(r#""duplicate":false"#), "{first}");
+    let again = ok(&home, &args(r#"{"message":"one"}"#), "");
+    assert_eq!(first.replace("false", "true"), again);
+    // The same request as a line of stdin (fields in another order) is the same request.
+    let line = r#"{"stream":"s","kind":"activity.logged","actor":"a","data":{"message":"one"},"key":"run-42"}"#;
+    assert_eq!(ok(&home, &["append"], line), again);
+    // Another request under the key is refused by name, and writes nothing.
+    let conflict = spool(&home, &args(r#"{"message":"two"}"#), "");
+    assert_eq!(conflict.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&conflict.stderr);
+    assert!(said.contains("idempotency key"), "{said}");
     assert_eq!(count(&home), 1);
 }
 

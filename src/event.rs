@@ -75,6 +75,20 @@ macro_rules! hex_newtype {
             }
         }
 
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $ty::from_hex(&text).map_err(|_| {
+                    serde::de::Error::custom(concat!(
+                        $what,
+                        ": must be ",
+                        stringify!($len),
+                        " bytes in hex"
+                    ))
+                })
+            }
+        }
+
         impl fmt::Debug for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($ty), self.to_hex())
@@ -94,8 +108,23 @@ pub struct ParseIdError {
     pub digits: usize,
 }
 
+/// An event as a client asks for it; the writer adds origin, seq, hlc, deps and prev.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub stream: String,
+    pub actor: String,
+    pub kind: String,
+    pub version: u16,
+    pub correlation: Option<String>,
+    pub causation: Option<String>,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+}
+
 /// `(origin, seq)`: an event's identity, the same on every node.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct EventId {
     pub origin: Origin,
     pub seq: u64,

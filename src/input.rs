@@ -21,32 +21,21 @@ pub const LINE_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Upper bound on the JSON text of one atomic batch.
 pub const BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
 
-/// An event as a client asks for it; the writer adds origin, seq, hlc, deps and prev.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewEvent {
-    pub stream: String,
-    pub actor: String,
-    pub kind: String,
-    pub version: u16,
-    pub correlation: Option<String>,
-    pub causation: Option<String>,
-    pub key: Option<String>,
-    pub payload: Vec<u8>,
-}
+pub use crate::event::NewEvent;
 
 /// The JSON shape of one append request.
-#[derive(serde::Deserialize, Debug, Clone)]
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AppendRequest {
     pub kind: String,
     pub stream: String,
     pub actor: String,
     pub data: Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation: Option<String>,
 }
 
@@ -113,12 +102,16 @@ pub fn shown(value: &str) -> String {
 
 /// Parses one JSON request text.
 pub fn parse_request(text: &str) -> Result<NewEvent, InputError> {
+    new_event(parse_append(text)?)
+}
+
+/// Reads one JSON request text as a request, not yet validated against its kind.
+pub fn parse_append(text: &str) -> Result<AppendRequest, InputError> {
     let de = &mut serde_json::Deserializer::from_str(text);
-    let request: AppendRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().clone();
         refusal(&path, e.into_inner())
-    })?;
-    new_event(request)
+    })
 }
 
 /// A request body of the daemon's `POST /v1/events`: one request (an object) or a batch (an
@@ -202,6 +195,14 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
                         problem: problem.clone(),
                     }
                 }
+                // A request's own field is missing (`data` is any JSON, so only those can be).
+                InputError::Field {
+                    field: own,
+                    problem,
+                } if problem == "is missing" => InputError::Field {
+                    field: own.rsplit('.').next().unwrap_or(own).to_owned(),
+                    problem: problem.clone(),
+                },
                 // The element itself is not an object.
                 InputError::Field { problem, .. } if field.is_empty() => {
                     InputError::Json(problem.clone())
@@ -264,6 +265,23 @@ fn refusal(path: &serde_path_to_error::Path, inner: serde_json::Error) -> InputE
     if inner.is_syntax() || inner.is_eof() {
         return InputError::Json(inner.to_string());
     }
+    // A missing field is named (its name is the request type's, not the client's text).
+    if let Some(name) = problem
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+    {
+        let holder: Vec<String> = path.iter().map(ToString::to_string).collect();
+        let mut field = holder.join(".");
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(name);
+        return InputError::Field {
+            field,
+            problem: "is missing".into(),
+        };
+    }
     if problem.starts_with("unknown field") {
         let segments: Vec<String> = path.iter().map(ToString::to_string).collect();
         let holder = segments[..segments.len().saturating_sub(1)].join(".");
@@ -279,63 +297,6 @@ fn refusal(path: &serde_path_to_error::Path, inner: serde_json::Error) -> InputE
     match field.as_str() {
         "." => InputError::Json(problem),
         _ => InputError::Field { field, problem },
-    }
-}
-
-/// An event as `spool log` prints it and the daemon streams it: the envelope, the position and
-/// hash, and the payload decoded (or why it could not be).
-pub fn event_json(record: &crate::log::Record) -> Value {
-    use std::time::{Duration, UNIX_EPOCH};
-    let e = record.event().to_event();
-    let time = UNIX_EPOCH + Duration::from_millis(crate::hlc::physical_ms(e.hlc));
-    let deps: Vec<Value> = e
-        .deps
-        .iter()
-        .map(|d| serde_json::json!({"origin": d.origin, "seq": d.seq}))
-        .collect();
-    let mut out = serde_json::json!({
-        "position": record.position,
-        "origin": e.origin,
-        "seq": e.seq,
-        "hash": record.hash,
-        "prev": e.prev,
-        "hlc": e.hlc,
-        "time": humantime::format_rfc3339_millis(time).to_string(),
-        "deps": deps,
-        "stream": e.stream,
-        "actor": e.actor,
-        "kind": e.kind,
-        "version": e.version,
-        "correlation": e.correlation,
-        "causation": e.causation,
-        "key": e.key,
-    });
-    match kinds::decode(&e.kind, e.version, &e.payload) {
-        Ok(data) => out["data"] = data,
-        Err(error) => {
-            out["data"] = Value::Null;
-            out["data_error"] = serde_json::json!(error.to_string());
-        }
-    }
-    out
-}
-
-/// The answer to an appended event, as `spool append` prints it and the daemon returns it
-/// (fields in name order).
-#[derive(Debug, serde::Serialize)]
-pub struct AppendedJson {
-    hash: crate::event::Hash,
-    origin: crate::event::Origin,
-    position: u64,
-    seq: u64,
-}
-
-pub fn appended_json(a: &crate::log::Appended) -> AppendedJson {
-    AppendedJson {
-        hash: a.hash,
-        origin: a.origin,
-        position: a.position,
-        seq: a.seq,
     }
 }
 
@@ -443,14 +404,14 @@ pub fn check_shipped(event: &crate::event::EventRef<'_>) -> Result<(), InputErro
 
 /// Reads JSON lines (blank lines skipped) into one batch, refusing the whole batch on any error.
 pub fn parse_lines(input: impl BufRead) -> Result<Vec<NewEvent>, InputError> {
-    read_lines(input, parse_request)
+    read_lines(input, |_, text| parse_request(text))
 }
 
 /// Reads JSON lines (blank lines skipped) with `each`, refusing the whole batch on the first
 /// error, named by its line; every limit of a batch is checked.
 pub fn read_lines<T>(
     mut input: impl BufRead,
-    mut each: impl FnMut(&str) -> Result<T, InputError>,
+    mut each: impl FnMut(usize, &str) -> Result<T, InputError>,
 ) -> Result<Vec<T>, InputError> {
     let mut events = Vec::new();
     let mut line = Vec::new();
@@ -482,7 +443,7 @@ pub fn read_lines<T>(
         if events.len() == BATCH_EVENTS_MAX {
             return Err(at_line(InputError::BatchTooLarge));
         }
-        events.push(each(text).map_err(at_line)?);
+        events.push(each(number, text).map_err(at_line)?);
     }
     if events.is_empty() {
         return Err(InputError::Empty);
@@ -616,7 +577,7 @@ mod tests {
         );
         check(
             r#"{"kind":"activity.logged","stream":"s","data":{}}"#,
-            "missing field `actor`",
+            "field `actor`: is missing",
         );
         let long = "x".repeat(NAME_BYTES_MAX + 1);
         check(

@@ -9,8 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use serde_json::{json, Value};
-
 use crate::event::Origin;
 use crate::files::{self, Existing, FileError, NewFile};
 use crate::home;
@@ -18,6 +16,7 @@ use crate::log::{LogError, Reader};
 use crate::project::postgres::{self, Postgres, PostgresError};
 use crate::project::sqlite::{Durability, Sqlite, SqliteError};
 use crate::project::{self, ReplayError, Target, Until};
+use crate::wire::{BackfillSummary, ProjectSummary, RebuildSummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -31,20 +30,6 @@ pub enum JobError {
     Postgres(#[from] ReplayError<PostgresError>),
     #[error(transparent)]
     File(#[from] FileError),
-}
-
-impl JobError {
-    /// The stable machine-readable code of this failure.
-    pub fn code(&self) -> &'static str {
-        match self {
-            JobError::AsOf { .. } => "invalid_field",
-            JobError::Log(_) => "log",
-            JobError::Sqlite(_) => "sqlite",
-            JobError::Postgres(_) => "postgres",
-            JobError::File(FileError::Refused { .. }) => "path_refused",
-            JobError::File(FileError::Io { .. }) => "file",
-        }
-    }
 }
 
 impl From<SqliteError> for JobError {
@@ -197,7 +182,7 @@ pub fn rebuild(
     target: &RebuildTarget,
     until: Until,
     mut progress: impl FnMut(u64, u64),
-) -> Result<(NewFile, Value), JobError> {
+) -> Result<(NewFile, RebuildSummary), JobError> {
     let existing = match target {
         RebuildTarget::Live(_) => Existing::ReplaceRegular,
         RebuildTarget::New(_) => Existing::Refuse,
@@ -210,10 +195,13 @@ pub fn rebuild(
     let applied = project::replay(reader, &mut db, 0, until, |p| progress(p, last))?;
     db.finish()?;
     let seconds = started.elapsed().as_secs_f64();
-    let summary = json!({
-        "path": target.path(), "applied": applied, "position": last, "seconds": seconds,
-        "events_per_second": applied as f64 / seconds.max(1e-9),
-    });
+    let summary = RebuildSummary {
+        path: target.path().to_owned(),
+        applied,
+        position: last,
+        seconds,
+        events_per_second: applied as f64 / seconds.max(1e-9),
+    };
     Ok((partial, summary))
 }
 
@@ -255,7 +243,7 @@ pub fn project_postgres(
     reader: &Reader,
     target: &mut Postgres,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Value, JobError> {
+) -> Result<ProjectSummary, JobError> {
     let last = reader.last_position()?;
     let started = Instant::now();
     let mut retries = 0;
@@ -275,10 +263,13 @@ pub fn project_postgres(
         }
     };
     let (position, _, events) = target.checkpoint()?;
-    Ok(
-        json!({"applied": applied, "position": position, "events": events,
-              "seconds": started.elapsed().as_secs_f64(), "retries": retries}),
-    )
+    Ok(ProjectSummary {
+        applied,
+        position,
+        events,
+        seconds: started.elapsed().as_secs_f64(),
+        retries: u64::from(retries),
+    })
 }
 
 /// `spool backfill postgres`: fills shadow tables up to a pinned position (resuming an
@@ -287,7 +278,7 @@ pub fn backfill_postgres(
     reader: &Reader,
     job: &PostgresJob,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Value, JobError> {
+) -> Result<BackfillSummary, JobError> {
     let started = Instant::now();
     let (mut target, pinned) = Postgres::backfill(job.url, job.node, reader.last_position()?)?;
     if let Some(bytes) = job.held_bytes_max {
@@ -306,9 +297,14 @@ pub fn backfill_postgres(
     let (position, _, events) = target.checkpoint()?;
     target.swap()?;
     let seconds = started.elapsed().as_secs_f64();
-    Ok(
-        json!({"applied": copied + tail, "resumed_from": from, "pinned": pinned, "tail": tail,
-              "position": position, "events": events, "seconds": seconds,
-              "events_per_second": (copied + tail) as f64 / seconds.max(1e-9)}),
-    )
+    Ok(BackfillSummary {
+        applied: copied + tail,
+        resumed_from: from,
+        pinned,
+        tail,
+        position,
+        events,
+        seconds,
+        events_per_second: (copied + tail) as f64 / seconds.max(1e-9),
+    })
 }

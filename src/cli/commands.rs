@@ -3,7 +3,7 @@
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -11,21 +11,17 @@ use serde_json::{json, Value};
 use spool::event::Origin;
 use spool::files::{Existing, NewFile};
 use spool::home::{Home, SERVE_TOKEN};
-use spool::input::{self, AppendRequest, InputError, NewEvent};
-use spool::jobs;
+use spool::input::{self, AppendRequest, InputError};
 use spool::kinds;
-use spool::log::{Filter, Log};
-use spool::project;
-use spool::project::sqlite::{Durability, Sqlite};
-use spool::sync::{file as shipping, Selection, Vector};
+use spool::node::{self, Local, Node};
+use spool::project::sqlite::Sqlite;
+use spool::serve::client::Remote;
+use spool::wire::{ExportRequest, LogQuery, PostgresRequest, RebuildRequest};
 
 use super::{
     AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand,
     RebuildCommand, SchemaCommand, Usage,
 };
-
-/// Events read per page by `spool log`: bounds its memory whatever the log's size.
-const PAGE_EVENTS: usize = 1000;
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Demo { dir, seed } = cli.command {
@@ -47,7 +43,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Heads { json } => heads(&home, json),
         Command::Export(args) => export(&home, args),
         Command::Ingest { file, json } => ingest(&home, file, json),
-        Command::Rebuild(RebuildCommand::Sqlite { into, as_of }) => rebuild(&home, into, as_of),
+        Command::Rebuild(RebuildCommand::Sqlite { into, as_of, json }) => {
+            rebuild(&home, into, as_of, json)
+        }
         Command::Project(ProjectCommand::Postgres {
             url,
             follow,
@@ -74,7 +72,7 @@ fn default_home() -> anyhow::Result<PathBuf> {
 fn init(dir: &Path, label: Option<String>) -> anyhow::Result<ExitCode> {
     let label = label.unwrap_or_else(host_name);
     let home = Home::init(dir, &label)?;
-    println!("{}", home.origin());
+    writeln!(stdout(), "{}", home.origin())?;
     eprintln!(
         "spool: node {:?} created in {}",
         home.label(),
@@ -89,112 +87,6 @@ fn host_name() -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "node".into())
-}
-
-fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
-    // Checked here, whether the daemon or this process then writes them: a refusal names the
-    // flag or line either way. The daemon is sent the requests as given.
-    let (events, requests): (Vec<NewEvent>, Vec<Value>) = match args.kind {
-        Some(kind) => {
-            let data_text = args.data.unwrap_or_default();
-            let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
-                field: "data".into(),
-                problem: format!("not valid JSON: {e}"),
-            })?;
-            let request = AppendRequest {
-                kind,
-                stream: args.stream.unwrap_or_default(),
-                actor: args.actor.unwrap_or_default(),
-                data,
-                key: args.key,
-                correlation: args.correlation,
-                causation: args.causation,
-            };
-            let sent = json!({"kind": request.kind, "stream": request.stream,
-                              "actor": request.actor, "data": request.data, "key": request.key,
-                              "correlation": request.correlation, "causation": request.causation});
-            (vec![input::new_event(request)?], vec![sent])
-        }
-        None => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                return Err(Usage(
-                    "give --kind, --stream, --actor and --data, or pipe JSON lines on stdin".into(),
-                )
-                .into());
-            }
-            input::read_lines(stdin.lock(), |text| {
-                let event = input::parse_request(text)?;
-                let sent =
-                    serde_json::from_str(text).map_err(|e| InputError::Json(e.to_string()))?;
-                Ok((event, sent))
-            })?
-            .into_iter()
-            .unzip()
-        }
-    };
-    let socket = dir.join(spool::serve::SOCKET);
-    if socket.exists() {
-        if let Some(code) = append_through_daemon(&socket, &Value::Array(requests))? {
-            return Ok(code);
-        }
-    }
-    let home = Home::open(dir)?;
-    let log = home.open_log()?;
-    let appended = log.append(events)?;
-    let mut out = BufWriter::new(std::io::stdout().lock());
-    for a in appended {
-        writeln!(out, "{}", serde_json::to_string(&input::appended_json(&a))?)?;
-    }
-    out.flush()?;
-    refresh_projection(&home, &log);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Times `append` retries a batch the daemon answered busy.
-const BUSY_RETRIES: u32 = 50;
-
-/// Appends through a running `spool serve` (the log is its to write). `None` when no daemon
-/// answers on the socket (a stale socket): the caller then opens the log itself.
-fn append_through_daemon(socket: &Path, body: &Value) -> anyhow::Result<Option<ExitCode>> {
-    let body = serde_json::to_vec(&body)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let answer = runtime.block_on(async {
-        let mut client = match spool::serve::client::Client::connect(socket).await {
-            Ok(client) => client,
-            Err(_) => return Ok(None),
-        };
-        for attempt in 0.. {
-            let (status, reply) = client.request("POST", "/v1/events", body.clone()).await?;
-            if status == 503 && attempt < BUSY_RETRIES && reply.windows(4).any(|w| w == b"busy") {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            return Ok::<_, anyhow::Error>(Some((status, reply)));
-        }
-        unreachable!("the loop returns")
-    })?;
-    let Some((status, reply)) = answer else {
-        return Ok(None);
-    };
-    let reply: Value = serde_json::from_slice(&reply).context("the daemon's answer")?;
-    match status {
-        200 => {
-            let mut out = BufWriter::new(std::io::stdout().lock());
-            for line in reply.as_array().into_iter().flatten() {
-                writeln!(out, "{line}")?;
-            }
-            out.flush()?;
-            Ok(Some(ExitCode::SUCCESS))
-        }
-        400 | 413 => Err(Usage(reply["error"].as_str().unwrap_or("refused").to_owned()).into()),
-        _ => anyhow::bail!(
-            "spool serve answered {status}: {}",
-            reply["error"].as_str().unwrap_or("")
-        ),
-    }
 }
 
 fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
@@ -221,6 +113,10 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
             socket,
             http,
             places: home.places(),
+            name: spool::wire::NodeName {
+                id: home.origin(),
+                label: home.label().to_owned(),
+            },
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");
@@ -249,6 +145,118 @@ fn serve_token(dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Where the node's log is reached: the daemon when one answers on the socket, else the log
+/// opened in this process.
+enum Reach {
+    Local(Local),
+    Daemon(Remote),
+}
+
+impl Reach {
+    fn node(&mut self) -> &mut dyn Node {
+        match self {
+            Reach::Local(local) => local,
+            Reach::Daemon(remote) => remote,
+        }
+    }
+
+    /// After a write from this process, brings the node's projection up to the log's end (the
+    /// daemon keeps its own current). The events are already durable, so a failure here is a
+    /// warning with the way out, never a failed write.
+    fn refresh_projection(&self) {
+        if let Reach::Local(local) = self {
+            if let Err(problem) = local.catch_up() {
+                eprintln!("spool: warning: the projection was not updated ({problem})");
+            }
+        }
+    }
+}
+
+/// The node in `dir`, reached through its daemon when one runs.
+fn reach(dir: &Path) -> anyhow::Result<(Home, Reach)> {
+    let home = Home::open(dir)?;
+    let socket = dir.join(spool::serve::SOCKET);
+    if socket.exists() {
+        if let Some(remote) = Remote::connect(&socket)? {
+            return Ok((home, Reach::Daemon(remote)));
+        }
+    }
+    let local = Local::open(home.clone())?;
+    Ok((home, Reach::Local(local)))
+}
+
+/// Standard output, buffered. A reader that closed it (`spool log | head`) ends the command
+/// quietly: `main` treats the broken pipe as success.
+fn stdout() -> BufWriter<std::io::StdoutLock<'static>> {
+    BufWriter::new(std::io::stdout().lock())
+}
+
+/// One JSON line.
+fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
+    // The stdin lines of the requests (a refusal names the line), or none for flags.
+    let (requests, lines): (Vec<AppendRequest>, Option<Vec<usize>>) = match args.kind {
+        Some(kind) => {
+            let data_text = args.data.unwrap_or_default();
+            let data: Value = serde_json::from_str(&data_text).map_err(|e| InputError::Field {
+                field: "data".into(),
+                problem: format!("not valid JSON: {e}"),
+            })?;
+            let request = AppendRequest {
+                kind,
+                stream: args.stream.unwrap_or_default(),
+                actor: args.actor.unwrap_or_default(),
+                data,
+                key: args.key,
+                correlation: args.correlation,
+                causation: args.causation,
+            };
+            (vec![request], None)
+        }
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Usage(
+                    "give --kind, --stream, --actor and --data, or pipe JSON lines on stdin".into(),
+                )
+                .into());
+            }
+            let read = input::read_lines(stdin.lock(), |number, text| {
+                Ok((input::parse_append(text)?, number))
+            })?;
+            let (requests, lines) = read.into_iter().unzip();
+            (requests, Some(lines))
+        }
+    };
+    let (_, mut reach) = reach(dir)?;
+    let acks = reach.node().append(requests).map_err(|mut problem| {
+        // A line of stdin is named by its number, as a refusal of `parse_append` is.
+        match (&lines, problem.index) {
+            (Some(lines), Some(index)) => {
+                if let Some(line) = lines.get(index) {
+                    problem.message = format!("line {line}: {}", problem.message);
+                }
+            }
+            // One event from flags: no batch to name a place in.
+            (None, _) => problem.index = None,
+            _ => {}
+        }
+        problem
+    })?;
+    let mut out = stdout();
+    for ack in &acks {
+        json_line(&mut out, ack)?;
+    }
+    out.flush()?;
+    reach.refresh_projection();
+    Ok(ExitCode::SUCCESS)
+}
+
 fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
     let origin = args
         .origin
@@ -256,364 +264,370 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
         .map(Origin::from_hex)
         .transpose()
         .map_err(|e| Usage(format!("--origin: {e}")))?;
-    let filter = Filter {
+    let (_, mut reach) = reach(dir)?;
+    let mut query = LogQuery {
+        after: args.after,
+        limit: None,
         stream: args.stream,
         kind: args.kind,
         origin,
     };
-    let home = Home::open(dir)?;
-    if let Some(code) = log_through_daemon(dir, args.after, args.limit, &filter)? {
-        return Ok(code);
-    }
-    let log = home.open_log()?;
-    let reader = log.read()?;
     let mut remaining = args.limit.unwrap_or(u64::MAX);
-    let mut after = args.after;
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut out = stdout();
     while remaining > 0 {
-        let page = reader.scan(after, PAGE_EVENTS, &filter)?;
-        let Some(last) = page.last_examined else {
-            break;
-        };
-        for record in page
-            .records
-            .iter()
-            .take(remaining.min(PAGE_EVENTS as u64) as usize)
-        {
-            writeln!(out, "{}", input::event_json(record))?;
+        query.limit = Some(remaining.min(node::LOG_PAGE_EVENTS as u64));
+        let page = reach.node().log(&query)?;
+        for event in page.events.iter().take(remaining as usize) {
+            json_line(&mut out, event)?;
             remaining -= 1;
         }
-        after = last;
+        match page.next {
+            Some(next) => query.after = next,
+            None => break,
+        }
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `spool log` while the daemon holds the log: the same pages, asked of it. `None` when no
-/// daemon answers.
-fn log_through_daemon(
-    dir: &Path,
-    mut after: u64,
-    limit: Option<u64>,
-    filter: &Filter,
-) -> anyhow::Result<Option<ExitCode>> {
-    let mut remaining = limit.unwrap_or(u64::MAX);
-    let mut out = BufWriter::new(std::io::stdout().lock());
-    let mut first = true;
-    while remaining > 0 {
-        let query = serde_urlencoded::to_string([
-            ("after", Some(after.to_string())),
-            ("limit", Some(remaining.min(PAGE_EVENTS as u64).to_string())),
-            ("stream", filter.stream.clone()),
-            ("kind", filter.kind.clone()),
-            ("origin", filter.origin.map(|o| o.to_hex())),
-        ])?;
-        let path = format!("/v1/log?{query}");
-        let page = match (daemon_get(dir, &path)?, first) {
-            (Some(page), _) => page,
-            (None, true) => return Ok(None),
-            (None, false) => anyhow::bail!("spool serve stopped answering"),
-        };
-        first = false;
-        for event in page["events"].as_array().into_iter().flatten() {
-            writeln!(out, "{event}")?;
-            remaining -= 1;
-        }
-        match page["next"].as_u64() {
-            Some(next) => after = next,
-            None => break,
-        }
-    }
-    out.flush()?;
-    Ok(Some(ExitCode::SUCCESS))
-}
-
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let report = match daemon_get(dir, "/v1/verify")? {
-        Some(report) => report,
-        None => {
-            let home = Home::open(dir)?;
-            let log = home.open_log()?;
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let started = Instant::now();
-            let report = log.verify(threads).context("verify")?;
-            report.to_json(started.elapsed().as_secs_f64())
-        }
-    };
-    let ok = report["ok"] == true;
-    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    let (_, mut reach) = reach(dir)?;
+    let report = reach.node().verify()?;
+    let mut out = stdout();
     if as_json {
-        println!("{report}");
-    } else if ok {
-        let seconds = report["seconds"].as_f64().unwrap_or(0.0);
-        println!(
-            "ok: {} events of {} origins, {} bytes, checked in {seconds:.3} s ({:.0} events/s)",
-            n("events"),
-            n("origins"),
-            n("bytes"),
-            n("events") as f64 / seconds.max(1e-9)
-        );
+        json_line(&mut out, &report)?;
+    } else if report.ok {
+        writeln!(
+            out,
+            "ok: {} events of {} origins, {} bytes, checked in {:.3} s ({:.0} events/s)",
+            report.events,
+            report.origins,
+            report.bytes,
+            report.seconds,
+            report.events as f64 / report.seconds.max(1e-9)
+        )?;
     } else {
-        let messages: Vec<&str> = report["problems"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p["message"].as_str())
-            .collect();
-        if let Some((first, rest)) = messages.split_first() {
-            println!("FAILED: {first}");
+        if let Some((first, rest)) = report.problems.split_first() {
+            writeln!(out, "FAILED: {}", first.message)?;
             for p in rest {
-                println!("  also: {p}");
+                writeln!(out, "  also: {}", p.message)?;
             }
         }
-        println!(
+        writeln!(
+            out,
             "{} problem(s) in {} events of {} origins",
-            n("problems_total"),
-            n("events"),
-            n("origins")
-        );
+            report.problems_total, report.events, report.origins
+        )?;
     }
-    Ok(if ok {
+    out.flush()?;
+    Ok(if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-/// `GET path` from a running `spool serve`: `None` when no daemon answers on the socket.
-fn daemon_get(dir: &Path, path: &str) -> anyhow::Result<Option<Value>> {
-    let mut body = Vec::new();
-    let answered = daemon_call(dir, "GET", path, Vec::new(), |piece| {
-        body.extend_from_slice(piece);
-        Ok(())
-    })?;
-    match answered {
-        None => Ok(None),
-        Some(()) => Ok(Some(
-            serde_json::from_slice(&body).context("the daemon's answer")?,
-        )),
-    }
-}
-
-/// One request to a running `spool serve`, handing the answer's body to `piece` as it arrives:
-/// `None` when no daemon answers on the socket. A refusal becomes an error with the daemon's
-/// reason; a body the daemon cut short (its job failed midway) becomes an error too.
-fn daemon_call(
-    dir: &Path,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-    mut piece: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> anyhow::Result<Option<()>> {
-    let socket = dir.join(spool::serve::SOCKET);
-    if !socket.exists() {
-        return Ok(None);
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut refusal = Vec::new();
-    let answered = runtime.block_on(async {
-        let Ok(mut client) = spool::serve::client::Client::connect(&socket).await else {
-            return Ok(None);
-        };
-        client
-            .request_streaming(method, path, body, |status, bytes| match status {
-                200 => piece(bytes),
-                _ => {
-                    refusal.extend_from_slice(bytes);
-                    Ok(())
-                }
-            })
-            .await
-            .map(Some)
-    })?;
-    match answered {
-        None => Ok(None),
-        Some(200) => Ok(Some(())),
-        Some(status) => {
-            let answer: Value = serde_json::from_slice(&refusal).unwrap_or(Value::Null);
-            anyhow::bail!(
-                "spool serve answered {status}: {}",
-                answer["error"].as_str().unwrap_or("")
-            )
-        }
-    }
-}
-
-/// Runs a long job in a running `spool serve` (which holds the log), showing its progress:
-/// `None` when no daemon answers on the socket.
-fn daemon_job(dir: &Path, path: &str, request: Value, what: &str) -> anyhow::Result<Option<Value>> {
-    let bar = progress_bar(0, what);
-    let mut pending = Vec::new();
-    let mut outcome: Option<Value> = None;
-    let body = serde_json::to_vec(&request).expect("JSON");
-    let answered = daemon_call(dir, "POST", path, body, |piece| {
-        pending.extend_from_slice(piece);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let value: Value = serde_json::from_slice(&line)
-                .map_err(|e| std::io::Error::other(format!("the daemon's answer: {e}")))?;
-            match value.get("progress") {
-                Some(p) => shown(&bar)(
-                    p["done"].as_u64().unwrap_or(0),
-                    p["total"].as_u64().unwrap_or(0),
-                ),
-                None => outcome = Some(value),
-            }
-        }
-        Ok(())
-    });
-    bar.finish_and_clear();
-    if answered?.is_none() {
-        return Ok(None);
-    }
-    match outcome {
-        Some(v) if v.get("result").is_some() => Ok(Some(v["result"].clone())),
-        Some(v) => anyhow::bail!("{}", v["error"].as_str().unwrap_or("the job failed")),
-        None => anyhow::bail!("spool serve stopped before the job finished"),
-    }
-}
-
-/// `spool status` while the daemon holds the log: its view, with the writer and projection.
-fn status_from_daemon(home: &Home, status: Value, as_json: bool) -> ExitCode {
-    if as_json {
-        println!("{status}");
-        return ExitCode::SUCCESS;
-    }
-    println!("node    {} ({})", home.origin(), home.label());
-    println!("home    {} (through spool serve)", home.dir().display());
-    println!("events  {}", status["events"]);
-    println!("file    {} bytes", status["file_bytes"]);
-    for h in status["heads"].as_array().into_iter().flatten() {
-        println!(
-            "  {}  seq {}  {}",
-            h["origin"].as_str().unwrap_or(""),
-            h["seq"],
-            h["hash"].as_str().unwrap_or("")
-        );
-    }
-    println!(
-        "waiting {} shipped event(s) wait for their dependencies",
-        status["waiting"]
-    );
-    println!(
-        "writer  {} commits, {} events since it started",
-        status["writer"]["commits"], status["writer"]["events"]
-    );
-    println!(
-        "projection at position {}, {} events behind",
-        status["projection"]["position"], status["projection"]["lag_events"]
-    );
-    if let Some(reason) = status["halted"].as_str() {
-        println!("HALTED  own writes are stopped: {reason}");
-    }
-    print_unreadable(status["unreadable"].as_u64().unwrap_or(0));
-    ExitCode::SUCCESS
-}
-
-/// The line `status` shows when the projection skipped events this build cannot read.
-fn print_unreadable(unreadable: u64) {
-    if unreadable > 0 {
-        println!(
-            "UNREADABLE {unreadable} events of kinds this build cannot read: upgrade spool \
-             (they are kept; a rebuild projects them then)"
-        );
-    }
-}
-
-/// Events the node's projection skipped as unreadable (0 when it has no projection yet).
-fn unreadable(home: &Home) -> u64 {
-    let path = home.projection_path();
-    if !path.exists() {
-        return 0;
-    }
-    Sqlite::open_read_only(&path)
-        .and_then(|db| db.unreadable())
-        .unwrap_or(0)
-}
-
 fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    if let Some(status) = daemon_get(dir, "/v1/status")? {
-        return Ok(status_from_daemon(&home, status, as_json));
-    }
-    let log = home.open_log()?;
-    let stats = log.stats()?;
-    let reader = log.read()?;
-    let (pending, forks, halted) = (reader.pending()?, reader.forks()?, reader.halted()?);
+    let (_, mut reach) = reach(dir)?;
+    let status = reach.node().status()?;
+    let mut out = stdout();
     if as_json {
-        let heads: Vec<Value> = stats
-            .heads
-            .iter()
-            .map(|h| json!({"origin": h.origin, "seq": h.seq, "hash": h.hash, "local": h.origin == home.origin()}))
-            .collect();
-        println!(
-            "{}",
-            json!({
-                "node": {"id": home.origin(), "label": home.label()},
-                "home": home.dir(),
-                "events": stats.events,
-                "file_bytes": stats.file_bytes,
-                "heads": heads,
-                "waiting": pending,
-                "forks": forks,
-                "halted": halted,
-                "unreadable": unreadable(&home),
-            })
-        );
-    } else {
-        println!("node    {} ({})", home.origin(), home.label());
-        println!("home    {}", home.dir().display());
-        println!("events  {}", stats.events);
-        println!("file    {} bytes", stats.file_bytes);
-        println!("heads   {} origin(s)", stats.heads.len());
-        for h in &stats.heads {
-            let mark = if h.origin == home.origin() {
-                " (this node)"
-            } else {
-                ""
-            };
-            println!("  {}  seq {}  {}{mark}", h.origin, h.seq, h.hash);
-        }
-        println!("waiting {pending} shipped event(s) wait for their dependencies");
-        for f in &forks {
-            let held = f.held.map_or("none".to_owned(), |h| h.to_hex());
-            println!(
-                "FORK    origin {} seq {}: holds {held}, refused {} (kept as evidence)",
-                f.id.origin, f.id.seq, f.refused
-            );
-        }
-        if let Some(reason) = &halted {
-            println!("HALTED  own writes are stopped: {reason}");
-        }
-        print_unreadable(unreadable(&home));
+        json_line(&mut out, &status)?;
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
     }
+    let through = match status.daemon {
+        Some(_) => " (through spool serve)",
+        None => "",
+    };
+    writeln!(out, "node    {} ({})", status.node.id, status.node.label)?;
+    writeln!(out, "home    {}{through}", status.home)?;
+    writeln!(out, "events  {}", status.events)?;
+    writeln!(out, "file    {} bytes", status.file_bytes)?;
+    writeln!(out, "heads   {} origin(s)", status.heads.len())?;
+    for h in &status.heads {
+        let mark = if h.local { " (this node)" } else { "" };
+        writeln!(out, "  {}  seq {}  {}{mark}", h.origin, h.seq, h.hash)?;
+    }
+    writeln!(
+        out,
+        "waiting {} shipped event(s) wait for their dependencies",
+        status.waiting
+    )?;
+    for f in &status.forks {
+        let held = f.held.map_or("none".to_owned(), |h| h.to_hex());
+        writeln!(
+            out,
+            "FORK    origin {} seq {}: holds {held}, refused {} (kept as evidence)",
+            f.id.origin, f.id.seq, f.refused
+        )?;
+    }
+    if let Some(reason) = &status.halted {
+        writeln!(out, "HALTED  own writes are stopped: {reason}")?;
+    }
+    if status.unreadable > 0 {
+        writeln!(
+            out,
+            "UNREADABLE {} events of kinds this build cannot read: upgrade spool \
+             (they are kept; a rebuild projects them then)",
+            status.unreadable
+        )?;
+    }
+    if let Some(d) = &status.daemon {
+        writeln!(
+            out,
+            "writer  {} commits, {} events since it started",
+            d.commits, d.appended
+        )?;
+        writeln!(
+            out,
+            "projection at position {}, {} events behind",
+            d.projected, d.lag_events
+        )?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let (_, mut reach) = reach(dir)?;
+    let mut out = stdout();
+    if as_json {
+        let heads = reach.node().heads()?;
+        json_line(&mut out, &heads)?;
+    } else {
+        for h in reach.node().status()?.heads {
+            writeln!(out, "{}  seq {}  {}", h.origin, h.seq, h.hash)?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let request = ExportRequest {
+        origins: args.origin,
+        since: args.since,
+    };
+    // Checked before anything is written.
+    node::selection(&request).map_err(|p| match p.field.as_deref() {
+        Some("/origins") => Usage(format!("--origin: {}", p.message)),
+        _ => Usage(format!("--since: {}", p.message)),
+    })?;
+    if args.out.is_none() && std::io::stdout().is_terminal() {
+        return Err(
+            Usage("the export is binary: redirect it to a file or give --out FILE".into()).into(),
+        );
+    }
+    let (_, mut reach) = reach(dir)?;
+    let count = match &args.out {
+        Some(path) => {
+            // Written into a file of its own beside the target and moved over it whole, so a
+            // reader never sees half a file; only a regular file is replaced, and a failed
+            // export removes only the file it made.
+            let mut partial = NewFile::create(path, Existing::ReplaceRegular)
+                .map_err(|e| Usage(format!("--out {e}")))?;
+            let mut out = BufWriter::new(partial.file());
+            let count = reach.node().export(&request, &mut out)?;
+            out.flush()?;
+            drop(out);
+            partial.place()?;
+            count
+        }
+        None => {
+            let mut out = stdout();
+            let count = reach.node().export(&request, &mut out)?;
+            out.flush()?;
+            count
+        }
+    };
+    eprintln!("spool: exported {count} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
+    let input: Box<dyn std::io::Read + Send> = match &file {
+        Some(path) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Usage("give an export file, or pipe one on stdin".into()).into());
+            }
+            Box::new(std::io::BufReader::new(stdin))
+        }
+    };
+    let (_, mut reach) = reach(dir)?;
+    let summary = reach.node().ingest(input)?;
+    reach.refresh_projection();
+    let mut out = stdout();
+    if as_json {
+        json_line(&mut out, &summary)?;
+    } else {
+        writeln!(
+            out,
+            "read {} events: {} applied, {} waiting for their dependencies, {} already held",
+            summary.read, summary.applied, summary.waited, summary.duplicates
+        )?;
+        if summary.released > 0 {
+            writeln!(
+                out,
+                "{} waiting events were released and applied",
+                summary.released
+            )?;
+        }
+        if summary.clamped > 0 {
+            writeln!(
+                out,
+                "{} stamps were far ahead of this node's clock and were clamped",
+                summary.clamped
+            )?;
+        }
+    }
+    out.flush()?;
+    match summary.stopped {
+        Some(why) => Err(Usage(why).into()),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// The projection to read: `--db`, or the node's, holding every event the log held when asked.
+fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
+    let path = match db {
+        Some(path) => path,
+        None => reach(dir)?.1.node().projection()?,
+    };
+    if !path.is_file() {
+        return Err(Usage(format!("{}: no such projection file", path.display())).into());
+    }
+    Ok(Sqlite::open_read_only(&path)?)
+}
+
+/// How often `--follow` looks for new events.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+fn project_postgres(
+    dir: &Path,
+    url: &str,
+    follow: bool,
+    held_bytes_max: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let request = PostgresRequest {
+        url: url.to_owned(),
+        held_bytes_max,
+    };
+    // Projecting from the file, one connection serves every pass.
+    let mut held: Option<Reach> = None;
+    let mut out = stdout();
+    loop {
+        let reach = match &mut held {
+            Some(reach) => reach,
+            None => match self::reach(dir) {
+                Ok((_, reach)) => held.insert(reach),
+                // Another spool command has the log for a moment: look again at the next tick.
+                Err(e) if follow && is_locked(&e) => {
+                    std::thread::sleep(FOLLOW_POLL);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let bar = progress_bar(0, "projecting");
+        let summary = reach.node().project_postgres(&request, &mut shown(&bar));
+        bar.finish_and_clear();
+        let summary = summary?;
+        if summary.applied > 0 || !follow {
+            if as_json {
+                json_line(&mut out, &summary)?;
+            } else {
+                writeln!(
+                    out,
+                    "projected {} events into Postgres up to position {} in {:.2} s ({} applied there by this node in all)",
+                    summary.applied, summary.position, summary.seconds, summary.events
+                )?;
+            }
+            out.flush()?;
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // The daemon's socket is asked again each pass: a daemon started meanwhile takes over.
+        if let Some(Reach::Daemon(_)) = held {
+            held = None;
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    }
+}
+
+fn is_locked(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<spool::home::HomeError>(),
+        Some(spool::home::HomeError::Log(
+            spool::log::LogError::Locked { .. }
+        ))
+    )
+}
+
+fn backfill_postgres(
+    dir: &Path,
+    url: &str,
+    held_bytes_max: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let request = PostgresRequest {
+        url: url.to_owned(),
+        held_bytes_max,
+    };
+    let (_, mut reach) = reach(dir)?;
+    let bar = progress_bar(0, "backfilling");
+    let summary = reach.node().backfill_postgres(&request, &mut shown(&bar));
+    bar.finish_and_clear();
+    let summary = summary?;
+    let mut out = stdout();
+    if as_json {
+        json_line(&mut out, &summary)?;
+    } else {
+        if summary.resumed_from > 0 {
+            writeln!(
+                out,
+                "resumed the backfill from position {}",
+                summary.resumed_from
+            )?;
+        }
+        writeln!(
+            out,
+            "backfilled {} events up to position {} (pinned at {}, {} from the tail) and swapped the tables in; this run applied {} in {:.2} s ({:.0} events/s)",
+            summary.events, summary.position, summary.pinned, summary.tail, summary.applied,
+            summary.seconds, summary.events_per_second
+        )?;
+    }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn schema_list(as_json: bool) -> anyhow::Result<ExitCode> {
+    let mut out = stdout();
     for kind in kinds::CATALOGUE {
         let description = kind.description().replace('\n', " ");
         if as_json {
-            println!(
-                "{}",
-                json!({
+            json_line(
+                &mut out,
+                &json!({
                     "kind": kind.name,
                     "version": kind.version,
                     "readable": kind.readable,
                     "description": description,
-                })
-            );
+                }),
+            )?;
         } else {
             let versions = match kind.readable {
                 [_] => String::new(),
                 all => format!(" (reads {all:?})"),
             };
             let name_version = format!("{} v{}{versions}", kind.name, kind.version);
-            println!("{name_version:<42} {description}");
+            writeln!(out, "{name_version:<42} {description}")?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -631,428 +645,7 @@ fn schema_show(name: &str, version: Option<u16>) -> anyhow::Result<ExitCode> {
                 "{name} has no version {version} (it reads {readable:?})"
             ))
         })?;
-    print!("{}", spec.schema);
-    Ok(ExitCode::SUCCESS)
-}
-
-fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    if let Some(status) = daemon_get(dir, "/v1/status")? {
-        let heads = status["heads"].as_array().cloned().unwrap_or_default();
-        if as_json {
-            let vector: serde_json::Map<String, Value> = heads
-                .iter()
-                .map(|h| {
-                    (
-                        h["origin"].as_str().unwrap_or("").to_owned(),
-                        h["seq"].clone(),
-                    )
-                })
-                .collect();
-            println!("{}", Value::Object(vector));
-        } else {
-            for h in &heads {
-                println!(
-                    "{}  seq {}  {}",
-                    h["origin"].as_str().unwrap_or(""),
-                    h["seq"],
-                    h["hash"].as_str().unwrap_or("")
-                );
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let log = home.open_log()?;
-    let heads = log.read()?.heads()?;
-    if as_json {
-        let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
-        println!("{vector}");
-    } else {
-        for h in &heads {
-            println!("{}  seq {}  {}", h.origin, h.seq, h.hash);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let selection = Selection::parse(&args.origin, args.since.as_deref())
-        .map_err(|(part, e)| Usage(format!("--{part}: {e}")))?;
-    if args.out.is_none() && std::io::stdout().is_terminal() {
-        return Err(
-            Usage("the export is binary: redirect it to a file or give --out FILE".into()).into(),
-        );
-    }
-    let home = Home::open(dir)?;
-    let request = json!({"origins": args.origin, "since": args.since});
-    // Through the daemon when it holds the log, else from the file.
-    let export = |out: &mut dyn Write| -> anyhow::Result<u64> {
-        if let Some(count) = export_through_daemon(dir, &request, out)? {
-            return Ok(count);
-        }
-        let log = home.open_log()?;
-        let reader = log.read()?;
-        Ok(shipping::export(&reader, &selection, out, |_| {})?.0)
-    };
-    let count = match &args.out {
-        Some(path) => {
-            // Written into a file of its own beside the target and moved over it whole, so a
-            // reader never sees half a file; only a regular file is replaced, and a failed
-            // export removes only the file it made.
-            let mut partial = NewFile::create(path, Existing::ReplaceRegular)
-                .map_err(|e| Usage(format!("--out {e}")))?;
-            let mut out = BufWriter::new(partial.file());
-            let count = export(&mut out)?;
-            out.flush()?;
-            drop(out);
-            partial.place()?;
-            count
-        }
-        None => {
-            let mut out = BufWriter::new(std::io::stdout().lock());
-            let count = export(&mut out)?;
-            out.flush()?;
-            count
-        }
-    };
-    eprintln!("spool: exported {count} events");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `spool export` while the daemon holds the log: its export file, copied to `out` as it comes,
-/// the last bytes kept to read the event count from the trailer (which also shows the file is
-/// whole). `None` when no daemon answers.
-fn export_through_daemon(
-    dir: &Path,
-    request: &Value,
-    out: &mut dyn Write,
-) -> anyhow::Result<Option<u64>> {
-    // The trailer ends the file: the mark, the event count, the digest.
-    const TRAILER_BYTES: usize = 4 + 8 + 32;
-    let mut tail: Vec<u8> = Vec::new();
-    let body = serde_json::to_vec(request).expect("JSON");
-    let answered = daemon_call(dir, "POST", "/v1/export", body, |piece| {
-        out.write_all(piece)?;
-        tail.extend_from_slice(piece);
-        tail.drain(..tail.len().saturating_sub(TRAILER_BYTES));
-        Ok(())
-    })?;
-    if answered.is_none() {
-        return Ok(None);
-    }
-    let trailer = tail
-        .len()
-        .checked_sub(TRAILER_BYTES)
-        .map(|at| &tail[at..])
-        .filter(|t| t[..4] == [0xff; 4])
-        .context("the daemon's export ended without its trailer")?;
-    Ok(Some(u64::from_le_bytes(
-        trailer[4..12].try_into().expect("8 bytes"),
-    )))
-}
-
-fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    let socket = dir.join(spool::serve::SOCKET);
-    if socket.exists() {
-        if let Some(summary) = ingest_through_daemon(&socket, file.as_deref())? {
-            return print_ingest(&summary, as_json);
-        }
-    }
-    let log = home.open_log()?;
-    let input: Box<dyn std::io::Read + Send> = match &file {
-        Some(path) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        )),
-        None => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                return Err(Usage("give an export file, or pipe one on stdin".into()).into());
-            }
-            Box::new(std::io::BufReader::new(stdin))
-        }
-    };
-    let summary = shipping::ingest(&log, input, |_| {})?;
-    refresh_projection(&home, &log);
-    print_ingest(&summary.to_json(), as_json)
-}
-
-/// Prints an ingest's summary (its JSON form, from this process or the daemon).
-fn print_ingest(summary: &Value, as_json: bool) -> anyhow::Result<ExitCode> {
-    let stopped = summary["stopped"].as_str().map(str::to_owned);
-    let n = |k: &str| summary[k].as_u64().unwrap_or(0);
-    if as_json {
-        println!("{summary}");
-    } else {
-        println!(
-            "read {} events: {} applied ({} of them released from waiting), {} waiting for their dependencies, {} already held",
-            n("read"), n("applied"), n("released"), n("waiting"), n("duplicates")
-        );
-        if n("clamped") > 0 {
-            println!(
-                "{} stamps were far ahead of this node's clock and were clamped",
-                n("clamped")
-            );
-        }
-    }
-    match stopped {
-        Some(why) => Err(Usage(why).into()),
-        None => Ok(ExitCode::SUCCESS),
-    }
-}
-
-/// Events sent in one ingest request to the daemon (each request's events are durable before
-/// the next is sent).
-const DAEMON_INGEST_EVENTS: usize = 10_000;
-/// Bytes of one ingest request to the daemon (its limit is larger).
-const DAEMON_INGEST_BYTES: usize = 32 << 20;
-
-/// Ingests through a running `spool serve`: the file's frames are checked here and sent in
-/// bounded pieces, each an export file of its own. `None` when no daemon answers.
-fn ingest_through_daemon(socket: &Path, file: Option<&Path>) -> anyhow::Result<Option<Value>> {
-    let input: Box<dyn std::io::Read> = match file {
-        Some(path) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        )),
-        None => Box::new(std::io::BufReader::new(std::io::stdin())),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let Ok(mut client) = runtime.block_on(spool::serve::client::Client::connect(socket)) else {
-        return Ok(None);
-    };
-    let mut total = json!({"ok": true, "read": 0, "applied": 0, "released": 0, "waiting": 0,
-                           "duplicates": 0, "clamped": 0, "stopped": null, "refused": null});
-    let mut reader = match shipping::ExportReader::new(input) {
-        Ok(reader) => reader,
-        Err(e) => {
-            total["ok"] = false.into();
-            total["stopped"] = format!("{e}").into();
-            return Ok(Some(total));
-        }
-    };
-    let mut file_error = None;
-    loop {
-        let mut piece = shipping::ExportWriter::new(Vec::new())?;
-        let (mut events, mut bytes) = (0, 0);
-        while events < DAEMON_INGEST_EVENTS && bytes < DAEMON_INGEST_BYTES {
-            match reader.next_frame() {
-                Ok(Some(frame)) => {
-                    piece.push(&frame.shipped.meta.hash, &frame.shipped.bytes)?;
-                    events += 1;
-                    bytes += frame.shipped.bytes.len();
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    file_error = Some(e);
-                    break;
-                }
-            }
-        }
-        if events > 0 {
-            let (_, body) = piece.finish()?;
-            let (status, reply) = runtime.block_on(client.request("POST", "/v1/ingest", body))?;
-            let reply: Value = serde_json::from_slice(&reply).context("the daemon's answer")?;
-            if status != 200 {
-                anyhow::bail!(
-                    "spool serve answered {status}: {}",
-                    reply["error"].as_str().unwrap_or("")
-                );
-            }
-            for k in [
-                "read",
-                "applied",
-                "released",
-                "waiting",
-                "duplicates",
-                "clamped",
-            ] {
-                total[k] = (total[k].as_u64().unwrap_or(0) + reply[k].as_u64().unwrap_or(0)).into();
-            }
-            if reply["ok"] != true {
-                total["ok"] = false.into();
-                total["stopped"] = reply["stopped"].clone();
-                total["refused"] = reply["refused"].clone();
-                return Ok(Some(total));
-            }
-        }
-        if let Some(e) = file_error {
-            total["ok"] = false.into();
-            total["stopped"] = format!("{e}; everything before it was ingested").into();
-            return Ok(Some(total));
-        }
-        if events < DAEMON_INGEST_EVENTS && bytes < DAEMON_INGEST_BYTES {
-            return Ok(Some(total));
-        }
-    }
-}
-
-/// Brings the node's projection up to the log's end. The events are already durable, so a
-/// failure here is a warning with the way out, never a failed append.
-fn refresh_projection(home: &Home, log: &Log) {
-    if let Err(error) = catch_up(home, log) {
-        eprintln!(
-            "spool: warning: the projection was not updated ({error:#}); `spool rebuild sqlite` rebuilds it"
-        );
-    }
-}
-
-fn catch_up(home: &Home, log: &Log) -> anyhow::Result<u64> {
-    let mut target = Sqlite::open(&home.projection_path(), Durability::Live)?;
-    Ok(project::catch_up(&log.read()?, &mut target, |_| {})?)
-}
-
-/// The projection to read: `--db`, or the node's brought up to date.
-fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
-    let path = match db {
-        Some(path) => path,
-        None => {
-            let home = Home::open(dir)?;
-            // A running daemon keeps the projection current: wait for it to reach what the
-            // log held when asked, so a read follows the writes before it.
-            match daemon_get(dir, "/v1/status")? {
-                Some(status) => wait_projected(dir, &status)?,
-                None => {
-                    let log = home.open_log()?;
-                    catch_up(&home, &log)?;
-                }
-            }
-            home.projection_path()
-        }
-    };
-    if !path.is_file() {
-        return Err(Usage(format!("{}: no such projection file", path.display())).into());
-    }
-    Ok(Sqlite::open_read_only(&path)?)
-}
-
-/// Longest wait for the daemon's projection to reach the log's end before reading it anyway.
-const PROJECTED_WAIT: Duration = Duration::from_secs(30);
-
-/// Waits until the daemon's projection holds every event its log held at `status`.
-fn wait_projected(dir: &Path, status: &Value) -> anyhow::Result<()> {
-    let target = status["events"].as_u64().unwrap_or(0);
-    let started = Instant::now();
-    let mut status = status.clone();
-    while status["projection"]["position"].as_u64().unwrap_or(0) < target {
-        if started.elapsed() > PROJECTED_WAIT {
-            eprintln!(
-                "spool: the projection is {} events behind the log; reading it as it is",
-                status["projection"]["lag_events"]
-            );
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-        status = daemon_get(dir, "/v1/status")?.context("spool serve stopped answering")?;
-    }
-    Ok(())
-}
-
-/// How often `--follow` looks for new events.
-const FOLLOW_POLL: Duration = Duration::from_millis(500);
-
-fn project_postgres(
-    dir: &Path,
-    url: &str,
-    follow: bool,
-    held_bytes_max: Option<usize>,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    let job = jobs::PostgresJob {
-        url,
-        node: home.origin(),
-        held_bytes_max,
-    };
-    let request = json!({"url": url, "held_bytes_max": held_bytes_max});
-    // Projecting from the file, one connection serves every pass.
-    let mut target = None;
-    loop {
-        let summary = match daemon_job(
-            dir,
-            "/v1/jobs/project-postgres",
-            request.clone(),
-            "projecting",
-        )? {
-            Some(summary) => summary,
-            None => match home.open_log() {
-                Ok(log) => {
-                    let target = match &mut target {
-                        Some(target) => target,
-                        None => target.insert(jobs::postgres_target(&job)?),
-                    };
-                    let reader = log.read()?;
-                    let bar = progress_bar(0, "projecting");
-                    let summary = jobs::project_postgres(&reader, target, shown(&bar));
-                    bar.finish_and_clear();
-                    summary?
-                }
-                // Another spool command has the log for a moment: look again at the next tick.
-                Err(spool::home::HomeError::Log(spool::log::LogError::Locked { .. })) if follow => {
-                    std::thread::sleep(FOLLOW_POLL);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
-        let applied = summary["applied"].as_u64().unwrap_or(0);
-        if applied > 0 || !follow {
-            if as_json {
-                println!("{summary}");
-            } else {
-                println!(
-                    "projected {applied} events into Postgres up to position {} in {:.2} s ({} applied there by this node in all)",
-                    summary["position"], summary["seconds"].as_f64().unwrap_or(0.0), summary["events"]
-                );
-            }
-        }
-        if !follow {
-            return Ok(ExitCode::SUCCESS);
-        }
-        std::thread::sleep(FOLLOW_POLL);
-    }
-}
-
-fn backfill_postgres(
-    dir: &Path,
-    url: &str,
-    held_bytes_max: Option<usize>,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
-    let home = Home::open(dir)?;
-    let request = json!({"url": url, "held_bytes_max": held_bytes_max});
-    let summary = match daemon_job(dir, "/v1/jobs/backfill-postgres", request, "backfilling")? {
-        Some(summary) => summary,
-        None => {
-            let log = home.open_log()?;
-            let reader = log.read()?;
-            let job = jobs::PostgresJob {
-                url,
-                node: home.origin(),
-                held_bytes_max,
-            };
-            let bar = progress_bar(0, "backfilling");
-            let summary = jobs::backfill_postgres(&reader, &job, shown(&bar));
-            bar.finish_and_clear();
-            summary?
-        }
-    };
-    if as_json {
-        println!("{summary}");
-    } else {
-        if summary["resumed_from"].as_u64().unwrap_or(0) > 0 {
-            println!(
-                "resumed the backfill from position {}",
-                summary["resumed_from"]
-            );
-        }
-        println!(
-            "backfilled {} events up to position {} (pinned at {}, {} from the tail) and swapped the tables in; this run applied {} in {:.2} s ({:.0} events/s)",
-            summary["events"], summary["position"], summary["pinned"], summary["tail"], summary["applied"],
-            summary["seconds"].as_f64().unwrap_or(0.0), summary["events_per_second"].as_f64().unwrap_or(0.0)
-        );
-    }
+    write!(stdout(), "{}", spec.schema)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1077,38 +670,35 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn rebuild(dir: &Path, into: Option<PathBuf>, as_of: Option<String>) -> anyhow::Result<ExitCode> {
-    let until = jobs::as_of(as_of.as_deref()).map_err(|e| Usage(e.to_string()))?;
-    let home = Home::open(dir)?;
+fn rebuild(
+    dir: &Path,
+    into: Option<PathBuf>,
+    as_of: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
     // The daemon's working directory is not ours: it is given an absolute path.
     let into = into.map(std::path::absolute).transpose()?;
-    // The same rule as the daemon's, checked here first so the refusal is the same either way.
-    let target = home
-        .places()
-        .rebuild_target(into.as_deref())
-        .map_err(|e| Usage(e.to_string()))?;
-    let request = json!({"into": into, "as_of": as_of});
-    let summary = match daemon_job(dir, "/v1/jobs/rebuild", request, "rebuilding")? {
-        Some(summary) => summary,
-        None => {
-            let log = home.open_log()?;
-            let reader = log.read()?;
-            let bar = progress_bar(0, "rebuilding");
-            let built = jobs::rebuild(&reader, &target, until, shown(&bar));
-            bar.finish_and_clear();
-            let (partial, summary) = built?;
-            jobs::swap_in(partial, &target)?;
-            summary
-        }
-    };
-    println!(
-        "rebuilt {}: {} events up to position {} in {:.2} s ({:.0} events/s)",
-        summary["path"].as_str().unwrap_or(""),
-        summary["applied"],
-        summary["position"],
-        summary["seconds"].as_f64().unwrap_or(0.0),
-        summary["events_per_second"].as_f64().unwrap_or(0.0)
-    );
+    let request = RebuildRequest { into, as_of };
+    let (_, mut reach) = reach(dir)?;
+    let bar = progress_bar(0, "rebuilding");
+    let summary = reach.node().rebuild(&request, &mut shown(&bar));
+    bar.finish_and_clear();
+    let summary = summary?;
+    let mut out = stdout();
+    if as_json {
+        json_line(&mut out, &summary)?;
+    } else {
+        writeln!(
+            out,
+            "rebuilt {}: {} events up to position {} in {:.2} s ({:.0} events/s)",
+            summary.path.display(),
+            summary.applied,
+            summary.position,
+            summary.seconds,
+            summary.events_per_second
+        )?;
+    }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1116,37 +706,41 @@ fn digest(dir: &Path, db: Option<PathBuf>, as_json: bool) -> anyhow::Result<Exit
     let projection = projection(dir, db)?;
     let (position, _, events) = projection.checkpoint()?;
     let (hash, counts) = projection.digest()?;
+    let mut out = stdout();
     if as_json {
         let tables: serde_json::Map<String, Value> =
             counts.into_iter().map(|(t, n)| (t, n.into())).collect();
-        println!(
-            "{}",
-            json!({"digest": hash, "position": position, "events": events, "tables": tables})
-        );
+        let digest =
+            json!({"digest": hash, "position": position, "events": events, "tables": tables});
+        json_line(&mut out, &digest)?;
     } else {
-        println!("{hash}  ({events} events up to position {position})");
+        writeln!(out, "{hash}  ({events} events up to position {position})")?;
         for (table, n) in counts {
-            println!("  {table:<20} {n} rows");
+            writeln!(out, "  {table:<20} {n} rows")?;
         }
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn sql(dir: &Path, statement: &str, db: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let mut projection = projection(dir, db)?;
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut out = stdout();
     let mut failed = None;
     projection
         .query(statement, |names, values| {
+            if failed.is_some() {
+                return;
+            }
             let row: serde_json::Map<String, Value> = names.iter().cloned().zip(values).collect();
             if let Err(e) = writeln!(out, "{}", Value::Object(row)) {
-                failed.get_or_insert(e);
+                failed = Some(e);
             }
         })
         .map_err(|e| Usage(format!("sql: {e}")))?;
-    out.flush()?;
     if let Some(e) = failed {
         return Err(e.into());
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

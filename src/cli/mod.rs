@@ -117,6 +117,8 @@ enum RebuildCommand {
         /// time (requires --into).
         #[arg(long, value_name = "POS|RFC3339", requires = "into")]
         as_of: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -262,6 +264,8 @@ pub fn main() -> ExitCode {
     }));
     match std::panic::catch_unwind(|| commands::run(cli)) {
         Ok(Ok(code)) => code,
+        // Whoever read the output stopped reading (`spool log | head`): done, quietly.
+        Ok(Err(error)) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Ok(Err(error)) => {
             eprintln!("spool: {}", sentence(&error));
             if is_bad_input(&error) {
@@ -286,10 +290,25 @@ fn sentence(error: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|e| e.io_error_kind())
+                == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn is_bad_input(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause.is::<InputError>()
             || cause.is::<Usage>()
+            || cause
+                .downcast_ref::<spool::wire::Problem>()
+                .is_some_and(|p| p.code.is_bad_request())
             || matches!(
                 cause.downcast_ref::<HomeError>(),
                 Some(

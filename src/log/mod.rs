@@ -37,12 +37,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use block::Block;
 
+use crate::event::NewEvent;
 use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
-use crate::input::NewEvent;
 use crate::sync::Meta;
 
 pub use verify::VerifyReport;
-pub use writer::WriterStats;
+pub use writer::{Acknowledgement, WriterStats};
 
 /// A shipped event whose bytes match its claimed hash and decode: ready for [`Log::ingest`],
 /// which decides where it goes.
@@ -151,9 +151,12 @@ pub struct Refused {
 /// What one ingest did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IngestReport {
-    /// Events moved into local positions (including released waiting ones).
+    /// Events of the request moved into local positions at once.
     pub applied: u64,
-    /// Of those, events that had been waiting.
+    /// Events of the request put to wait for their predecessor or deps.
+    pub waited: u64,
+    /// Waiting events (of this request or earlier ones) moved into local positions because
+    /// their wait ended.
     pub released: u64,
     /// Shipped events waiting for their predecessor or deps after it (from any ingest).
     pub waiting: u64,
@@ -168,6 +171,7 @@ pub struct IngestReport {
 impl IngestReport {
     pub fn add(&mut self, other: &IngestReport) {
         self.applied += other.applied;
+        self.waited += other.waited;
         self.released += other.released;
         self.waiting = other.waiting;
         self.duplicates += other.duplicates;
@@ -387,6 +391,11 @@ pub enum LogError {
     Corrupt(#[from] Corruption),
     #[error("this node's own writes are stopped: {reason}")]
     Halted { reason: String },
+    #[error("key: this idempotency key already names an event made from a different request (keys are per node); use a new key")]
+    KeyConflict {
+        /// The event of the batch whose key conflicts.
+        index: usize,
+    },
 }
 
 macro_rules! from_redb {
@@ -755,10 +764,7 @@ impl Log {
 
     /// Queues a batch without blocking: `Busy` when the writer's queue is full. The answer (once
     /// the batch is durable) arrives on the receiver.
-    pub fn submit(
-        &self,
-        events: Vec<NewEvent>,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<Appended>, LogError>>, LogError> {
+    pub fn submit(&self, events: Vec<NewEvent>) -> Result<Acknowledgement, LogError> {
         self.writer.submit(events)
     }
 

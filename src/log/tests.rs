@@ -95,9 +95,7 @@ fn appends_chain_and_read_back() {
 fn an_idempotency_key_writes_once() {
     let (_dir, log) = temp_log();
     let first = log.append(vec![activity("s", "m", Some("k1"))]).unwrap()[0];
-    let again = log
-        .append(vec![activity("s", "other", Some("k1"))])
-        .unwrap()[0];
+    let again = log.append(vec![activity("s", "m", Some("k1"))]).unwrap()[0];
     assert!(!first.existing && again.existing);
     assert_eq!(
         (again.position, again.hash, again.seq),
@@ -107,12 +105,40 @@ fn an_idempotency_key_writes_once() {
     let batch = log
         .append(vec![
             activity("s", "a", Some("k2")),
-            activity("s", "b", Some("k2")),
+            activity("s", "a", Some("k2")),
         ])
         .unwrap();
     assert_eq!(batch[0].position, batch[1].position);
     assert!(batch[1].existing);
     assert_eq!(log.read().unwrap().len().unwrap(), 2);
+}
+
+#[test]
+fn a_key_reused_for_a_different_request_is_refused_whole() {
+    let (_dir, log) = temp_log();
+    log.append(vec![activity("s", "m", Some("k1"))]).unwrap();
+    // Against a stored event: another message, another stream.
+    for other in [
+        activity("s", "other", Some("k1")),
+        activity("t", "m", Some("k1")),
+    ] {
+        let refused = log.append(vec![activity("s", "fresh", None), other]);
+        assert!(
+            matches!(refused, Err(LogError::KeyConflict { index: 1 })),
+            "{refused:?}"
+        );
+    }
+    // Inside one batch.
+    let refused = log.append(vec![
+        activity("s", "a", Some("k2")),
+        activity("s", "b", Some("k2")),
+    ]);
+    assert!(matches!(refused, Err(LogError::KeyConflict { index: 1 })));
+    // Nothing of a refused batch was written, and the key k2 is still free.
+    assert_eq!(log.read().unwrap().len().unwrap(), 1);
+    let k2 = log.append(vec![activity("s", "b", Some("k2"))]).unwrap()[0];
+    assert!(!k2.existing);
+    assert!(log.verify(2).unwrap().ok());
 }
 
 #[test]
@@ -360,7 +386,7 @@ fn a_full_queue_answers_busy_instead_of_growing() {
     *disk.hold_sync.lock().unwrap() = false;
     disk.released.notify_all();
     for answer in pending {
-        assert!(answer.blocking_recv().unwrap().is_ok());
+        assert!(answer.wait().is_ok());
     }
     assert!(log.verify(1).unwrap().ok());
 }
@@ -574,11 +600,17 @@ fn a_large_group_chains_on_the_helper_exactly_as_a_small_one() {
             11 => Some("k-old".to_owned()),
             _ => None,
         };
-        batch.push(activity(
-            &format!("s{}", i % 37),
-            &format!("{i}"),
-            key.as_deref(),
-        ));
+        // A repeated key comes with the same request (else it is a conflict).
+        let event = match (i % 500, &key) {
+            (11, _) => activity("s", "early", key.as_deref()),
+            (9, _) => activity(
+                &format!("s{}", (i - 2) % 37),
+                &format!("{}", i - 2),
+                key.as_deref(),
+            ),
+            _ => activity(&format!("s{}", i % 37), &format!("{i}"), key.as_deref()),
+        };
+        batch.push(event);
     }
     let acked = log.append(batch).unwrap();
     assert_eq!(acked.len(), 3_000);
@@ -615,7 +647,7 @@ fn a_large_group_chains_on_the_helper_exactly_as_a_small_one() {
     let expected: Vec<u64> = acked
         .iter()
         .enumerate()
-        .filter(|(i, a)| i % 37 == 5 && !a.existing)
+        .filter(|(i, a)| !a.existing && i % 37 == 5)
         .map(|(_, a)| a.position)
         .collect();
     assert_eq!(positions, expected);
@@ -654,7 +686,7 @@ fn a_group_holds_at_most_its_cap_and_a_larger_request_commits_whole() {
         })
         .collect();
     for answer in answers {
-        answer.blocking_recv().unwrap().unwrap();
+        answer.wait().unwrap();
     }
     let end = log.writer_stats();
     assert_eq!(end.events - big.events, 12);

@@ -24,9 +24,9 @@ use super::{
     IngestReport, LogError, LogOptions, Refusal, Refused, Shipped, EVENTS, EXTENTS, FLUSHES, FORKS,
     HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX, STREAMS,
 };
+use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
 use crate::hlc::{Hlc, Observed};
-use crate::input::NewEvent;
 use crate::sync::{Causal, Decision, Meta};
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -146,17 +146,38 @@ impl Handle {
     }
 
     /// Queues without blocking; `Busy` when the queue is full. The answer arrives on the receiver.
-    pub(super) fn submit(
-        &self,
-        events: Vec<NewEvent>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Appended>, LogError>>, LogError> {
+    pub(super) fn submit(&self, events: Vec<NewEvent>) -> Result<Acknowledgement, LogError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
         match queue.try_send(Request::Append(events, reply)) {
-            Ok(()) => Ok(answer),
+            Ok(()) => Ok(Acknowledgement(answer)),
             Err(TrySendError::Full(_)) => Err(LogError::Busy(self.depth)),
             Err(TrySendError::Disconnected(_)) => Err(LogError::WriterGone),
         }
+    }
+}
+
+/// The answer to a submitted batch: a future that resolves once the batch is durable (or
+/// refused). Whatever runs it, the caller needs no particular runtime's types.
+pub struct Acknowledgement(oneshot::Receiver<Result<Vec<Appended>, LogError>>);
+
+impl Acknowledgement {
+    /// Waits for the answer on this thread (not inside an async runtime).
+    pub fn wait(self) -> Result<Vec<Appended>, LogError> {
+        self.0.blocking_recv().unwrap_or(Err(LogError::WriterGone))
+    }
+}
+
+impl std::future::Future for Acknowledgement {
+    type Output = Result<Vec<Appended>, LogError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(LogError::WriterGone)))
     }
 }
 
@@ -359,7 +380,7 @@ fn run(
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
                 let outcome = commit_ingest(db, &mut state, events);
                 if let Ok(report) = &outcome {
-                    counters.committed(report.applied);
+                    counters.committed(report.applied + report.released);
                 }
                 let _ = reply.send(outcome.as_ref().map(Clone::clone).map_err(poison_of));
                 outcome.map(|_| ())
@@ -392,11 +413,16 @@ fn run(
                 bytes_written = bytes as u64;
                 match commit_group(db, &mut state, &mut group) {
                     Ok(results) => {
-                        let written = results.iter().flatten().filter(|a| !a.existing).count();
+                        let written = results
+                            .iter()
+                            .flatten()
+                            .flatten()
+                            .filter(|a: &&Appended| !a.existing)
+                            .count();
                         // Counted before anyone is answered, so an answered appender sees it.
                         counters.committed(written as u64);
                         for ((_, reply), result) in group.into_iter().zip(results) {
-                            let _ = reply.send(Ok(result));
+                            let _ = reply.send(result);
                         }
                         Ok(())
                     }
@@ -564,8 +590,19 @@ fn commit_group(
     db: &Database,
     state: &mut State,
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
-) -> Result<Vec<Vec<Appended>>, LogError> {
+) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
     let txn = db.begin_write()?;
+    // A request reusing a key for a different event is refused whole before anything is placed.
+    let conflicts = {
+        let events = txn.open_table(EVENTS)?;
+        let keys = txn.open_table(KEYS)?;
+        key_conflicts(&events, &keys, group)?
+    };
+    for ((batch, _), conflict) in group.iter_mut().zip(&conflicts) {
+        if conflict.is_some() {
+            batch.clear();
+        }
+    }
     let origin = state.origin;
     let (head_seq, mut head_hash) = state.causal.head(origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
@@ -729,8 +766,74 @@ fn commit_group(
     let mut answers = answers.into_iter();
     Ok(lens
         .into_iter()
-        .map(|n| answers.by_ref().take(n).collect())
+        .zip(conflicts)
+        .map(|(n, conflict)| match conflict {
+            Some(index) => Err(LogError::KeyConflict { index }),
+            None => Ok(answers.by_ref().take(n).collect()),
+        })
         .collect())
+}
+
+/// For each request of the group, the index of its first event whose idempotency key already
+/// names a different event: one in the log, or one earlier in the group. Such a request is
+/// refused whole. The same request again is a duplicate, not a conflict.
+fn key_conflicts(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    keys: &impl ReadableTable<&'static str, u64>,
+    group: &[(Vec<NewEvent>, Reply<Vec<Appended>>)],
+) -> Result<Vec<Option<usize>>, LogError> {
+    let mut keyed: HashMap<&str, &NewEvent> = HashMap::new();
+    let mut conflicts = Vec::with_capacity(group.len());
+    for (batch, _) in group {
+        let mut mine: HashMap<&str, &NewEvent> = HashMap::new();
+        let mut conflict = None;
+        for (index, new) in batch.iter().enumerate() {
+            let Some(key) = new.key.as_deref() else {
+                continue;
+            };
+            let same = match mine.get(key).or_else(|| keyed.get(key)) {
+                Some(earlier) => same_request(earlier, new),
+                None => match keys.get(key)?.map(|v| v.value()) {
+                    Some(position) => {
+                        let record =
+                            super::entry_at(events, position)?.ok_or(Corruption::PositionGap {
+                                position,
+                                found: None,
+                            })?;
+                        same_as_stored(&record.event(), new)
+                    }
+                    None => {
+                        mine.insert(key, new);
+                        true
+                    }
+                },
+            };
+            if !same {
+                conflict = Some(index);
+                break;
+            }
+        }
+        if conflict.is_none() {
+            keyed.extend(mine);
+        }
+        conflicts.push(conflict);
+    }
+    Ok(conflicts)
+}
+
+/// Two requests are the same when every field a client gives is (data compared encoded).
+fn same_request(a: &NewEvent, b: &NewEvent) -> bool {
+    a == b
+}
+
+fn same_as_stored(stored: &event::EventRef<'_>, new: &NewEvent) -> bool {
+    stored.kind() == new.kind
+        && stored.version() == new.version
+        && stored.stream() == new.stream
+        && stored.actor() == new.actor
+        && stored.correlation() == new.correlation.as_deref()
+        && stored.causation() == new.causation.as_deref()
+        && stored.payload() == new.payload.as_slice()
 }
 
 /// Applies shipped events in one transaction (see [`Log::ingest`](super::Log::ingest)).
@@ -785,6 +888,7 @@ fn commit_ingest(
                     entry.extend_from_slice(&shipped.bytes);
                     pending.insert((meta.id.origin.0, meta.id.seq), entry.as_slice())?;
                     state.causal.wait(meta.clone());
+                    report.waited += 1;
                     None
                 }
                 Decision::Apply => {
@@ -814,7 +918,6 @@ fn commit_ingest(
                             &mut moved,
                             released,
                         )?;
-                        report.applied += 1;
                         report.released += 1;
                     }
                     // Waiting events released onto a predecessor they do not name: evidence.

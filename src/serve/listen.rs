@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::Router;
 use futures_util::StreamExt;
@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
 use super::reply::refuse;
+use crate::wire::Code;
 
 /// Connections served at once, on both listeners.
 pub const CONNECTIONS_MAX: usize = 512;
@@ -44,8 +45,8 @@ const BUDGET_UNIT: usize = 1024;
 
 /// The answer to a connection beyond [`CONNECTIONS_MAX`], written without reading anything.
 const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-retry-after: 1\r\nconnection: close\r\ncontent-length: 77\r\n\r\n\
-{\"code\":\"busy\",\"error\":\"too many connections: the daemon serves 512 at once\"}";
+retry-after: 1\r\nconnection: close\r\ncontent-length: 79\r\n\r\n\
+{\"code\":\"busy\",\"message\":\"too many connections: the daemon serves 512 at once\"}";
 
 /// What the accept loops share.
 #[derive(Clone)]
@@ -167,9 +168,8 @@ impl Doors {
             Ok(Err(refusal)) => return refusal,
             Err(_) => {
                 let mut response = refuse(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "timeout",
-                    &format!("the request's body did not arrive within {BODY_TIMEOUT:?}"),
+                    Code::Timeout,
+                    format!("the request's body did not arrive within {BODY_TIMEOUT:?}"),
                 );
                 close(&mut response);
                 return response;
@@ -203,13 +203,8 @@ impl Doors {
             Vec::with_capacity(declared.unwrap_or(0).min(CLAIMED_BYTES_TAKEN_MAX) as usize);
         let mut stream = body.into_data_stream();
         while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|_| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "the request's body was cut short",
-                )
-            })?;
+            let piece =
+                piece.map_err(|_| refuse(Code::BadJson, "the request's body was cut short"))?;
             if bytes.len() + piece.len() > limit {
                 return Err(too_large(limit));
             }
@@ -232,22 +227,15 @@ impl Doors {
             .clone()
             .acquire_many_owned(units)
             .await
-            .map_err(|_| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "stopping",
-                    "the daemon is stopping",
-                )
-            })
+            .map_err(|_| refuse(Code::Unavailable, "the daemon is stopping"))
     }
 }
 
 /// 413, closing the connection: the body it did not read cannot be skipped.
 fn too_large(limit: usize) -> Response {
     let mut response = refuse(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        &format!("the request's body is over the limit of {limit} bytes"),
+        Code::TooLarge,
+        format!("the request's body is over the limit of {limit} bytes"),
     );
     close(&mut response);
     response

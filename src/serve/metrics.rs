@@ -101,8 +101,10 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts an acknowledged request of `events` events that took `latency`.
-    pub fn appended(&self, events: u64, latency: Duration) {
-        self.events.inc_by(events);
+    /// A request of `events` events answered, `written` of them new (the others repeated an
+    /// idempotency key).
+    pub fn appended(&self, written: u64, events: u64, latency: Duration) {
+        self.events.inc_by(written);
         self.requests.inc();
         self.batch_events.observe(events as f64);
         self.ack_seconds.observe(latency.as_secs_f64());

@@ -22,29 +22,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
 
 pub use listen::{BODIES_BYTES_MAX, BODY_TIMEOUT, CONNECTIONS_MAX, DRAIN_TIMEOUT, HEAD_TIMEOUT};
 pub use reply::panic_message;
-use reply::{busy, refuse, refuse_field, Refused};
+use reply::{busy, problem, refuse};
 
 use crate::input;
 use crate::log::{Log, LogError};
+use crate::node;
 use crate::priority;
 use crate::project::sqlite::{Durability, Sqlite};
 use crate::project::{self};
-use crate::sync::Vector;
+use crate::wire::{self, Ack, Code, LogQuery, Problem};
 
 /// Largest request body (JSON), one event or a batch: the same as a batch `spool append` reads.
 pub const REQUEST_BYTES_MAX: usize = input::BATCH_BYTES_MAX;
 /// Largest ingest request (an export file; `spool ingest` sends larger files in pieces).
 pub const INGEST_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// What a busy client is told to wait before retrying, in seconds.
-const RETRY_AFTER_SECONDS: u64 = 1;
 /// The socket's name in the node home.
 pub const SOCKET: &str = "spool.sock";
 /// Exports streamed at once; one more is told busy.
@@ -74,10 +72,16 @@ pub struct Options {
     pub http: Option<(std::net::SocketAddr, String)>,
     /// Where jobs may write; its home's projection is the one kept live.
     pub places: crate::jobs::Places,
+    /// The node's id and label, for its status.
+    pub name: wire::NodeName,
 }
 
 struct App {
     log: Log,
+    name: wire::NodeName,
+    home: PathBuf,
+    /// Event streams open now.
+    streams: std::sync::atomic::AtomicU64,
     /// Set when the daemon stops: event streams end so the drain can finish.
     stopping: tokio::sync::watch::Sender<bool>,
     metrics: metrics::Metrics,
@@ -117,6 +121,9 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         .build()?;
     let app = Arc::new(App {
         log,
+        name: options.name.clone(),
+        home: options.places.home.clone(),
+        streams: Default::default(),
         stopping: tokio::sync::watch::Sender::new(false),
         metrics: metrics::Metrics::default(),
         committed: tokio::sync::watch::Sender::new(()),
@@ -166,8 +173,13 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics))
-            .fallback(|| async { StatusCode::NOT_FOUND })
-            .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED });
+            .fallback(|| async { refuse(Code::NotFound, "no such endpoint (README lists them)") })
+            .method_not_allowed_fallback(|| async {
+                refuse(
+                    Code::MethodNotAllowed,
+                    "this endpoint does not take this method",
+                )
+            });
         // Bodies are read (within their limit, time and the shared budget) before any handler.
         let bodies = app.clone();
         let router = router
@@ -261,22 +273,13 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), token.as_bytes())) {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a bearer token is required",
-        );
+        return refuse(Code::Unauthorized, "a bearer token is required");
     }
     next.run(req).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A 400 refusal naming the request's field.
-fn bad_field(code: &str, message: &str, field: &str) -> Response {
-    refuse_field(StatusCode::BAD_REQUEST, code, message, Some(field), None)
 }
 
 /// `POST /v1/events`: one event (an object) or a batch (an array), all-or-nothing.
@@ -286,46 +289,52 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
         Ok(body) => (body.events, body.single),
         Err(refused) => {
             app.metrics.refused.inc();
-            let message = refused.to_string();
-            return refuse_field(
-                StatusCode::BAD_REQUEST,
-                refused.error.code(),
-                &message,
-                refused.field.as_deref(),
-                refused.index,
-            );
+            return problem(Problem::from(&refused));
         }
     };
-    let count = events.len() as u64;
     let answer = match app.log.submit(events) {
         Ok(answer) => answer,
         Err(LogError::Busy(_)) => {
             app.metrics.busy.inc();
             return busy(
                 "busy: the writer's queue is full; retry",
-                RETRY_AFTER_SECONDS,
+                wire::RETRY_AFTER_SECONDS,
             );
         }
-        Err(e) => return log_error(&e),
+        Err(e) => return problem(Problem::from(&e)),
     };
     match answer.await {
-        Ok(Ok(appended)) => {
-            app.metrics.appended(count, started.elapsed());
+        Ok(appended) => {
+            let written = appended.iter().filter(|a| !a.existing).count() as u64;
+            app.metrics
+                .appended(written, appended.len() as u64, started.elapsed());
             app.committed.send_replace(());
-            let lines: Vec<_> = appended.iter().map(input::appended_json).collect();
+            let acks: Vec<Ack> = appended.iter().map(Ack::from).collect();
             match single {
-                true => json_sized(&lines.first(), ACK_JSON_BYTES),
-                false => json_sized(&lines, ACK_JSON_BYTES * lines.len() + 2),
+                true => json_sized(&acks.first(), ACK_JSON_BYTES),
+                false => json_sized(&acks, ACK_JSON_BYTES * acks.len() + 2),
             }
         }
-        Ok(Err(e)) => log_error(&e),
-        Err(_) => log_error(&LogError::WriterGone),
+        Err(e) => {
+            if let LogError::KeyConflict { .. } = e {
+                app.metrics.refused.inc();
+            }
+            problem(Problem::from(&e).index(if single { None } else { key_index(&e) }))
+        }
     }
 }
 
-/// Room for one event's acknowledgement in JSON: 140 bytes with one-digit numbers, up to 38
+/// The batch index a refusal names (a single event's answer names none).
+fn key_index(e: &LogError) -> Option<usize> {
+    match e {
+        LogError::KeyConflict { index } => Some(*index),
+        _ => None,
+    }
+}
+
+/// Room for one event's acknowledgement in JSON: 160 bytes with one-digit numbers, up to 38
 /// more for the largest.
-const ACK_JSON_BYTES: usize = 180;
+const ACK_JSON_BYTES: usize = 200;
 
 /// `value` as a JSON answer, serialized into a buffer of `capacity` bytes made once (axum's
 /// `Json` starts from 128 bytes and regrows: eight times for a 100-event answer).
@@ -338,33 +347,26 @@ fn json_sized(value: &impl serde::Serialize, capacity: usize) -> Response {
 }
 
 /// Runs `work` (reading or writing the log) on a blocking thread and answers with its JSON, or
-/// with the log's error.
-async fn answer_json(work: impl FnOnce() -> Result<Value, LogError> + Send + 'static) -> Response {
+/// with its refusal.
+async fn answer<T: serde::Serialize + Send + 'static>(
+    work: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+) -> Response {
     match tokio::task::spawn_blocking(work).await {
         Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => log_error(&e),
+        Ok(Err(p)) => problem(p),
         // The panic hook logged and counted it.
         Err(_) => reply::internal(),
     }
 }
 
-fn log_error(e: &LogError) -> Response {
-    let (status, code) = match e {
-        LogError::Halted { .. } => (StatusCode::CONFLICT, "halted"),
-        LogError::Poisoned { .. } => (StatusCode::SERVICE_UNAVAILABLE, "poisoned"),
-        LogError::Busy(_) => return busy(&e.to_string(), RETRY_AFTER_SECONDS),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-    };
-    refuse(status, code, &e.to_string())
-}
-
 /// `POST /v1/ingest`: an export file (`spool export`), applied in causal order as `spool ingest`
-/// applies it; answered with its summary once durable.
+/// applies it; answered with its summary once durable (200 with `ok: false` when the file is
+/// cut or an event is refused: what came before it is applied).
 async fn ingest(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    answer_json(move || {
-        let summary = crate::sync::file::ingest(&app.log, std::io::Cursor::new(body), |_| {})?;
+    answer(move || {
+        let summary = node::ingest(&app.log, std::io::Cursor::new(body))?;
         app.committed.send_replace(());
-        Ok(summary.to_json())
+        Ok(summary)
     })
     .await
 }
@@ -377,8 +379,8 @@ const STREAM_PAGE_EVENTS: usize = 256;
 struct QueryParams(Vec<(String, String)>);
 
 impl QueryParams {
-    fn parse(raw: Option<&str>, known: &[&'static str]) -> Result<QueryParams, Refused> {
-        let bad = |message: String| Refused::new(StatusCode::BAD_REQUEST, "bad_query", message);
+    fn parse(raw: Option<&str>, known: &[&'static str]) -> Result<QueryParams, Problem> {
+        let bad = |message: String| Problem::new(Code::BadQuery, message);
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
             .map_err(|_| bad("the query string is not URL-encoded".into()))?;
         for (i, (name, _)) in pairs.iter().enumerate() {
@@ -402,76 +404,135 @@ impl QueryParams {
             .map(|(_, v)| v.as_str())
     }
 
-    fn number(&self, name: &'static str) -> Result<Option<u64>, Refused> {
-        self.text(name)
-            .map(|v| v.parse::<u64>())
+    fn number(&self, name: &'static str) -> Result<Option<u64>, Problem> {
+        self.text(name).map(number(name)).transpose()
+    }
+
+    /// The events a log page or a stream selects.
+    fn log_query(&self) -> Result<LogQuery, Problem> {
+        let origin = self
+            .text("origin")
+            .map(crate::event::Origin::from_hex)
             .transpose()
             .map_err(|_| {
-                let message = format!("{name}: must be a whole number from 0 to 2^64 - 1");
-                Refused::new(StatusCode::BAD_REQUEST, "bad_query", message).field(name)
-            })
+                Problem::new(Code::BadQuery, "origin: must be 32 hex digits").field("origin")
+            })?;
+        Ok(LogQuery {
+            after: self.number("after")?.unwrap_or(0),
+            limit: self.number("limit")?,
+            stream: self.text("stream").map(str::to_owned),
+            kind: self.text("kind").map(str::to_owned),
+            origin,
+        })
     }
 }
 
-/// `GET /v1/events?after=POS`: Server-Sent Events, one per event after `POS` in position order
-/// (`id` is the position, `data` the event as `spool log` prints it), then each new one as it
-/// commits. Read a page at a time, only as the client takes them: memory stays bounded
-/// however far behind the client is.
-async fn events(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
+/// Reads a whole number named `name`, refusing it by name.
+fn number(name: &'static str) -> impl Fn(&str) -> Result<u64, Problem> {
+    move |text| {
+        text.parse::<u64>().map_err(|_| {
+            let message = format!("{name}: must be a whole number from 0 to 2^64 - 1");
+            Problem::new(Code::BadQuery, message).field(name)
+        })
+    }
+}
+
+/// The filters `GET /v1/log` and `GET /v1/events` take.
+const LOG_PARAMS: [&str; 5] = ["after", "limit", "stream", "kind", "origin"];
+
+/// `GET /v1/events?after=&stream=&kind=&origin=`: Server-Sent Events, one per event after
+/// `after` that passes the filters, in position order (`id` is the position, `data` the event
+/// as `spool log` prints it), then each new one as it commits. A reconnecting client's
+/// `Last-Event-ID` takes the place of `after`, so it resumes after the last event it saw. Read a
+/// page at a time, only as the client takes them: memory stays bounded however far behind the
+/// client is.
+async fn events(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let after =
-        match QueryParams::parse(query.as_deref(), &["after"]).and_then(|q| q.number("after")) {
-            Ok(after) => after.unwrap_or(0),
-            Err(refused) => return refused.into_response(),
-        };
+    let last_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("-"))
+        .map(number("Last-Event-ID"))
+        .transpose();
+    let selected = QueryParams::parse(query.as_deref(), &LOG_PARAMS[..])
+        .and_then(|q| q.log_query())
+        .and_then(|mut q| {
+            if q.limit.is_some() {
+                let message = "limit: a stream has no limit; close it when done";
+                return Err(Problem::new(Code::BadQuery, message).field("limit"));
+            }
+            if let Some(last) = last_id? {
+                q.after = last;
+            }
+            Ok(q)
+        });
+    let query = match selected {
+        Ok(query) => query,
+        Err(refused) => return problem(refused),
+    };
+    let filter = Arc::new(query.filter());
+    let stream_guard = Arc::new(StreamCount::open(&app));
     let state = (
         app,
-        after,
+        query.after,
         std::collections::VecDeque::<(u64, String)>::new(),
     );
-    let stream = futures_util::stream::unfold(state, |(app, mut after, mut queued)| async move {
-        let mut stopping = app.stopping.subscribe();
-        let mut committed = app.committed.subscribe();
-        loop {
-            if let Some((position, data)) = queued.pop_front() {
-                let event = Event::default().id(position.to_string()).data(data);
-                return Some((
-                    Ok::<_, std::convert::Infallible>(event),
-                    (app, after, queued),
-                ));
-            }
-            if *stopping.borrow() {
-                return None;
-            }
-            let reader = app.clone();
-            let page =
-                tokio::task::spawn_blocking(move || -> Result<Vec<(u64, String)>, LogError> {
-                    let page = reader.log.read()?.scan(
-                        after,
-                        STREAM_PAGE_EVENTS,
-                        &crate::log::Filter::default(),
-                    )?;
-                    Ok(page
+    let stream = futures_util::stream::unfold(state, move |(app, mut after, mut queued)| {
+        let (filter, guard) = (filter.clone(), stream_guard.clone());
+        async move {
+            let _open = guard;
+            let mut stopping = app.stopping.subscribe();
+            let mut committed = app.committed.subscribe();
+            loop {
+                if let Some((position, data)) = queued.pop_front() {
+                    let event = Event::default().id(position.to_string()).data(data);
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (app, after, queued),
+                    ));
+                }
+                if *stopping.borrow() {
+                    return None;
+                }
+                let (reader, filter) = (app.clone(), filter.clone());
+                type Read = Result<(Option<u64>, Vec<(u64, String)>), LogError>;
+                let page = tokio::task::spawn_blocking(move || -> Read {
+                    let page = reader
+                        .log
+                        .read()?
+                        .scan(after, STREAM_PAGE_EVENTS, &filter)?;
+                    let events = page
                         .records
                         .iter()
-                        .map(|r| (r.position, input::event_json(r).to_string()))
-                        .collect())
+                        .map(|r| {
+                            let event = wire::Event::from(r);
+                            (
+                                r.position,
+                                serde_json::to_string(&event).unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                    Ok((page.last_examined, events))
                 })
                 .await;
-            match page {
-                Ok(Ok(page)) if !page.is_empty() => {
-                    after = page.last().map_or(after, |(p, _)| *p);
-                    queued.extend(page);
-                }
-                Ok(Ok(_)) => {
-                    tokio::select! {
-                        _ = committed.changed() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stopping.changed() => return None,
+                match page {
+                    Ok(Ok((Some(last), page))) => {
+                        after = last;
+                        queued.extend(page);
                     }
+                    Ok(Ok((None, _))) => {
+                        tokio::select! {
+                            _ = committed.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stopping.changed() => return None,
+                        }
+                    }
+                    // A read that fails ends the stream; the client reconnects with its last id.
+                    _ => return None,
                 }
-                // A read that fails ends the stream; the client reconnects with its last id.
-                _ => return None,
             }
         }
     });
@@ -480,44 +541,34 @@ async fn events(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Respo
         .into_response()
 }
 
-/// Most events in one `GET /v1/log` page.
-const LOG_PAGE_EVENTS: usize = 1_000;
+/// Counts an open event stream while it lives.
+struct StreamCount(Arc<App>);
+
+impl StreamCount {
+    fn open(app: &Arc<App>) -> StreamCount {
+        app.streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamCount(app.clone())
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// `GET /v1/log?after=&limit=&stream=&kind=&origin=`: one page of events as `spool log` prints
 /// them, and `next` (where the following page starts; null at the end).
 async fn log_page(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> Response {
-    const KNOWN: [&str; 5] = ["after", "limit", "stream", "kind", "origin"];
-    let q = match QueryParams::parse(query.as_deref(), &KNOWN) {
-        Ok(q) => q,
-        Err(refused) => return refused.into_response(),
-    };
-    let (after, limit) = match (q.number("after"), q.number("limit")) {
-        (Ok(after), Ok(limit)) => (after.unwrap_or(0), limit),
-        (Err(refused), _) | (_, Err(refused)) => return refused.into_response(),
-    };
-    let origin = match q
-        .text("origin")
-        .map(crate::event::Origin::from_hex)
-        .transpose()
-    {
-        Ok(origin) => origin,
-        Err(_) => {
-            let message = "origin: must be 32 hex digits";
-            return bad_field("bad_query", message, "origin");
-        }
-    };
-    let filter = crate::log::Filter {
-        stream: q.text("stream").map(str::to_owned),
-        kind: q.text("kind").map(str::to_owned),
-        origin,
-    };
-    let limit = limit.map_or(LOG_PAGE_EVENTS, |l| (l as usize).clamp(1, LOG_PAGE_EVENTS));
-    answer_json(move || {
-        let page = app.log.read()?.scan(after, limit, &filter)?;
-        let events: Vec<Value> = page.records.iter().map(input::event_json).collect();
-        Ok(json!({"events": events, "next": page.last_examined}))
-    })
-    .await
+    let query =
+        match QueryParams::parse(query.as_deref(), &LOG_PARAMS[..]).and_then(|q| q.log_query()) {
+            Ok(query) => query,
+            Err(refused) => return problem(refused),
+        };
+    answer(move || node::log_page(&app.log, &query)).await
 }
 
 /// `GET /v1/verify`: every hash, archive, chain and index checked, as `spool verify --json`.
@@ -525,47 +576,35 @@ async fn verify(State(app): State<Arc<App>>) -> Response {
     let Ok(running) = app.verifies.clone().try_acquire_owned() else {
         return busy("a verify is already running; retry when it ends", 5);
     };
-    answer_json(move || {
+    answer(move || {
         let _running = running;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let started = Instant::now();
-        let report = app.log.verify(threads)?;
-        Ok(report.to_json(started.elapsed().as_secs_f64()))
+        node::verify(&app.log)
     })
     .await
 }
 
 /// `GET /v1/heads`: the version vector, as `spool heads --json` prints it.
 async fn heads(State(app): State<Arc<App>>) -> Response {
-    answer_json(move || {
-        let heads = app.log.read()?.heads()?;
-        let vector = Vector(heads.iter().map(|h| (h.origin, h.seq)).collect());
-        Ok(vector.to_json())
-    })
-    .await
+    answer(move || node::heads(&app.log)).await
 }
 
-/// `GET /v1/status`: events, heads, waiting events, forks, the writer's counters and the
-/// projection's lag.
+/// `GET /v1/status`: `spool status --json`, with what only the daemon knows (`daemon`).
 async fn status(State(app): State<Arc<App>>) -> Response {
-    answer_json(move || {
-        let stats = app.log.stats()?;
-        let reader = app.log.read()?;
+    answer(move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        let unreadable = app.unreadable.load(Relaxed);
+        let mut status = node::status(&app.log, &app.name, &app.home, unreadable)?;
         let writer = app.log.writer_stats();
-        let projected = app.projected.load(std::sync::atomic::Ordering::Relaxed);
-        Ok(json!({
-            "node": app.log.origin(),
-            "events": stats.events,
-            "file_bytes": stats.file_bytes,
-            "heads": stats.heads.iter().map(|h| json!({"origin": h.origin, "seq": h.seq, "hash": h.hash})).collect::<Vec<_>>(),
-            "waiting": reader.pending()?,
-            "forks": reader.forks()?,
-            "halted": reader.halted()?,
-            "writer": {"commits": writer.commits, "events": writer.events},
-            "panics": reply::PANICS.load(std::sync::atomic::Ordering::Relaxed),
-            "unreadable": app.unreadable.load(std::sync::atomic::Ordering::Relaxed),
-            "projection": {"position": projected, "lag_events": stats.events.saturating_sub(projected)},
-        }))
+        let projected = app.projected.load(Relaxed);
+        status.daemon = Some(wire::DaemonStatus {
+            commits: writer.commits,
+            appended: writer.events,
+            projected,
+            lag_events: status.events.saturating_sub(projected),
+            panics: reply::PANICS.load(Relaxed),
+            streams: app.streams.load(Relaxed),
+        });
+        Ok(status)
     })
     .await
 }
@@ -634,14 +673,14 @@ impl Streamed {
 
     /// Sends one JSON line if the channel has room, else drops it: a job's progress never
     /// waits for a slow client.
-    fn line_if_room(&mut self, value: &Value) {
-        let mut line = value.to_string();
+    fn line_if_room(&mut self, value: &impl serde::Serialize) {
+        let mut line = serde_json::to_string(value).unwrap_or_default();
         line.push('\n');
         let _ = self.sender.try_send(Ok(line.into()));
     }
 
     /// Sends one JSON line at once (a job's outcome).
-    fn line(&mut self, value: &Value) -> std::io::Result<()> {
+    fn line(&mut self, value: &impl serde::Serialize) -> std::io::Result<()> {
         serde_json::to_writer(&mut *self, value)?;
         std::io::Write::write_all(self, b"\n")?;
         std::io::Write::flush(self)
@@ -691,55 +730,25 @@ impl std::io::Write for Streamed {
     }
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExportRequest {
-    /// Origins (hex) to export; all when empty.
-    #[serde(default)]
-    origins: Vec<String>,
-    /// A version vector, as `spool heads --json` prints it: only what it lacks is exported.
-    #[serde(default)]
-    since: Option<String>,
-}
-
 /// `POST /v1/export`: the export file of `spool export`, streamed as it is written.
 async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: ExportRequest = match json_request(&body) {
-        Ok(r) => r,
-        Err(refused) => return refused.into_response(),
-    };
-    let selection = match crate::sync::Selection::parse(&request.origins, request.since.as_deref())
+    let selection = match json_request::<wire::ExportRequest>(&body)
+        .and_then(|request| node::selection(&request))
     {
         Ok(selection) => selection,
-        Err((part, _)) => {
-            // The body's field: `origins` holds the origins.
-            let (field, rule) = match part {
-                "origin" => ("origins", "origins: each must be 32 hex digits"),
-                _ => (
-                    "since",
-                    "since: must be a version vector as `spool heads --json` prints it",
-                ),
-            };
-            return bad_field("invalid_field", rule, field);
-        }
+        Err(refused) => return problem(refused),
     };
     let Ok(running) = app.exports.clone().try_acquire_owned() else {
         return busy(&format!("{EXPORTS_MAX} exports are running; retry"), 5);
     };
-    let (writer, response) = Streamed::new("application/octet-stream");
+    let (mut writer, response) = Streamed::new("application/octet-stream");
     tokio::task::spawn_blocking(move || {
         let _running = running;
-        let written = app
-            .log
-            .read()
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|reader| {
-                crate::sync::file::export(&reader, &selection, writer, |_| {})
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            });
         // A failed export drops the writer unfinished: the client sees the body cut short.
-        match written.and_then(|(_, writer)| writer.finish()) {
-            Ok(()) => {}
+        match node::export(&app.log, &selection, &mut writer) {
+            Ok(_) => {
+                let _ = writer.finish();
+            }
             Err(e) => tracing::warn!("an export stopped: {e}"),
         }
     });
@@ -747,13 +756,11 @@ async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
 }
 
 /// Runs a long job on a blocking thread and answers with its progress and outcome as JSON
-/// lines: `{"progress": {"done", "total"}}` at most ten times a second, then `{"result": ...}`
-/// or `{"error": "..."}`.
-fn job(
+/// lines ([`wire::JobLine`]): `{"progress": {"done", "total"}}` at most ten times a second,
+/// then `{"result": ...}` or `{"error": {"code", "message"}}`.
+fn job<T: serde::Serialize>(
     app: Arc<App>,
-    work: impl FnOnce(&App, &mut dyn FnMut(u64, u64)) -> Result<Value, crate::jobs::JobError>
-        + Send
-        + 'static,
+    work: impl FnOnce(&App, &mut dyn FnMut(u64, u64)) -> Result<T, Problem> + Send + 'static,
 ) -> Response {
     let Ok(running) = app.jobs.clone().try_acquire_owned() else {
         return busy(
@@ -769,12 +776,13 @@ fn job(
             if shown.elapsed() >= Duration::from_millis(100) {
                 shown = Instant::now();
                 // A client that left does not stop the job: it finishes what it started.
-                writer.line_if_room(&json!({"progress": {"done": done, "total": total}}));
+                let line = wire::JobLine::<()>::Progress(wire::Progress { done, total });
+                writer.line_if_room(&line);
             }
         };
         let outcome = match work(&app, &mut progress) {
-            Ok(result) => json!({"result": result}),
-            Err(e) => json!({"error": e.to_string(), "code": e.code()}),
+            Ok(result) => wire::JobLine::Result(result),
+            Err(e) => wire::JobLine::Error(e),
         };
         if writer.line(&outcome).is_ok() {
             let _ = writer.finish();
@@ -785,59 +793,58 @@ fn job(
 
 /// A JSON request body as `T`; a refusal names the field and the rule, never the value or an
 /// unknown field's name.
-fn json_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
+fn json_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut *de);
-    let invalid = |message: String| Refused::new(StatusCode::BAD_REQUEST, "invalid_json", message);
+    let invalid = |message: String| Problem::new(Code::BadJson, message);
     if parsed.is_ok() && de.end().is_err() {
         return Err(invalid("the body has bytes after its JSON value".into()));
     }
     parsed.map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() || field == "." {
+        if inner.is_syntax() || inner.is_eof() {
             let (line, column) = (inner.line(), inner.column());
             return invalid(format!(
                 "the body is not valid JSON (line {line}, column {column})"
             ));
         }
-        if inner.to_string().starts_with("unknown field") {
+        let text = inner.to_string();
+        if let Some(name) = text
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name)
+        {
+            let message = format!("{name}: is missing");
+            return Problem::new(Code::InvalidField, message).field(name);
+        }
+        if text.starts_with("unknown field") {
+            // Named by the object holding it: the unknown name is the client's text.
             let message = "the body has a field this request does not take".to_owned();
-            return Refused::new(StatusCode::BAD_REQUEST, "invalid_field", message);
+            let holder = field.rsplit_once('.').map_or("", |(holder, _)| holder);
+            return Problem::new(Code::InvalidField, message).field(holder);
+        }
+        if field == "." {
+            return invalid("the body is not a JSON object of this request's fields".into());
         }
         let message = format!("{field}: a value of the wrong type or out of range");
-        Refused::new(StatusCode::BAD_REQUEST, "invalid_field", message).field(field)
+        Problem::new(Code::InvalidField, message).field(&field)
     })
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RebuildRequest {
-    /// Where to build (an absolute path); the node's projection when absent.
-    into: Option<PathBuf>,
-    /// A position or an RFC 3339 time.
-    as_of: Option<String>,
 }
 
 /// `POST /v1/jobs/rebuild`: `spool rebuild sqlite`. Rebuilding the node's own projection
 /// closes the live projector's connection for the swap; it reopens on the new file.
 async fn rebuild(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: RebuildRequest = match json_request(&body) {
+    let request: wire::RebuildRequest = match json_request(&body) {
         Ok(r) => r,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => return problem(refused),
     };
-    let until = match crate::jobs::as_of(request.as_of.as_deref()) {
-        Ok(until) => until,
-        Err(_) => {
-            let rule = "as_of: must be a position or an RFC 3339 time";
-            return bad_field("invalid_field", rule, "as_of");
-        }
-    };
-    let target = match app.places.rebuild_target(request.into.as_deref()) {
-        Ok(target) => target,
-        Err(e) => {
-            return bad_field("path_refused", &e.to_string(), "into");
-        }
+    let planned = crate::jobs::as_of(request.as_of.as_deref())
+        .map_err(Problem::from)
+        .and_then(|until| Ok((until, node::rebuild_target(&app.places, &request)?)));
+    let (until, target) = match planned {
+        Ok(planned) => planned,
+        Err(refused) => return problem(refused),
     };
     // One rebuild of a target at a time; the claim ends with the job.
     let claimed = Rebuilding::claim(&app, target.path());
@@ -889,25 +896,11 @@ impl Drop for Rebuilding {
     }
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PostgresRequest {
-    url: String,
-    held_bytes_max: Option<usize>,
-}
-
-/// A Postgres job as `jobs` runs it.
-type PostgresRun = fn(
-    &crate::log::Reader,
-    &crate::jobs::PostgresJob,
-    &mut dyn FnMut(u64, u64),
-) -> Result<Value, crate::jobs::JobError>;
-
-/// Runs a Postgres job for this node on the body's `url` and `held_bytes_max`.
-fn postgres_job(app: Arc<App>, body: &[u8], run: PostgresRun) -> Response {
-    let request: PostgresRequest = match json_request(body) {
+/// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
+async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request: wire::PostgresRequest = match json_request(&body) {
         Ok(r) => r,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => return problem(refused),
     };
     job(app, move |app, progress| {
         let job = crate::jobs::PostgresJob {
@@ -915,22 +908,32 @@ fn postgres_job(app: Arc<App>, body: &[u8], run: PostgresRun) -> Response {
             node: app.log.origin(),
             held_bytes_max: request.held_bytes_max,
         };
-        run(&app.log.read()?, &job, progress)
-    })
-}
-
-/// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
-async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    postgres_job(app, &body, |reader, job, progress| {
-        let mut target = crate::jobs::postgres_target(job)?;
-        crate::jobs::project_postgres(reader, &mut target, progress)
+        let mut target = crate::jobs::postgres_target(&job)?;
+        Ok(crate::jobs::project_postgres(
+            &app.log.read()?,
+            &mut target,
+            progress,
+        )?)
     })
 }
 
 /// `POST /v1/jobs/backfill-postgres`: `spool backfill postgres`.
 async fn backfill_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    postgres_job(app, &body, |reader, job, progress| {
-        crate::jobs::backfill_postgres(reader, job, progress)
+    let request: wire::PostgresRequest = match json_request(&body) {
+        Ok(r) => r,
+        Err(refused) => return problem(refused),
+    };
+    job(app, move |app, progress| {
+        let job = crate::jobs::PostgresJob {
+            url: &request.url,
+            node: app.log.origin(),
+            held_bytes_max: request.held_bytes_max,
+        };
+        Ok(crate::jobs::backfill_postgres(
+            &app.log.read()?,
+            &job,
+            progress,
+        )?)
     })
 }
 

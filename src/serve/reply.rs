@@ -9,100 +9,46 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 
+use crate::wire::{Code, Problem};
+
 /// Panics since the process started, in any thread (the hook counts them).
 pub static PANICS: AtomicU64 = AtomicU64::new(0);
 
-/// A refusal's JSON.
-#[derive(serde::Serialize)]
-struct Refusal<'a> {
-    code: &'a str,
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<usize>,
-}
-
-/// A refusal not yet made into an answer (small enough to return by value).
-pub struct Refused {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    field: Option<String>,
-}
-
-impl Refused {
-    pub fn new(status: StatusCode, code: &'static str, message: String) -> Refused {
-        Refused {
-            status,
-            code,
-            message,
-            field: None,
-        }
-    }
-
-    pub fn field(mut self, field: impl Into<String>) -> Refused {
-        self.field = Some(field.into());
-        self
-    }
-}
-
-impl IntoResponse for Refused {
-    fn into_response(self) -> Response {
-        refuse_field(
-            self.status,
-            self.code,
-            &self.message,
-            self.field.as_deref(),
-            None,
-        )
-    }
-}
-
-/// A refusal with `code` and a sentence.
-pub fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    refuse_field(status, code, message, None, None)
-}
-
-/// A refusal naming the field (and the event of a batch) it is about.
-pub fn refuse_field(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    field: Option<&str>,
-    index: Option<usize>,
-) -> Response {
-    let body = Refusal {
-        code,
-        error: message,
-        field,
-        index,
-    };
-    let json = serde_json::to_vec(&body).unwrap_or_default();
+/// A refusal as an answer: the status its code gives, the JSON body, `Retry-After` when the
+/// client should retry, and `Connection: close` when the daemon will not read the rest of the
+/// request (a client's keep-alive pool then opens a new connection instead of failing).
+pub fn problem(problem: Problem) -> Response {
+    let status =
+        StatusCode::from_u16(problem.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let json = serde_json::to_vec(&problem).unwrap_or_default();
     let mut response = (status, json).into_response();
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Some(seconds) = problem.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    if matches!(problem.code, Code::TooLarge | Code::Timeout) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
+}
+
+/// A refusal with `code` and a sentence.
+pub fn refuse(code: Code, message: impl Into<String>) -> Response {
+    problem(Problem::new(code, message))
 }
 
 /// A busy answer: 503 with Retry-After.
 pub fn busy(message: &str, retry_after_seconds: u64) -> Response {
-    let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
-    response
+    problem(Problem::new(Code::Busy, message).retry_after(retry_after_seconds))
 }
 
 /// The answer to a request that hit a bug.
 pub fn internal() -> Response {
-    refuse(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "spool hit a bug answering this request (its log says where); nothing was changed by it",
-    )
+    problem(Problem::internal())
 }
 
 /// Installs the process's panic hook: every panic, in any thread, is logged as a bug with its
@@ -160,20 +106,20 @@ pub async fn json_failures(
         return response;
     }
     let (code, message) = match status {
-        StatusCode::NOT_FOUND => ("not_found", "no such endpoint (README lists them)"),
+        StatusCode::NOT_FOUND => (Code::NotFound, "no such endpoint (README lists them)"),
         StatusCode::METHOD_NOT_ALLOWED => (
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "this endpoint does not take this method",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "the request's body is over its limit"),
+        StatusCode::PAYLOAD_TOO_LARGE => (Code::TooLarge, "the request's body is over its limit"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (
-            "bad_request",
+            Code::BadJson,
             "the request's content type is not taken here",
         ),
-        s if s.is_server_error() => ("internal", "the daemon could not answer this request"),
-        _ => ("bad_request", "the request is not valid"),
+        s if s.is_server_error() => (Code::Internal, "the daemon could not answer this request"),
+        _ => (Code::BadJson, "the request is not valid"),
     };
-    let mut answer = refuse(status, code, message);
+    let mut answer = refuse(code, message);
     for name in [header::CONNECTION, header::RETRY_AFTER, header::ALLOW] {
         if let Some(value) = response.headers().get(&name) {
             answer.headers_mut().insert(name, value.clone());

@@ -94,6 +94,21 @@ impl<W: Write> ExportWriter<W> {
     }
 }
 
+/// Bytes of the trailer that ends an export file: the mark, the event count, the digest.
+pub const TRAILER_BYTES: usize = 4 + 8 + 32;
+
+/// The event count an export file's last [`TRAILER_BYTES`] give, if they are a trailer (a file
+/// copied as it streams is seen to be whole this way; `ExportReader` checks it fully).
+pub fn trailer_count(tail: &[u8]) -> Option<u64> {
+    let at = tail.len().checked_sub(TRAILER_BYTES)?;
+    let trailer = &tail[at..];
+    (trailer[..4] == TRAILER_MARK.to_le_bytes()).then(|| {
+        let mut count = [0; 8];
+        count.copy_from_slice(&trailer[4..12]);
+        u64::from_le_bytes(count)
+    })
+}
+
 /// One event read from a file, its hash checked against its bytes.
 #[derive(Debug)]
 pub struct Frame {
@@ -294,23 +309,6 @@ impl IngestSummary {
             (Some(error), None) => Some(format!("{error}; everything before it was ingested")),
             (None, None) => None,
         }
-    }
-
-    /// The summary as `spool ingest --json` prints it and the daemon answers it.
-    pub fn to_json(&self) -> serde_json::Value {
-        let r = &self.report;
-        let stopped = self.stopped();
-        serde_json::json!({
-            "ok": stopped.is_none(),
-            "read": self.frames,
-            "applied": r.applied,
-            "released": r.released,
-            "waiting": r.waiting,
-            "duplicates": r.duplicates,
-            "clamped": r.clamped,
-            "stopped": stopped,
-            "refused": self.refused.as_ref().map(|(_, refused)| refused),
-        })
     }
 }
 
