@@ -313,7 +313,8 @@ impl From<crate::jobs::JobError> for Problem {
         use crate::jobs::JobError;
         let code = match &error {
             JobError::AsOf { .. } => {
-                return Problem::new(Code::InvalidField, error.to_string()).field("as_of")
+                let rule = "as_of: must be a log position or an RFC 3339 time";
+                return Problem::new(Code::InvalidField, rule).field("as_of");
             }
             JobError::Log(e) => return Problem::from(e),
             JobError::Sqlite(_) => Code::Sqlite,

@@ -148,14 +148,14 @@ fn serve_token(dir: &Path) -> anyhow::Result<String> {
 /// Where the node's log is reached: the daemon when one answers on the socket, else the log
 /// opened in this process.
 enum Reach {
-    Local(Local),
+    Local(Box<Local>),
     Daemon(Remote),
 }
 
 impl Reach {
     fn node(&mut self) -> &mut dyn Node {
         match self {
-            Reach::Local(local) => local,
+            Reach::Local(local) => local.as_mut(),
             Reach::Daemon(remote) => remote,
         }
     }
@@ -182,7 +182,7 @@ fn reach(dir: &Path) -> anyhow::Result<(Home, Reach)> {
         }
     }
     let local = Local::open(home.clone())?;
-    Ok((home, Reach::Local(local)))
+    Ok((home, Reach::Local(Box::new(local))))
 }
 
 /// Standard output, buffered. A reader that closed it (`spool log | head`) ends the command
