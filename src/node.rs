@@ -74,7 +74,10 @@ pub fn status(
     let reader = log.read()?;
     Ok(Status {
         node: name.clone(),
-        home: home.display().to_string(),
+        home: std::path::absolute(home)
+            .unwrap_or_else(|_| home.to_owned())
+            .display()
+            .to_string(),
         events: stats.events,
         file_bytes: stats.file_bytes,
         heads: stats

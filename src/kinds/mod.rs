@@ -409,6 +409,16 @@ impl KindSpec {
                     crate::input::shown(unexpected.first().map_or("", String::as_str)),
                     self.name
                 ),
+                // A missing property is named in the field (the schema's name, not the
+                // client's text).
+                ValidationErrorKind::Required { property } => {
+                    let name = property.as_str().unwrap_or_default();
+                    let name = name.replace('~', "~0").replace('/', "~1");
+                    return Err(DataError {
+                        field: format!("{}/{name}", err.instance_path()),
+                        problem: "is required and missing".into(),
+                    });
+                }
                 _ => without_value(&err.to_string(), err.instance()),
             };
             return Err(DataError {

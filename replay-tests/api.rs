@@ -1,0 +1,477 @@
+//! The node's API as one contract: every command prints the same `--json` whether or not the
+//! daemon runs, refusals carry their code, field and index, keys conflict by name, event
+//! streams resume, and a closed pipe ends a command quietly.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use common::{activity, ok, spool, SPOOL};
+
+fn new_home(dir: &Path, name: &str) -> PathBuf {
+    let home = dir.join(name);
+    ok(&home, &["init", "--label", name], "");
+    home
+}
+
+fn lines(n: usize, stream: &str) -> String {
+    (0..n)
+        .map(|i| activity(&format!("{stream}/{}", i % 3), &format!("m{i}")) + "\n")
+        .collect()
+}
+
+/// Copies a home (no daemon running on it) as `cp -a` would.
+fn copy_home(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Every JSON line of a command's output.
+fn json_out(home: &Path, args: &[&str], stdin: &str) -> Vec<Value> {
+    ok(home, args, stdin)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}")))
+        .collect()
+}
+
+/// Removes the fields documented as differing: where the home is, what only the daemon knows,
+/// durations, and the file's size (redb grows it by its own commits).
+fn comparable(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        for field in [
+            "home",
+            "daemon",
+            "seconds",
+            "events_per_second",
+            "path",
+            "file_bytes",
+        ] {
+            o.remove(field);
+        }
+    }
+    v
+}
+
+#[test]
+fn every_command_prints_the_same_json_with_and_without_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = new_home(dir.path(), "a");
+    ok(&a, &["append"], &lines(30, "task"));
+    ok(
+        &a,
+        &[
+            "append",
+            "--kind",
+            "activity.logged",
+            "--stream",
+            "s",
+            "--actor",
+            "x",
+            "--data",
+            r#"{"message":"keyed"}"#,
+            "--key",
+            "k-1",
+        ],
+        "",
+    );
+    // Another node's events to ingest.
+    let c = new_home(dir.path(), "c");
+    ok(&c, &["append"], &lines(12, "loom"));
+    let file = dir.path().join("c.spool");
+    ok(&c, &["export", "--out", file.to_str().unwrap()], "");
+    // Two copies of one node: one reached directly, one through its daemon.
+    let b = dir.path().join("b");
+    copy_home(&a, &b);
+    let daemon = daemon::start(SPOOL, &b);
+    let file = file.to_str().unwrap();
+    let into_a = a.join("rebuilt.sqlite");
+    let into_b = b.join("rebuilt.sqlite");
+    type Args<'a> = Vec<&'a str>;
+    let commands: Vec<(Args, Args, &str)> = vec![
+        (
+            vec!["ingest", file, "--json"],
+            vec!["ingest", file, "--json"],
+            "",
+        ),
+        (vec!["status", "--json"], vec!["status", "--json"], ""),
+        (vec!["heads", "--json"], vec!["heads", "--json"], ""),
+        (vec!["log"], vec!["log"], ""),
+        (
+            vec![
+                "log",
+                "--kind",
+                "activity.logged",
+                "--limit",
+                "5",
+                "--after",
+                "3",
+            ],
+            vec![
+                "log",
+                "--kind",
+                "activity.logged",
+                "--limit",
+                "5",
+                "--after",
+                "3",
+            ],
+            "",
+        ),
+        (vec!["verify", "--json"], vec!["verify", "--json"], ""),
+        (
+            vec!["schema", "list", "--json"],
+            vec!["schema", "list", "--json"],
+            "",
+        ),
+        (
+            vec!["digest", "sqlite", "--json"],
+            vec!["digest", "sqlite", "--json"],
+            "",
+        ),
+        (
+            vec!["sql", "SELECT count(*) AS n FROM activity_log"],
+            vec!["sql", "SELECT count(*) AS n FROM activity_log"],
+            "",
+        ),
+        (
+            vec![
+                "rebuild",
+                "sqlite",
+                "--json",
+                "--into",
+                into_a.to_str().unwrap(),
+            ],
+            vec![
+                "rebuild",
+                "sqlite",
+                "--json",
+                "--into",
+                into_b.to_str().unwrap(),
+            ],
+            "",
+        ),
+        // The same keyed request again: a duplicate, answered with the first event.
+        (
+            vec![
+                "append",
+                "--kind",
+                "activity.logged",
+                "--stream",
+                "s",
+                "--actor",
+                "x",
+                "--data",
+                r#"{"message":"keyed"}"#,
+                "--key",
+                "k-1",
+            ],
+            vec![
+                "append",
+                "--kind",
+                "activity.logged",
+                "--stream",
+                "s",
+                "--actor",
+                "x",
+                "--data",
+                r#"{"message":"keyed"}"#,
+                "--key",
+                "k-1",
+            ],
+            "",
+        ),
+    ];
+    for (direct, served, stdin) in &commands {
+        let (x, y) = (json_out(&a, direct, stdin), json_out(&b, served, stdin));
+        assert!(!x.is_empty(), "{direct:?} printed nothing");
+        let x: Vec<Value> = x.into_iter().map(comparable).collect();
+        let y: Vec<Value> = y.into_iter().map(comparable).collect();
+        assert_eq!(x, y, "{direct:?}");
+    }
+    // The daemon-only fields are there only through the daemon.
+    let direct = &json_out(&a, &["status", "--json"], "")[0];
+    let served = &json_out(&b, &["status", "--json"], "")[0];
+    assert!(direct.get("daemon").is_none(), "{direct}");
+    assert!(served["daemon"]["commits"].is_u64(), "{served}");
+    assert_eq!(
+        direct["node"],
+        json!({"id": direct["node"]["id"], "label": "a"})
+    );
+    assert_eq!(served["node"]["label"], "a");
+    // A fresh append answers the same fields either way (the stamps differ, so the hash does).
+    let fresh = |home: &Path| {
+        let mut ack = json_out(home, &["append"], &lines(1, "fresh")).remove(0);
+        ack.as_object_mut().unwrap().remove("hash");
+        ack
+    };
+    assert_eq!(fresh(&a), fresh(&b));
+    // Refusals are the same sentence and exit code either way.
+    for (args, stdin) in [
+        (
+            vec!["append"],
+            "{\"kind\":\"activity.logged\"}\n".to_owned(),
+        ),
+        (
+            vec!["append"],
+            lines(2, "s") + &activity("s", "m").replace("activity.logged", "no.such"),
+        ),
+        (
+            vec!["rebuild", "sqlite", "--into", "/etc/passwd"],
+            String::new(),
+        ),
+    ] {
+        let (x, y) = (spool(&a, &args, &stdin), spool(&b, &args, &stdin));
+        assert_eq!(x.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            (x.status.code(), String::from_utf8_lossy(&x.stderr)),
+            (y.status.code(), String::from_utf8_lossy(&y.stderr)),
+            "{args:?}"
+        );
+    }
+    daemon::stop(daemon);
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    ok(&home, &["append"], &lines(3_000, "s"));
+    for args in [
+        vec!["log"],
+        vec!["sql", "SELECT * FROM activity_log"],
+        vec!["schema", "list"],
+    ] {
+        let mut child = std::process::Command::new(SPOOL)
+            .arg("--home")
+            .arg(&home)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one line, then close the pipe, as `| head -1` does.
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        drop(out);
+        let output = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?} {said}",
+            output.status
+        );
+        assert!(said.is_empty(), "{args:?}: {said}");
+    }
+}
+
+/// Reads `n` events from `GET /v1/events?QUERY` on the socket (with `Last-Event-ID` when given),
+/// then drops the connection: (id, event) pairs.
+fn sse(socket: &Path, query: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, Value)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let last = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+    write!(
+        stream,
+        "GET /v1/events?{query} HTTP/1.1\r\nHost: spool\r\n{last}\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let mut events = Vec::new();
+    let mut id = None;
+    while events.len() < n {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended");
+        // Chunked framing lines and keep-alive comments are skipped.
+        if let Some(value) = line.trim_end().strip_prefix("id: ") {
+            id = Some(value.parse::<u64>().unwrap());
+        } else if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            events.push((id.take().unwrap(), serde_json::from_str(data).unwrap()));
+        }
+    }
+    events
+}
+
+#[test]
+fn event_streams_resume_after_the_last_id_and_take_the_log_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    ok(&home, &["append"], &lines(9, "a"));
+    let daemon = daemon::start(SPOOL, &home);
+    let socket = home.join("spool.sock");
+    let first = sse(&socket, "", None, 4);
+    let ids: Vec<u64> = first.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    // The stamp is a string: JavaScript's numbers cannot hold it.
+    assert!(first[0].1["hlc"].as_str().unwrap().parse::<u64>().unwrap() > 1 << 53);
+    // Dropped after 4; a reconnect with its last id goes on at 5, without a duplicate.
+    let resumed = sse(&socket, "", Some(4), 5);
+    let ids: Vec<u64> = resumed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [5, 6, 7, 8, 9]);
+    // Filters, as `GET /v1/log` takes them; new events arrive as they commit.
+    let stream = "a/1";
+    let filtered = std::thread::scope(|s| {
+        let reading = s.spawn(|| sse(&socket, &format!("stream={stream}&after=2"), None, 3));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        ok(&home, &["append"], &lines(3, "a"));
+        reading.join().unwrap()
+    });
+    let ids: Vec<u64> = filtered.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [5, 8, 11], "{filtered:?}");
+    assert!(filtered.iter().all(|(_, e)| e["stream"] == stream));
+    let kinds = sse(&socket, "kind=activity.logged&after=10", None, 2);
+    assert_eq!(
+        kinds.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [11, 12]
+    );
+    // A filter it cannot use is refused by name, not ignored.
+    let (status, body) = get(&socket, "/v1/events?kind=x&colour=red");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_query")),
+        "{body}"
+    );
+    let (status, body) = get(&socket, "/v1/events?origin=zz");
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("/origin")),
+        "{body}"
+    );
+    daemon::stop(daemon);
+}
+
+/// One GET over the socket: status and JSON body.
+fn get(socket: &Path, path: &str) -> (u16, Value) {
+    call(socket, "GET", path, Vec::new())
+}
+
+fn call(socket: &Path, method: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = spool::serve::client::Client::connect(socket).await.unwrap();
+        let (status, body) = client.request(method, path, body).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    })
+}
+
+#[test]
+fn refusals_have_a_code_a_pointer_and_an_index_and_keys_conflict_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    let daemon = daemon::start(SPOOL, &home);
+    let socket = home.join("spool.sock");
+    let event = |message: &str, key: Option<&str>| {
+        json!({"kind": "activity.logged", "stream": "s", "actor": "a",
+               "data": {"message": message}, "key": key})
+    };
+    let post = |body: Value| call(&socket, "POST", "/v1/events", body.to_string().into_bytes());
+    let (status, first) = post(event("one", Some("k")));
+    assert_eq!(
+        (status, &first["duplicate"]),
+        (200, &json!(false)),
+        "{first}"
+    );
+    let (status, again) = post(event("one", Some("k")));
+    assert_eq!(
+        (status, &again["duplicate"]),
+        (200, &json!(true)),
+        "{again}"
+    );
+    assert_eq!(again["position"], first["position"]);
+    // The key with another request: 409 key_conflict, naming the key; nothing written.
+    let (status, conflict) = post(json!([event("fresh", None), event("two", Some("k"))]));
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(
+        (&conflict["code"], &conflict["field"], &conflict["index"]),
+        (&json!("key_conflict"), &json!("/key"), &json!(1))
+    );
+    // Each refusal names its place as a JSON Pointer, and a batch's event by its index.
+    let cases = [
+        (
+            json!({"kind": "activity.logged", "stream": "s", "data": {}}),
+            400,
+            "invalid_field",
+            "/actor",
+            None,
+        ),
+        (
+            json!([event("a", None), {"kind": "activity.logged", "stream": "s", "actor": "a", "data": {}}]),
+            400,
+            "invalid_data",
+            "/data/message",
+            Some(1),
+        ),
+        (
+            json!([event("a", None), event("b", None), {"kind": "activity.logged", "stream": "s", "actor": "a", "data": {"message": 7}}]),
+            400,
+            "invalid_data",
+            "/data/message",
+            Some(2),
+        ),
+        (
+            json!({"kind": "no.such", "stream": "s", "actor": "a", "data": {}}),
+            400,
+            "unknown_kind",
+            "/kind",
+            None,
+        ),
+        (
+            json!({"kind": "activity.logged", "stream": "", "actor": "a", "data": {"message": "m"}}),
+            400,
+            "invalid_field",
+            "/stream",
+            None,
+        ),
+    ];
+    for (body, want_status, code, field, index) in cases {
+        let (status, refused) = post(body.clone());
+        assert_eq!(status, want_status, "{body}: {refused}");
+        assert_eq!(
+            (
+                refused["code"].as_str(),
+                refused["field"].as_str(),
+                refused["index"].as_u64()
+            ),
+            (Some(code), Some(field), index.map(|i: u64| i)),
+            "{body}: {refused}"
+        );
+        assert!(refused["message"].is_string());
+    }
+    // What is not an endpoint, a method or a query, in the same shape.
+    for (method, path, status, code) in [
+        ("GET", "/v1/nowhere", 404, "not_found"),
+        ("DELETE", "/v1/events", 405, "method_not_allowed"),
+        ("GET", "/v1/log?after=-1", 400, "bad_query"),
+    ] {
+        let (got, body) = call(&socket, method, path, Vec::new());
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {body}"
+        );
+    }
+    let (_, status) = get(&socket, "/v1/status");
+    assert_eq!(
+        status["events"], 1,
+        "only the first keyed event was written"
+    );
+    daemon::stop(daemon);
+}
