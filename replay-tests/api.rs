@@ -475,3 +475,130 @@ fn refusals_have_a_code_a_pointer_and_an_index_and_keys_conflict_by_name() {
     );
     daemon::stop(daemon);
 }
+
+/// `GET /metrics` with an `Accept` header: status, content type, text.
+fn scrape(socket: &Path, accept: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n{accept}\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap()
+        .to_owned();
+    // The body is chunked or sized; the text is the lines that are not chunk sizes.
+    let text = match head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        false => body.to_owned(),
+        true => {
+            let mut text = String::new();
+            let mut rest = body;
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                if size == 0 {
+                    break;
+                }
+                text.push_str(&after[..size]);
+                rest = &after[size + 2..];
+            }
+            text
+        }
+    };
+    (content_type, text)
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_with_counters_as_counters() {
+    use prometheus_parse::{Scrape, Value as Sample};
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    let daemon = daemon::start(SPOOL, &home);
+    let socket = home.join("spool.sock");
+    ok(&home, &["append"], &lines(5, "s"));
+    // A keyed request repeated: written once, counted once.
+    let keyed = json!({"kind": "activity.logged", "stream": "s", "actor": "a",
+                       "data": {"message": "k"}, "key": "k"});
+    for _ in 0..3 {
+        call(
+            &socket,
+            "POST",
+            "/v1/events",
+            keyed.to_string().into_bytes(),
+        );
+    }
+    let (content_type, text) = scrape(&socket, None);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(!text.contains("# EOF"));
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let sample = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    for counter in [
+        "spool_appended_events_total",
+        "spool_append_requests_total",
+        "spool_writer_commits_total",
+        "spool_writer_events_total",
+        "spool_panics_total",
+        "spool_refused_requests_total",
+        "spool_busy_requests_total",
+    ] {
+        assert!(
+            matches!(sample(counter).value, Sample::Counter(_)),
+            "{counter} is not a counter: {:?}",
+            sample(counter).value
+        );
+    }
+    assert!(matches!(sample("spool_appended_events_total").value, Sample::Counter(n) if n == 6.0));
+    assert!(matches!(sample("spool_append_requests_total").value, Sample::Counter(n) if n == 4.0));
+    for gauge in [
+        "spool_waiting_events",
+        "spool_forks",
+        "spool_halted",
+        "spool_unreadable_events",
+        "spool_event_streams",
+        "spool_log_bytes",
+        "spool_projection_lag_events",
+        "spool_build_info",
+    ] {
+        assert!(matches!(sample(gauge).value, Sample::Gauge(_)), "{gauge}");
+    }
+    assert!(matches!(sample("spool_log_bytes").value, Sample::Gauge(n) if n > 0.0));
+    assert_eq!(
+        sample("spool_build_info").labels.get("version"),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert!(scrape.samples.iter().any(
+        |s| s.metric == "spool_ack_latency_seconds" && matches!(s.value, Sample::Histogram(_))
+    ));
+    // OpenMetrics when asked for.
+    let (content_type, text) = scrape_openmetrics(&socket);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"));
+    assert!(text.contains("# TYPE spool_appended_events counter"));
+    daemon::stop(daemon);
+}
+
+fn scrape_openmetrics(socket: &Path) -> (String, String) {
+    scrape(socket, Some("application/openmetrics-text; version=1.0.0"))
+}

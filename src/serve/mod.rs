@@ -609,24 +609,34 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     .await
 }
 
-/// `GET /metrics`: Prometheus text.
-async fn metrics(State(app): State<Arc<App>>, _: HeaderMap) -> Response {
-    let writer = app.log.writer_stats();
-    let last = app.log.read().and_then(|r| r.last_position()).unwrap_or(0);
-    let projected = app.projected.load(std::sync::atomic::Ordering::Relaxed);
-    let panics = reply::PANICS.load(std::sync::atomic::Ordering::Relaxed);
-    let unreadable = app.unreadable.load(std::sync::atomic::Ordering::Relaxed);
-    let text = app
-        .metrics
-        .render(writer, last.saturating_sub(projected), panics, unreadable);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+/// `GET /metrics`: Prometheus text, classic unless `Accept` asks for OpenMetrics.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = metrics::Format::from_accept(accept);
+    let read = tokio::task::spawn_blocking(move || -> Result<String, Problem> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reader = app.log.read()?;
+        let last = reader.last_position()?;
+        let projected = app.projected.load(Relaxed);
+        let now = metrics::Now {
+            writer: app.log.writer_stats(),
+            panics: reply::PANICS.load(Relaxed),
+            lag: last.saturating_sub(projected),
+            unreadable: app.unreadable.load(Relaxed),
+            waiting: reader.pending()?,
+            forks: reader.forks()?.len() as u64,
+            halted: reader.halted()?.is_some(),
+            streams: app.streams.load(Relaxed),
+            log_bytes: std::fs::metadata(app.log.path()).map_or(0, |m| m.len()),
+        };
+        Ok(app.metrics.render(&now, format))
+    })
+    .await;
+    match read {
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
+        Ok(Err(refused)) => problem(refused),
+        Err(_) => reply::internal(),
+    }
 }
 
 /// A body streamed from a blocking job: bytes go out in pieces through a small bounded channel
