@@ -602,3 +602,107 @@ fn metrics_parse_as_prometheus_text_with_counters_as_counters() {
 fn scrape_openmetrics(socket: &Path) -> (String, String) {
     scrape(socket, Some("application/openmetrics-text; version=1.0.0"))
 }
+
+/// A group of this machine that `nobody` is not in, by name and id.
+fn some_group() -> (String, u32) {
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    for wanted in ["users", "staff", "adm"] {
+        for line in groups.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() >= 4 && fields[0] == wanted && !fields[3].contains("nobody") {
+                return (wanted.to_owned(), fields[2].parse().unwrap());
+            }
+        }
+    }
+    panic!("no group to test with in /etc/group");
+}
+
+/// Runs a copy of `spool` as `nobody`, with `groups` as its supplementary groups.
+fn as_nobody(
+    binary: &Path,
+    home: &Path,
+    args: &[&str],
+    stdin: &str,
+    groups: &[u32],
+) -> std::process::Output {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let groups = groups.to_vec();
+    let mut command = std::process::Command::new(binary);
+    command
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("SPOOL_HOME")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let ok = libc::setgroups(groups.len(), groups.as_ptr()) == 0
+                && libc::setgid(65534) == 0
+                && libc::setuid(65534) == 0;
+            match ok {
+                true => Ok(()),
+                false => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Programs of another user in `[serve] socket_group` append through the daemon; a user outside
+/// it is told which socket and what to do. (Needs root, as CI is, to act as `nobody`.)
+#[test]
+fn a_user_in_the_socket_group_appends_and_one_outside_is_told_why_not() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: a plain system call without arguments.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test acts as `nobody`: run it as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let home = new_home(dir.path(), "n");
+    let (group, gid) = some_group();
+    std::fs::write(
+        home.join("spool.toml"),
+        format!("[serve]\nsocket_group = \"{group}\"\nsocket_mode = \"0660\"\n"),
+    )
+    .unwrap();
+    let binary = dir.path().join("spool");
+    std::fs::copy(SPOOL, &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = daemon::start(SPOOL, &home);
+    let socket = home.join("spool.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+    // In the group: appends, reads its status, and the event is there.
+    let o = as_nobody(&binary, &home, &["append"], &lines(2, "other-user"), &[gid]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    let o = as_nobody(&binary, &home, &["status", "--json"], "", &[gid]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let status: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["events"], 2);
+    // Outside it: a clear refusal naming the socket and the remedy; nothing written.
+    let o = as_nobody(&binary, &home, &["append"], &lines(1, "x"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains(socket.to_str().unwrap()) && said.contains("socket_group"),
+        "{said}"
+    );
+    assert_eq!(json_out(&home, &["status", "--json"], "")[0]["events"], 2);
+    daemon::stop(daemon);
+}

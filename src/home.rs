@@ -54,6 +54,29 @@ pub struct Config {
     pub clock: ClockConfig,
     pub log: LogConfig,
     pub jobs: JobsConfig,
+    pub serve: ServeConfig,
+}
+
+/// `[serve]`: who may use the daemon's socket besides its own user.
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// A group whose members may connect to the socket (and read the HTTP token).
+    pub socket_group: Option<String>,
+    /// The socket's mode: "0600" (the default: the daemon's user only) or "0660" (and the
+    /// group).
+    pub socket_mode: Option<String>,
+}
+
+impl ServeConfig {
+    /// The socket's mode bits; a mode other than 0600 or 0660 is refused by name.
+    pub fn mode(&self) -> Result<u32, String> {
+        match self.socket_mode.as_deref() {
+            None | Some("0600") | Some("600") => Ok(0o600),
+            Some("0660") | Some("660") => Ok(0o660),
+            Some(_) => Err("serve.socket_mode must be \"0600\" or \"0660\"".into()),
+        }
+    }
 }
 
 /// `[jobs]`: where jobs run for a client (`spool rebuild --into`) may write besides the home.
@@ -107,6 +130,10 @@ impl Config {
 
     /// The first setting outside its range, as a sentence naming the key and the range.
     pub fn check(&self) -> Result<(), String> {
+        let mode = self.serve.mode()?;
+        if mode == 0o660 && self.serve.socket_group.is_none() {
+            return Err("serve.socket_mode \"0660\" needs serve.socket_group".into());
+        }
         for (key, value, range) in self.ranges() {
             if !range.contains(&value) {
                 return Err(format!(
@@ -196,6 +223,12 @@ const CONFIG_TEMPLATE: &str = "\
 [jobs]
 # A folder where `spool rebuild sqlite --into` may write new files besides the home.
 # dir = \"/srv/spool-rebuilds\"
+
+[serve]
+# A group whose members' programs may use `spool serve`'s socket (and read serve.token):
+# the socket gets this group and socket_mode, and the home becomes traversable by the group.
+# socket_group = \"spool\"
+# socket_mode = \"0660\"
 ";
 
 /// An opened node home.

@@ -117,6 +117,7 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
                 id: home.origin(),
                 label: home.label().to_owned(),
             },
+            access: home.config().serve.clone(),
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");
@@ -172,17 +173,29 @@ impl Reach {
     }
 }
 
-/// The node in `dir`, reached through its daemon when one runs.
-fn reach(dir: &Path) -> anyhow::Result<(Home, Reach)> {
-    let home = Home::open(dir)?;
+/// The node in `dir`, reached through its daemon when one runs. A program of another user in
+/// the socket's group reaches the daemon without reading anything else of the home.
+fn reach(dir: &Path) -> anyhow::Result<Reach> {
     let socket = dir.join(spool::serve::SOCKET);
-    if socket.exists() {
-        if let Some(remote) = Remote::connect(&socket)? {
-            return Ok((home, Reach::Daemon(remote)));
+    match socket.try_exists() {
+        Ok(true) => {
+            if let Some(remote) = Remote::connect(&socket)? {
+                return Ok(Reach::Daemon(remote));
+            }
         }
+        Ok(false) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            anyhow::bail!(
+                "{}: permission denied: this user may not enter the node's home; run as \
+                 the daemon's user, or set `[serve] socket_group` (and `socket_mode = \"0660\"`) \
+                 in spool.toml and join that group",
+                socket.display()
+            );
+        }
+        Err(e) => return Err(e.into()),
     }
-    let local = Local::open(home.clone())?;
-    Ok((home, Reach::Local(Box::new(local))))
+    let local = Local::open(Home::open(dir)?)?;
+    Ok(Reach::Local(Box::new(local)))
 }
 
 /// Standard output, buffered. A reader that closed it (`spool log | head`) ends the command
@@ -233,7 +246,7 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
             (requests, Some(lines))
         }
     };
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let acks = reach.node().append(requests).map_err(|mut problem| {
         // A line of stdin is named by its number, as a refusal of `parse_append` is.
         match (&lines, problem.index) {
@@ -264,7 +277,7 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
         .map(Origin::from_hex)
         .transpose()
         .map_err(|e| Usage(format!("--origin: {e}")))?;
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let mut query = LogQuery {
         after: args.after,
         limit: None,
@@ -291,7 +304,7 @@ fn log(dir: &Path, args: LogArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let report = reach.node().verify()?;
     let mut out = stdout();
     if as_json {
@@ -328,7 +341,7 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let status = reach.node().status()?;
     let mut out = stdout();
     if as_json {
@@ -390,7 +403,7 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let mut out = stdout();
     if as_json {
         let heads = reach.node().heads()?;
@@ -419,7 +432,7 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
             Usage("the export is binary: redirect it to a file or give --out FILE".into()).into(),
         );
     }
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let count = match &args.out {
         Some(path) => {
             // Written into a file of its own beside the target and moved over it whole, so a
@@ -458,7 +471,7 @@ fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<Ex
             Box::new(std::io::BufReader::new(stdin))
         }
     };
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let summary = reach.node().ingest(input)?;
     reach.refresh_projection();
     let mut out = stdout();
@@ -496,7 +509,7 @@ fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<Ex
 fn projection(dir: &Path, db: Option<PathBuf>) -> anyhow::Result<Sqlite> {
     let path = match db {
         Some(path) => path,
-        None => reach(dir)?.1.node().projection()?,
+        None => reach(dir)?.node().projection()?,
     };
     if !path.is_file() {
         return Err(Usage(format!("{}: no such projection file", path.display())).into());
@@ -525,7 +538,7 @@ fn project_postgres(
         let reach = match &mut held {
             Some(reach) => reach,
             None => match self::reach(dir) {
-                Ok((_, reach)) => held.insert(reach),
+                Ok(reach) => held.insert(reach),
                 // Another spool command has the log for a moment: look again at the next tick.
                 Err(e) if follow && is_locked(&e) => {
                     std::thread::sleep(FOLLOW_POLL);
@@ -580,7 +593,7 @@ fn backfill_postgres(
         url: url.to_owned(),
         held_bytes_max,
     };
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let bar = progress_bar(0, "backfilling");
     let summary = reach.node().backfill_postgres(&request, &mut shown(&bar));
     bar.finish_and_clear();
@@ -679,7 +692,7 @@ fn rebuild(
     // The daemon's working directory is not ours: it is given an absolute path.
     let into = into.map(std::path::absolute).transpose()?;
     let request = RebuildRequest { into, as_of };
-    let (_, mut reach) = reach(dir)?;
+    let mut reach = reach(dir)?;
     let bar = progress_bar(0, "rebuilding");
     let summary = reach.node().rebuild(&request, &mut shown(&bar));
     bar.finish_and_clear();

@@ -60,6 +60,15 @@ pub const STREAM_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ServeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("serve.socket_group names no group on this machine")]
+    NoSuchGroup,
+    #[error("{path}: giving it the group of serve.socket_group: {source} (the daemon's user must be a member of that group)")]
+    Share {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
     #[error("--http {0}: only a loopback address is served (127.0.0.0/8 or ::1)")]
     NotLoopback(std::net::SocketAddr),
 }
@@ -74,6 +83,8 @@ pub struct Options {
     pub places: crate::jobs::Places,
     /// The node's id and label, for its status.
     pub name: wire::NodeName,
+    /// Who besides the daemon's user may use the socket (`[serve]` of `spool.toml`).
+    pub access: crate::home::ServeConfig,
 }
 
 struct App {
@@ -153,7 +164,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
 async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     let _ = std::fs::remove_file(&options.socket);
     let unix = tokio::net::UnixListener::bind(&options.socket)?;
-    set_mode_0600(&options.socket)?;
+    share(&options)?;
     let projector = {
         let (app, runtime) = (app.clone(), tokio::runtime::Handle::current());
         std::thread::Builder::new()
@@ -246,9 +257,56 @@ fn no_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-fn set_mode_0600(path: &Path) -> std::io::Result<()> {
+/// Sets who may use the socket: its user only (0600), or with `[serve] socket_group` that
+/// group too (0660), and then the home becomes traversable by the group (g+x: its members can
+/// reach the socket, not list the home) and the HTTP token readable by it.
+fn share(options: &Options) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = options.access.mode().map_err(ServeError::Config)?;
+    let set_mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    };
+    set_mode(&options.socket, mode)?;
+    let Some(group) = &options.access.socket_group else {
+        return Ok(());
+    };
+    let gid = group_id(group).ok_or(ServeError::NoSuchGroup)?;
+    let home = &options.places.home;
+    let token = home.join(crate::home::SERVE_TOKEN);
+    for path in [&options.socket, home, &token] {
+        if path == &token && !token.exists() {
+            continue;
+        }
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ServeError::Share {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let home_mode = std::fs::metadata(home)?.permissions().mode() & 0o7777;
+    set_mode(home, home_mode | 0o010)?;
+    if token.exists() {
+        set_mode(&token, 0o640)?;
+    }
+    Ok(())
+}
+
+/// The id of the group named `name`, if there is one.
+fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the size given; getgrnam_r writes only there.
+    let status = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    (status == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
 async fn shutdown_signal() {
