@@ -706,3 +706,34 @@ fn a_user_in_the_socket_group_appends_and_one_outside_is_told_why_not() {
     assert_eq!(json_out(&home, &["status", "--json"], "")[0]["events"], 2);
     daemon::stop(daemon);
 }
+
+/// Under systemd (`Type=notify`) the daemon says READY=1 once it listens, and STOPPING=1 on
+/// SIGTERM.
+#[test]
+fn the_daemon_tells_systemd_when_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    let notify = dir.path().join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let daemon = std::process::Command::new(SPOOL)
+        .arg("--home")
+        .arg(&home)
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 256];
+    let n = listener.recv(&mut message).unwrap();
+    assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "READY=1");
+    // Ready means the socket answers.
+    let (status, _) = get(&home.join("spool.sock"), "/v1/status");
+    assert_eq!(status, 200);
+    daemon::send_signal(daemon.id(), "TERM");
+    let n = listener.recv(&mut message).unwrap();
+    assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "STOPPING=1");
+    assert!(daemon.wait_with_output().unwrap().status.success());
+}

@@ -237,7 +237,10 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         servers.spawn(async move { doors.serve(tcp, tcp_routes, stop).await });
     }
     tracing::info!(socket = %options.socket.display(), "spool serve: listening");
+    // Under systemd (`Type=notify`), ready once every listener is bound; elsewhere a no-op.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     shutdown_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("spool serve: stopping; answering what was accepted");
     app.stopping.send_replace(true);
     while servers.join_next().await.is_some() {}
