@@ -1,0 +1,5 @@
+export { SpoolClient, SpoolError } from "./client.js";
+export type { ClientOptions } from "./client.js";
+export type * from "./wire.js";
+export type * from "./kinds.js";
+export { KINDS } from "./kinds.js";

@@ -1,0 +1,144 @@
+// The node's API as spool's daemon speaks it (src/wire.rs is the Rust side; the OpenAPI
+// description at GET /v1/openapi.json says the same). Stamps (`hlc`) are strings: they are u64
+// above 2^53, which a JavaScript number cannot hold.
+import type { Kind, KindData } from "./kinds.js";
+
+/** One append request: an event as a client asks for it. */
+export interface AppendRequest<K extends Kind = Kind> {
+  kind: K;
+  /** The aggregate the event belongs to, such as `task/42`. */
+  stream: string;
+  /** Who caused it: a user, an agent, a strand. */
+  actor: string;
+  data: KindData[K];
+  /** An idempotency key: the same request again answers the first event (`duplicate: true`);
+   * another request under the key is refused (`key_conflict`). Keys are per node. */
+  key?: string;
+  correlation?: string;
+  causation?: string;
+}
+
+/** The acknowledgement of an appended event, sent once it is durable. */
+export interface Ack {
+  origin: string;
+  seq: number;
+  position: number;
+  hash: string;
+  /** The key named an earlier event made from the same request; nothing was written. */
+  duplicate: boolean;
+}
+
+/** Every refusal's code. */
+export type Code =
+  | "bad_json"
+  | "invalid_field"
+  | "unknown_kind"
+  | "invalid_data"
+  | "too_large"
+  | "bad_query"
+  | "path_refused"
+  | "key_conflict"
+  | "unauthorized"
+  | "not_found"
+  | "method_not_allowed"
+  | "timeout"
+  | "busy"
+  | "poisoned"
+  | "halted"
+  | "unavailable"
+  | "corrupt"
+  | "storage"
+  | "sqlite"
+  | "postgres"
+  | "file"
+  | "internal";
+
+/** Every refusal's body. */
+export interface Problem {
+  code: Code;
+  message: string;
+  /** A JSON Pointer into the request, such as `/data/reasoning`. */
+  field?: string;
+  /** The refused event's index in a batch. */
+  index?: number;
+}
+
+export interface Dep {
+  origin: string;
+  seq: number;
+}
+
+/** An event as `spool log` prints it and `GET /v1/events` streams it. */
+export interface Event<K extends Kind = Kind> {
+  position: number;
+  origin: string;
+  seq: number;
+  hash: string;
+  prev: string;
+  /** The hybrid logical clock stamp: a u64 as a decimal string. */
+  hlc: string;
+  /** The stamp's wall-clock part, RFC 3339. */
+  time: string;
+  deps: Dep[];
+  stream: string;
+  actor: string;
+  kind: K;
+  version: number;
+  correlation: string | null;
+  causation: string | null;
+  key: string | null;
+  /** The payload; null when this build of spool cannot read the kind or version. */
+  data: KindData[K] | null;
+  data_error?: string;
+}
+
+export interface LogQuery {
+  after?: number;
+  limit?: number;
+  stream?: string;
+  kind?: Kind;
+  origin?: string;
+}
+
+export interface LogPage {
+  events: Event[];
+  /** Where the next page starts; null at the log's end. */
+  next: number | null;
+}
+
+export interface Head {
+  origin: string;
+  seq: number;
+  hash: string;
+  local: boolean;
+}
+
+export interface Fork {
+  id: { origin: string; seq: number };
+  refused: string;
+  held: string | null;
+}
+
+export interface Status {
+  node: { id: string; label: string };
+  home: string;
+  events: number;
+  file_bytes: number;
+  heads: Head[];
+  waiting: number;
+  forks: Fork[];
+  halted: string | null;
+  unreadable: number;
+  /** Only from the daemon. */
+  daemon?: {
+    commits: number;
+    appended: number;
+    projected: number;
+    lag_events: number;
+    panics: number;
+    streams: number;
+  };
+}
+
+/** The version vector: origin → highest seq held. */
+export type Heads = Record<string, number>;
