@@ -737,3 +737,78 @@ fn the_daemon_tells_systemd_when_it_is_ready() {
     assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "STOPPING=1");
     assert!(daemon.wait_with_output().unwrap().status.success());
 }
+
+/// The OpenAPI description: served, equal to the shipped `clients/openapi.json` (made from the
+/// wire types: `SPOOL_BLESS=1` rewrites the file), listing exactly the router's routes, each of
+/// which answers.
+#[test]
+fn the_openapi_description_is_the_wire_types_and_the_routes() {
+    let shipped_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/openapi.json");
+    let document = spool::openapi::document();
+    let text = serde_json::to_string_pretty(&document).unwrap() + "\n";
+    if std::env::var("SPOOL_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&shipped_path, &text).unwrap();
+    }
+    let shipped = std::fs::read_to_string(&shipped_path).unwrap_or_default();
+    assert!(
+        shipped == text,
+        "clients/openapi.json differs from the wire types: `SPOOL_BLESS=1 cargo test --test api openapi` rewrites it"
+    );
+    assert_eq!(document["openapi"], "3.1.0");
+    // Every schema an operation names is in the components.
+    let refs: Vec<String> = text
+        .match_indices("#/components/schemas/")
+        .map(|(at, _)| text[at + 21..].split('"').next().unwrap().to_owned())
+        .collect();
+    for name in &refs {
+        assert!(
+            document["components"]["schemas"].get(name).is_some(),
+            "{name} is referred to but not described"
+        );
+    }
+    // The router's routes (read from its source) are the description's paths.
+    let source =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/serve/mod.rs"))
+            .unwrap();
+    let mut routed: Vec<(String, String)> = Vec::new();
+    for (at, _) in source.match_indices(".route(\"") {
+        let rest = &source[at + 8..];
+        let path = rest.split('"').next().unwrap().to_owned();
+        let call = &rest[path.len() + 2..rest.find(")\n").unwrap()];
+        for method in ["get", "post"] {
+            if call.contains(&format!("{method}(")) {
+                routed.push((method.to_owned(), path.clone()));
+            }
+        }
+    }
+    let mut documented: Vec<(String, String)> = spool::openapi::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    routed.sort();
+    documented.sort();
+    assert_eq!(routed, documented);
+    let paths: Vec<&String> = document["paths"].as_object().unwrap().keys().collect();
+    for (_, path) in &documented {
+        assert!(paths.contains(&path), "{path} is not in the description");
+    }
+    // Served, and every documented route answers (a refusal of an empty request is fine; a
+    // route that does not exist is not).
+    let dir = tempfile::tempdir().unwrap();
+    let home = new_home(dir.path(), "n");
+    let daemon = daemon::start(SPOOL, &home);
+    let socket = home.join("spool.sock");
+    let (status, served) = get(&socket, "/v1/openapi.json");
+    assert_eq!((status, &served), (200, &document));
+    for (method, path) in &documented {
+        if path == "/v1/events" && method == "get" {
+            continue; // A stream: it answers 200 and never ends (tested above).
+        }
+        let (status, body) = call(&socket, &method.to_uppercase(), path, b"{}".to_vec());
+        assert!(
+            status != 404 && status != 405,
+            "{method} {path}: {status} {body}"
+        );
+    }
+    daemon::stop(daemon);
+}

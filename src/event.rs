@@ -89,6 +89,22 @@ macro_rules! hex_newtype {
             }
         }
 
+        impl schemars::JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                true
+            }
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "description": concat!("A ", $what, ": lowercase hex"),
+                    "pattern": format!("^[0-9a-f]{{{}}}$", 2 * $len),
+                })
+            }
+        }
+
         impl fmt::Debug for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($ty), self.to_hex())
@@ -123,7 +139,17 @@ pub struct NewEvent {
 
 /// `(origin, seq)`: an event's identity, the same on every node.
 #[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Debug,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
 )]
 pub struct EventId {
     pub origin: Origin,

@@ -24,7 +24,7 @@ pub const BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
 pub use crate::event::NewEvent;
 
 /// The JSON shape of one append request.
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone, PartialEq)]
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppendRequest {
     pub kind: String,

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod kinds;
 pub mod log;
 pub mod node;
+pub mod openapi;
 pub mod priority;
 pub mod project;
 pub mod serve;

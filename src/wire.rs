@@ -11,13 +11,14 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::{EventId, Hash, Origin};
 
 /// A refusal's stable, machine-readable kind. The HTTP status follows from it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
     /// The body is not JSON, or not the shape the request takes.
@@ -157,7 +158,7 @@ impl Code {
 }
 
 /// Every refusal: `{"code", "message", "field"?, "index"?}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, JsonSchema)]
 #[error("{}", self.sentence())]
 pub struct Problem {
     pub code: Code,
@@ -329,7 +330,7 @@ impl From<crate::jobs::JobError> for Problem {
 }
 
 /// The acknowledgement of one appended event, sent once it is durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Ack {
     pub origin: Origin,
     pub seq: u64,
@@ -353,7 +354,7 @@ impl From<&crate::log::Appended> for Ack {
 }
 
 /// One event as `spool log` prints it, `GET /v1/log` pages it and `GET /v1/events` streams it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     /// Where this node applied it (its own order; differs between nodes).
     pub position: u64,
@@ -380,7 +381,7 @@ pub struct Event {
     pub data_error: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Dep {
     pub origin: Origin,
     pub seq: u64,
@@ -425,7 +426,7 @@ impl From<&crate::log::Record> for Event {
 }
 
 /// What `GET /v1/log` and `spool log` read: events after `after` passing the filters.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     #[serde(default)]
@@ -451,21 +452,21 @@ impl LogQuery {
 }
 
 /// One page of events, and where the next page starts (null at the log's end).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LogPage {
     pub events: Vec<Event>,
     pub next: Option<u64>,
 }
 
 /// The node: its id and label.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeName {
     pub id: Origin,
     pub label: String,
 }
 
 /// An origin's highest event held here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Head {
     pub origin: Origin,
     pub seq: u64,
@@ -475,7 +476,7 @@ pub struct Head {
 }
 
 /// Two events at one (origin, seq): the one held and the one refused (kept as evidence).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fork {
     pub id: EventId,
     pub refused: Hash,
@@ -483,7 +484,7 @@ pub struct Fork {
 }
 
 /// `spool status --json` and `GET /v1/status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Status {
     pub node: NodeName,
     pub home: String,
@@ -503,7 +504,7 @@ pub struct Status {
 }
 
 /// What only a running daemon knows.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DaemonStatus {
     /// Durable commits and events written since it started.
     pub commits: u64,
@@ -523,7 +524,7 @@ pub type Heads = BTreeMap<Origin, u64>;
 /// `spool ingest --json` and `POST /v1/ingest`. Each event read lands in exactly one of
 /// `applied`, `waited` and `duplicates` (for a whole file: `read = applied + waited +
 /// duplicates`); the log grew by `applied + released`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct IngestSummary {
     /// True when the whole input was read and nothing was refused.
     pub ok: bool,
@@ -586,7 +587,7 @@ impl From<&crate::sync::file::IngestSummary> for IngestSummary {
 }
 
 /// `spool verify --json` and `GET /v1/verify`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VerifyReport {
     pub ok: bool,
     pub events: u64,
@@ -598,7 +599,7 @@ pub struct VerifyReport {
     pub problems: Vec<VerifyProblem>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VerifyProblem {
     pub message: String,
     #[serde(flatten)]
@@ -630,7 +631,7 @@ impl VerifyReport {
 }
 
 /// `spool export`'s selection, as `POST /v1/export` takes it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     /// Origins (32 hex digits) to export; every origin when empty.
@@ -643,7 +644,7 @@ pub struct ExportRequest {
 }
 
 /// `POST /v1/jobs/rebuild`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RebuildRequest {
     /// Where to build (an absolute path); the node's projection when absent.
@@ -655,7 +656,7 @@ pub struct RebuildRequest {
 }
 
 /// `POST /v1/jobs/project-postgres` and `/v1/jobs/backfill-postgres`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresRequest {
     pub url: String,
@@ -673,7 +674,7 @@ impl std::fmt::Debug for PostgresRequest {
 }
 
 /// A rebuild's outcome.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RebuildSummary {
     pub path: std::path::PathBuf,
     pub applied: u64,
@@ -683,7 +684,7 @@ pub struct RebuildSummary {
 }
 
 /// One pass of projecting into Postgres.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProjectSummary {
     /// Events applied by this pass.
     pub applied: u64,
@@ -697,7 +698,7 @@ pub struct ProjectSummary {
 }
 
 /// A Postgres backfill's outcome.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct BackfillSummary {
     pub applied: u64,
     pub resumed_from: u64,
@@ -710,15 +711,16 @@ pub struct BackfillSummary {
 }
 
 /// How far a job is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Progress {
     pub done: u64,
     pub total: u64,
 }
 
 /// One line of a job's answer (JSON lines): progress, then the result or the error.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "JobLineOf{T}")]
 pub enum JobLine<T> {
     Progress(Progress),
     Result(T),

@@ -183,6 +183,7 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/v1/verify", get(verify))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
+            .route("/v1/openapi.json", get(openapi))
             .route("/metrics", get(metrics))
             .fallback(|| async { refuse(Code::NotFound, "no such endpoint (README lists them)") })
             .method_not_allowed_fallback(|| async {
@@ -668,6 +669,14 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         Ok(status)
     })
     .await
+}
+
+/// `GET /v1/openapi.json`: the API's description (made once).
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let body = DOCUMENT
+        .get_or_init(|| serde_json::to_vec_pretty(&crate::openapi::document()).unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
 }
 
 /// `GET /metrics`: Prometheus text, classic unless `Accept` asks for OpenMetrics.
