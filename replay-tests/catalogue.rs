@@ -198,7 +198,15 @@ fn every_kind_refuses_bad_data_and_names_the_field() {
             let mut missing = data.clone();
             missing.as_object_mut().unwrap().remove(*field);
             let err = spec.encode(&missing).unwrap_err();
-            assert!(err.problem.contains(field), "{name} without {field}: {err}");
+            assert_eq!(
+                err.field,
+                format!("/{field}"),
+                "{name} without {field}: {err}"
+            );
+            assert!(
+                err.problem.contains("missing"),
+                "{name} without {field}: {err}"
+            );
         }
 
         let field = required[0];

@@ -583,16 +583,16 @@ impl Chunk {
 
 /// Writes every request of the group in one transaction and commits it durably.
 ///
-/// A cheap sequential pass settles which events are new (idempotency keys) and gives each its
-/// seq, position and stamp. The new events are then encoded in chunks, each chunk's chain of
-/// hashes finished in order, and the chunk packed into blocks.
+/// A request reusing a key for a different request is refused whole first. A cheap sequential
+/// pass then settles which events are new (idempotency keys) and gives each its seq, position
+/// and stamp. The new events are encoded in chunks, each chunk's chain of hashes finished in
+/// order, and the chunk packed into blocks; the head, extent and meta follow.
 fn commit_group(
     db: &Database,
     state: &mut State,
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
 ) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
     let txn = db.begin_write()?;
-    // A request reusing a key for a different event is refused whole before anything is placed.
     let conflicts = {
         let events = txn.open_table(EVENTS)?;
         let keys = txn.open_table(KEYS)?;
@@ -603,154 +603,22 @@ fn commit_group(
             batch.clear();
         }
     }
-    let origin = state.origin;
-    let (head_seq, mut head_hash) = state.causal.head(origin).unwrap_or((0, Hash::ZERO));
+    let (head_seq, head_hash) = state.causal.head(state.origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
-    let total: usize = group.iter().map(|(batch, _)| batch.len()).sum();
-    let mut answers: Vec<Appended> = Vec::with_capacity(total);
-    // Answers of events written here, in position order.
-    let mut fresh: Vec<usize> = Vec::with_capacity(total);
-    // Answers repeating a key first written in this group: (answer, the first one's answer).
-    let mut repeats: Vec<(usize, usize)> = Vec::new();
-    let mut lens = Vec::with_capacity(group.len());
-    let mut new_events = Vec::with_capacity(total);
-    {
-        let events = txn.open_table(EVENTS)?;
-        let mut keys = txn.open_table(KEYS)?;
-        let mut keyed_here: HashMap<String, usize> = HashMap::new();
-        let now = now_ms();
-        for (batch, _) in group.iter_mut() {
-            lens.push(batch.len());
-            for new in batch.drain(..) {
-                if let Some(key) = &new.key {
-                    if let Some(&first) = keyed_here.get(key) {
-                        repeats.push((answers.len(), first));
-                        answers.push(Appended {
-                            existing: true,
-                            ..answers[first]
-                        });
-                        continue;
-                    }
-                    if let Some(position) = keys.get(key.as_str())?.map(|v| v.value()) {
-                        answers.push(stored_answer(&events, position)?);
-                        continue;
-                    }
-                }
-                let seq = head_seq + 1 + fresh.len() as u64;
-                let position = first_position + fresh.len() as u64;
-                if let Some(key) = &new.key {
-                    keys.insert(key.as_str(), position)?;
-                    keyed_here.insert(key.clone(), answers.len());
-                }
-                fresh.push(answers.len());
-                answers.push(Appended {
-                    origin,
-                    seq,
-                    position,
-                    hash: Hash::ZERO, // Known once the chain reaches it.
-                    existing: false,
-                });
-                new_events.push(Event {
-                    origin,
-                    seq,
-                    hlc: state.clock.tick(now),
-                    prev: Hash::ZERO, // Set by `Chunk::chain`.
-                    // What this node applied from other origins since its previous event; the
-                    // events after it in the chain imply it.
-                    deps: std::mem::take(&mut state.deps)
-                        .into_iter()
-                        .map(|(origin, seq)| Dep { origin, seq })
-                        .collect(),
-                    stream: new.stream,
-                    actor: new.actor,
-                    kind: new.kind,
-                    version: new.version,
-                    correlation: new.correlation,
-                    causation: new.causation,
-                    key: new.key,
-                    payload: new.payload,
-                });
-            }
-        }
-    }
-    let written = new_events.len() as u64;
-    {
-        let mut table = txn.open_table(EVENTS)?;
-        let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
-        let mut fresh = fresh.iter();
-        let mut spare = std::mem::take(&mut state.spare);
-        let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
-            for (bytes, hash) in chunk.events() {
-                blocks.push(hash, bytes)?;
-                answers[*fresh.next().expect("one answer per new event")].hash = *hash;
-            }
-            spare.push(chunk);
-            Ok(())
-        };
-        let mut position = first_position;
-        let mut events = new_events.into_iter();
-        let pending = &mut state.pending;
-        let mut encode = |spare: &mut Vec<Chunk>| {
-            let mut chunk: Chunk = spare.pop().unwrap_or_default();
-            chunk.bytes.clear();
-            chunk.ends.clear();
-            chunk.hashes.clear();
-            for mut event in events.by_ref().take(CHUNK_EVENTS) {
-                chunk.bytes = event::append_stored(&mut event, std::mem::take(&mut chunk.bytes));
-                chunk.ends.push(chunk.bytes.len());
-                pending.push(event.stream, position);
-                position += 1;
-            }
-            (!chunk.ends.is_empty()).then_some(chunk)
-        };
-        if written < PARALLEL_EVENTS_MIN as u64 {
-            while let Some(mut chunk) = encode(&mut spare) {
-                chunk.chain(&mut head_hash);
-                store(chunk, &mut spare)?;
-            }
-        } else {
-            let prev = &mut head_hash;
-            std::thread::scope(|scope| -> Result<(), LogError> {
-                // Unbounded, but never longer than the group's chunks.
-                let (to_hash, unhashed) = mpsc::channel::<Chunk>();
-                let (to_store, hashed) = mpsc::channel();
-                scope.spawn(move || {
-                    for mut chunk in unhashed {
-                        chunk.chain(prev);
-                        if to_store.send(chunk).is_err() {
-                            return; // The writer failed and stopped listening.
-                        }
-                    }
-                });
-                while let Some(chunk) = encode(&mut spare) {
-                    to_hash.send(chunk).map_err(|_| LogError::WriterGone)?;
-                    while let Ok(chunk) = hashed.try_recv() {
-                        store(chunk, &mut spare)?;
-                    }
-                }
-                drop(to_hash);
-                hashed.into_iter().try_for_each(|c| store(c, &mut spare))
-            })?;
-        }
-        state.block = blocks.close()?;
-        spare.truncate(SPARE_CHUNKS);
-        state.spare = spare;
-    }
-    for (at, first) in repeats {
-        answers[at].hash = answers[first].hash;
+    let mut settled = settle(&txn, state, group, head_seq)?;
+    let written = settled.new_events.len() as u64;
+    let new_events = std::mem::take(&mut settled.new_events);
+    let mut fresh = settled.fresh.iter();
+    let answers = &mut settled.answers;
+    let head_hash = write_events(&txn, state, new_events, head_hash, |hash| {
+        answers[*fresh.next().expect("one answer per new event")].hash = hash;
+    })?;
+    for &(at, first) in &settled.repeats {
+        settled.answers[at].hash = settled.answers[first].hash;
     }
     state.next_position += written;
     if written > 0 {
-        // A group's own events are consecutive: they extend the last extent or start one.
-        let extent = state.place(origin, head_seq + 1, first_position, written);
-        txn.open_table(EXTENTS)?.insert(
-            (origin.0, extent.first_seq),
-            (extent.first_position, extent.len),
-        )?;
-        let head = (head_seq + written, head_hash);
-        txn.open_table(HEADS)?
-            .insert(origin.0, (head.0, head.1 .0))?;
-        state.causal.set_head(origin, head.0, head.1);
+        advance_head(&txn, state, head_seq, first_position, written, head_hash)?;
     }
     {
         let mut meta = txn.open_table(META)?;
@@ -763,8 +631,9 @@ fn commit_group(
         }
     }
     txn.commit()?;
-    let mut answers = answers.into_iter();
-    Ok(lens
+    let mut answers = settled.answers.into_iter();
+    Ok(settled
+        .lens
         .into_iter()
         .zip(conflicts)
         .map(|(n, conflict)| match conflict {
@@ -772,6 +641,197 @@ fn commit_group(
             None => Ok(answers.by_ref().take(n).collect()),
         })
         .collect())
+}
+
+/// What the sequential pass over a group settled.
+struct Settled {
+    /// One per event of the group, in order; a new event's hash is filled in once chained.
+    answers: Vec<Appended>,
+    /// The answers of new events, in position order.
+    fresh: Vec<usize>,
+    /// Answers repeating a key first written in this group: (answer, the first one's answer).
+    repeats: Vec<(usize, usize)>,
+    /// Events per request.
+    lens: Vec<usize>,
+    /// The events to write, in position order (prev and hash not yet set).
+    new_events: Vec<Event>,
+}
+
+/// Settles which events of the group are new (a key already stored, or given earlier in the
+/// group, answers with that event), records the new events' keys, and gives each new event its
+/// seq, position, stamp and deps.
+fn settle(
+    txn: &redb::WriteTransaction,
+    state: &mut State,
+    group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
+    head_seq: u64,
+) -> Result<Settled, LogError> {
+    let (origin, first_position) = (state.origin, state.next_position);
+    let total: usize = group.iter().map(|(batch, _)| batch.len()).sum();
+    let mut out = Settled {
+        answers: Vec::with_capacity(total),
+        fresh: Vec::with_capacity(total),
+        repeats: Vec::new(),
+        lens: Vec::with_capacity(group.len()),
+        new_events: Vec::with_capacity(total),
+    };
+    let events = txn.open_table(EVENTS)?;
+    let mut keys = txn.open_table(KEYS)?;
+    let mut keyed_here: HashMap<String, usize> = HashMap::new();
+    let now = now_ms();
+    for (batch, _) in group.iter_mut() {
+        out.lens.push(batch.len());
+        for new in batch.drain(..) {
+            if let Some(key) = &new.key {
+                if let Some(&first) = keyed_here.get(key) {
+                    out.repeats.push((out.answers.len(), first));
+                    let repeat = Appended {
+                        existing: true,
+                        ..out.answers[first]
+                    };
+                    out.answers.push(repeat);
+                    continue;
+                }
+                if let Some(position) = keys.get(key.as_str())?.map(|v| v.value()) {
+                    out.answers.push(stored_answer(&events, position)?);
+                    continue;
+                }
+            }
+            let seq = head_seq + 1 + out.fresh.len() as u64;
+            let position = first_position + out.fresh.len() as u64;
+            if let Some(key) = &new.key {
+                keys.insert(key.as_str(), position)?;
+                keyed_here.insert(key.clone(), out.answers.len());
+            }
+            out.fresh.push(out.answers.len());
+            out.answers.push(Appended {
+                origin,
+                seq,
+                position,
+                hash: Hash::ZERO, // Known once the chain reaches it.
+                existing: false,
+            });
+            out.new_events.push(Event {
+                origin,
+                seq,
+                hlc: state.clock.tick(now),
+                prev: Hash::ZERO, // Set by `Chunk::chain`.
+                // What this node applied from other origins since its previous event; the
+                // events after it in the chain imply it.
+                deps: std::mem::take(&mut state.deps)
+                    .into_iter()
+                    .map(|(origin, seq)| Dep { origin, seq })
+                    .collect(),
+                stream: new.stream,
+                actor: new.actor,
+                kind: new.kind,
+                version: new.version,
+                correlation: new.correlation,
+                causation: new.causation,
+                key: new.key,
+                payload: new.payload,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Encodes `new_events` in chunks, chains each chunk's hashes on `head_hash` in order (on a
+/// helper thread for a large group, while the next chunk is encoded), and packs them into
+/// blocks from the next position on; `hashed` is told each event's hash in order. Returns the
+/// new head's hash.
+fn write_events(
+    txn: &redb::WriteTransaction,
+    state: &mut State,
+    new_events: Vec<Event>,
+    mut head_hash: Hash,
+    mut hashed: impl FnMut(Hash),
+) -> Result<Hash, LogError> {
+    let written = new_events.len();
+    let first_position = state.next_position;
+    let mut table = txn.open_table(EVENTS)?;
+    let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
+    let mut spare = std::mem::take(&mut state.spare);
+    let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
+        for (bytes, hash) in chunk.events() {
+            blocks.push(hash, bytes)?;
+            hashed(*hash);
+        }
+        spare.push(chunk);
+        Ok(())
+    };
+    let mut position = first_position;
+    let mut events = new_events.into_iter();
+    let pending = &mut state.pending;
+    let mut encode = |spare: &mut Vec<Chunk>| {
+        let mut chunk: Chunk = spare.pop().unwrap_or_default();
+        chunk.bytes.clear();
+        chunk.ends.clear();
+        chunk.hashes.clear();
+        for mut event in events.by_ref().take(CHUNK_EVENTS) {
+            chunk.bytes = event::append_stored(&mut event, std::mem::take(&mut chunk.bytes));
+            chunk.ends.push(chunk.bytes.len());
+            pending.push(event.stream, position);
+            position += 1;
+        }
+        (!chunk.ends.is_empty()).then_some(chunk)
+    };
+    if written < PARALLEL_EVENTS_MIN {
+        while let Some(mut chunk) = encode(&mut spare) {
+            chunk.chain(&mut head_hash);
+            store(chunk, &mut spare)?;
+        }
+    } else {
+        let prev = &mut head_hash;
+        std::thread::scope(|scope| -> Result<(), LogError> {
+            // Unbounded, but never longer than the group's chunks.
+            let (to_hash, unhashed) = mpsc::channel::<Chunk>();
+            let (to_store, hashed) = mpsc::channel();
+            scope.spawn(move || {
+                for mut chunk in unhashed {
+                    chunk.chain(prev);
+                    if to_store.send(chunk).is_err() {
+                        return; // The writer failed and stopped listening.
+                    }
+                }
+            });
+            while let Some(chunk) = encode(&mut spare) {
+                to_hash.send(chunk).map_err(|_| LogError::WriterGone)?;
+                while let Ok(chunk) = hashed.try_recv() {
+                    store(chunk, &mut spare)?;
+                }
+            }
+            drop(to_hash);
+            hashed.into_iter().try_for_each(|c| store(c, &mut spare))
+        })?;
+    }
+    state.block = blocks.close()?;
+    spare.truncate(SPARE_CHUNKS);
+    state.spare = spare;
+    Ok(head_hash)
+}
+
+/// Records the node's own `written` new events, consecutive from `first_position`: they extend
+/// the last extent or start one, and move the head.
+fn advance_head(
+    txn: &redb::WriteTransaction,
+    state: &mut State,
+    head_seq: u64,
+    first_position: u64,
+    written: u64,
+    head_hash: Hash,
+) -> Result<(), LogError> {
+    let origin = state.origin;
+    let extent = state.place(origin, head_seq + 1, first_position, written);
+    txn.open_table(EXTENTS)?.insert(
+        (origin.0, extent.first_seq),
+        (extent.first_position, extent.len),
+    )?;
+    let head = (head_seq + written, head_hash);
+    txn.open_table(HEADS)?
+        .insert(origin.0, (head.0, head.1 .0))?;
+    state.causal.set_head(origin, head.0, head.1);
+    Ok(())
 }
 
 /// For each request of the group, the index of its first event whose idempotency key already
@@ -836,7 +896,9 @@ fn same_as_stored(stored: &event::EventRef<'_>, new: &NewEvent) -> bool {
         && stored.payload() == new.payload.as_slice()
 }
 
-/// Applies shipped events in one transaction (see [`Log::ingest`](super::Log::ingest)).
+/// Applies shipped events in one transaction (see [`Log::ingest`](super::Log::ingest)): for
+/// each, in order, the clock observes its stamp, [`Causal::decide`] says what to do, and a
+/// helper does it. A refusal stops the request there (what came before it commits).
 fn commit_ingest(
     db: &Database,
     state: &mut State,
@@ -847,35 +909,24 @@ fn commit_ingest(
     let now = now_ms();
     {
         let mut events = txn.open_table(EVENTS)?;
-        let mut pending = txn.open_table(PENDING)?;
-        let mut forks = txn.open_table(FORKS)?;
-        let mut extents = txn.open_table(EXTENTS)?;
-        let mut blocks = Blocks::new(
-            &mut events,
-            state.next_position,
-            std::mem::take(&mut state.block),
-        );
-        // Events applied in this transaction, which the tables cannot show yet.
-        let mut here: foldhash::HashMap<EventId, Hash> = Default::default();
-        let mut moved: HashSet<Origin> = HashSet::new();
+        let mut tables = Shipping {
+            blocks: Blocks::new(
+                &mut events,
+                state.next_position,
+                std::mem::take(&mut state.block),
+            ),
+            pending: txn.open_table(PENDING)?,
+            forks: txn.open_table(FORKS)?,
+            extents: txn.open_table(EXTENTS)?,
+            here: Default::default(),
+            moved: HashSet::new(),
+        };
         for (index, shipped) in shipped.into_iter().enumerate() {
             if let Observed::Clamped { .. } = state.clock.observe(shipped.hlc, now) {
                 report.clamped += 1;
             }
-            let meta = &shipped.meta;
-            let (head_seq, _) = state.causal.head(meta.id.origin).unwrap_or((0, Hash::ZERO));
-            // Only an (origin, seq) at or below the head can be held already.
-            let stored = match meta.id.seq <= head_seq {
-                false => None,
-                true => match here.get(&meta.id) {
-                    Some(hash) => Some(*hash),
-                    None => match position_of(&extents, meta.id)? {
-                        Some(position) => entry_at(&*blocks.table, position)?.map(|r| r.hash),
-                        None => None,
-                    },
-                },
-            };
-            let refusal = match state.causal.decide(meta, |_| stored) {
+            let stored = tables.held(state, shipped.meta.id)?;
+            let refusal = match state.causal.decide(&shipped.meta, |_| stored) {
                 Decision::Duplicate => {
                     report.duplicates += 1;
                     None
@@ -884,109 +935,35 @@ fn commit_ingest(
                     Some(Refusal::TooManyWaiting)
                 }
                 Decision::Wait => {
-                    let mut entry = meta.hash.0.to_vec();
-                    entry.extend_from_slice(&shipped.bytes);
-                    pending.insert((meta.id.origin.0, meta.id.seq), entry.as_slice())?;
-                    state.causal.wait(meta.clone());
+                    tables.wait(state, &shipped)?;
                     report.waited += 1;
                     None
                 }
                 Decision::Apply => {
-                    let id = meta.id;
-                    apply(
-                        state,
-                        &mut blocks,
-                        &mut extents,
-                        &mut here,
-                        &mut moved,
-                        shipped,
-                    )?;
                     report.applied += 1;
-                    let (ready, broken) = state.causal.released(id);
-                    for meta in ready {
-                        let released = take_pending(&mut pending, meta.id)?
-                            .and_then(|bytes| Shipped::verify(meta.hash, bytes).ok())
-                            .ok_or_else(|| Corruption::BadPending {
-                                id: meta.id,
-                                detail: "missing or damaged".into(),
-                            })?;
-                        apply(
-                            state,
-                            &mut blocks,
-                            &mut extents,
-                            &mut here,
-                            &mut moved,
-                            released,
-                        )?;
-                        report.released += 1;
-                    }
-                    // Waiting events released onto a predecessor they do not name: evidence.
-                    for (bad, expected) in broken {
-                        let bytes = take_pending(&mut pending, bad.id)?.unwrap_or_default();
-                        forks
-                            .insert((bad.id.origin.0, bad.id.seq, bad.hash.0), bytes.as_slice())?;
-                        report.refused.get_or_insert(Refused {
-                            index,
-                            id: bad.id,
-                            hash: bad.hash,
-                            reason: Refusal::BrokenLink {
-                                expected,
-                                actual: bad.prev,
-                            },
-                        });
-                    }
+                    tables.apply_releasing(state, shipped, index, &mut report)?;
                     if report.refused.is_some() {
                         break;
                     }
                     continue;
                 }
-                Decision::Fork { stored } if meta.id.origin == state.origin => {
+                Decision::Fork { stored } if shipped.meta.id.origin == state.origin => {
                     Some(Refusal::OwnFork { stored })
                 }
                 Decision::Fork { stored } => Some(Refusal::Fork { stored }),
                 Decision::ForkWaiting { waiting } => Some(Refusal::ForkWaiting { waiting }),
                 Decision::BrokenLink { expected } => Some(Refusal::BrokenLink {
                     expected,
-                    actual: meta.prev,
+                    actual: shipped.meta.prev,
                 }),
             };
             if let Some(reason) = refusal {
-                let (id, hash) = (meta.id, meta.hash);
-                if !matches!(reason, Refusal::TooManyWaiting) {
-                    forks.insert((id.origin.0, id.seq, hash.0), shipped.bytes.as_slice())?;
-                }
-                if let Refusal::OwnFork { .. } = reason {
-                    state.halted = Some(format!(
-                        "origin {} seq {} was written twice ({} held, {} shipped); this home is a stale copy",
-                        id.origin,
-                        id.seq,
-                        stored.map(|h| h.to_hex()).unwrap_or_default(),
-                        hash
-                    ));
-                }
-                report.refused = Some(Refused {
-                    index,
-                    id,
-                    hash,
-                    reason,
-                });
-            }
-            if report.refused.is_some() {
+                report.refused = Some(tables.refuse(state, &shipped, index, reason, stored)?);
                 break;
             }
         }
         report.waiting = state.causal.waiting() as u64;
-        state.block = blocks.close()?;
-        let mut heads = txn.open_table(HEADS)?;
-        for origin in moved {
-            let extent = state.extents[&origin];
-            extents.insert(
-                (origin.0, extent.first_seq),
-                (extent.first_position, extent.len),
-            )?;
-            let (seq, hash) = state.causal.head(origin).expect("applied above");
-            heads.insert(origin.0, (seq, hash.0))?;
-        }
+        tables.close(&txn, state)?;
     }
     {
         let mut meta = txn.open_table(META)?;
@@ -1001,6 +978,148 @@ fn commit_ingest(
     }
     txn.commit()?;
     Ok(report)
+}
+
+/// A `forks` entry's key: origin, seq, the refused event's hash.
+type ForkKey = ([u8; 16], u64, [u8; 32]);
+
+/// The tables an ingest writes, and what it applied in this transaction.
+struct Shipping<'t, 'txn> {
+    blocks: Blocks<'t, 'txn>,
+    pending: redb::Table<'txn, ([u8; 16], u64), &'static [u8]>,
+    forks: redb::Table<'txn, ForkKey, &'static [u8]>,
+    extents: redb::Table<'txn, ([u8; 16], u64), (u64, u64)>,
+    /// Events applied in this transaction, which the tables cannot show yet.
+    here: foldhash::HashMap<EventId, Hash>,
+    /// Origins whose head moved.
+    moved: HashSet<Origin>,
+}
+
+impl Shipping<'_, '_> {
+    /// The hash of the event held at `id`, if any (only an id at or below the head can be).
+    fn held(&self, state: &State, id: EventId) -> Result<Option<Hash>, LogError> {
+        let (head_seq, _) = state.causal.head(id.origin).unwrap_or((0, Hash::ZERO));
+        if id.seq > head_seq {
+            return Ok(None);
+        }
+        if let Some(hash) = self.here.get(&id) {
+            return Ok(Some(*hash));
+        }
+        match position_of(&self.extents, id)? {
+            Some(position) => Ok(entry_at(&*self.blocks.table, position)?.map(|r| r.hash)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keeps a shipped event waiting, durably, for its predecessor or deps.
+    fn wait(&mut self, state: &mut State, shipped: &Shipped) -> Result<(), LogError> {
+        let meta = &shipped.meta;
+        let mut entry = meta.hash.0.to_vec();
+        entry.extend_from_slice(&shipped.bytes);
+        self.pending
+            .insert((meta.id.origin.0, meta.id.seq), entry.as_slice())?;
+        state.causal.wait(meta.clone());
+        Ok(())
+    }
+
+    /// Applies a shipped event, then every waiting event it completes (moved out of
+    /// `pending`); a waiting event released onto a predecessor it does not name is kept as
+    /// evidence and refuses the request.
+    fn apply_releasing(
+        &mut self,
+        state: &mut State,
+        shipped: Shipped,
+        index: usize,
+        report: &mut IngestReport,
+    ) -> Result<(), LogError> {
+        let id = shipped.meta.id;
+        self.apply(state, shipped)?;
+        let (ready, broken) = state.causal.released(id);
+        for meta in ready {
+            let released = take_pending(&mut self.pending, meta.id)?
+                .and_then(|bytes| Shipped::verify(meta.hash, bytes).ok())
+                .ok_or_else(|| Corruption::BadPending {
+                    id: meta.id,
+                    detail: "missing or damaged".into(),
+                })?;
+            self.apply(state, released)?;
+            report.released += 1;
+        }
+        for (bad, expected) in broken {
+            let bytes = take_pending(&mut self.pending, bad.id)?.unwrap_or_default();
+            self.forks
+                .insert((bad.id.origin.0, bad.id.seq, bad.hash.0), bytes.as_slice())?;
+            report.refused.get_or_insert(Refused {
+                index,
+                id: bad.id,
+                hash: bad.hash,
+                reason: Refusal::BrokenLink {
+                    expected,
+                    actual: bad.prev,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, state: &mut State, shipped: Shipped) -> Result<(), LogError> {
+        apply(
+            state,
+            &mut self.blocks,
+            &mut self.extents,
+            &mut self.here,
+            &mut self.moved,
+            shipped,
+        )
+    }
+
+    /// Refuses a shipped event: kept in `forks` as evidence (unless refused for room), and a
+    /// fork of this node's own origin stops its own writes.
+    fn refuse(
+        &mut self,
+        state: &mut State,
+        shipped: &Shipped,
+        index: usize,
+        reason: Refusal,
+        stored: Option<Hash>,
+    ) -> Result<Refused, LogError> {
+        let (id, hash) = (shipped.meta.id, shipped.meta.hash);
+        if !matches!(reason, Refusal::TooManyWaiting) {
+            self.forks
+                .insert((id.origin.0, id.seq, hash.0), shipped.bytes.as_slice())?;
+        }
+        if let Refusal::OwnFork { .. } = reason {
+            state.halted = Some(format!(
+                "origin {} seq {} was written twice ({} held, {} shipped); this home is a stale copy",
+                id.origin,
+                id.seq,
+                stored.map(|h| h.to_hex()).unwrap_or_default(),
+                hash
+            ));
+        }
+        Ok(Refused {
+            index,
+            id,
+            hash,
+            reason,
+        })
+    }
+
+    /// Closes the blocks and records each moved origin's last extent and head.
+    fn close(mut self, txn: &redb::WriteTransaction, state: &mut State) -> Result<(), LogError> {
+        state.block = self.blocks.close()?;
+        let mut heads = txn.open_table(HEADS)?;
+        for origin in self.moved {
+            let extent = state.extents[&origin];
+            self.extents.insert(
+                (origin.0, extent.first_seq),
+                (extent.first_position, extent.len),
+            )?;
+            let (seq, hash) = state.causal.head(origin).expect("applied above");
+            heads.insert(origin.0, (seq, hash.0))?;
+        }
+        Ok(())
+    }
 }
 
 /// Removes a waiting event from `pending` and gives its stored bytes (the entry after its hash).
