@@ -358,14 +358,15 @@ fn request_bodies(client: u64, batch: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// `GET /v1/status`, through a client of its own.
-async fn status(client: &mut Client) -> serde_json::Value {
+/// What only the daemon reports of `GET /v1/status` (its wire type).
+async fn status(client: &mut Client) -> spool::wire::DaemonStatus {
     let (status, body) = client
         .request("GET", "/v1/status", Vec::new())
         .await
         .unwrap();
     assert_eq!(status, 200);
-    serde_json::from_slice(&body).unwrap()
+    let status: spool::wire::Status = serde_json::from_slice(&body).unwrap();
+    status.daemon.expect("the daemon's status")
 }
 
 /// Runs `f` with a client of the daemon on a runtime of its own.
@@ -383,9 +384,8 @@ fn with_client<T>(socket: &Path, f: impl AsyncFnOnce(&mut Client) -> T) -> T {
 /// The writer's counters from `/v1/status`: group commits and the events they wrote.
 fn writer_counters(socket: &Path) -> (u64, u64) {
     with_client(socket, async |client| {
-        let v = status(client).await;
-        let count = |name: &str| v["writer"][name].as_u64().unwrap();
-        (count("commits"), count("events"))
+        let daemon = status(client).await;
+        (daemon.commits, daemon.appended)
     })
 }
 
@@ -396,8 +396,7 @@ fn projection_catch_up(socket: &Path) -> (u64, Duration) {
         let started = Instant::now();
         let mut first = None;
         loop {
-            let v = status(client).await;
-            let lag = v["projection"]["lag_events"].as_u64().unwrap();
+            let lag = status(client).await.lag_events;
             let lag_at_stop = *first.get_or_insert(lag);
             if lag == 0 {
                 return (lag_at_stop, started.elapsed());

@@ -197,6 +197,11 @@ fn every_command_prints_the_same_json_with_and_without_the_daemon() {
         let y: Vec<Value> = y.into_iter().map(comparable).collect();
         assert_eq!(x, y, "{direct:?}");
     }
+    // The export file is the same bytes either way.
+    let (export_a, export_b) = (dir.path().join("a.spool"), dir.path().join("b.spool"));
+    ok(&a, &["export", "--out", export_a.to_str().unwrap()], "");
+    ok(&b, &["export", "--out", export_b.to_str().unwrap()], "");
+    assert_eq!(std::fs::read(&export_a).unwrap(), std::fs::read(&export_b).unwrap());
     // The daemon-only fields are there only through the daemon.
     let direct = &json_out(&a, &["status", "--json"], "")[0];
     let served = &json_out(&b, &["status", "--json"], "")[0];

@@ -593,16 +593,6 @@ fn commit_group(
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
 ) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
     let txn = db.begin_write()?;
-    let conflicts = {
-        let events = txn.open_table(EVENTS)?;
-        let keys = txn.open_table(KEYS)?;
-        key_conflicts(&events, &keys, group)?
-    };
-    for ((batch, _), conflict) in group.iter_mut().zip(&conflicts) {
-        if conflict.is_some() {
-            batch.clear();
-        }
-    }
     let (head_seq, head_hash) = state.causal.head(state.origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
     let mut settled = settle(&txn, state, group, head_seq)?;
@@ -635,7 +625,7 @@ fn commit_group(
     Ok(settled
         .lens
         .into_iter()
-        .zip(conflicts)
+        .zip(settled.conflicts)
         .map(|(n, conflict)| match conflict {
             Some(index) => Err(LogError::KeyConflict { index }),
             None => Ok(answers.by_ref().take(n).collect()),
@@ -653,6 +643,9 @@ struct Settled {
     repeats: Vec<(usize, usize)>,
     /// Events per request.
     lens: Vec<usize>,
+    /// Per request, the index of the event whose key names a different request (the request
+    /// is refused whole and none of it written).
+    conflicts: Vec<Option<usize>>,
     /// The events to write, in position order (prev and hash not yet set).
     new_events: Vec<Event>,
 }
@@ -667,16 +660,29 @@ fn settle(
     head_seq: u64,
 ) -> Result<Settled, LogError> {
     let (origin, first_position) = (state.origin, state.next_position);
+    let events = txn.open_table(EVENTS)?;
+    let mut keys = txn.open_table(KEYS)?;
+    // A request reusing a key for a different request is refused whole before anything is
+    // placed (most groups carry no key: nothing to look up).
+    let keyed = group.iter().any(|(batch, _)| batch.iter().any(|e| e.key.is_some()));
+    let conflicts = match keyed {
+        true => key_conflicts(&events, &keys, group)?,
+        false => vec![None; group.len()],
+    };
+    for ((batch, _), conflict) in group.iter_mut().zip(&conflicts) {
+        if conflict.is_some() {
+            batch.clear();
+        }
+    }
     let total: usize = group.iter().map(|(batch, _)| batch.len()).sum();
     let mut out = Settled {
         answers: Vec::with_capacity(total),
         fresh: Vec::with_capacity(total),
         repeats: Vec::new(),
         lens: Vec::with_capacity(group.len()),
+        conflicts,
         new_events: Vec::with_capacity(total),
     };
-    let events = txn.open_table(EVENTS)?;
-    let mut keys = txn.open_table(KEYS)?;
     let mut keyed_here: HashMap<String, usize> = HashMap::new();
     let now = now_ms();
     for (batch, _) in group.iter_mut() {
