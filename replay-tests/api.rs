@@ -61,28 +61,27 @@ fn comparable(mut v: Value) -> Value {
     v
 }
 
+/// One keyed append from flags.
+const KEYED: [&str; 11] = [
+    "append",
+    "--kind",
+    "activity.logged",
+    "--stream",
+    "s",
+    "--actor",
+    "x",
+    "--data",
+    r#"{"message":"keyed"}"#,
+    "--key",
+    "k-1",
+];
+
 #[test]
 fn every_command_prints_the_same_json_with_and_without_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let a = new_home(dir.path(), "a");
     ok(&a, &["append"], &lines(30, "task"));
-    ok(
-        &a,
-        &[
-            "append",
-            "--kind",
-            "activity.logged",
-            "--stream",
-            "s",
-            "--actor",
-            "x",
-            "--data",
-            r#"{"message":"keyed"}"#,
-            "--key",
-            "k-1",
-        ],
-        "",
-    );
+    ok(&a, &KEYED, "");
     // Another node's events to ingest.
     let c = new_home(dir.path(), "c");
     ok(&c, &["append"], &lines(12, "loom"));
@@ -160,35 +159,7 @@ fn every_command_prints_the_same_json_with_and_without_the_daemon() {
             "",
         ),
         // The same keyed request again: a duplicate, answered with the first event.
-        (
-            vec![
-                "append",
-                "--kind",
-                "activity.logged",
-                "--stream",
-                "s",
-                "--actor",
-                "x",
-                "--data",
-                r#"{"message":"keyed"}"#,
-                "--key",
-                "k-1",
-            ],
-            vec![
-                "append",
-                "--kind",
-                "activity.logged",
-                "--stream",
-                "s",
-                "--actor",
-                "x",
-                "--data",
-                r#"{"message":"keyed"}"#,
-                "--key",
-                "k-1",
-            ],
-            "",
-        ),
+        (KEYED.to_vec(), KEYED.to_vec(), ""),
     ];
     for (direct, served, stdin) in &commands {
         let (x, y) = (json_out(&a, direct, stdin), json_out(&b, served, stdin));
@@ -201,7 +172,10 @@ fn every_command_prints_the_same_json_with_and_without_the_daemon() {
     let (export_a, export_b) = (dir.path().join("a.spool"), dir.path().join("b.spool"));
     ok(&a, &["export", "--out", export_a.to_str().unwrap()], "");
     ok(&b, &["export", "--out", export_b.to_str().unwrap()], "");
-    assert_eq!(std::fs::read(&export_a).unwrap(), std::fs::read(&export_b).unwrap());
+    assert_eq!(
+        std::fs::read(&export_a).unwrap(),
+        std::fs::read(&export_b).unwrap()
+    );
     // The daemon-only fields are there only through the daemon.
     let direct = &json_out(&a, &["status", "--json"], "")[0];
     let served = &json_out(&b, &["status", "--json"], "")[0];

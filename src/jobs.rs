@@ -227,6 +227,17 @@ pub struct PostgresJob<'a> {
     pub held_bytes_max: Option<usize>,
 }
 
+impl<'a> PostgresJob<'a> {
+    /// The job a client's request names, for `node`.
+    pub fn of(request: &'a crate::wire::PostgresRequest, node: Origin) -> PostgresJob<'a> {
+        PostgresJob {
+            url: &request.url,
+            node,
+            held_bytes_max: request.held_bytes_max,
+        }
+    }
+}
+
 /// The connection `spool project postgres` writes through (the schema made if absent); one
 /// serves every pass of `--follow`.
 pub fn postgres_target(job: &PostgresJob) -> Result<Postgres, JobError> {

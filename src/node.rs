@@ -282,11 +282,7 @@ impl Node for Local {
         request: &PostgresRequest,
         progress: ProgressFn,
     ) -> Result<ProjectSummary, Problem> {
-        let job = jobs::PostgresJob {
-            url: &request.url,
-            node: self.home.origin(),
-            held_bytes_max: request.held_bytes_max,
-        };
+        let job = jobs::PostgresJob::of(request, self.home.origin());
         let target = match &mut self.postgres {
             Some((url, target)) if *url == request.url => target,
             held => {
@@ -303,11 +299,7 @@ impl Node for Local {
         request: &PostgresRequest,
         progress: ProgressFn,
     ) -> Result<BackfillSummary, Problem> {
-        let job = jobs::PostgresJob {
-            url: &request.url,
-            node: self.home.origin(),
-            held_bytes_max: request.held_bytes_max,
-        };
+        let job = jobs::PostgresJob::of(request, self.home.origin());
         Ok(jobs::backfill_postgres(&self.log.read()?, &job, progress)?)
     }
 

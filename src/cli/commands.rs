@@ -547,10 +547,9 @@ fn project_postgres(
                 Err(e) => return Err(e),
             },
         };
-        let bar = progress_bar(0, "projecting");
-        let summary = reach.node().project_postgres(&request, &mut shown(&bar));
-        bar.finish_and_clear();
-        let summary = summary?;
+        let summary = with_bar("projecting", |progress| {
+            reach.node().project_postgres(&request, progress)
+        })?;
         if summary.applied > 0 || !follow {
             if as_json {
                 json_line(&mut out, &summary)?;
@@ -594,10 +593,9 @@ fn backfill_postgres(
         held_bytes_max,
     };
     let mut reach = reach(dir)?;
-    let bar = progress_bar(0, "backfilling");
-    let summary = reach.node().backfill_postgres(&request, &mut shown(&bar));
-    bar.finish_and_clear();
-    let summary = summary?;
+    let summary = with_bar("backfilling", |progress| {
+        reach.node().backfill_postgres(&request, progress)
+    })?;
     let mut out = stdout();
     if as_json {
         json_line(&mut out, &summary)?;
@@ -662,6 +660,17 @@ fn schema_show(name: &str, version: Option<u16>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs a job with a progress bar on standard error, cleared when it ends.
+fn with_bar<T>(
+    what: &str,
+    job: impl FnOnce(node::ProgressFn) -> Result<T, spool::wire::Problem>,
+) -> Result<T, spool::wire::Problem> {
+    let bar = progress_bar(0, what);
+    let result = job(&mut shown(&bar));
+    bar.finish_and_clear();
+    result
+}
+
 /// A job's progress (events done, events in all) shown on `bar`.
 fn shown(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
     |done, total| {
@@ -693,10 +702,9 @@ fn rebuild(
     let into = into.map(std::path::absolute).transpose()?;
     let request = RebuildRequest { into, as_of };
     let mut reach = reach(dir)?;
-    let bar = progress_bar(0, "rebuilding");
-    let summary = reach.node().rebuild(&request, &mut shown(&bar));
-    bar.finish_and_clear();
-    let summary = summary?;
+    let summary = with_bar("rebuilding", |progress| {
+        reach.node().rebuild(&request, progress)
+    })?;
     let mut out = stdout();
     if as_json {
         json_line(&mut out, &summary)?;

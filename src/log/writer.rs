@@ -664,7 +664,9 @@ fn settle(
     let mut keys = txn.open_table(KEYS)?;
     // A request reusing a key for a different request is refused whole before anything is
     // placed (most groups carry no key: nothing to look up).
-    let keyed = group.iter().any(|(batch, _)| batch.iter().any(|e| e.key.is_some()));
+    let keyed = group
+        .iter()
+        .any(|(batch, _)| batch.iter().any(|e| e.key.is_some()));
     let conflicts = match keyed {
         true => key_conflicts(&events, &keys, group)?,
         false => vec![None; group.len()],

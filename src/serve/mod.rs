@@ -978,42 +978,38 @@ impl Drop for Rebuilding {
 
 /// `POST /v1/jobs/project-postgres`: one pass of `spool project postgres`.
 async fn project_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: wire::PostgresRequest = match json_request(&body) {
-        Ok(r) => r,
-        Err(refused) => return problem(refused),
-    };
-    job(app, move |app, progress| {
-        let job = crate::jobs::PostgresJob {
-            url: &request.url,
-            node: app.log.origin(),
-            held_bytes_max: request.held_bytes_max,
-        };
-        let mut target = crate::jobs::postgres_target(&job)?;
-        Ok(crate::jobs::project_postgres(
-            &app.log.read()?,
-            &mut target,
-            progress,
-        )?)
+    postgres_job(app, &body, |reader, job, progress| {
+        let mut target = crate::jobs::postgres_target(job)?;
+        crate::jobs::project_postgres(reader, &mut target, progress)
     })
 }
 
 /// `POST /v1/jobs/backfill-postgres`: `spool backfill postgres`.
 async fn backfill_postgres(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let request: wire::PostgresRequest = match json_request(&body) {
+    postgres_job(app, &body, |reader, job, progress| {
+        crate::jobs::backfill_postgres(reader, job, progress)
+    })
+}
+
+/// Runs a Postgres job of this node on the body's request.
+fn postgres_job<T: serde::Serialize>(
+    app: Arc<App>,
+    body: &[u8],
+    run: impl FnOnce(
+            &crate::log::Reader,
+            &crate::jobs::PostgresJob,
+            &mut dyn FnMut(u64, u64),
+        ) -> Result<T, crate::jobs::JobError>
+        + Send
+        + 'static,
+) -> Response {
+    let request: wire::PostgresRequest = match json_request(body) {
         Ok(r) => r,
         Err(refused) => return problem(refused),
     };
     job(app, move |app, progress| {
-        let job = crate::jobs::PostgresJob {
-            url: &request.url,
-            node: app.log.origin(),
-            held_bytes_max: request.held_bytes_max,
-        };
-        Ok(crate::jobs::backfill_postgres(
-            &app.log.read()?,
-            &job,
-            progress,
-        )?)
+        let job = crate::jobs::PostgresJob::of(&request, app.log.origin());
+        Ok(run(&app.log.read()?, &job, progress)?)
     })
 }
 
