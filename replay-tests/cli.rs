@@ -390,3 +390,40 @@ fn the_demo_converges_three_nodes_and_says_where_to_look() {
     let o = spool(dir.path(), &["demo", "--dir", demo.to_str().unwrap()], "");
     assert_eq!(o.status.code(), Some(2), "a used directory is refused");
 }
+
+/// Another spool process holding the log for a moment does not fail an append: it waits a
+/// bounded time; past that it exits 75 (retry) saying so, and writes nothing.
+#[test]
+fn an_append_waits_for_another_process_holding_the_log_and_else_says_retry() {
+    let (_d, home) = new_home();
+    // Twenty appends at once, each its own process opening the log.
+    let appends: Vec<_> = (0..20)
+        .map(|i| {
+            let home = home.clone();
+            std::thread::spawn(move || spool(&home, &["append"], &activity("s", &format!("m{i}"))))
+        })
+        .collect();
+    for append in appends {
+        let o = append.join().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(count(&home), 20);
+    // This test process holds the log for a second: the append waits, then writes.
+    let held = spool::home::Home::open(&home).unwrap().open_log().unwrap();
+    let waiting = {
+        let home = home.clone();
+        std::thread::spawn(move || spool(&home, &["append"], &activity("s", "after the hold")))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(held);
+    let o = waiting.join().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(count(&home), 21);
+    // Held past the bound (10 s): exit 75, "retry", nothing written.
+    let held = spool::home::Home::open(&home).unwrap().open_log().unwrap();
+    let o = spool(&home, &["append"], &activity("s", "never"));
+    drop(held);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("retry"), "{}", stderr(&o));
+    assert_eq!(count(&home), 21);
+}

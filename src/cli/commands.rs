@@ -18,9 +18,12 @@ use spool::project::sqlite::Sqlite;
 use spool::serve::client::Remote;
 use spool::wire::{ExportRequest, LogQuery, PostgresRequest, RebuildRequest};
 
+use spool::home::HomeError;
+use spool::log::LogError;
+
 use super::{
     AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand,
-    RebuildCommand, SchemaCommand, Usage,
+    RebuildCommand, Retry, SchemaCommand, Usage,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -194,9 +197,37 @@ fn reach(dir: &Path) -> anyhow::Result<Reach> {
         }
         Err(e) => return Err(e.into()),
     }
-    let local = Local::open(Home::open(dir)?)?;
-    Ok(Reach::Local(Box::new(local)))
+    let home = Home::open(dir)?;
+    let started = std::time::Instant::now();
+    loop {
+        match Local::open(home.clone()) {
+            Ok(local) => return Ok(Reach::Local(Box::new(local))),
+            // Another spool process holds the log for a moment (a `project --follow` pass, a
+            // rebuild): wait a bounded time, going through a daemon if one starts meanwhile.
+            Err(HomeError::Log(LogError::Locked { path })) => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(Retry(format!(
+                        "{}: another spool process has held the log for {} s; retry (or run \
+                         `spool serve`, which lets every command share it)",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
+                    ))
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                if let Ok(true) = socket.try_exists() {
+                    if let Some(remote) = Remote::connect(&socket)? {
+                        return Ok(Reach::Daemon(remote));
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
+
+/// How long a command waits for another spool process to let go of the log.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Standard output, buffered. A reader that closed it (`spool log | head`) ends the command
 /// quietly: `main` treats the broken pipe as success.
@@ -574,12 +605,7 @@ fn project_postgres(
 }
 
 fn is_locked(error: &anyhow::Error) -> bool {
-    matches!(
-        error.downcast_ref::<spool::home::HomeError>(),
-        Some(spool::home::HomeError::Log(
-            spool::log::LogError::Locked { .. }
-        ))
-    )
+    error.downcast_ref::<Retry>().is_some()
 }
 
 fn backfill_postgres(

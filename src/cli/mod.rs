@@ -237,6 +237,12 @@ pub struct LogArgs {
     origin: Option<String>,
 }
 
+/// A failure that passes: another process held the log for a moment. Exit code 75
+/// (`EX_TEMPFAIL`): retry.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Retry(String);
+
 /// A failure caused by what the user gave us, not by the system: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -268,7 +274,9 @@ pub fn main() -> ExitCode {
         Ok(Err(error)) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Ok(Err(error)) => {
             eprintln!("spool: {}", sentence(&error));
-            if is_bad_input(&error) {
+            if error.chain().any(|cause| cause.is::<Retry>()) {
+                ExitCode::from(75)
+            } else if is_bad_input(&error) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
