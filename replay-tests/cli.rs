@@ -427,3 +427,52 @@ fn an_append_waits_for_another_process_holding_the_log_and_else_says_retry() {
     assert!(stderr(&o).contains("retry"), "{}", stderr(&o));
     assert_eq!(count(&home), 21);
 }
+
+/// The README's safe restore (restore the home, ingest a peer's export of it, then write) brings
+/// back the idempotency keys of the node's own events: a client retrying after the disk failure
+/// gets its first event back, not a second one.
+#[test]
+fn a_restored_home_gets_its_own_keys_back_with_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    ok(&a, &["init", "--label", "a"], "");
+    let keyed = |message: &str, key: &str| {
+        format!(
+            r#"{{"kind":"activity.logged","stream":"s","actor":"x","data":{{"message":"{message}"}},"key":"{key}"}}"#
+        )
+    };
+    ok(&a, &["append"], &keyed("m1", "k1"));
+    let backup = dir.path().join("a.bak");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    copy(&a, &backup);
+    let m2 = ok(&a, &["append"], &keyed("m2", "k2"));
+    ok(&a, &["append"], &keyed("m3", "k3"));
+    let all = dir.path().join("all.spool");
+    ok(&a, &["export", "--out", all.to_str().unwrap()], "");
+    std::fs::remove_dir_all(&a).unwrap();
+    copy(&backup, &a);
+    ok(&a, &["ingest", all.to_str().unwrap()], "");
+    // The retry answers the event that came back, as a duplicate; nothing new is written.
+    let again = ok(&a, &["append"], &keyed("m2", "k2"));
+    assert_eq!(
+        again,
+        m2.replace(r#""duplicate":false"#, r#""duplicate":true"#)
+    );
+    assert_eq!(count(&a), 3);
+    // And another request under a restored key is a conflict.
+    let o = spool(&a, &["append"], &keyed("other", "k3"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let keys: Vec<Value> = ok(&a, &["log"], "")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["key"].clone())
+        .collect();
+    assert_eq!(keys, ["k1", "k2", "k3"]);
+}

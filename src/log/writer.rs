@@ -926,6 +926,7 @@ fn commit_ingest(
             pending: txn.open_table(PENDING)?,
             forks: txn.open_table(FORKS)?,
             extents: txn.open_table(EXTENTS)?,
+            keys: txn.open_table(KEYS)?,
             here: Default::default(),
             moved: HashSet::new(),
         };
@@ -997,6 +998,9 @@ struct Shipping<'t, 'txn> {
     pending: redb::Table<'txn, ([u8; 16], u64), &'static [u8]>,
     forks: redb::Table<'txn, ForkKey, &'static [u8]>,
     extents: redb::Table<'txn, ([u8; 16], u64), (u64, u64)>,
+    /// Idempotency keys: this node's own events coming back (a restored home ingesting what
+    /// it wrote after its backup) bring their keys back.
+    keys: redb::Table<'txn, &'static str, u64>,
     /// Events applied in this transaction, which the tables cannot show yet.
     here: foldhash::HashMap<EventId, Hash>,
     /// Origins whose head moved.
@@ -1071,6 +1075,14 @@ impl Shipping<'_, '_> {
     }
 
     fn apply(&mut self, state: &mut State, shipped: Shipped) -> Result<(), LogError> {
+        if shipped.meta.id.origin == state.origin {
+            // Checked when it was shipped; a view that does not decode has no key to keep.
+            if let Ok(view) = event::decode(&shipped.bytes) {
+                if let Some(key) = view.key() {
+                    self.keys.insert(key, state.next_position)?;
+                }
+            }
+        }
         apply(
             state,
             &mut self.blocks,
