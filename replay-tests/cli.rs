@@ -476,3 +476,40 @@ fn a_restored_home_gets_its_own_keys_back_with_its_events() {
         .collect();
     assert_eq!(keys, ["k1", "k2", "k3"]);
 }
+
+/// A projection whose checkpoint the log no longer holds (a log restored under it) is refused
+/// with a sentence that names commands that exist, not Rust's debug text.
+#[test]
+fn a_projection_ahead_of_a_restored_log_names_the_commands_that_rebuild_it() {
+    let (dir, home) = new_home();
+    ok(&home, &["append"], &activity("s", "one"));
+    let log = home.join("log.redb");
+    let backup = dir.path().join("log.redb.bak");
+    std::fs::copy(&log, &backup).unwrap();
+    ok(&home, &["append"], &activity("s", "two"));
+    ok(&home, &["append"], &activity("s", "three"));
+    // The log goes back; the projection (at position 3) stays; other events take 2 and 3.
+    std::fs::copy(&backup, &log).unwrap();
+    let o = spool(
+        &home,
+        &["append"],
+        &(activity("s", "x") + "\n" + &activity("s", "y")),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = spool(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
+    assert_eq!(o.status.code(), Some(1));
+    let said = stderr(&o);
+    assert!(
+        said.contains("spool rebuild sqlite") && said.contains("spool backfill postgres"),
+        "{said}"
+    );
+    assert!(!said.contains("Some("), "{said}");
+    // The way out works.
+    ok(&home, &["rebuild", "sqlite"], "");
+    let n = ok(
+        &home,
+        &["sql", "SELECT count(*) AS n FROM activity_log"],
+        "",
+    );
+    assert_eq!(n.trim(), r#"{"n":3}"#);
+}

@@ -235,7 +235,13 @@ pub enum ReplayError<E: std::error::Error + 'static> {
     Log(#[from] LogError),
     #[error("projection: {0}")]
     Target(E),
-    #[error("the projection's checkpoint (position {position}, hash {expected}) is not in this log ({found:?} there); rebuild it")]
+    #[error(
+        "the projection's checkpoint (position {position}, event {expected}) is not this log's \
+         event at that position (it holds {}): the log was restored or replaced since; \
+         `spool rebuild sqlite` rebuilds the SQLite tables and `spool backfill postgres` the \
+         Postgres ones",
+        .found.map_or_else(|| "none".to_owned(), |h| h.to_hex())
+    )]
     Diverged {
         position: u64,
         expected: Hash,
