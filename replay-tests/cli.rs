@@ -513,3 +513,9 @@ fn a_projection_ahead_of_a_restored_log_names_the_commands_that_rebuild_it() {
     );
     assert_eq!(n.trim(), r#"{"n":3}"#);
 }
+
+#[test]
+fn heads_of_an_empty_node_is_an_empty_vector_and_a_newline() {
+    let (_d, home) = new_home();
+    assert_eq!(ok(&home, &["heads", "--json"], ""), "{}\n");
+}
