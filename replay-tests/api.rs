@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use common::{activity, ok, spool, SPOOL};
+use common::{activity, copy_dir, ok, spool, SPOOL};
 
 fn new_home(dir: &Path, name: &str) -> PathBuf {
     let home = dir.join(name);
@@ -22,17 +22,6 @@ fn lines(n: usize, stream: &str) -> String {
     (0..n)
         .map(|i| activity(&format!("{stream}/{}", i % 3), &format!("m{i}")) + "\n")
         .collect()
-}
-
-/// Copies a home (no daemon running on it) as `cp -a` would.
-fn copy_home(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// Every JSON line of a command's output.
@@ -89,7 +78,7 @@ fn every_command_prints_the_same_json_with_and_without_the_daemon() {
     ok(&c, &["export", "--out", file.to_str().unwrap()], "");
     // Two copies of one node: one reached directly, one through its daemon.
     let b = dir.path().join("b");
-    copy_home(&a, &b);
+    copy_dir(&a, &b);
     let daemon = daemon::start(SPOOL, &b);
     let file = file.to_str().unwrap();
     let into_a = a.join("rebuilt.sqlite");
@@ -331,6 +320,19 @@ fn event_streams_resume_after_the_last_id_and_take_the_log_filters() {
         (400, Some("/origin")),
         "{body}"
     );
+    // A Last-Event-ID that is not a position is refused by name, without its value.
+    use std::io::{Read, Write};
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    write!(
+        raw,
+        "GET /v1/events HTTP/1.1\r\nHost: spool\r\nLast-Event-ID: 12abc-SECRET\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""field":"/Last-Event-ID""#), "{answer}");
+    assert!(!answer.contains("SECRET"), "{answer}");
     daemon::stop(daemon);
 }
 
@@ -745,6 +747,34 @@ fn the_openapi_description_is_the_wire_types_and_the_routes() {
             "{name} is referred to but not described"
         );
     }
+    // The README's table of codes lists exactly the wire type's codes.
+    let mut codes: Vec<String> = document["components"]["schemas"]["Code"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|variant| match &variant["enum"] {
+            Value::Array(names) => names.clone(),
+            _ => vec![variant["const"].clone()],
+        })
+        .map(|name| name.as_str().unwrap().to_owned())
+        .collect();
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let table = &readme[readme.find("| code | status | meaning |").unwrap()..];
+    let table = &table[..table.find("\n\n").unwrap()];
+    let mut listed: Vec<String> = table
+        .lines()
+        .skip(2)
+        .filter_map(|row| row.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2).map(str::to_owned))
+        .collect();
+    codes.sort();
+    listed.sort();
+    assert_eq!(
+        listed, codes,
+        "README's table of codes and the wire type's codes"
+    );
     // The router's routes (read from its source) are the description's paths.
     let source =
         std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/serve/mod.rs"))

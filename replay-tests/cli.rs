@@ -443,22 +443,13 @@ fn a_restored_home_gets_its_own_keys_back_with_its_events() {
     };
     ok(&a, &["append"], &keyed("m1", "k1"));
     let backup = dir.path().join("a.bak");
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(from)
-            .arg(to)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    copy(&a, &backup);
+    copy_dir(&a, &backup);
     let m2 = ok(&a, &["append"], &keyed("m2", "k2"));
     ok(&a, &["append"], &keyed("m3", "k3"));
     let all = dir.path().join("all.spool");
     ok(&a, &["export", "--out", all.to_str().unwrap()], "");
     std::fs::remove_dir_all(&a).unwrap();
-    copy(&backup, &a);
+    copy_dir(&backup, &a);
     ok(&a, &["ingest", all.to_str().unwrap()], "");
     // The retry answers the event that came back, as a duplicate; nothing new is written.
     let again = ok(&a, &["append"], &keyed("m2", "k2"));

@@ -526,4 +526,22 @@ mod tests {
         .unwrap();
         Home::open(&home).unwrap().open_log().unwrap();
     }
+
+    #[test]
+    fn socket_sharing_is_checked_by_name() {
+        let config = |text: &str| toml::from_str::<Config>(text).unwrap().check();
+        assert_eq!(config(""), Ok(()));
+        assert_eq!(
+            config("[serve]\nsocket_group = \"spool\"\nsocket_mode = \"0660\"\n"),
+            Ok(())
+        );
+        let refused = config("[serve]\nsocket_mode = \"0666\"\n").unwrap_err();
+        assert!(refused.contains("serve.socket_mode must be"), "{refused}");
+        assert!(
+            !refused.contains("0666"),
+            "the value is not echoed: {refused}"
+        );
+        let refused = config("[serve]\nsocket_mode = \"0660\"\n").unwrap_err();
+        assert!(refused.contains("needs serve.socket_group"), "{refused}");
+    }
 }

@@ -67,24 +67,6 @@ pub enum InputError {
     Read(String),
 }
 
-impl InputError {
-    /// The stable machine-readable code of this refusal.
-    pub fn code(&self) -> &'static str {
-        match self {
-            InputError::Line { error, .. } => error.code(),
-            InputError::Json(_) | InputError::Empty | InputError::Read(_) => "invalid_json",
-            InputError::Field { .. } => "invalid_field",
-            InputError::UnknownKind(_) => "unknown_kind",
-            InputError::Data { .. } => "invalid_data",
-            InputError::PayloadTooLarge { .. }
-            | InputError::BatchTooLarge
-            | InputError::BatchSize
-            | InputError::BatchBytesTooLarge
-            | InputError::LineTooLong => "too_large",
-        }
-    }
-}
-
 /// How a refusal shows a value it names: at most a cut, escaped prefix, so neither a secret
 /// nor a megabyte is echoed back or logged.
 pub fn shown(value: &str) -> String {

@@ -190,10 +190,6 @@ impl Local {
         })
     }
 
-    pub fn log(&self) -> &Log {
-        &self.log
-    }
-
     /// Brings the node's projection up to the log's end.
     pub fn catch_up(&self) -> Result<(), Problem> {
         let sqlite = |e: &dyn std::fmt::Display| {

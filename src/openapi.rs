@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::input::AppendRequest;
 use crate::wire::{
-    Ack, BackfillSummary, Code, ExportRequest, Heads, IngestSummary, JobLine, LogPage,
+    Ack, BackfillSummary, Code, ExportRequest, Heads, IngestSummary, JobLine, LogPage, LogQuery,
     PostgresRequest, Problem, ProjectSummary, RebuildRequest, RebuildSummary, Status, VerifyReport,
 };
 
@@ -69,6 +69,21 @@ impl Components {
     }
 }
 
+/// `LogQuery`'s fields as query parameters (those not in `except`), from its schema.
+fn query_parameters(except: &[&str]) -> Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let schema = generator.into_root_schema_for::<LogQuery>().to_value();
+    let fields = schema["properties"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    fields
+        .into_iter()
+        .filter(|(name, _)| !except.contains(&name.as_str()))
+        .map(|(name, schema)| json!({"name": name, "in": "query", "schema": schema}))
+        .collect()
+}
+
 fn json_body(schema: Value) -> Value {
     json!({"content": {"application/json": {"schema": schema}}})
 }
@@ -105,16 +120,8 @@ pub fn document() -> Value {
             })),
         })
     };
-    let log_params = json!([
-        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "Events after this position"},
-        {"name": "stream", "in": "query", "schema": {"type": "string"}},
-        {"name": "kind", "in": "query", "schema": {"type": "string"}},
-        {"name": "origin", "in": "query", "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
-    ]);
-    let mut page_params = log_params.clone();
-    page_params.as_array_mut().expect("an array").push(json!(
-        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
-    ));
+    let page_params = query_parameters(&[]);
+    let log_params = query_parameters(&["limit"]);
     let append_body = json!({"oneOf": [
         c.add::<AppendRequest>("AppendRequest"),
         {"type": "array", "items": c.add::<AppendRequest>("AppendRequest"), "minItems": 1, "maxItems": crate::input::BATCH_EVENTS_MAX},

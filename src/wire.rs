@@ -63,8 +63,9 @@ pub enum Code {
     File,
     /// A bug: logged with its place and counted.
     Internal,
-    /// A code this client does not know (a newer daemon).
+    /// A code this client does not know (a newer daemon); never sent.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
@@ -100,61 +101,6 @@ impl Code {
     pub fn is_bad_request(self) -> bool {
         matches!(self.status(), 400 | 404 | 405 | 409 | 413)
     }
-
-    /// The code's name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::BadJson => "bad_json",
-            Code::InvalidField => "invalid_field",
-            Code::UnknownKind => "unknown_kind",
-            Code::InvalidData => "invalid_data",
-            Code::TooLarge => "too_large",
-            Code::BadQuery => "bad_query",
-            Code::PathRefused => "path_refused",
-            Code::KeyConflict => "key_conflict",
-            Code::Unauthorized => "unauthorized",
-            Code::NotFound => "not_found",
-            Code::MethodNotAllowed => "method_not_allowed",
-            Code::Timeout => "timeout",
-            Code::Busy => "busy",
-            Code::Poisoned => "poisoned",
-            Code::Halted => "halted",
-            Code::Unavailable => "unavailable",
-            Code::Corrupt => "corrupt",
-            Code::Storage => "storage",
-            Code::Sqlite => "sqlite",
-            Code::Postgres => "postgres",
-            Code::File => "file",
-            Code::Internal => "internal",
-            Code::Unknown => "unknown",
-        }
-    }
-
-    /// Every code, for the documentation's table and the OpenAPI description.
-    pub const ALL: [Code; 22] = [
-        Code::BadJson,
-        Code::InvalidField,
-        Code::UnknownKind,
-        Code::InvalidData,
-        Code::TooLarge,
-        Code::BadQuery,
-        Code::PathRefused,
-        Code::KeyConflict,
-        Code::Unauthorized,
-        Code::NotFound,
-        Code::MethodNotAllowed,
-        Code::Timeout,
-        Code::Busy,
-        Code::Poisoned,
-        Code::Halted,
-        Code::Unavailable,
-        Code::Corrupt,
-        Code::Storage,
-        Code::Sqlite,
-        Code::Postgres,
-        Code::File,
-        Code::Internal,
-    ];
 }
 
 /// Every refusal: `{"code", "message", "field"?, "index"?}`.
@@ -210,8 +156,8 @@ impl Problem {
     /// The message, with the event's index when a batch was refused.
     fn sentence(&self) -> String {
         match self.index {
-            Some(i) if !self.message.starts_with("line ") => format!("event {i}: {}", self.message),
-            _ => self.message.clone(),
+            Some(i) => format!("event {i}: {}", self.message),
+            None => self.message.clone(),
         }
     }
 
@@ -246,16 +192,23 @@ pub fn pointer(path: &str) -> String {
 impl From<&crate::input::InputError> for Problem {
     fn from(error: &crate::input::InputError) -> Problem {
         use crate::input::InputError;
-        let code = match error.code() {
-            "invalid_field" => Code::InvalidField,
-            "unknown_kind" => Code::UnknownKind,
-            "invalid_data" => Code::InvalidData,
-            "too_large" => Code::TooLarge,
-            _ => Code::BadJson,
-        };
         let inner = match error {
             InputError::Line { error, .. } => error.as_ref(),
             other => other,
+        };
+        let code = match inner {
+            InputError::Field { .. } => Code::InvalidField,
+            InputError::UnknownKind(_) => Code::UnknownKind,
+            InputError::Data { .. } => Code::InvalidData,
+            InputError::PayloadTooLarge { .. }
+            | InputError::BatchTooLarge
+            | InputError::BatchSize
+            | InputError::BatchBytesTooLarge
+            | InputError::LineTooLong => Code::TooLarge,
+            InputError::Json(_)
+            | InputError::Empty
+            | InputError::Read(_)
+            | InputError::Line { .. } => Code::BadJson,
         };
         let problem = Problem::new(code, error.to_string());
         match inner {
@@ -429,14 +382,19 @@ impl From<&crate::log::Record> for Event {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
+    /// Only events after this log position (an event stream: or after `Last-Event-ID`).
     #[serde(default)]
     pub after: u64,
+    /// At most this many events in a page (1 000 at most; a larger limit reads 1 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// Only events of this stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
+    /// Only events of this kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// Only events of this origin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
 }

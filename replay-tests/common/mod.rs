@@ -54,6 +54,22 @@ pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
     }
 }
 
+/// Copies a folder (a home with no daemon running on it) as `cp -a` does: a backup or a restore.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -280,15 +280,13 @@ fn append(dir: &Path, args: AppendArgs) -> anyhow::Result<ExitCode> {
     let mut reach = reach(dir)?;
     let acks = reach.node().append(requests).map_err(|mut problem| {
         // A line of stdin is named by its number, as a refusal of `parse_append` is.
-        match (&lines, problem.index) {
-            (Some(lines), Some(index)) => {
-                if let Some(line) = lines.get(index) {
-                    problem.message = format!("line {line}: {}", problem.message);
-                }
-            }
-            // One event from flags: no batch to name a place in.
-            (None, _) => problem.index = None,
-            _ => {}
+        // A batch from stdin names the line; one event from flags has no place to name.
+        if let Some(line) = problem
+            .index
+            .take()
+            .and_then(|i| lines.as_ref()?.get(i).copied())
+        {
+            problem.message = format!("line {line}: {}", problem.message);
         }
         problem
     })?;

@@ -62,8 +62,8 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<(u16, Vec<u8>), ClientError> {
         let mut answer = Vec::new();
-        let status = self
-            .request_streaming(method, path, body, |_, chunk| {
+        let (status, _) = self
+            .send(method, path, body, |_, chunk| {
                 answer.extend_from_slice(chunk);
                 Ok(())
             })
@@ -72,20 +72,9 @@ impl Client {
     }
 
     /// Sends one request and hands the answer's body to `chunk` piece by piece as it arrives
-    /// (a long job's progress, an export), with the answer's status; returns the status. An
-    /// error from `chunk` stops the reading and is returned; so does a body the daemon cut
-    /// short (a job that failed midway).
-    pub async fn request_streaming(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Vec<u8>,
-        chunk: impl FnMut(u16, &[u8]) -> std::io::Result<()>,
-    ) -> Result<u16, ClientError> {
-        Ok(self.send(method, path, body, chunk).await?.0)
-    }
-
-    /// As [`Client::request_streaming`]; also returns the answer's `Retry-After` (seconds).
+    /// (a long job's progress, an export), with the answer's status; returns the status and the
+    /// answer's `Retry-After` (seconds). An error from `chunk` stops the reading and is
+    /// returned; so does a body the daemon cut short (a job that failed midway).
     pub async fn send(
         &mut self,
         method: &str,
@@ -124,12 +113,13 @@ pub struct Remote {
     client: Client,
 }
 
-/// Times a request the daemon answered `busy` is sent again (after its `Retry-After`).
-const BUSY_RETRIES: u32 = 50;
-/// Events sent in one ingest request (each piece is durable before the next is sent).
-const INGEST_PIECE_EVENTS: usize = 10_000;
-/// Bytes of one ingest request (the daemon's limit is larger).
-const INGEST_PIECE_BYTES: usize = 32 << 20;
+/// How long in all a request the daemon answered `busy` keeps being sent again (each time
+/// after its `Retry-After`), before the refusal is the answer.
+const BUSY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// An ingest is sent in pieces of the size the log ingests a file in (each piece is durable
+/// before the next is sent; the daemon's request limit is larger).
+const INGEST_PIECE_EVENTS: usize = shipping::INGEST_BATCH_EVENTS;
+const INGEST_PIECE_BYTES: usize = shipping::INGEST_BATCH_BYTES;
 
 impl Remote {
     /// Connects to the daemon's socket: `None` when no daemon answers there (no socket, or a
@@ -168,7 +158,8 @@ impl Remote {
         body: Vec<u8>,
         retry: bool,
     ) -> Result<T, Problem> {
-        for attempt in 0.. {
+        let mut waited = std::time::Duration::ZERO;
+        loop {
             let mut answer = Vec::new();
             let (status, retry_after) = self
                 .runtime
@@ -181,15 +172,14 @@ impl Remote {
                 return serde_json::from_slice(&answer).map_err(|e| unreadable(&e));
             }
             let problem = refusal(status, &answer, retry_after);
-            match problem.code {
-                Code::Busy if retry && attempt < BUSY_RETRIES => {
-                    let wait = problem.retry_after.unwrap_or(1).clamp(1, 30);
-                    std::thread::sleep(std::time::Duration::from_secs(wait));
-                }
-                _ => return Err(problem),
+            let wait =
+                std::time::Duration::from_secs(problem.retry_after.unwrap_or(1).clamp(1, 30));
+            if problem.code != Code::Busy || !retry || waited + wait > BUSY_WAIT_MAX {
+                return Err(problem);
             }
+            std::thread::sleep(wait);
+            waited += wait;
         }
-        unreachable!("the loop returns")
     }
 
     /// A long job: its progress lines shown through `progress`, then its result or error.

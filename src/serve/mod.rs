@@ -381,16 +381,12 @@ async fn append(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
             if let LogError::KeyConflict { .. } = e {
                 app.metrics.refused.inc();
             }
-            problem(Problem::from(&e).index(if single { None } else { key_index(&e) }))
+            let mut refused = Problem::from(&e);
+            if single {
+                refused.index = None; // One event: no batch to name a place in.
+            }
+            problem(refused)
         }
-    }
-}
-
-/// The batch index a refusal names (a single event's answer names none).
-fn key_index(e: &LogError) -> Option<usize> {
-    match e {
-        LogError::KeyConflict { index } => Some(*index),
-        _ => None,
     }
 }
 

@@ -28,30 +28,33 @@ export interface Ack {
   duplicate: boolean;
 }
 
-/** Every refusal's code. */
-export type Code =
-  | "bad_json"
-  | "invalid_field"
-  | "unknown_kind"
-  | "invalid_data"
-  | "too_large"
-  | "bad_query"
-  | "path_refused"
-  | "key_conflict"
-  | "unauthorized"
-  | "not_found"
-  | "method_not_allowed"
-  | "timeout"
-  | "busy"
-  | "poisoned"
-  | "halted"
-  | "unavailable"
-  | "corrupt"
-  | "storage"
-  | "sqlite"
-  | "postgres"
-  | "file"
-  | "internal";
+/** Every refusal's code (a test keeps it equal to the daemon's, in clients/openapi.json). */
+export const CODES = [
+  "bad_json",
+  "invalid_field",
+  "unknown_kind",
+  "invalid_data",
+  "too_large",
+  "bad_query",
+  "path_refused",
+  "key_conflict",
+  "unauthorized",
+  "not_found",
+  "method_not_allowed",
+  "timeout",
+  "busy",
+  "poisoned",
+  "halted",
+  "unavailable",
+  "corrupt",
+  "storage",
+  "sqlite",
+  "postgres",
+  "file",
+  "internal",
+] as const;
+
+export type Code = (typeof CODES)[number];
 
 /** Every refusal's body. */
 export interface Problem {

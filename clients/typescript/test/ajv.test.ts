@@ -44,3 +44,12 @@ test("the README's Ajv snippet compiles all 48 schemas as written", async () => 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("the client's codes are the daemon's (clients/openapi.json)", async () => {
+  const { CODES } = await import("../src/index.js");
+  const openapi = JSON.parse(readFileSync(resolve("..", "openapi.json"), "utf8"));
+  const daemon: string[] = openapi.components.schemas.Code.oneOf.flatMap(
+    (variant: { enum?: string[]; const?: string }) => variant.enum ?? [variant.const],
+  );
+  assert.deepEqual([...CODES].sort(), daemon.sort());
+});
