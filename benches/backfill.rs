@@ -121,7 +121,8 @@ fn row_upserts(reader: &spool::log::Reader, url: &str, origin: Origin, events: u
     for record in &page.records {
         let event = record.event();
         let body = spool::kinds::body(event.kind(), event.version(), event.payload()).unwrap();
-        writes.push(project::writes(&Context::of(&event), &body));
+        // A single-node log: its causal orders are its stamps.
+        writes.push(project::writes(&Context::of(&event, event.hlc()), &body));
     }
     let mut statements = std::collections::HashMap::new();
     let started = Instant::now();

@@ -510,3 +510,155 @@ fn heads_of_an_empty_node_is_an_empty_vector_and_a_newline() {
     let (_d, home) = new_home();
     assert_eq!(ok(&home, &["heads", "--json"], ""), "{}\n");
 }
+
+/// A home named `label` in `dir`.
+fn labelled_home(dir: &std::path::Path, label: &str) -> std::path::PathBuf {
+    let home = dir.join(label);
+    ok(&home, &["init", "--label", label], "");
+    home
+}
+
+fn task_event(kind: &str, data: Value) -> String {
+    serde_json::json!({
+        "kind": kind, "stream": format!("task/{}", data["task_id"].as_str().unwrap()),
+        "actor": "user:carlos", "data": data,
+    })
+    .to_string()
+}
+
+/// Everything `from` holds, ingested into `to` (with `to`'s clock at `offset`).
+fn exchange(offset: &str, from: &std::path::Path, to: &std::path::Path) -> Value {
+    let file = from.with_extension("export.spool");
+    ok(from, &["export", "--out", file.to_str().unwrap()], "");
+    let report = ok_at(
+        offset,
+        to,
+        &["ingest", "--json", file.to_str().unwrap()],
+        "",
+    );
+    serde_json::from_str(&report).unwrap()
+}
+
+fn task_row(home: &std::path::Path, id: &str) -> Value {
+    let statement = format!("SELECT title, lane FROM tasks WHERE id = '{id}'");
+    json_lines(&ok(home, &["sql", &statement], ""))
+        .pop()
+        .unwrap_or(Value::Null)
+}
+
+/// Issue 23's skew: a desktop five hours ahead, a cloud VM that clamps its stamps, a Pi at
+/// 1970 and a VM clock that jumps back an hour, each under libfaketime. Causally later writes
+/// win on every node, and `--as-of` never shows an effect without its cause.
+#[test]
+fn causality_beats_skewed_clocks_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (desktop, vm, pi) = (
+        labelled_home(dir.path(), "desktop"),
+        labelled_home(dir.path(), "vm"),
+        labelled_home(dir.path(), "pi"),
+    );
+    const AHEAD: &str = "+5h";
+    const PI: &str = "@1970-01-01 00:10:00";
+    let t1 = |kind: &str, data: Value| task_event(kind, data);
+    ok_at(
+        AHEAD,
+        &desktop,
+        &["append"],
+        &t1(
+            "task.created",
+            serde_json::json!({"task_id": "t1", "title": "written on the desktop", "status": "todo"}),
+        ),
+    );
+    let report = exchange("+0", &desktop, &vm);
+    assert_eq!(report["clamped"], 1, "{report}");
+    ok(
+        &vm,
+        &["append"],
+        &t1(
+            "task.edited",
+            serde_json::json!({"task_id": "t1", "title": "edited later on the cloud VM"}),
+        ),
+    );
+    exchange(AHEAD, &vm, &desktop);
+    for home in [&desktop, &vm] {
+        assert_eq!(
+            task_row(home, "t1")["title"],
+            "edited later on the cloud VM",
+            "{}",
+            home.display()
+        );
+    }
+
+    // The Pi, at 1970, gets both and moves the task; its stamps are 56 years behind.
+    let report = exchange(PI, &vm, &pi);
+    assert_eq!(report["clamped"], 2, "{report}");
+    ok_at(
+        PI,
+        &pi,
+        &["append"],
+        &t1(
+            "task.moved",
+            serde_json::json!({"task_id": "t1", "lane": "now"}),
+        ),
+    );
+    exchange("+0", &pi, &vm);
+    // The VM's clock jumps back an hour; its edit after the Pi's move still comes after it.
+    ok_at(
+        "-1h",
+        &vm,
+        &["append"],
+        &t1(
+            "task.edited",
+            serde_json::json!({"task_id": "t1", "title": "after the clock jumped back"}),
+        ),
+    );
+    for (from, to, offset) in [(&vm, &desktop, AHEAD), (&vm, &pi, PI), (&desktop, &pi, PI)] {
+        exchange(offset, from, to);
+    }
+    let digests: Vec<String> = [&desktop, &vm, &pi]
+        .iter()
+        .map(|home| {
+            let row = task_row(home, "t1");
+            assert_eq!(
+                row["title"],
+                "after the clock jumped back",
+                "{}",
+                home.display()
+            );
+            assert_eq!(row["lane"], "now", "{}", home.display());
+            ok(home, &["digest", "sqlite"], "")
+        })
+        .collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+
+    // As of an hour from now (real time): the desktop's task is stamped five hours ahead, so
+    // nothing that follows it is in, though the VM's edits are stamped before that hour.
+    let as_of = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+    )
+    .to_string();
+    let into = vm.join("as-of.sqlite");
+    ok(
+        &vm,
+        &[
+            "rebuild",
+            "sqlite",
+            "--as-of",
+            &as_of,
+            "--into",
+            into.to_str().unwrap(),
+        ],
+        "",
+    );
+    let rows = ok(
+        &vm,
+        &[
+            "sql",
+            "--db",
+            into.to_str().unwrap(),
+            "SELECT id FROM tasks",
+        ],
+        "",
+    );
+    assert_eq!(rows, "", "an effect without its cause: {rows}");
+}

@@ -209,6 +209,7 @@ fn golden_cases_cover_every_table() {
         "vault",
         "concurrent",
         "unreadable",
+        "clocks",
     ] {
         let tables = check(name);
         covered.extend(tables.as_object().unwrap().keys().cloned());
@@ -230,6 +231,60 @@ fn concurrent_writes_resolve_by_stamp_and_claims_by_the_first() {
         tables["loom_job_queue"][0]["claimed_by"], "c-host",
         "the first claim wins"
     );
+}
+
+/// The `clocks` case: a desktop five hours ahead (d), a cloud VM whose clock clamped the
+/// desktop's stamps (v), a Pi at 1970 (p) and a node whose clock jumps back (j).
+#[test]
+fn causality_beats_clocks_ahead_behind_at_1970_and_jumping_back() {
+    let tables = check("clocks");
+    let task = |id: &str| {
+        tables["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let t1 = task("t1");
+    assert_eq!(
+        t1["title"], "edited later on the cloud VM",
+        "an edit depending on the desktop's event wins over it, though stamped five hours before"
+    );
+    assert_eq!(
+        t1["lane"], "later",
+        "a move after the Pi's, from a clock behind it"
+    );
+    assert_eq!(
+        t1["tags"],
+        json!("[\"concurrent with the pi, five hours ahead\"]"),
+        "concurrent edits still go to the later clock"
+    );
+    assert_eq!(
+        task("t2")["title"],
+        "after the clock jumped back ten seconds"
+    );
+    assert_eq!(tables["briefs"][0]["consumed_in_run_id"], "r1");
+
+    // As of an hour after the VM's clock: the VM's edit is stamped before it, but its cause (the
+    // desktop's event, five hours ahead) is not, so neither is in; j's tasks, which depend on
+    // nothing ahead, are.
+    let (dir, log) = node();
+    log.ingest(build(&read_case(&cases_dir().join("clocks.jsonl"))))
+        .unwrap();
+    let path = dir.path().join("as-of.sqlite");
+    let mut db = Sqlite::open(&path, Durability::Rebuild).unwrap();
+    let until = Until {
+        position: None,
+        time_ms: Some(1_763_625_600_000 + 3_600_000),
+    };
+    project::replay(&log.read().unwrap(), &mut db, 0, until, |_| {}).unwrap();
+    let tasks = db.rows("tasks").unwrap();
+    let ids: Vec<_> = tasks.iter().map(|t| t["id"].clone()).collect();
+    assert_eq!(ids, [json!("t2")], "{tasks:?}");
+    assert_eq!(tasks[0]["title"], "after the clock jumped back ten seconds");
+    assert!(db.rows("briefs").unwrap().is_empty());
 }
 
 #[test]

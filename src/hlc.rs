@@ -6,7 +6,10 @@
 //! highest stamp persisted. A stamp more than `max_drift_ms` ahead of the physical clock moves the
 //! clock only to `now + max_drift_ms`; the event carrying it is kept, and the clamp is reported.
 //! Causal order never depends on this clock (it comes from `prev` and `deps`); the clock only
-//! breaks ties between concurrent writes.
+//! breaks ties between concurrent writes. Because a clamped stamp can sit *below* a stamp its
+//! event depends on, winners are picked by [`order`], not by the stamp: the stamp raised past
+//! every predecessor's order, so `a` happened-before `b` implies `order(a) < order(b)` whatever
+//! the clocks said.
 //!
 //! Boundary: pure. The caller passes the physical time in; nothing here reads a clock or a disk.
 
@@ -86,6 +89,16 @@ impl Hlc {
             }
         }
     }
+}
+
+/// An event's causal order: its stamp, raised past the orders of the events it directly
+/// follows (its `prev` and its `deps`). Orders grow along every chain, so the events a `deps`
+/// entry implies are covered by that entry, and the result depends only on the event's causal
+/// past: every node computes the same order for it.
+pub fn order(stamp: u64, predecessors: impl IntoIterator<Item = u64>) -> u64 {
+    predecessors
+        .into_iter()
+        .fold(stamp, |order, p| order.max(p.saturating_add(1)))
 }
 
 #[cfg(test)]
@@ -170,6 +183,17 @@ mod tests {
         let mut clock = Hlc::new(pack(10, u16::MAX), DRIFT);
         let t = clock.tick(5);
         assert_eq!((physical_ms(t), logical(t)), (11, 0));
+    }
+
+    #[test]
+    fn an_order_passes_every_predecessor_and_keeps_an_honest_stamp() {
+        let desktop = pack(1_790_018_000_000, 0); // five hours ahead
+        let clamped_edit = pack(1_790_000_060_000, 3); // the VM's clock, clamped below it
+        let edit = order(clamped_edit, [desktop]);
+        assert!(edit > desktop);
+        assert_eq!(order(desktop, [clamped_edit]), desktop);
+        assert_eq!(order(7, []), 7);
+        assert_eq!(order(7, [u64::MAX]), u64::MAX);
     }
 
     #[test]

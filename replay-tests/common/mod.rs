@@ -11,7 +11,21 @@ pub const SPOOL: &str = env!("CARGO_BIN_EXE_spool");
 /// Runs `spool --home HOME ARGS` with `stdin`, giving up (and failing) after 60 s. Its output
 /// is read while it runs, so a large one cannot fill the pipe and stall it.
 pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(SPOOL)
+    run(Command::new(SPOOL), home, args, stdin)
+}
+
+/// As [`spool`], with the wall clock as libfaketime's `offset` sets it (`+5h`, `-1h`,
+/// `@1970-01-01 00:10:00`); monotonic time stays real. `ops/ensure-faketime` installs it.
+pub fn spool_at(offset: &str, home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut command = Command::new("faketime");
+    command
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .args(["-f", offset, SPOOL]);
+    run(command, home, args, stdin)
+}
+
+fn run(mut command: Command, home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = command
         .arg("--home")
         .arg(home)
         .args(args)
@@ -20,7 +34,7 @@ pub fn spool(home: &Path, args: &[&str], stdin: &str) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn spool");
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
     let mut input = child.stdin.take().unwrap();
     let text = stdin.to_owned();
     let feeder = std::thread::spawn(move || {
@@ -76,6 +90,18 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs under a faked clock (as [`spool_at`]) and insists on exit 0, returning stdout.
+pub fn ok_at(offset: &str, home: &Path, args: &[&str], stdin: &str) -> String {
+    let o = spool_at(offset, home, args, stdin);
+    assert!(
+        o.status.success(),
+        "spool {args:?} at {offset} failed: {}\n{}",
+        o.status,
+        stderr(&o)
+    );
+    stdout(&o)
 }
 
 /// Runs and insists on exit 0, returning stdout.

@@ -10,6 +10,9 @@
 //!   flush-first so that a flush appends to the tree instead of rewriting it. The positions after
 //!   `meta.streams_to` are not flushed yet and are found by scanning the tail
 //! - `flushes`: first position of a flush → its last position
+//! - `orders`:  first position of a block → the causal order (`hlc::order`) of each of its
+//!   events, u64 LE: the stamp raised past its predecessors', computed when the event takes its
+//!   position and equal on every node; projections pick winners by it
 //! - `keys`:    idempotency key → position
 //! - `pending`: (origin, seq) → `hash ++ stored bytes` of a shipped event waiting for its
 //!   predecessor or deps; moved into `events` in the commit that applies what it waits for
@@ -27,6 +30,7 @@
 
 mod block;
 mod postings;
+mod upgrade;
 mod verify;
 mod writer;
 
@@ -179,8 +183,9 @@ impl IngestReport {
     }
 }
 
-/// The version of the table layout. A log with a higher one is refused, not misread.
-pub const LOG_FORMAT: u32 = 1;
+/// The version of the table layout. A log with a higher one is refused, not misread; one with
+/// a lower one is upgraded when opened (format 1 lacks `orders`).
+pub const LOG_FORMAT: u32 = 2;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EXTENTS: TableDefinition<([u8; 16], u64), (u64, u64)> = TableDefinition::new("extents");
@@ -188,6 +193,7 @@ const HEADS: TableDefinition<[u8; 16], (u64, [u8; 32])> = TableDefinition::new("
 const STREAMS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("streams");
 const FLUSHES: TableDefinition<u64, u64> = TableDefinition::new("flushes");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+const ORDERS: TableDefinition<u64, &[u8]> = TableDefinition::new("orders");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PENDING: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("pending");
 /// (origin, seq, hash of the refused event).
@@ -322,6 +328,15 @@ pub enum Corruption {
         log_hash: Hash,
     },
     #[error(
+        "event at position {position}: causal order {} where {expected} was due",
+        .found.map_or_else(|| "missing".to_owned(), |o| o.to_string())
+    )]
+    Order {
+        position: u64,
+        expected: u64,
+        found: Option<u64>,
+    },
+    #[error(
         "origin {origin} seq {seq}: the index points at position {position}, which holds {found:?}"
     )]
     IndexMismatch {
@@ -349,6 +364,7 @@ impl Corruption {
             | Corruption::ChainBreak { position, .. }
             | Corruption::SeqGap { position, .. }
             | Corruption::PositionGap { position, .. }
+            | Corruption::Order { position, .. }
             | Corruption::IndexMismatch { position, .. } => *position,
             Corruption::BadBlock { first_position, .. } => *first_position,
             Corruption::HeadMismatch { .. }
@@ -452,35 +468,49 @@ impl Record {
 }
 
 /// Consecutive events read from the log, each checked (hash and archive) as it was copied
-/// here ([`Reader::read_checked`]). The bytes are private and never change after the check, so
-/// reading an event does not validate its archive again.
+/// here ([`Reader::read_checked`]), with their causal orders. The bytes are private and never
+/// change after the check, so reading an event does not validate its archive again.
 #[derive(Default)]
 pub struct Checked {
     bytes: Vec<u8>,
-    /// Per event: its position, its hash and where its bytes end in `bytes`.
-    events: Vec<(u64, Hash, usize)>,
+    /// Per event: its position, its hash, its causal order and where its bytes end in `bytes`.
+    events: Vec<(u64, Hash, u64, usize)>,
+}
+
+/// One event of a [`Checked`] run.
+pub struct CheckedEvent<'a> {
+    pub position: u64,
+    pub hash: Hash,
+    /// Its causal order ([`crate::hlc::order`]).
+    pub order: u64,
+    pub event: EventRef<'a>,
 }
 
 impl Checked {
-    /// The events in position order, with their positions and hashes.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Hash, EventRef<'_>)> {
+    /// The events in position order.
+    pub fn iter(&self) -> impl Iterator<Item = CheckedEvent<'_>> {
         let mut start = 0;
-        self.events.iter().map(move |&(position, hash, end)| {
-            let bytes = &self.bytes[start..end];
-            start = end;
-            // SAFETY: `read_checked` validated these bytes as an archive (the struct's
-            // invariant), and they have not changed since.
-            (position, hash, unsafe {
-                event::decode_checked_before(bytes)
+        self.events
+            .iter()
+            .map(move |&(position, hash, order, end)| {
+                let bytes = &self.bytes[start..end];
+                start = end;
+                CheckedEvent {
+                    position,
+                    hash,
+                    order,
+                    // SAFETY: `read_checked` validated these bytes as an archive (the struct's
+                    // invariant), and they have not changed since.
+                    event: unsafe { event::decode_checked_before(bytes) },
+                }
             })
-        })
     }
 
     /// The last event's position and hash.
     pub fn last(&self) -> Option<(u64, Hash)> {
         self.events
             .last()
-            .map(|&(position, hash, _)| (position, hash))
+            .map(|&(position, hash, ..)| (position, hash))
     }
 }
 
@@ -566,6 +596,113 @@ where
         }
     }
     Ok(())
+}
+
+/// As [`each_entry`], with each event's causal order from `orders` (one lookup per block); a
+/// block without its orders is corrupt.
+fn each_ordered<E, O>(
+    events: &E,
+    orders: &O,
+    from: u64,
+    mut visit: impl FnMut(u64, &[u8], u64) -> Result<bool, LogError>,
+) -> Result<(), LogError>
+where
+    E: ReadableTable<u64, &'static [u8]>,
+    O: ReadableTable<u64, &'static [u8]>,
+{
+    let start = match events.range(..=from)?.next_back() {
+        Some(found) => found?.0.value(),
+        None => from,
+    };
+    for found in events.range(start..)? {
+        let (k, v) = found?;
+        let first = k.value();
+        let block = parse_block(first, v.value())?;
+        let value = orders.get(first)?;
+        let packed = value.as_ref().map(|v| v.value()).unwrap_or_default();
+        for (i, entry) in block.entries().enumerate() {
+            let position = first + i as u64;
+            if position < from {
+                continue;
+            }
+            let Some(order) = unpack_order(packed, i) else {
+                return Err(Corruption::Order {
+                    position,
+                    expected: 0,
+                    found: None,
+                }
+                .into());
+            };
+            if !visit(position, entry, order)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `i`th order of an `orders` value.
+fn unpack_order(packed: &[u8], i: usize) -> Option<u64> {
+    let bytes = packed.get(i * 8..i * 8 + 8)?;
+    Some(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+}
+
+/// The causal order stored for the event at `position`.
+fn order_at<T>(orders: &T, position: u64) -> Result<Option<u64>, LogError>
+where
+    T: ReadableTable<u64, &'static [u8]>,
+{
+    let Some(found) = orders.range(..=position)?.next_back() else {
+        return Ok(None);
+    };
+    let (k, v) = found?;
+    Ok(unpack_order(v.value(), (position - k.value()) as usize))
+}
+
+/// The causal order stored for `(origin, seq)`; a held event without one is corrupt.
+fn order_of<X, O>(extents: &X, orders: &O, id: EventId) -> Result<Option<u64>, LogError>
+where
+    X: ReadableTable<([u8; 16], u64), (u64, u64)>,
+    O: ReadableTable<u64, &'static [u8]>,
+{
+    let Some(position) = position_of(extents, id)? else {
+        return Ok(None);
+    };
+    match order_at(orders, position)? {
+        Some(order) => Ok(Some(order)),
+        None => Err(Corruption::Order {
+            position,
+            expected: 0,
+            found: None,
+        }
+        .into()),
+    }
+}
+
+/// The causal order of the event `id` stamped `hlc` whose deps are `deps`: its stamp raised
+/// past the orders of its predecessor in the chain and of its deps, as `lookup` finds them
+/// (`None` for an event not held, as seq 0 never is). The one computation behind the writer's,
+/// the upgrade's and verify's orders.
+fn causal_order(
+    id: EventId,
+    hlc: u64,
+    deps: impl IntoIterator<Item = event::Dep>,
+    mut lookup: impl FnMut(EventId) -> Result<Option<u64>, LogError>,
+) -> Result<u64, LogError> {
+    let prev = (id.seq > 1).then(|| EventId {
+        origin: id.origin,
+        seq: id.seq - 1,
+    });
+    let mut before = Vec::new();
+    for p in prev.into_iter().chain(deps.into_iter().map(|d| EventId {
+        origin: d.origin,
+        seq: d.seq,
+    })) {
+        if p.seq > 0 {
+            before.extend(lookup(p)?);
+        }
+    }
+    Ok(crate::hlc::order(hlc, before))
 }
 
 /// The highest position in an `events` table (0 when empty).
@@ -714,6 +851,7 @@ impl Log {
             txn.open_table(STREAMS)?;
             txn.open_table(FLUSHES)?;
             txn.open_table(KEYS)?;
+            txn.open_table(ORDERS)?;
             txn.open_table(PENDING)?;
             txn.open_table(FORKS)?;
             let mut meta = txn.open_table(META)?;
@@ -732,12 +870,15 @@ impl Log {
         origin: Origin,
         options: LogOptions,
     ) -> Result<Log, LogError> {
-        check_meta(&db, path, origin)?;
+        let format = check_meta(&db, path, origin)?;
         // Logs made before shipping existed lack its tables; opening them creates them.
         let txn = db.begin_write()?;
         txn.open_table(PENDING)?;
         txn.open_table(FORKS)?;
         txn.commit()?;
+        if format < 2 {
+            upgrade::orders(&db, path)?;
+        }
         let db = Arc::new(db);
         let writer = writer::Handle::start(db.clone(), path, origin, options)?;
         Ok(Log {
@@ -836,7 +977,8 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> LogError {
     }
 }
 
-fn check_meta(db: &Database, path: &Path, origin: Origin) -> Result<(), LogError> {
+/// Checks that the file is a log of `origin` in a format this build reads; returns the format.
+fn check_meta(db: &Database, path: &Path, origin: Origin) -> Result<u32, LogError> {
     let not_a_log = |reason: &str| LogError::NotALog {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -870,7 +1012,7 @@ fn check_meta(db: &Database, path: &Path, origin: Origin) -> Result<(), LogError
             found,
         });
     }
-    Ok(())
+    Ok(format)
 }
 
 /// A snapshot of the log.
@@ -903,14 +1045,16 @@ impl Reader {
         into.bytes.clear();
         into.events.clear();
         let events = self.txn.open_table(EVENTS)?;
-        each_entry(&events, after.saturating_add(1), |position, entry| {
+        let orders = self.txn.open_table(ORDERS)?;
+        let from = after.saturating_add(1);
+        each_ordered(&events, &orders, from, |position, entry, order| {
             let full = !into.events.is_empty() && into.bytes.len() + entry.len() > bytes_max;
             if into.events.len() == limit || full {
                 return Ok(false);
             }
             let (hash, _) = check_entry(position, entry)?;
             into.bytes.extend_from_slice(&entry[32..]);
-            into.events.push((position, hash, into.bytes.len()));
+            into.events.push((position, hash, order, into.bytes.len()));
             Ok(true)
         })?;
         Ok(into.events.last().map(|&(position, ..)| position))

@@ -196,7 +196,7 @@ fn opening_checks_format_node_and_lock() {
         let txn = db.begin_write().unwrap();
         txn.open_table(META)
             .unwrap()
-            .insert("format", 2u32.to_le_bytes().as_slice())
+            .insert("format", 3u32.to_le_bytes().as_slice())
             .unwrap();
         txn.commit().unwrap();
     }
@@ -204,7 +204,7 @@ fn opening_checks_format_node_and_lock() {
         .err()
         .unwrap();
     assert!(
-        matches!(err, LogError::NewerFormat { found: 2, .. }),
+        matches!(err, LogError::NewerFormat { found: 3, .. }),
         "{err}"
     );
 }
@@ -558,7 +558,8 @@ fn large_events_and_many_small_ones_share_blocks_correctly() {
         .unwrap()
     {
         assert!(chunk.iter().count() <= 7);
-        for (position, hash, event) in chunk.iter() {
+        for c in chunk.iter() {
+            let (position, hash, event) = (c.position, c.hash, c.event);
             let stored = reader.get(position).unwrap().unwrap();
             assert_eq!((hash, event.id()), (stored.hash, stored.event().id()));
             assert_eq!(event.payload(), stored.event().payload());
@@ -764,5 +765,163 @@ fn the_writer_leaves_only_the_end_of_the_log_in_the_kernels_cache() {
     assert!(
         kept_cached * page > 2 * writer::KERNEL_CACHE_STEP as usize,
         "{written:?}"
+    );
+}
+
+/// An event of `origin` as another node ships it: stamped `hlc`, after `prev`, with `deps`.
+fn shipped(origin: Origin, seq: u64, prev: Hash, hlc: u64, deps: Vec<event::Dep>) -> Shipped {
+    let new = activity("t", "shipped", None);
+    let mut event = event::Event {
+        origin,
+        seq,
+        hlc,
+        prev,
+        deps,
+        stream: new.stream,
+        actor: new.actor,
+        kind: new.kind,
+        version: new.version,
+        correlation: None,
+        causation: None,
+        key: None,
+        payload: new.payload,
+    };
+    let mut bytes = event::append_stored(&mut event, Vec::new());
+    let hash = event::chain(&mut bytes, prev);
+    Shipped::verify(hash, bytes).unwrap()
+}
+
+/// Every event's (origin, seq, hlc, order), in position order.
+fn orders(log: &Log) -> Vec<(Origin, u64, u64, u64)> {
+    let reader = log.read().unwrap();
+    let mut chunk = Checked::default();
+    reader
+        .read_checked(0, 1_000, usize::MAX, &mut chunk)
+        .unwrap();
+    chunk
+        .iter()
+        .map(|c| (c.event.origin(), c.event.seq(), c.event.hlc(), c.order))
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn an_event_is_ordered_after_its_causes_whatever_the_clocks_said() {
+    let (_dir, vm) = temp_log();
+    let desktop = Origin([0x22; 16]);
+    // The desktop's clock runs five hours ahead; the VM clamps its own clock.
+    let ahead = crate::hlc::pack(now_ms() + 5 * 3_600_000, 0);
+    let created = shipped(desktop, 1, Hash::ZERO, ahead, vec![]);
+    assert_eq!(vm.ingest(vec![created.clone()]).unwrap().clamped, 1);
+    let edit = vm.append(vec![activity("t", "edited", None)]).unwrap()[0];
+    vm.append(vec![activity("t", "again", None)]).unwrap();
+    let got = orders(&vm);
+    let (created_at, edit_at, again_at) = (got[0], got[1], got[2]);
+    assert!(
+        edit_at.2 < created_at.2,
+        "the edit's own stamp stays clamped"
+    );
+    assert_eq!(
+        created_at.3, ahead,
+        "an order is the stamp when nothing precedes it"
+    );
+    assert!(edit_at.3 > created_at.3, "{got:?}");
+    assert!(again_at.3 > edit_at.3, "{got:?}");
+    assert!(vm.verify(2).unwrap().ok());
+
+    // A third node (a Pi whose clock says 1970 would clamp everything) receiving both, the
+    // edit first, computes the same orders once the edit's dep arrives.
+    let dir = tempfile::tempdir().unwrap();
+    let pi = Log::create(
+        &dir.path().join("log.redb"),
+        Origin([0x33; 16]),
+        LogOptions::default(),
+    )
+    .unwrap();
+    let reader = vm.read().unwrap();
+    let ship = |position| {
+        let r = reader.get(position).unwrap().unwrap();
+        Shipped::verify(r.hash, r.bytes().to_vec()).unwrap()
+    };
+    let report = pi.ingest(vec![ship(2), ship(3), ship(1)]).unwrap();
+    assert_eq!((report.waited, report.released), (2, 2));
+    let mut there = orders(&pi);
+    there.sort();
+    let mut here = got.clone();
+    here.sort();
+    assert_eq!(there, here);
+    assert_eq!(edit.seq, 1);
+    assert!(pi.verify(2).unwrap().ok());
+}
+
+#[test]
+fn a_format_1_log_gets_its_orders_when_opened_and_verify_names_a_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let before = {
+        let log = Log::create(&path, origin(), LogOptions::default()).unwrap();
+        let other = Origin([0x22; 16]);
+        let far = crate::hlc::pack(now_ms() + 3_600_000, 0);
+        let first = shipped(other, 1, Hash::ZERO, far, vec![]);
+        log.ingest(vec![first.clone()]).unwrap();
+        for i in 0..300 {
+            log.append(vec![activity("s", &format!("m{i}"), None)])
+                .unwrap();
+        }
+        let dep = event::Dep {
+            origin: origin(),
+            seq: 5,
+        };
+        log.ingest(vec![shipped(other, 2, first.meta.hash, 1, vec![dep])])
+            .unwrap();
+        orders(&log)
+    };
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(ORDERS).unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
+    assert_eq!(orders(&log), before);
+    assert!(log.verify(2).unwrap().ok());
+    drop(log);
+
+    // An order changed on disk is named by verify.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(ORDERS).unwrap();
+            // Each append above committed alone: a block of one event each.
+            let mut packed = table.get(3).unwrap().unwrap().value().to_vec();
+            packed[..8].copy_from_slice(&7u64.to_le_bytes());
+            table.insert(3, packed.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
+    let report = log.verify(2).unwrap();
+    assert!(
+        report.problems.iter().any(|p| matches!(
+            p,
+            Corruption::Order {
+                position: 3,
+                found: Some(7),
+                ..
+            }
+        )),
+        "{:?}",
+        report.problems
     );
 }

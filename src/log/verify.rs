@@ -1,6 +1,8 @@
 //! `verify`: one pass over `events` in position order, split into contiguous ranges of blocks
 //! checked in parallel, then stitched: every block header, hash and archive, every origin's chain
-//! and seq run, the gapless positions, the extents and the heads.
+//! and seq run, every causal order (recomputed from the event and its predecessors' stored
+//! orders, so checking each one alone checks them all), the gapless positions, the extents and
+//! the heads.
 //!
 //! Invariant: memory is bounded by the number of origins and by `PROBLEMS_MAX`, never by the log.
 
@@ -9,8 +11,8 @@ use std::collections::HashMap;
 use redb::{ReadTransaction, ReadableTable};
 
 use super::{
-    check_entry, entry_at, last_position, parse_block, position_of, Corruption, LogError, EVENTS,
-    EXTENTS, FORKS, HEADS, PENDING,
+    causal_order, check_entry, entry_at, last_position, order_of, parse_block, position_of,
+    unpack_order, Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, ORDERS, PENDING,
 };
 use crate::event::{EventId, Hash, Origin};
 
@@ -240,6 +242,10 @@ fn link(
 /// Checks the blocks whose first position lies in `first..=last`.
 fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResult, LogError> {
     let events = txn.open_table(EVENTS)?;
+    let orders = txn.open_table(ORDERS)?;
+    let extents = txn.open_table(EXTENTS)?;
+    // Per origin, the seq and stored order of its last event in this range.
+    let mut stored_orders: HashMap<Origin, (u64, u64)> = HashMap::new();
     let mut out = RangeResult::default();
     for found in events.range(first..=last)? {
         let (k, v) = found?;
@@ -262,6 +268,8 @@ fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResu
             }
         };
         *after = block_first + block.len() as u64;
+        let packed = orders.get(block_first)?;
+        let packed = packed.as_ref().map(|v| v.value()).unwrap_or_default();
         for (i, entry) in block.entries().enumerate() {
             let position = block_first + i as u64;
             out.events += 1;
@@ -273,6 +281,26 @@ fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResu
                 }
             };
             let (origin, seq, prev) = (event.origin(), event.seq(), event.prev());
+            let found = unpack_order(packed, i);
+            // A predecessor whose order cannot be read is reported at its own position.
+            let expected =
+                causal_order(
+                    event.id(),
+                    event.hlc(),
+                    event.deps(),
+                    |p| match stored_orders.get(&p.origin) {
+                        Some(&(seq, order)) if seq == p.seq => Ok(Some(order)),
+                        _ => Ok(order_of(&extents, &orders, p).ok().flatten()),
+                    },
+                )?;
+            if found != Some(expected) {
+                out.problems.push(Corruption::Order {
+                    position,
+                    expected,
+                    found,
+                });
+            }
+            stored_orders.insert(origin, (seq, found.unwrap_or(expected)));
             match out.fragments.get_mut(&origin) {
                 Some(f) => {
                     link(

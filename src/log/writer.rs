@@ -20,9 +20,10 @@ use tokio::sync::oneshot;
 use super::block::BlockBuilder;
 use super::postings::Postings;
 use super::{
-    check_entry, each_entry, entry_at, last_position, meta_u64, position_of, Appended, Corruption,
-    IngestReport, LogError, LogOptions, Refusal, Refused, Shipped, EVENTS, EXTENTS, FLUSHES, FORKS,
-    HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX, STREAMS,
+    causal_order, check_entry, each_entry, entry_at, last_position, meta_u64, order_of,
+    position_of, Appended, Corruption, IngestReport, LogError, LogOptions, Refusal, Refused,
+    Shipped, EVENTS, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, ORDERS, PENDING,
+    PENDING_EVENTS_MAX, STREAMS,
 };
 use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
@@ -207,6 +208,8 @@ struct State {
     causal: Causal,
     /// The last extent of each origin.
     extents: HashMap<Origin, Extent>,
+    /// The causal order of each origin's head.
+    orders: HashMap<Origin, u64>,
     /// What this node applied from other origins since its own last event: the next own
     /// event's `deps`.
     deps: BTreeMap<Origin, u64>,
@@ -229,11 +232,20 @@ impl State {
         let next_position = last_position(&events)? + 1;
         let mut heads = Vec::new();
         let mut extents = HashMap::new();
+        let mut orders = HashMap::new();
         let extent_table = txn.open_table(EXTENTS)?;
+        let order_table = txn.open_table(ORDERS)?;
         for entry in txn.open_table(HEADS)?.iter()? {
             let (k, v) = entry?;
             let (seq, hash) = v.value();
             heads.push((Origin(k.value()), seq, Hash(hash)));
+            let id = EventId {
+                origin: Origin(k.value()),
+                seq,
+            };
+            if let Some(order) = order_of(&extent_table, &order_table, id)? {
+                orders.insert(id.origin, order);
+            }
             if let Some(last) = extent_table
                 .range((k.value(), 0u64)..=(k.value(), u64::MAX))?
                 .next_back()
@@ -288,6 +300,7 @@ impl State {
             next_position,
             causal,
             extents,
+            orders,
             deps,
             halted,
             clock: Hlc::new(clock, options.max_drift_ms),
@@ -598,9 +611,10 @@ fn commit_group(
     let mut settled = settle(&txn, state, group, head_seq)?;
     let written = settled.new_events.len() as u64;
     let new_events = std::mem::take(&mut settled.new_events);
+    let orders = std::mem::take(&mut settled.orders);
     let mut fresh = settled.fresh.iter();
     let answers = &mut settled.answers;
-    let head_hash = write_events(&txn, state, new_events, head_hash, |hash| {
+    let head_hash = write_events(&txn, state, new_events, orders, head_hash, |hash| {
         answers[*fresh.next().expect("one answer per new event")].hash = hash;
     })?;
     for &(at, first) in &settled.repeats {
@@ -648,6 +662,8 @@ struct Settled {
     conflicts: Vec<Option<usize>>,
     /// The events to write, in position order (prev and hash not yet set).
     new_events: Vec<Event>,
+    /// Their causal orders.
+    orders: Vec<u64>,
 }
 
 /// Settles which events of the group are new (a key already stored, or given earlier in the
@@ -684,6 +700,7 @@ fn settle(
         lens: Vec::with_capacity(group.len()),
         conflicts,
         new_events: Vec::with_capacity(total),
+        orders: Vec::with_capacity(total),
     };
     let mut keyed_here: HashMap<String, usize> = HashMap::new();
     let now = now_ms();
@@ -719,17 +736,27 @@ fn settle(
                 hash: Hash::ZERO, // Known once the chain reaches it.
                 existing: false,
             });
+            let hlc = state.clock.tick(now);
+            // What this node applied from other origins since its previous event (each such
+            // origin's head); the events after it in the chain imply it.
+            let deps: Vec<Dep> = std::mem::take(&mut state.deps)
+                .into_iter()
+                .map(|(origin, seq)| Dep { origin, seq })
+                .collect();
+            let order = crate::hlc::order(
+                hlc,
+                std::iter::once(origin)
+                    .chain(deps.iter().map(|d| d.origin))
+                    .filter_map(|o| state.orders.get(&o).copied()),
+            );
+            state.orders.insert(origin, order);
+            out.orders.push(order);
             out.new_events.push(Event {
                 origin,
                 seq,
-                hlc: state.clock.tick(now),
+                hlc,
                 prev: Hash::ZERO, // Set by `Chunk::chain`.
-                // What this node applied from other origins since its previous event; the
-                // events after it in the chain imply it.
-                deps: std::mem::take(&mut state.deps)
-                    .into_iter()
-                    .map(|(origin, seq)| Dep { origin, seq })
-                    .collect(),
+                deps,
                 stream: new.stream,
                 actor: new.actor,
                 kind: new.kind,
@@ -752,17 +779,26 @@ fn write_events(
     txn: &redb::WriteTransaction,
     state: &mut State,
     new_events: Vec<Event>,
+    orders: Vec<u64>,
     mut head_hash: Hash,
     mut hashed: impl FnMut(Hash),
 ) -> Result<Hash, LogError> {
     let written = new_events.len();
     let first_position = state.next_position;
     let mut table = txn.open_table(EVENTS)?;
-    let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
+    let mut order_table = txn.open_table(ORDERS)?;
+    let mut blocks = Blocks::new(
+        &mut table,
+        &mut order_table,
+        first_position,
+        std::mem::take(&mut state.block),
+    );
     let mut spare = std::mem::take(&mut state.spare);
+    let mut orders = orders.into_iter();
     let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
         for (bytes, hash) in chunk.events() {
-            blocks.push(hash, bytes)?;
+            let order = orders.next().expect("one order per new event");
+            blocks.push(hash, bytes, order)?;
             hashed(*hash);
         }
         spare.push(chunk);
@@ -917,9 +953,11 @@ fn commit_ingest(
     let now = now_ms();
     {
         let mut events = txn.open_table(EVENTS)?;
+        let mut orders = txn.open_table(ORDERS)?;
         let mut tables = Shipping {
             blocks: Blocks::new(
                 &mut events,
+                &mut orders,
                 state.next_position,
                 std::mem::take(&mut state.block),
             ),
@@ -1001,8 +1039,8 @@ struct Shipping<'t, 'txn> {
     /// Idempotency keys: this node's own events coming back (a restored home ingesting what
     /// it wrote after its backup) bring their keys back.
     keys: redb::Table<'txn, &'static str, u64>,
-    /// Events applied in this transaction, which the tables cannot show yet.
-    here: foldhash::HashMap<EventId, Hash>,
+    /// Events applied in this transaction, which the tables cannot show yet: hash and order.
+    here: foldhash::HashMap<EventId, (Hash, u64)>,
     /// Origins whose head moved.
     moved: HashSet<Origin>,
 }
@@ -1014,7 +1052,7 @@ impl Shipping<'_, '_> {
         if id.seq > head_seq {
             return Ok(None);
         }
-        if let Some(hash) = self.here.get(&id) {
+        if let Some((hash, _)) = self.here.get(&id) {
             return Ok(Some(*hash));
         }
         match position_of(&self.extents, id)? {
@@ -1157,13 +1195,31 @@ fn apply(
     state: &mut State,
     blocks: &mut Blocks,
     extents: &mut redb::Table<([u8; 16], u64), (u64, u64)>,
-    here: &mut foldhash::HashMap<EventId, Hash>,
+    here: &mut foldhash::HashMap<EventId, (Hash, u64)>,
     moved: &mut HashSet<Origin>,
     shipped: Shipped,
 ) -> Result<(), LogError> {
     let id = shipped.meta.id;
     let position = state.next_position;
-    blocks.push(&shipped.meta.hash, &shipped.bytes)?;
+    // Its predecessor and deps are applied (that is why it is applied now): the origin's
+    // head, this transaction's events, or the tables.
+    let order = causal_order(id, shipped.hlc, shipped.meta.deps.iter().copied(), |p| {
+        if state
+            .causal
+            .head(p.origin)
+            .is_some_and(|(seq, _)| seq == p.seq)
+        {
+            if let Some(&order) = state.orders.get(&p.origin) {
+                return Ok(Some(order));
+            }
+        }
+        if let Some(&(_, order)) = here.get(&p) {
+            return Ok(Some(order));
+        }
+        order_of(&*extents, &*blocks.orders, p)
+    })?;
+    blocks.push(&shipped.meta.hash, &shipped.bytes, order)?;
+    state.orders.insert(id.origin, order);
     state.pending.push(shipped.stream, position);
     let before = state.extents.get(&id.origin).copied();
     let extent = state.place(id.origin, id.seq, position, 1);
@@ -1175,7 +1231,7 @@ fn apply(
         let seen = state.deps.entry(id.origin).or_default();
         *seen = (*seen).max(id.seq);
     }
-    here.insert(id, shipped.meta.hash);
+    here.insert(id, (shipped.meta.hash, order));
     moved.insert(id.origin);
     state.causal.applied(&shipped.meta);
     state.next_position += 1;
@@ -1201,10 +1257,14 @@ fn stored_answer(
     })
 }
 
-/// Packs consecutive events into blocks and inserts each block as it fills.
+/// Packs consecutive events into blocks and inserts each block, and its events' causal orders,
+/// as it fills.
 struct Blocks<'t, 'txn> {
     table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
+    orders: &'t mut redb::Table<'txn, u64, &'static [u8]>,
     block: BlockBuilder,
+    /// The open block's orders, u64 LE each.
+    packed: Vec<u8>,
     first: u64,
 }
 
@@ -1212,32 +1272,43 @@ impl<'t, 'txn> Blocks<'t, 'txn> {
     /// Packs events from position `first` on into `block`'s buffers (cleared; kept by the caller).
     fn new(
         table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
+        orders: &'t mut redb::Table<'txn, u64, &'static [u8]>,
         first: u64,
         mut block: BlockBuilder,
     ) -> Self {
         block.clear();
         Blocks {
             table,
+            orders,
             block,
+            packed: Vec::new(),
             first,
         }
     }
 
-    fn push(&mut self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
+    fn push(&mut self, hash: &Hash, bytes: &[u8], order: u64) -> Result<(), LogError> {
         if !self.block.fits(bytes.len()) {
             let events = self.block.len() as u64;
-            self.table.insert(self.first, self.block.seal())?;
-            self.block.clear();
+            self.seal()?;
             self.first += events;
         }
         self.block.push(&hash.0, bytes);
+        self.packed.extend_from_slice(&order.to_le_bytes());
+        Ok(())
+    }
+
+    fn seal(&mut self) -> Result<(), LogError> {
+        self.table.insert(self.first, self.block.seal())?;
+        self.orders.insert(self.first, self.packed.as_slice())?;
+        self.block.clear();
+        self.packed.clear();
         Ok(())
     }
 
     /// Writes the last block and gives back the builder, for the next commit.
     fn close(mut self) -> Result<BlockBuilder, LogError> {
         if !self.block.is_empty() {
-            self.table.insert(self.first, self.block.seal())?;
+            self.seal()?;
         }
         Ok(self.block)
     }

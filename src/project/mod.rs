@@ -5,8 +5,9 @@
 //!
 //! Invariant (the convergence rule): the rows depend only on the set of events applied, not on
 //! the order of concurrent ones. Append-only rows are keyed by event id and inserted if absent;
-//! mutable rows carry a stamp (HLC, origin) per column group and a write lands only if its stamp
-//! is newer (or older, for first-writer-wins facts).
+//! mutable rows carry a stamp (causal order, origin) per column group and a write lands only if
+//! its stamp is newer (or older, for first-writer-wins facts). The causal order (`hlc::order`)
+//! puts every event after what happened before it, so a causally later write always wins.
 //!
 //! Boundary: knows events and kinds; nothing about SQL engines (`sqlite` is the only target
 //! module importing rusqlite).
@@ -94,19 +95,22 @@ pub enum Write {
 pub struct Context<'a> {
     /// `<origin hex>:<seq>`: the key of append-only rows, equal on every node.
     pub id: CompactString,
-    /// HLC (big-endian) then origin: bytewise order is the total order of stamps.
+    /// Causal order (big-endian, [`hlc::order`]) then origin: bytewise order is a total order
+    /// of events in which every event follows what happened before it, whatever the clocks.
     pub stamp: [u8; 24],
-    /// The stamp's physical time, RFC 3339 UTC with milliseconds.
+    /// The physical time of the event's own HLC stamp (as its node's clock said, not raised
+    /// past its predecessors), RFC 3339 UTC with milliseconds.
     pub at: CompactString,
     pub actor: &'a str,
     pub stream: &'a str,
 }
 
 impl<'a> Context<'a> {
-    pub fn of(event: &'a EventRef<'a>) -> Context<'a> {
+    /// The context of `event`, whose causal order is `order`.
+    pub fn of(event: &'a EventRef<'a>, order: u64) -> Context<'a> {
         let id: EventId = event.id();
         let mut stamp = [0u8; 24];
-        stamp[..8].copy_from_slice(&event.hlc().to_be_bytes());
+        stamp[..8].copy_from_slice(&order.to_be_bytes());
         stamp[8..].copy_from_slice(&id.origin.0);
         let mut hex = [0u8; 32];
         hex::encode_to_slice(id.origin.0, &mut hex).expect("32 hex digits for 16 bytes");
@@ -223,8 +227,8 @@ pub trait Target {
 pub struct Until {
     /// Positions up to this one (inclusive).
     pub position: Option<u64>,
-    /// Only events stamped at or before this time (ms since the epoch). Causally closed: a
-    /// happened-before predecessor always has a smaller stamp.
+    /// Only events whose causal order is at or before this time (ms since the epoch). Causally
+    /// closed: a happened-before predecessor always has a smaller order, whatever the clocks.
     pub time_ms: Option<u64>,
 }
 
@@ -421,14 +425,12 @@ fn project_range<E: std::error::Error + 'static>(
         for chunk in chunks {
             let chunk = chunk?;
             let mut rows = Vec::with_capacity(REPLAY_CHUNK_EVENTS);
-            for (position, _, event) in chunk.iter() {
-                if until
-                    .time_ms
-                    .is_some_and(|t| hlc::physical_ms(event.hlc()) > t)
-                {
+            for checked in chunk.iter() {
+                let (position, order, event) = (checked.position, checked.order, checked.event);
+                if until.time_ms.is_some_and(|t| hlc::physical_ms(order) > t) {
                     continue;
                 }
-                let ctx = Context::of(&event);
+                let ctx = Context::of(&event, order);
                 let written = match kinds::body(event.kind(), event.version(), event.payload()) {
                     Ok(body) => writes(&ctx, &body),
                     Err(error) => {
