@@ -662,3 +662,92 @@ fn causality_beats_skewed_clocks_on_every_node() {
     );
     assert_eq!(rows, "", "an effect without its cause: {rows}");
 }
+
+/// A projection holding events a restored log lacks says so, and names both ways out; after
+/// the peer's export is ingested it goes on as if nothing happened.
+#[test]
+fn a_projection_ahead_of_a_restored_log_waits_for_the_peers_export() {
+    let (dir, home) = new_home();
+    ok(&home, &["append"], &activity("s", "one"));
+    let backup = dir.path().join("backup");
+    copy_dir(&home, &backup);
+    ok(&home, &["append"], &activity("s", "two"));
+    ok(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
+    let all = dir.path().join("all.spool");
+    ok(&home, &["export", "--out", all.to_str().unwrap()], "");
+    // The log goes back, the projection beside it stays (a restore of the log file alone).
+    std::fs::copy(backup.join("log.redb"), home.join("log.redb")).unwrap();
+    let o = spool(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
+    assert_eq!(o.status.code(), Some(1));
+    let said = stderr(&o);
+    assert!(
+        said.contains("up to seq 2, this log only up to seq 1")
+            && said.contains("ingest a peer's export")
+            && said.contains("spool rebuild sqlite"),
+        "{said}"
+    );
+    ok(&home, &["ingest", all.to_str().unwrap()], "");
+    let n = ok(
+        &home,
+        &["sql", "SELECT count(*) AS n FROM activity_log"],
+        "",
+    );
+    assert_eq!(n.trim(), r#"{"n":2}"#);
+}
+
+/// A key travels with its event: a retry on another node that holds the first event gets that
+/// event back; a different request under it is refused there too.
+#[test]
+fn a_key_answers_on_every_node_its_event_has_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        labelled_home(dir.path(), "a"),
+        labelled_home(dir.path(), "b"),
+    );
+    let request = |text: &str| {
+        serde_json::json!({"kind": "activity.logged", "stream": "s", "actor": "agent",
+                           "key": "step-7", "data": {"message": text}})
+        .to_string()
+    };
+    let first: Value = serde_json::from_str(&ok(&a, &["append"], &request("acked"))).unwrap();
+    exchange("+0", &a, &b);
+    let again: Value = serde_json::from_str(&ok(&b, &["append"], &request("acked"))).unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(
+        (&again["origin"], &again["seq"]),
+        (&first["origin"], &first["seq"])
+    );
+    let o = spool(&b, &["append"], &request("something else"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("idempotency key"), "{}", stderr(&o));
+    // A node that used the key itself first keeps answering with its own event.
+    let c = labelled_home(dir.path(), "c");
+    let own: Value = serde_json::from_str(&ok(&c, &["append"], &request("acked"))).unwrap();
+    exchange("+0", &a, &c);
+    let retry: Value = serde_json::from_str(&ok(&c, &["append"], &request("acked"))).unwrap();
+    assert_eq!(retry["origin"], own["origin"]);
+}
+
+/// A projection file an older build made (an older schema) is rebuilt from the log when the
+/// node opens it, not refused and not misread.
+#[test]
+fn an_older_projection_is_rebuilt_when_opened() {
+    let (_dir, home) = new_home();
+    ok(&home, &["append"], &activity("s", "one"));
+    ok(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
+    {
+        let db = rusqlite::Connection::open(home.join("projection.sqlite")).unwrap();
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 4);
+        db.pragma_update(None, "user_version", 3).unwrap();
+    }
+    ok(&home, &["append"], &activity("s", "two"));
+    let n = ok(
+        &home,
+        &["sql", "SELECT count(*) AS n FROM activity_log"],
+        "",
+    );
+    assert_eq!(n.trim(), r#"{"n":2}"#);
+}

@@ -238,7 +238,10 @@ fn vault_tables_deny_anon_and_authenticated_and_admit_service_role() {
         "devices",
         "pairing_tokens",
         "vault_install",
+        "openclaw_auth_profiles",
     ];
+    // Views over them read with the reader's rights (security_invoker).
+    let views = ["pairing_tokens_live", "vault_rewrap_due"];
     let count = |c: &mut postgres::Client, t: &str| -> i64 {
         c.query_one(&format!("SELECT count(*) FROM {t}"), &[])
             .unwrap()
@@ -249,6 +252,9 @@ fn vault_tables_deny_anon_and_authenticated_and_admit_service_role() {
         owner.iter().all(|&n| n > 0),
         "the cases fill every vault table: {owner:?}"
     );
+    for v in views {
+        assert!(count(&mut client, v) > 0, "the cases show in {v}");
+    }
     for t in vault {
         let forced: (bool, bool) = client
             .query_one(
@@ -270,6 +276,9 @@ fn vault_tables_deny_anon_and_authenticated_and_admit_service_role() {
             assert_eq!(updated, 0, "{role} changes no row of {t}");
             let deleted = client.execute(&format!("DELETE FROM {t}"), &[]).unwrap();
             assert_eq!(deleted, 0, "{role} deletes no row of {t}");
+        }
+        for v in views {
+            assert_eq!(count(&mut client, v), 0, "{role} sees no rows through {v}");
         }
         let insert = client.execute(
             "INSERT INTO vault_access_log (id, entry_id, device_id, recipient, unlocked_at) \
@@ -580,4 +589,134 @@ fn a_killed_backfill_resumes_to_the_clean_result() {
     );
     assert_eq!(checkpoint_events(&url), vec![KILLED_EVENTS as i64]);
     assert_eq!(dump(&url), dump(&clean));
+}
+
+fn ok_json(home: &Path, args: &[&str], stdin: &str) -> Value {
+    let out = spool(home, args, stdin);
+    assert!(
+        out.status.success(),
+        "spool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn message(key: &str, text: &str) -> String {
+    json!({"kind": "activity.logged", "stream": "s", "actor": "test", "key": key,
+           "data": {"message": text}})
+    .to_string()
+}
+
+/// README's safe restore (restore the home, ingest a peer's export, write again) keeps what it
+/// promises: keys answer as before, and the Postgres checkpoint, kept as the heads applied,
+/// still names the same events though the restored log holds them at other positions, so
+/// `project postgres` goes on without a backfill.
+#[test]
+fn a_safe_restore_keeps_keys_and_the_postgres_checkpoint() {
+    let url = pg::database();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (home(dir.path(), "a"), home(dir.path(), "b"));
+    let first = ok_json(&a, &["append"], &message("k1", "a1"));
+    let backup = dir.path().join("a.bak");
+    common::copy_dir(&a, &backup);
+    let second = ok_json(&a, &["append"], &message("k2", "a2"));
+    ok_json(&b, &["append"], &message("kb", "b1"));
+    // a: a1, a2, b1. b: b1, a1, a2.
+    let (to_a, to_b) = (dir.path().join("to-a.spool"), dir.path().join("to-b.spool"));
+    run(&b, &["export", "--out", to_a.to_str().unwrap()]);
+    ok_json(&a, &["ingest", "--json", to_a.to_str().unwrap()], "");
+    run(&a, &["export", "--out", to_b.to_str().unwrap()]);
+    ok_json(&b, &["ingest", "--json", to_b.to_str().unwrap()], "");
+    project(&a, &url, &[]);
+    assert_eq!(count(&url, "activity_log"), 3);
+
+    // The disk fails; the backup (a1 only) comes back, and b's export (b1, a1, a2) with it:
+    // a's log is now a1, b1, a2.
+    std::fs::remove_dir_all(&a).unwrap();
+    common::copy_dir(&backup, &a);
+    let from_b = dir.path().join("from-b.spool");
+    run(&b, &["export", "--out", from_b.to_str().unwrap()]);
+    let report = ok_json(&a, &["ingest", "--json", from_b.to_str().unwrap()], "");
+    assert_eq!(report["applied"], 2, "{report}");
+
+    // A client retrying its write after the failure gets the event it wrote.
+    let again = ok_json(&a, &["append"], &message("k2", "a2"));
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(
+        (&again["seq"], &again["hash"]),
+        (&second["seq"], &second["hash"])
+    );
+    assert_eq!(first["seq"], 1);
+
+    // The projection goes on from its checkpoint: nothing to apply, then the new event only.
+    let summary = ok_json(&a, &["project", "postgres", "--url", &url, "--json"], "");
+    assert_eq!(summary["applied"], 0, "{summary}");
+    ok_json(&a, &["append"], &message("k3", "a3"));
+    let summary = ok_json(&a, &["project", "postgres", "--url", &url, "--json"], "");
+    assert_eq!(summary["applied"], 1, "{summary}");
+    assert_eq!(count(&url, "activity_log"), 4);
+    let mut client = pg::connect(&url);
+    let heads: String = client
+        .query_one("SELECT heads FROM spool_checkpoints", &[])
+        .unwrap()
+        .get(0);
+    let heads: Value = serde_json::from_str(&heads).unwrap();
+    let seqs: Vec<_> = heads
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|h| h["seq"].clone())
+        .collect();
+    assert_eq!(seqs.len(), 2, "{heads}");
+    assert!(
+        seqs.contains(&json!(3)) && seqs.contains(&json!(1)),
+        "{heads}"
+    );
+}
+
+/// A database an older build laid out is refused by name, with the command that moves it up;
+/// a backfill builds the current layout from the log, swaps it in and moves the version.
+#[test]
+fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
+    let url = pg::database();
+    let dir = tempfile::tempdir().unwrap();
+    let node = home(dir.path(), "desk");
+    append(&node, &case_requests());
+    project(&node, &url, &[]);
+    let mut client = pg::connect(&url);
+    // As version 2 left it: a status column on pairing_tokens, and the version.
+    client
+        .batch_execute(
+            "ALTER TABLE pairing_tokens ADD COLUMN status text; \
+             UPDATE spool_meta SET schema_version = 2",
+        )
+        .unwrap();
+    let out = spool(&node, &["project", "postgres", "--url", &url], "");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("version 2, this build writes 3") && said.contains("spool backfill postgres"),
+        "{said}"
+    );
+    run(&node, &["backfill", "postgres", "--url", &url]);
+    let version: i64 = client
+        .query_one("SELECT schema_version FROM spool_meta", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+    let old_column: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = 'pairing_tokens' AND column_name = 'status')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!old_column);
+    let live: i64 = client
+        .query_one("SELECT count(*) FROM pairing_tokens_live", &[])
+        .unwrap()
+        .get(0);
+    assert!(live > 0, "the views are back after the swap");
+    project(&node, &url, &[]);
 }

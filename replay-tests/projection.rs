@@ -210,6 +210,13 @@ fn golden_cases_cover_every_table() {
         "concurrent",
         "unreadable",
         "clocks",
+        "pairing",
+        "repaired",
+        "claims",
+        "rewrap",
+        "cron",
+        "lanes",
+        "openclaw",
     ] {
         let tables = check(name);
         covered.extend(tables.as_object().unwrap().keys().cloned());
@@ -525,7 +532,7 @@ struct Commits<'a> {
 
 impl project::Target for Commits<'_> {
     type Error = spool::project::sqlite::SqliteError;
-    fn checkpoint(&mut self) -> Result<(u64, Hash), Self::Error> {
+    fn checkpoint(&mut self) -> Result<project::Checkpoint, Self::Error> {
         project::Target::checkpoint(&mut *self.db)
     }
     fn held_bytes_max(&self) -> usize {
@@ -547,12 +554,13 @@ impl project::Target for Commits<'_> {
         position: u64,
         hash: Hash,
         applied: u64,
+        heads: &project::Applied,
     ) -> Result<(), Self::Error> {
         self.count += 1;
         if self.fail_at == Some(self.count) {
             return Err(rusqlite::Error::InvalidQuery.into());
         }
-        self.db.commit(rows, position, hash, applied)
+        self.db.commit(rows, position, hash, applied, heads)
     }
 }
 
@@ -696,4 +704,149 @@ fn a_finished_rebuild_and_a_live_projection_have_every_index() {
         ["activity_log_time", "score_history_task"]
     );
     assert_eq!(indexes(&live), indexes(&rebuilt));
+}
+
+/// Runs `sql` on the projection of case `name` (in file order).
+fn query(name: &str, sql: &str) -> Vec<serde_json::Map<String, Value>> {
+    let events = build(&read_case(&cases_dir().join(format!("{name}.jsonl"))));
+    let (_dir, mut db) = project(events);
+    let mut out = Vec::new();
+    db.query(sql, |names, values| {
+        out.push(names.iter().cloned().zip(values).collect())
+    })
+    .unwrap();
+    out
+}
+
+/// The row of `table` in `tables` whose `column` is `value`.
+fn row<'a>(tables: &'a Value, table: &str, column: &str, value: &str) -> &'a Value {
+    tables[table]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {table}"))
+        .iter()
+        .find(|r| r[column] == value)
+        .unwrap_or_else(|| panic!("no {table} row with {column} = {value}"))
+}
+
+#[test]
+fn a_pairing_ends_by_its_first_end_and_reads_expired_after_its_ttl() {
+    let tables = check("pairing");
+    let locked = row(&tables, "pairing_tokens", "pairing_id", "p-locked");
+    assert_eq!(locked["end_status"], "locked", "too many attempts lock it");
+    assert_eq!(locked["end_reason"], "too_many_attempts");
+    let used = row(&tables, "pairing_tokens", "pairing_id", "p-used");
+    assert_eq!(
+        used["end_status"], "completed",
+        "a later expiry does not undo its use"
+    );
+    let live = query(
+        "pairing",
+        "SELECT pairing_id, status FROM pairing_tokens_live ORDER BY pairing_id",
+    );
+    let statuses: Vec<_> = live
+        .iter()
+        .map(|r| (r["pairing_id"].clone(), r["status"].clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (json!("p-1970"), json!("expired")),
+            (json!("p-locked"), json!("locked")),
+            (json!("p-used"), json!("completed")),
+        ]
+    );
+}
+
+#[test]
+fn a_device_paired_again_and_a_recipient_added_again_are_active_again() {
+    let tables = check("repaired");
+    let device = row(&tables, "devices", "device_id", "pixel-9");
+    assert_eq!(device["revoked_at"], Value::Null, "{device}");
+    assert_eq!(device["label"], "Carlos's phone (found)");
+    let recipient = row(&tables, "vault_recipients", "recipient_id", "rcp-oracle");
+    assert_eq!(recipient["removed_at"], Value::Null, "{recipient}");
+    assert_eq!(recipient["fingerprint"], "b2".repeat(32));
+}
+
+#[test]
+fn only_the_holder_releases_its_claim() {
+    let tables = check("claims");
+    let claims = tables["bot_claims"].as_array().unwrap();
+    let of = |bot: &str, resource: &str| {
+        claims
+            .iter()
+            .find(|c| c["bot_id"] == bot && c["resource"] == resource)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(of("cli-agent-2", "task/t1")["status"], "held");
+    assert_eq!(of("cli-agent-1", "task/t1")["status"], "released");
+    assert_eq!(of("cli-agent-2", "task/t2")["status"], "released");
+    // The newest claim not released is the holder (its TTL is long past in this case's time,
+    // so the view, which reads the clock, lists nobody).
+    let holders = query("claims", "SELECT resource, bot_id FROM bot_holders");
+    assert!(holders.is_empty(), "{holders:?}");
+}
+
+#[test]
+fn a_removed_recipient_marks_the_entries_that_need_a_rewrap() {
+    check("rewrap");
+    let due = query(
+        "rewrap",
+        "SELECT entry_id, recipient_id FROM vault_rewrap_due ORDER BY entry_id",
+    );
+    let due: Vec<_> = due
+        .iter()
+        .map(|r| (r["entry_id"].clone(), r["recipient_id"].clone()))
+        .collect();
+    assert_eq!(due, [(json!("github-token"), json!("rcp-laptop-old"))]);
+}
+
+#[test]
+fn the_cron_mirror_makes_a_run_and_its_step() {
+    let tables = check("cron");
+    let step = row(&tables, "loom_step_runs", "run_id", "6f1e");
+    assert_eq!(step["step_id"], "memory-compaction");
+    assert_eq!(step["status"], "succeeded");
+    let running = row(&tables, "loom_step_runs", "run_id", "7a2b");
+    assert_eq!(running["status"], "timed_out");
+    assert_eq!(running["finished_at"], Value::Null);
+    assert_eq!(
+        row(&tables, "loom_runs", "run_id", "6f1e")["status"],
+        "succeeded"
+    );
+}
+
+#[test]
+fn the_lane_shown_is_the_later_of_the_move_and_the_score_unless_locked() {
+    let tables = check("lanes");
+    let shown = |id: &str| row(&tables, "tasks", "id", id)["shown_lane"].clone();
+    assert_eq!(shown("t1"), "next", "the user's move after the score");
+    assert_eq!(shown("t2"), "now", "the score after the user's move");
+    assert_eq!(shown("t3"), "now", "a locked score keeps its lane");
+}
+
+#[test]
+fn openclaws_stores_are_projected_with_credentials_as_vault_references() {
+    let tables = check("openclaw");
+    let session = row(&tables, "openclaw_sessions", "session_id", "6f1e");
+    assert_eq!(session["session_key"], "telegram:carlos");
+    assert_eq!(session["session_file"], "profile/telegram:carlos.v2.json");
+    assert_eq!(session["agent_id"], "main");
+    let config = tables["openclaw_config"].as_array().unwrap();
+    let model = config
+        .iter()
+        .find(|c| c["agent_id"] == "main" && c["path"] == "memory.embedding.model")
+        .unwrap();
+    assert_eq!(
+        model["value"], "\"text-embedding-3-large\"",
+        "the later write"
+    );
+    assert!(config
+        .iter()
+        .any(|c| c["agent_id"] == "" && c["path"] == "gateway.port" && c["value"] == "18789"));
+    for profile in tables["openclaw_auth_profiles"].as_array().unwrap() {
+        let reference = profile["credential_ref"].as_str().unwrap();
+        assert!(reference.starts_with("vault:"), "{profile}");
+    }
 }

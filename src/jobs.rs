@@ -14,7 +14,7 @@ use crate::files::{self, Existing, FileError, NewFile};
 use crate::home;
 use crate::log::{LogError, Reader};
 use crate::project::postgres::{self, Postgres, PostgresError};
-use crate::project::sqlite::{Durability, Sqlite, SqliteError};
+use crate::project::sqlite::{self, Durability, Sqlite, SqliteError};
 use crate::project::{self, ReplayError, Target, Until};
 use crate::wire::{BackfillSummary, ProjectSummary, RebuildSummary};
 
@@ -205,6 +205,26 @@ pub fn rebuild(
     Ok((partial, summary))
 }
 
+/// Opens the node's live projection at `path` for catching up. A file of an older schema (made
+/// by an older build) is rebuilt from the log first: the projection is derived, and its layout
+/// or its stamps may have changed.
+pub fn open_projection(reader: &Reader, path: &Path) -> Result<Sqlite, JobError> {
+    match Sqlite::open(path, Durability::Live) {
+        Err(SqliteError::OtherSchema { found, .. }) if found < sqlite::SCHEMA_VERSION => {
+            tracing::info!(
+                path = %path.display(),
+                found,
+                "the projection's schema is older than this build's; rebuilding it from the log"
+            );
+            let target = RebuildTarget::Live(path.to_owned());
+            let (partial, _) = rebuild(reader, &target, Until::default(), |_, _| {})?;
+            swap_in(partial, &target)?;
+            Ok(Sqlite::open(path, Durability::Live)?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// Puts a rebuilt projection at its target (one rename over the live projection, whose stale
 /// WAL goes with it; a link for a new file, which fails if one appeared meanwhile).
 pub fn swap_in(partial: NewFile, target: &RebuildTarget) -> Result<(), JobError> {
@@ -259,7 +279,7 @@ pub fn project_postgres(
     let started = Instant::now();
     let mut retries = 0;
     let applied = loop {
-        let (from, _) = Target::checkpoint(target)?;
+        let from = Target::checkpoint(target)?.position;
         let result = project::catch_up(reader, target, |p| {
             progress(p.saturating_sub(from), last.saturating_sub(from))
         });

@@ -18,7 +18,7 @@ use crate::jobs;
 use crate::log::Log;
 use crate::project;
 use crate::project::postgres::Postgres;
-use crate::project::sqlite::{Durability, Sqlite};
+use crate::project::sqlite::Sqlite;
 use crate::sync::{file as shipping, Selection};
 use crate::wire::{
     Ack, BackfillSummary, ExportRequest, Fork, Head, Heads, IngestSummary, LogPage, LogQuery,
@@ -198,9 +198,10 @@ impl Local {
                 format!("the projection: {e}; `spool rebuild sqlite` rebuilds it"),
             )
         };
+        let reader = self.log.read()?;
         let mut target =
-            Sqlite::open(&self.home.projection_path(), Durability::Live).map_err(|e| sqlite(&e))?;
-        project::catch_up(&self.log.read()?, &mut target, |_| {}).map_err(|e| sqlite(&e))?;
+            jobs::open_projection(&reader, &self.home.projection_path()).map_err(|e| sqlite(&e))?;
+        project::catch_up(&reader, &mut target, |_| {}).map_err(|e| sqlite(&e))?;
         Ok(())
     }
 

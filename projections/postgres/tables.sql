@@ -8,6 +8,8 @@ CREATE TABLE spool_checkpoints (
   position bigint NOT NULL,    -- the last position of that node's log applied
   hash bytea NOT NULL,         -- that event's hash
   events bigint NOT NULL,      -- events applied
+  heads text,                  -- per origin, the last event applied: {"<origin>": {"seq", "hash"}};
+                               -- means the same on every node, so it survives a restore
   updated_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -23,8 +25,12 @@ CREATE TABLE tasks (
   archived_at timestamptz, archive_reason text, archived_stamp bytea,
   current_score double precision, current_lane text, current_rank bigint, last_scored_at timestamptz, score_stamp bytea,
   score_locked boolean NOT NULL DEFAULT false, locked_lane text, lock_stamp bytea,
+  -- The lane the board shows (projections/RULES.md, "The lane shown").
   shown_lane text GENERATED ALWAYS AS
-    (CASE WHEN score_locked THEN locked_lane ELSE COALESCE(current_lane, lane) END) STORED
+    (CASE WHEN score_locked THEN locked_lane
+          WHEN score_stamp IS NULL OR (lane_stamp IS NOT NULL AND lane_stamp > score_stamp)
+            THEN COALESCE(lane, current_lane)
+          ELSE current_lane END) STORED
 );
 
 CREATE TABLE briefs (
@@ -125,13 +131,15 @@ CREATE TABLE bot_heartbeats (
   host text, status text, last_seen_at timestamptz, stamp bytea
 );
 
+-- One row per (resource, bot): only a bot's own release ends its claim (RULES.md, "Bot claims").
 CREATE TABLE bot_claims (
-  resource text PRIMARY KEY,
-  bot_id text, ttl_ms bigint, claimed_at timestamptz, stamp bytea,
-  released_by text, released_at timestamptz, release_stamp bytea,
+  resource text NOT NULL, bot_id text NOT NULL,
+  ttl_ms bigint, claimed_at timestamptz, stamp bytea,
+  released_at timestamptz, release_stamp bytea,
   status text GENERATED ALWAYS AS
     (CASE WHEN release_stamp IS NOT NULL AND (stamp IS NULL OR release_stamp > stamp)
-     THEN 'released' ELSE 'held' END) STORED
+     THEN 'released' ELSE 'held' END) STORED,
+  PRIMARY KEY (resource, bot_id)
 );
 
 CREATE TABLE vault_install (
@@ -170,13 +178,38 @@ CREATE TABLE pairing_tokens (
   pairing_id text PRIMARY KEY,
   code_hash text, user_id text, device_id text, account_id text, expires_at timestamptz,
   requested_at timestamptz, request_stamp bytea,
-  end_status text, ended_at timestamptz, end_reason text, end_stamp bytea,
-  status text GENERATED ALWAYS AS (COALESCE(end_status, 'pending')) STORED
+  end_status text, ended_at timestamptz, end_reason text, end_stamp bytea
+  -- No status column: pending lasts only until expires_at, which depends on when it is read.
+  -- The view pairing_tokens_live says it (RULES.md, "Pairings").
 );
 
 CREATE TABLE pairing_attempts (
   id text PRIMARY KEY,
   pairing_id text, device_id text NOT NULL, failure text NOT NULL, attempted_at timestamptz NOT NULL
+);
+
+-- OpenClaw's own stores (openclaw-persistence.md), from the openclaw.* events: the session
+-- index, config values (agent_id '' is the global config) and auth profiles, whose credential
+-- is a vault reference, never the key.
+CREATE TABLE openclaw_sessions (
+  session_id text PRIMARY KEY,
+  agent_id text, created_at timestamptz, created_stamp bytea,
+  session_key text, key_stamp bytea,
+  session_file text, file_stamp bytea,
+  updated_at timestamptz, updated_stamp bytea
+);
+
+CREATE TABLE openclaw_config (
+  agent_id text NOT NULL, path text NOT NULL,
+  value jsonb, set_at timestamptz, stamp bytea,
+  PRIMARY KEY (agent_id, path)
+);
+
+CREATE TABLE openclaw_auth_profiles (
+  agent_id text NOT NULL, profile_id text NOT NULL,
+  provider text, mode text, credential_ref text, expires_at timestamptz, email text,
+  updated_at timestamptz, stamp bytea,
+  PRIMARY KEY (agent_id, profile_id)
 );
 
 CREATE INDEX score_history_task ON score_history (task_id, scored_at);
@@ -193,13 +226,14 @@ BEGIN
 END
 $$;
 
--- The six OptimalVault tables: RLS forced, one service_role policy each, anon and authenticated
--- denied by default (no policy admits them).
+-- The six OptimalVault tables, and OpenClaw's auth profiles (which name where credentials are
+-- kept): RLS forced, one service_role policy each, anon and authenticated denied by default (no
+-- policy admits them).
 DO $$
 DECLARE t text;
 BEGIN
   FOREACH t IN ARRAY ARRAY['vault_entries', 'vault_recipients', 'vault_access_log', 'devices',
-                           'pairing_tokens', 'vault_install'] LOOP
+                           'pairing_tokens', 'vault_install', 'openclaw_auth_profiles'] LOOP
     EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
     EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
     EXECUTE format('CREATE POLICY service_role_all ON %I FOR ALL TO service_role USING (true) WITH CHECK (true)', t);

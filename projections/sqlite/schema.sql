@@ -2,8 +2,10 @@
 -- Never written directly: `spool rebuild sqlite` recreates them from the events.
 --
 -- Conventions. Append-only rows are keyed by the event id ('<origin hex>:<seq>') and inserted
--- if absent. Mutable rows carry a stamp per column group (`*_stamp`: 8 bytes of HLC, big-endian,
--- then the 16-byte origin, so bytewise order is the stamp order); a write lands only if its
+-- if absent. Mutable rows carry a stamp per column group (`*_stamp`: 8 bytes of the event's causal
+-- order, big-endian: its HLC stamp raised past every event before it, so a causally later write
+-- always wins whatever the clocks said; then the 16-byte origin, so bytewise order is the stamp
+-- order); a write lands only if its
 -- stamp is newer (last writer wins), or older for first-writer-wins facts (job claims). Values
 -- that combine groups (`status`, `shown_lane`) are generated from stored columns. Every write
 -- to a group sets all of its columns, so which write lands never depends on arrival order. Times are
@@ -14,7 +16,9 @@ CREATE TABLE spool_checkpoint (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   position INTEGER NOT NULL,  -- the last log position applied
   hash BLOB NOT NULL,        -- that event's hash
-  events INTEGER NOT NULL    -- events applied
+  events INTEGER NOT NULL,   -- events applied
+  heads TEXT                 -- per origin, the last event applied: {"<origin>": {"seq", "hash"}};
+                             -- means the same on every node, so it survives a restore
 );
 
 CREATE TABLE tasks (
@@ -29,8 +33,13 @@ CREATE TABLE tasks (
   archived_at TEXT, archive_reason TEXT, archived_stamp BLOB,
   current_score REAL, current_lane TEXT, current_rank INTEGER, last_scored_at TEXT, score_stamp BLOB,
   score_locked INTEGER NOT NULL DEFAULT 0, locked_lane TEXT, lock_stamp BLOB,
+  -- The lane the board shows (projections/RULES.md, "The lane shown"): the locked lane while the
+  -- score is locked; else the later of the user's last move and the triage's last score.
   shown_lane TEXT GENERATED ALWAYS AS
-    (CASE WHEN score_locked = 1 THEN locked_lane ELSE COALESCE(current_lane, lane) END) VIRTUAL
+    (CASE WHEN score_locked = 1 THEN locked_lane
+          WHEN score_stamp IS NULL OR (lane_stamp IS NOT NULL AND lane_stamp > score_stamp)
+            THEN COALESCE(lane, current_lane)
+          ELSE current_lane END) VIRTUAL
 );
 
 CREATE TABLE briefs (
@@ -132,13 +141,15 @@ CREATE TABLE bot_heartbeats (
   host TEXT, status TEXT, last_seen_at TEXT, stamp BLOB
 );
 
+-- One row per (resource, bot): only a bot's own release ends its claim (RULES.md, "Bot claims").
 CREATE TABLE bot_claims (
-  resource TEXT PRIMARY KEY,
-  bot_id TEXT, ttl_ms INTEGER, claimed_at TEXT, stamp BLOB,
-  released_by TEXT, released_at TEXT, release_stamp BLOB,
+  resource TEXT NOT NULL, bot_id TEXT NOT NULL,
+  ttl_ms INTEGER, claimed_at TEXT, stamp BLOB,
+  released_at TEXT, release_stamp BLOB,
   status TEXT GENERATED ALWAYS AS
     (CASE WHEN release_stamp IS NOT NULL AND (stamp IS NULL OR release_stamp > stamp)
-     THEN 'released' ELSE 'held' END) VIRTUAL
+     THEN 'released' ELSE 'held' END) VIRTUAL,
+  PRIMARY KEY (resource, bot_id)
 );
 
 CREATE TABLE vault_install (
@@ -177,11 +188,37 @@ CREATE TABLE pairing_tokens (
   pairing_id TEXT PRIMARY KEY,
   code_hash TEXT, user_id TEXT, device_id TEXT, account_id TEXT, expires_at TEXT,
   requested_at TEXT, request_stamp BLOB,
-  end_status TEXT, ended_at TEXT, end_reason TEXT, end_stamp BLOB,
-  status TEXT GENERATED ALWAYS AS (COALESCE(end_status, 'pending')) VIRTUAL
+  end_status TEXT, ended_at TEXT, end_reason TEXT, end_stamp BLOB
+  -- No status column: a pairing without an end event is pending only until expires_at, which
+  -- depends on when it is read. The view pairing_tokens_live says it (RULES.md, "Pairings").
 );
 
 CREATE TABLE pairing_attempts (
   id TEXT PRIMARY KEY,
   pairing_id TEXT, device_id TEXT NOT NULL, failure TEXT NOT NULL, attempted_at TEXT NOT NULL
+);
+
+-- OpenClaw's own stores (openclaw-persistence.md), projected from the openclaw.* events.
+-- The session index (`sessions.json`: sessionKey -> entry).
+CREATE TABLE openclaw_sessions (
+  session_id TEXT PRIMARY KEY,
+  agent_id TEXT, created_at TEXT, created_stamp BLOB,
+  session_key TEXT, key_stamp BLOB,
+  session_file TEXT, file_stamp BLOB,
+  updated_at TEXT, updated_stamp BLOB
+);
+
+-- Config values (`openclaw.json`, and per-agent overrides): agent_id '' is the global config.
+CREATE TABLE openclaw_config (
+  agent_id TEXT NOT NULL, path TEXT NOT NULL,
+  value TEXT, set_at TEXT, stamp BLOB,
+  PRIMARY KEY (agent_id, path)
+);
+
+-- Auth profiles (`auth-profiles.json`): the credential is a vault reference, never the key.
+CREATE TABLE openclaw_auth_profiles (
+  agent_id TEXT NOT NULL, profile_id TEXT NOT NULL,
+  provider TEXT, mode TEXT, credential_ref TEXT, expires_at TEXT, email TEXT, updated_at TEXT,
+  stamp BLOB,
+  PRIMARY KEY (agent_id, profile_id)
 );

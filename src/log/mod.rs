@@ -1172,6 +1172,71 @@ impl Reader {
         position_of(&self.txn.open_table(EXTENTS)?, id)
     }
 
+    /// The highest seq held of `origin` (0 for none).
+    pub fn head_seq(&self, origin: Origin) -> Result<u64, LogError> {
+        let heads = self.txn.open_table(HEADS)?;
+        Ok(heads.get(origin.0)?.map_or(0, |v| v.value().0))
+    }
+
+    /// Per origin, the highest event at or before `position`: its seq and hash (one pass over
+    /// the extents, then one read per origin).
+    pub fn applied_at(
+        &self,
+        position: u64,
+    ) -> Result<std::collections::BTreeMap<Origin, (u64, Hash)>, LogError> {
+        let extents = self.txn.open_table(EXTENTS)?;
+        let mut seqs = std::collections::BTreeMap::new();
+        for entry in extents.iter()? {
+            let (k, v) = entry?;
+            let ((origin, first_seq), (first_position, len)) = (k.value(), v.value());
+            if first_position > position || len == 0 {
+                continue;
+            }
+            let seq = first_seq + len.min(position - first_position + 1) - 1;
+            let held = seqs.entry(Origin(origin)).or_insert(0);
+            *held = seq.max(*held);
+        }
+        let events = self.txn.open_table(EVENTS)?;
+        let mut out = std::collections::BTreeMap::new();
+        for (origin, seq) in seqs {
+            let id = EventId { origin, seq };
+            // The extent just read holds it.
+            let Some(at) = position_of(&extents, id)? else {
+                continue;
+            };
+            let record = entry_at(&events, at)?.ok_or(Corruption::PositionGap {
+                position: at,
+                found: None,
+            })?;
+            out.insert(origin, (seq, record.hash));
+        }
+        Ok(out)
+    }
+
+    /// The first position holding an event past `heads` (the events of origins they lack, or
+    /// after their seq), if any.
+    pub fn first_not_in(
+        &self,
+        heads: &std::collections::BTreeMap<Origin, (u64, Hash)>,
+    ) -> Result<Option<u64>, LogError> {
+        let extents = self.txn.open_table(EXTENTS)?;
+        let mut first: Option<u64> = None;
+        for head in self.heads()? {
+            let seq = heads.get(&head.origin).map_or(0, |h| h.0);
+            if head.seq <= seq {
+                continue;
+            }
+            let id = EventId {
+                origin: head.origin,
+                seq: seq + 1,
+            };
+            if let Some(position) = position_of(&extents, id)? {
+                first = Some(first.map_or(position, |f| f.min(position)));
+            }
+        }
+        Ok(first)
+    }
+
     /// Shipped events waiting for their dependencies.
     pub fn pending(&self) -> Result<u64, LogError> {
         Ok(self.txn.open_table(PENDING)?.len()?)

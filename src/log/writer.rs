@@ -1037,7 +1037,8 @@ struct Shipping<'t, 'txn> {
     forks: redb::Table<'txn, ForkKey, &'static [u8]>,
     extents: redb::Table<'txn, ([u8; 16], u64), (u64, u64)>,
     /// Idempotency keys: this node's own events coming back (a restored home ingesting what
-    /// it wrote after its backup) bring their keys back.
+    /// it wrote after its backup) bring their keys back; other nodes' events bring theirs when
+    /// this node has not used them.
     keys: redb::Table<'txn, &'static str, u64>,
     /// Events applied in this transaction, which the tables cannot show yet: hash and order.
     here: foldhash::HashMap<EventId, (Hash, u64)>,
@@ -1113,12 +1114,15 @@ impl Shipping<'_, '_> {
     }
 
     fn apply(&mut self, state: &mut State, shipped: Shipped) -> Result<(), LogError> {
-        if shipped.meta.id.origin == state.origin {
-            // Checked when it was shipped; a view that does not decode has no key to keep.
-            if let Ok(view) = event::decode(&shipped.bytes) {
-                if let Some(key) = view.key() {
-                    self.keys.insert(key, state.next_position)?;
-                }
+        // Checked when it was shipped; a view that does not decode has no key to keep.
+        let view = event::decode(&shipped.bytes).ok();
+        if let Some(key) = view.as_ref().and_then(|v| v.key()) {
+            // This node's own events bring their keys back (a restore); another node's event
+            // gives its key to this node too, unless this node already used it: a retry sent
+            // to any node that holds the first event is answered with it.
+            let own = shipped.meta.id.origin == state.origin;
+            if own || self.keys.get(key)?.is_none() {
+                self.keys.insert(key, state.next_position)?;
             }
         }
         apply(

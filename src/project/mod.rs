@@ -23,7 +23,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use compact_str::CompactString;
 
-use crate::event::{EventId, EventRef, Hash};
+use std::collections::BTreeMap;
+
+use crate::event::{EventId, EventRef, Hash, Origin};
 use crate::hlc;
 use crate::kinds::{self, Body};
 use crate::log::{Checked, LogError, Reader};
@@ -195,8 +197,8 @@ pub fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
 pub trait Target {
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// The last position applied and its hash (0 and zero for none).
-    fn checkpoint(&mut self) -> Result<(u64, Hash), Self::Error>;
+    /// What the target has applied.
+    fn checkpoint(&mut self) -> Result<Checkpoint, Self::Error>;
     /// How many bytes of merged mutable rows the replay may hold before it commits (memory
     /// the target bounds; the replay holds at most twice this, one batch written while the
     /// next one fills).
@@ -211,15 +213,64 @@ pub trait Target {
     ) -> Result<(), Self::Error>;
     /// Writes the batch's merged mutable rows (in table and key order; each group lands only
     /// if its stamp wins against the stored one), records the checkpoint (the last position
-    /// examined and its hash; `applied` more events applied) and commits it with the rows it
-    /// covers.
+    /// examined and its hash, the heads applied; `applied` more events applied) and commits it
+    /// with the rows it covers.
     fn commit(
         &mut self,
         rows: Vec<merge::Row>,
         position: u64,
         hash: Hash,
         applied: u64,
+        heads: &Applied,
     ) -> Result<(), Self::Error>;
+}
+
+/// Per origin, the highest event a projection applied: its seq and hash. Events of one origin
+/// are applied in seq order, so this names exactly the set applied, the same way on every
+/// node and in any apply order: it survives a restore that re-ingests events in another order,
+/// where positions do not.
+pub type Applied = BTreeMap<Origin, (u64, Hash)>;
+
+/// What a target has applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The last position of this node's log examined (0: none), and its event's hash.
+    pub position: u64,
+    pub hash: Hash,
+    /// The heads applied; `None` in a checkpoint written before they were kept (then the
+    /// position must still name this log's event).
+    pub heads: Option<Applied>,
+}
+
+/// The stored form of [`Applied`]: `{"<origin hex>": {"seq": n, "hash": "<hex>"}}`.
+pub fn heads_text(heads: &Applied) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = heads
+        .iter()
+        .map(|(o, (seq, hash))| {
+            let v = serde_json::json!({ "seq": seq, "hash": hash.to_hex() });
+            (o.to_hex(), v)
+        })
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Reads [`heads_text`]'s form back; `Err` says what is wrong with it.
+pub fn parse_heads(text: &str) -> Result<Applied, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Head {
+        seq: u64,
+        hash: String,
+    }
+    let map: BTreeMap<String, Head> = serde_json::from_str(text)
+        .map_err(|e| format!("the checkpoint's heads are not readable: {e}"))?;
+    map.into_iter()
+        .map(|(origin, head)| {
+            let origin = Origin::from_hex(&origin).map_err(|e| e.to_string())?;
+            let hash = Hash::from_hex(&head.hash).map_err(|e| e.to_string())?;
+            Ok((origin, (head.seq, hash)))
+        })
+        .collect()
 }
 
 /// Which events a replay applies.
@@ -251,6 +302,26 @@ pub enum ReplayError<E: std::error::Error + 'static> {
         expected: Hash,
         found: Option<Hash>,
     },
+    #[error(
+        "the projection holds origin {origin} seq {seq} as event {expected}, this log holds {} \
+         there: the log was replaced by one that forked (see README, \"A forked home\"); \
+         `spool rebuild sqlite` rebuilds the SQLite tables and `spool backfill postgres` the \
+         Postgres ones",
+        .found.map_or_else(|| "nothing".to_owned(), |h| h.to_hex())
+    )]
+    Forked {
+        origin: Origin,
+        seq: u64,
+        expected: Hash,
+        found: Option<Hash>,
+    },
+    #[error(
+        "the projection holds origin {origin} up to seq {seq}, this log only up to seq {held}: \
+         the log was restored from an older copy; ingest a peer's export that holds those events \
+         (README, \"Restoring a node\"), or rebuild the tables from this log (`spool rebuild \
+         sqlite`, `spool backfill postgres`)"
+    )]
+    Behind { origin: Origin, seq: u64, held: u64 },
     #[error("starting the projecting thread: {0}")]
     Thread(std::io::Error),
 }
@@ -265,26 +336,68 @@ pub fn catch_up<T: Target>(
     resume(reader, target, Until::default(), progress)
 }
 
-/// Continues `target` from its checkpoint up to `until`, after checking that the checkpoint
-/// names an event of this log. Returns the number of events applied.
+/// Continues `target` from its checkpoint up to `until`, after checking that every head it
+/// applied is this log's event. Starts at the first event not applied (after a restore, the
+/// log may hold the same events in another order) and skips the applied ones after it. Returns
+/// the number of events applied.
 pub fn resume<T: Target>(
     reader: &Reader,
     target: &mut T,
     until: Until,
     progress: impl FnMut(u64),
 ) -> Result<u64, ReplayError<T::Error>> {
-    let (position, expected) = target.checkpoint().map_err(ReplayError::Target)?;
-    if position > 0 {
-        let found = reader.get(position)?.map(|r| r.hash);
+    let checkpoint = target.checkpoint().map_err(ReplayError::Target)?;
+    let heads = match checkpoint.heads {
+        Some(heads) => {
+            check_heads(reader, &heads)?;
+            heads
+        }
+        None if checkpoint.position == 0 => Applied::new(),
+        None => {
+            // Written before checkpoints kept heads: its position must be this log's event.
+            let (position, expected) = (checkpoint.position, checkpoint.hash);
+            let found = reader.get(position)?.map(|r| r.hash);
+            if found != Some(expected) {
+                return Err(ReplayError::Diverged {
+                    position,
+                    expected,
+                    found,
+                });
+            }
+            reader.applied_at(position)?
+        }
+    };
+    let from = match reader.first_not_in(&heads)? {
+        Some(position) => position - 1,
+        None => reader.last_position()?,
+    };
+    replay_from(reader, target, from, heads, until, progress)
+}
+
+/// Checks that this log holds each of `heads`: the same event at each origin's seq.
+fn check_heads<E: std::error::Error + 'static>(
+    reader: &Reader,
+    heads: &Applied,
+) -> Result<(), ReplayError<E>> {
+    for (&origin, &(seq, expected)) in heads {
+        let held = reader.head_seq(origin)?;
+        if held < seq {
+            return Err(ReplayError::Behind { origin, seq, held });
+        }
+        let found = match reader.position_of(EventId { origin, seq })? {
+            Some(position) => reader.get(position)?.map(|r| r.hash),
+            None => None,
+        };
         if found != Some(expected) {
-            return Err(ReplayError::Diverged {
-                position,
+            return Err(ReplayError::Forked {
+                origin,
+                seq,
                 expected,
                 found,
             });
         }
     }
-    replay(reader, target, position, until, progress)
+    Ok(())
 }
 
 /// Most events in one transaction of the replay; a target may ask to commit sooner
@@ -313,7 +426,17 @@ enum Step {
         rows: Vec<merge::Row>,
         tail: (u64, Hash),
         applied: u64,
+        heads: Applied,
     },
+}
+
+/// The events a replay examines: positions `(from, last]`, those not covered by `heads` (which
+/// it moves as it applies), within `until`.
+struct Range {
+    from: u64,
+    last: u64,
+    heads: Applied,
+    until: Until,
 }
 
 /// THE replay loop: applies the events after position `from` (up to `until`) to `target`, in
@@ -330,6 +453,18 @@ pub fn replay<T: Target>(
     target: &mut T,
     from: u64,
     until: Until,
+    progress: impl FnMut(u64),
+) -> Result<u64, ReplayError<T::Error>> {
+    replay_from(reader, target, from, Applied::new(), until, progress)
+}
+
+/// [`replay`] into a target that has applied `heads`: events they cover are skipped.
+fn replay_from<T: Target>(
+    reader: &Reader,
+    target: &mut T,
+    from: u64,
+    heads: Applied,
+    until: Until,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ReplayError<T::Error>> {
     let last = match until.position {
@@ -345,8 +480,13 @@ pub fn replay<T: Target>(
         std::thread::Builder::new()
             .name("spool-project".into())
             .spawn_scoped(scope, move || {
-                if let Err(error) = project_range(reader, from, last, until, held_bytes_max, &send)
-                {
+                let range = Range {
+                    from,
+                    last,
+                    heads,
+                    until,
+                };
+                if let Err(error) = project_range(reader, range, held_bytes_max, &send) {
                     let _ = send.send(Err(error));
                 }
             })
@@ -369,9 +509,10 @@ pub fn replay<T: Target>(
                     rows,
                     tail: (position, hash),
                     applied: batch,
+                    heads,
                 } => {
                     target
-                        .commit(rows, position, hash, batch)
+                        .commit(rows, position, hash, batch, &heads)
                         .map_err(ReplayError::Target)?;
                     (applied, open) = (applied + batch, false);
                 }
@@ -388,12 +529,16 @@ pub fn replay<T: Target>(
 /// without error, when the applying side has stopped.
 fn project_range<E: std::error::Error + 'static>(
     reader: &Reader,
-    from: u64,
-    last: u64,
-    until: Until,
+    range: Range,
     held_bytes_max: usize,
     send: &std::sync::mpsc::SyncSender<Result<Step, ReplayError<E>>>,
 ) -> Result<(), ReplayError<E>> {
+    let Range {
+        from,
+        last,
+        mut heads,
+        until,
+    } = range;
     let (read, chunks) =
         std::sync::mpsc::sync_channel::<Result<Checked, LogError>>(REPLAY_CHUNKS_READ_AHEAD);
     let (recycle, empty) = std::sync::mpsc::channel::<Checked>();
@@ -430,6 +575,14 @@ fn project_range<E: std::error::Error + 'static>(
                 if until.time_ms.is_some_and(|t| hlc::physical_ms(order) > t) {
                     continue;
                 }
+                let (origin, seq) = (event.origin(), event.seq());
+                match heads.get_mut(&origin) {
+                    Some(head) if seq <= head.0 => continue,
+                    Some(head) => *head = (seq, checked.hash),
+                    None => {
+                        heads.insert(origin, (seq, checked.hash));
+                    }
+                }
                 let ctx = Context::of(&event, order);
                 let written = match kinds::body(event.kind(), event.version(), event.payload()) {
                     Ok(body) => writes(&ctx, &body),
@@ -464,6 +617,7 @@ fn project_range<E: std::error::Error + 'static>(
                     rows: std::mem::take(&mut merged).into_rows(),
                     tail: end,
                     applied: std::mem::take(&mut batch),
+                    heads: heads.clone(),
                 };
                 tail = None;
                 if send.send(Ok(step)).is_err() {
@@ -476,6 +630,7 @@ fn project_range<E: std::error::Error + 'static>(
                 rows: merged.into_rows(),
                 tail,
                 applied: batch,
+                heads,
             };
             let _ = send.send(Ok(step));
         }

@@ -26,15 +26,18 @@ use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
 use super::merge::Row;
-use super::{sql, Target, Val, APPEND_ONLY, INSERT_RUN_BYTES};
+use super::{sql, Applied, Checkpoint, Target, Val, APPEND_ONLY, INSERT_RUN_BYTES};
 use crate::event::{Hash, Origin};
 
 /// Once per database: the roles and the schema version.
 pub const SCHEMA: &str = include_str!("../../projections/postgres/schema.sql");
 /// The tables, laid out in the current schema (`public`, or a backfill's shadow).
 pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
-/// Bumped whenever the DDL changes: an older database is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 2;
+/// The views over the tables, made in `public` at every connect and after a swap.
+pub const VIEWS: &str = include_str!("../../projections/postgres/views.sql");
+/// Bumped whenever the DDL changes: an older database is refused, not misread, until a
+/// backfill (which builds every table in this layout and swaps them in) moves it up.
+pub const SCHEMA_VERSION: i64 = 3;
 /// Version 1 lacked the list of events a projection could not read (added whole by this).
 const MIGRATE_1_TO_2: &str = "CREATE TABLE IF NOT EXISTS public.spool_unreadable (
   id text PRIMARY KEY,
@@ -61,12 +64,24 @@ const SCHEMA_LOCK: i64 = 0x7370_6f6f_6c00_0001;
 pub enum PostgresError {
     #[error("{}", describe(.0))]
     Sql(#[from] postgres::Error),
-    #[error("the database's spool schema is version {found}, this build writes {SCHEMA_VERSION}")]
+    #[error(
+        "the database's spool schema is version {found}, this build writes {SCHEMA_VERSION}{}",
+        if *.found < SCHEMA_VERSION {
+            "; `spool backfill postgres` builds its tables in this layout from this node's log \
+             and swaps them in (other nodes then re-apply their events)"
+        } else {
+            "; use a newer spool"
+        }
+    )]
     OtherSchema { found: i64 },
     #[error("connecting to {target}: {cause}")]
     Connect { target: String, cause: String },
     #[error("the connection string is not valid: {0}")]
     Url(String),
+    #[error(
+        "the checkpoint of node {node}: {problem}; rebuild the tables (`spool backfill postgres`)"
+    )]
+    Heads { node: String, problem: String },
     #[error("the checkpoint of node {node} holds a hash of {len} bytes")]
     BadCheckpoint { node: String, len: usize },
     #[error("the checkpoint of node {node} moved while this replay ran (another projection of this node, or a backfill swapped in); it is read again")]
@@ -233,6 +248,12 @@ impl Postgres {
     /// Connects to `url` for live projection into `public`, creating the schema if the
     /// database has none.
     pub fn connect(url: &str, node: Origin) -> Result<Postgres, PostgresError> {
+        Postgres::open(url, node, false)
+    }
+
+    /// As [`Postgres::connect`]; with `older_ok`, a database of an older schema is let in too
+    /// (a backfill builds the current layout beside it and its swap moves the version up).
+    fn open(url: &str, node: Origin, older_ok: bool) -> Result<Postgres, PostgresError> {
         let mut client = connect(url)?;
         client.batch_execute("SET client_min_messages = error")?;
         let mut tx = client.transaction()?;
@@ -259,10 +280,14 @@ impl Postgres {
             tx.batch_execute(MIGRATE_1_TO_2)?;
             found = 2;
         }
-        tx.commit()?;
-        if found != SCHEMA_VERSION {
+        if found > SCHEMA_VERSION || (found < SCHEMA_VERSION && !older_ok) {
             return Err(PostgresError::OtherSchema { found });
         }
+        if found == SCHEMA_VERSION {
+            tx.batch_execute("SET LOCAL search_path = public")?;
+            tx.batch_execute(VIEWS)?;
+        }
+        tx.commit()?;
         client.batch_execute("SET search_path = public")?;
         let types = column_types(&mut client, "public")?;
         Ok(Postgres {
@@ -281,12 +306,15 @@ impl Postgres {
     /// interrupted, which then resumes from its checkpoint. Returns the target and the pinned
     /// position.
     pub fn backfill(url: &str, node: Origin, pin: u64) -> Result<(Postgres, u64), PostgresError> {
-        let mut live = Postgres::connect(url, node)?;
+        let mut live = Postgres::open(url, node, true)?;
         let mut tx = live.client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
         let state = tx.query_opt(
-            &format!("SELECT node, pinned FROM {SHADOW}.spool_backfill_state WHERE id = 1"),
-            &[],
+            &format!(
+                "SELECT node, pinned FROM {SHADOW}.spool_backfill_state \
+                 WHERE id = 1 AND schema_version = $1"
+            ),
+            &[&SCHEMA_VERSION],
         );
         let pinned = match state {
             Ok(Some(row)) => {
@@ -296,7 +324,8 @@ impl Postgres {
                 }
                 row.get::<_, i64>(1) as u64
             }
-            // No shadow schema yet (or a half-made one from before its first commit).
+            // No shadow schema yet (or a half-made one from before its first commit, or one an
+            // older build laid out).
             _ => {
                 drop(tx);
                 tx = live.client.transaction()?;
@@ -351,12 +380,14 @@ impl Postgres {
                 ))?;
                 tx.execute(
                     "CREATE TABLE spool_backfill_state (id int PRIMARY KEY CHECK (id = 1), \
-                     node text NOT NULL, pinned bigint NOT NULL, started_at timestamptz NOT NULL DEFAULT now())",
+                     node text NOT NULL, pinned bigint NOT NULL, schema_version bigint NOT NULL, \
+                     started_at timestamptz NOT NULL DEFAULT now())",
                     &[],
                 )?;
                 tx.execute(
-                    "INSERT INTO spool_backfill_state (id, node, pinned) VALUES (1, $1, $2)",
-                    &[&live.node, &(pin as i64)],
+                    "INSERT INTO spool_backfill_state (id, node, pinned, schema_version) \
+                     VALUES (1, $1, $2, $3)",
+                    &[&live.node, &(pin as i64), &SCHEMA_VERSION],
                 )?;
                 pin
             }
@@ -436,6 +467,13 @@ impl Postgres {
         tx.batch_execute(&format!(
             "DROP SCHEMA spool_retired CASCADE; DROP SCHEMA {SHADOW} CASCADE"
         ))?;
+        // The views read the retired tables and went with them; the layout is now this build's.
+        tx.batch_execute("SET LOCAL search_path = public")?;
+        tx.batch_execute(VIEWS)?;
+        tx.execute(
+            "UPDATE public.spool_meta SET schema_version = $1 WHERE id = 1",
+            &[&SCHEMA_VERSION],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -500,6 +538,7 @@ impl Postgres {
         position: u64,
         hash: Hash,
         applied: u64,
+        heads: &Applied,
     ) -> Result<(), PostgresError> {
         // Inserts first, then the merged rows in (table, key) order.
         self.send_all()?;
@@ -536,7 +575,7 @@ impl Postgres {
             }
         }
         self.send_all()?;
-        self.advance(position, hash, applied)?;
+        self.advance(position, hash, applied, heads)?;
         self.client.batch_execute("COMMIT")?;
         self.expected = Some(position);
         Ok(())
@@ -544,26 +583,40 @@ impl Postgres {
 
     /// Moves this node's checkpoint from the one the replay started from; fails as retryable
     /// if someone else moved it meanwhile.
-    fn advance(&mut self, position: u64, hash: Hash, applied: u64) -> Result<(), PostgresError> {
+    fn advance(
+        &mut self,
+        position: u64,
+        hash: Hash,
+        applied: u64,
+        heads: &Applied,
+    ) -> Result<(), PostgresError> {
         let moved = || PostgresError::CheckpointMoved {
             node: self.node.clone(),
         };
+        let heads = super::heads_text(heads);
         let changed = match self.expected {
             None => return Err(moved()),
             Some(0) => self.client.execute(
-                "INSERT INTO spool_checkpoints (node, position, hash, events) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (node) DO NOTHING",
-                &[&self.node, &(position as i64), &hash.0.as_slice(), &(applied as i64)],
+                "INSERT INTO spool_checkpoints (node, position, hash, events, heads) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (node) DO NOTHING",
+                &[
+                    &self.node,
+                    &(position as i64),
+                    &hash.0.as_slice(),
+                    &(applied as i64),
+                    &heads,
+                ],
             )?,
             Some(from) => self.client.execute(
                 "UPDATE spool_checkpoints SET position = $2, hash = $3, events = events + $4, \
-                 updated_at = now() WHERE node = $1 AND position = $5",
+                 heads = $6, updated_at = now() WHERE node = $1 AND position = $5",
                 &[
                     &self.node,
                     &(position as i64),
                     &hash.0.as_slice(),
                     &(applied as i64),
                     &(from as i64),
+                    &heads,
                 ],
             )?,
         };
@@ -839,9 +892,25 @@ impl ToSql for Val {
 impl Target for Postgres {
     type Error = PostgresError;
 
-    fn checkpoint(&mut self) -> Result<(u64, Hash), PostgresError> {
+    fn checkpoint(&mut self) -> Result<Checkpoint, PostgresError> {
         let (position, hash, _) = Postgres::checkpoint(self)?;
-        Ok((position, hash))
+        let row = self.client.query_opt(
+            "SELECT heads FROM spool_checkpoints WHERE node = $1",
+            &[&self.node],
+        )?;
+        let heads = row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .map(|text| super::parse_heads(&text))
+            .transpose()
+            .map_err(|problem| PostgresError::Heads {
+                node: self.node.clone(),
+                problem,
+            })?;
+        Ok(Checkpoint {
+            position,
+            hash,
+            heads,
+        })
     }
 
     fn held_bytes_max(&self) -> usize {
@@ -873,8 +942,9 @@ impl Target for Postgres {
         position: u64,
         hash: Hash,
         applied: u64,
+        heads: &Applied,
     ) -> Result<(), PostgresError> {
-        let result = self.commit_rows(rows, position, hash, applied);
+        let result = self.commit_rows(rows, position, hash, applied, heads);
         self.rolled_back_on_error(result)
     }
 }

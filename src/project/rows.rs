@@ -4,6 +4,7 @@ use compact_str::CompactString;
 use serde::Serialize;
 
 use super::{Context, Group, Rule, Val, Write};
+use crate::kinds::devices::AttemptFailure;
 use crate::kinds::types::{Json, JsonObject};
 use crate::kinds::Body;
 
@@ -67,6 +68,15 @@ fn json_text(j: &Json) -> Val {
 
 fn object_text(j: &JsonObject) -> Val {
     Val::Text(j.0.as_str().into())
+}
+
+/// A first-writer-wins group.
+fn older(stamp: &'static str, cols: Vec<(&'static str, Val)>) -> Group {
+    Group {
+        stamp,
+        rule: Rule::Older,
+        cols,
+    }
 }
 
 /// A last-writer-wins group.
@@ -490,11 +500,10 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             ctx,
             "loom_job_queue",
             vec![("job_id", text(&p.job_id.0))],
-            vec![Group {
-                stamp: "claim_stamp",
-                rule: Rule::Older,
-                cols: vec![("claimed_by", text(&p.host.0)), ("claimed_at", at())],
-            }],
+            vec![older(
+                "claim_stamp",
+                vec![("claimed_by", text(&p.host.0)), ("claimed_at", at())],
+            )],
         )],
         Body::JobCompleted(p) => vec![upsert(
             ctx,
@@ -510,32 +519,60 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ],
             )],
         )],
-        Body::CronRunMirrored(p) => vec![upsert(
-            ctx,
-            "loom_runs",
-            vec![("run_id", text(&p.session_id.0))],
-            vec![
-                newer(
-                    "start_stamp",
-                    vec![
-                        ("workflow_id", text("openclaw-cron-mirror")),
-                        ("trigger", text(&p.job_name.0)),
-                        ("host", text(&p.host.0)),
-                        ("started_at", Val::Text(super::time_text(p.started_at_ms))),
-                        ("source", text("openclaw-cron")),
-                    ],
-                ),
-                newer(
-                    "end_stamp",
-                    vec![
-                        ("end_status", name(&p.status)),
-                        ("error", Val::Null),
-                        ("finished_at", p.finished_at_ms.map(super::time_text).into()),
-                        ("summary", opt(&p.summary)),
-                    ],
-                ),
-            ],
-        )],
+        Body::CronRunMirrored(p) => vec![
+            upsert(
+                ctx,
+                "loom_runs",
+                vec![("run_id", text(&p.session_id.0))],
+                vec![
+                    newer(
+                        "start_stamp",
+                        vec![
+                            ("workflow_id", text("openclaw-cron-mirror")),
+                            ("trigger", text(&p.job_name.0)),
+                            ("host", text(&p.host.0)),
+                            ("started_at", Val::Text(super::time_text(p.started_at_ms))),
+                            ("source", text("openclaw-cron")),
+                        ],
+                    ),
+                    newer(
+                        "end_stamp",
+                        vec![
+                            ("end_status", name(&p.status)),
+                            ("error", Val::Null),
+                            ("finished_at", p.finished_at_ms.map(super::time_text).into()),
+                            ("summary", opt(&p.summary)),
+                        ],
+                    ),
+                ],
+            ),
+            // The mirror's synthetic step: the cron job itself, keyed by the session too.
+            upsert(
+                ctx,
+                "loom_step_runs",
+                vec![
+                    ("run_id", text(&p.session_id.0)),
+                    ("step_id", text(&p.job_name.0)),
+                ],
+                vec![
+                    newer(
+                        "start_stamp",
+                        vec![("started_at", Val::Text(super::time_text(p.started_at_ms)))],
+                    ),
+                    newer(
+                        "end_stamp",
+                        vec![
+                            ("end_status", name(&p.status)),
+                            ("exit_code", Val::Null),
+                            ("output_tail", Val::Null),
+                            ("result", Val::Null),
+                            ("error", Val::Null),
+                            ("finished_at", p.finished_at_ms.map(super::time_text).into()),
+                        ],
+                    ),
+                ],
+            ),
+        ],
         Body::NodeHeartbeat(p) => vec![upsert(
             ctx,
             "openclaw_instances",
@@ -563,27 +600,28 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ],
             )],
         )],
+        // One row per (resource, bot): a bot's release ends its own claim only, so a bot
+        // whose claim ran out cannot release the claim another bot took since.
         Body::BotClaimed(p) => vec![upsert(
             ctx,
             "bot_claims",
-            vec![("resource", text(&p.resource.0))],
+            vec![
+                ("resource", text(&p.resource.0)),
+                ("bot_id", text(&p.bot_id.0)),
+            ],
             vec![newer(
                 "stamp",
-                vec![
-                    ("bot_id", text(&p.bot_id.0)),
-                    ("ttl_ms", (p.ttl_ms as i64).into()),
-                    ("claimed_at", at()),
-                ],
+                vec![("ttl_ms", (p.ttl_ms as i64).into()), ("claimed_at", at())],
             )],
         )],
         Body::BotReleased(p) => vec![upsert(
             ctx,
             "bot_claims",
-            vec![("resource", text(&p.resource.0))],
-            vec![newer(
-                "release_stamp",
-                vec![("released_by", text(&p.bot_id.0)), ("released_at", at())],
-            )],
+            vec![
+                ("resource", text(&p.resource.0)),
+                ("bot_id", text(&p.bot_id.0)),
+            ],
+            vec![newer("release_stamp", vec![("released_at", at())])],
         )],
         Body::Logged(p) => vec![insert(
             "activity_log",
@@ -613,20 +651,28 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 ],
             )],
         )],
+        // Adding and removing share the removal's group: the later of the two says whether
+        // the recipient is removed, so one added again after a removal is active again.
         Body::RecipientAdded(p) => vec![upsert(
             ctx,
             "vault_recipients",
             vec![("recipient_id", text(&p.recipient_id.0))],
-            vec![newer(
-                "add_stamp",
-                vec![
-                    ("device_id", text(&p.device_id.0)),
-                    ("label", text(&p.label.0)),
-                    ("public_key", text(&p.public_key.0)),
-                    ("fingerprint", text(&p.fingerprint.0)),
-                    ("added_at", at()),
-                ],
-            )],
+            vec![
+                newer(
+                    "add_stamp",
+                    vec![
+                        ("device_id", text(&p.device_id.0)),
+                        ("label", text(&p.label.0)),
+                        ("public_key", text(&p.public_key.0)),
+                        ("fingerprint", text(&p.fingerprint.0)),
+                        ("added_at", at()),
+                    ],
+                ),
+                newer(
+                    "remove_stamp",
+                    vec![("removed_at", Val::Null), ("remove_reason", Val::Null)],
+                ),
+            ],
         )],
         Body::RecipientRemoved(p) => vec![upsert(
             ctx,
@@ -700,30 +746,50 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
             "cancelled",
             p.reason.as_ref().map(|r| r.0.as_str()),
         )],
-        Body::PairingAttemptFailed(p) => vec![insert(
-            "pairing_attempts",
-            vec![
-                ("id", id()),
-                ("pairing_id", opt(&p.pairing_id)),
-                ("device_id", text(&p.device_id.0)),
-                ("failure", name(&p.failure)),
-                ("attempted_at", at()),
-            ],
-        )],
+        Body::PairingAttemptFailed(p) => {
+            let mut writes = vec![insert(
+                "pairing_attempts",
+                vec![
+                    ("id", id()),
+                    ("pairing_id", opt(&p.pairing_id)),
+                    ("device_id", text(&p.device_id.0)),
+                    ("failure", name(&p.failure)),
+                    ("attempted_at", at()),
+                ],
+            )];
+            // Too many failed attempts lock the pairing it names: it ends there.
+            if let (AttemptFailure::TooManyAttempts, Some(pairing)) = (&p.failure, &p.pairing_id) {
+                writes.push(pairing_end(
+                    ctx,
+                    &pairing.0,
+                    "locked",
+                    Some("too_many_attempts"),
+                ));
+            }
+            writes
+        }
+        // Pairing and revoking share the revocation's group: the later of the two says
+        // whether the device is revoked, so a device paired again after a revocation is not.
         Body::DevicePaired(p) => vec![upsert(
             ctx,
             "devices",
             vec![("device_id", text(&p.device_id.0))],
-            vec![newer(
-                "pair_stamp",
-                vec![
-                    ("label", text(&p.label.0)),
-                    ("capabilities", json(&p.capabilities)),
-                    ("signing_public_key", text(&p.signing_public_key.0)),
-                    ("pairing_id", opt(&p.pairing_id)),
-                    ("paired_at", at()),
-                ],
-            )],
+            vec![
+                newer(
+                    "pair_stamp",
+                    vec![
+                        ("label", text(&p.label.0)),
+                        ("capabilities", json(&p.capabilities)),
+                        ("signing_public_key", text(&p.signing_public_key.0)),
+                        ("pairing_id", opt(&p.pairing_id)),
+                        ("paired_at", at()),
+                    ],
+                ),
+                newer(
+                    "revoke_stamp",
+                    vec![("revoked_at", Val::Null), ("revoke_reason", Val::Null)],
+                ),
+            ],
         )],
         Body::DeviceRevoked(p) => vec![upsert(
             ctx,
@@ -734,20 +800,94 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![("revoked_at", at()), ("revoke_reason", opt(&p.reason))],
             )],
         )],
-        // OpenClaw's own stores are not among the local tables; Postgres projects them.
-        Body::AuthProfileUpserted(_)
-        | Body::SessionCreated(_)
-        | Body::SessionUpdated(_)
-        | Body::ConfigValueSet(_) => Vec::new(),
+        // OpenClaw's own stores (openclaw-persistence.md): the session index, config values and
+        // auth profiles (whose credential is only ever a vault reference).
+        Body::SessionCreated(p) => {
+            let mut groups = vec![
+                older(
+                    "created_stamp",
+                    vec![("agent_id", opt(&p.agent_id)), ("created_at", at())],
+                ),
+                newer("key_stamp", vec![("session_key", text(&p.session_key.0))]),
+                newer("updated_stamp", vec![("updated_at", at())]),
+            ];
+            if let Some(file) = &p.session_file {
+                groups.push(newer("file_stamp", vec![("session_file", text(&file.0))]));
+            }
+            vec![upsert(
+                ctx,
+                "openclaw_sessions",
+                vec![("session_id", text(&p.session_id.0))],
+                groups,
+            )]
+        }
+        Body::SessionUpdated(p) => {
+            let mut groups = present(vec![
+                (
+                    "key_stamp",
+                    "session_key",
+                    p.session_key.as_ref().map(|k| text(&k.0)),
+                ),
+                (
+                    "file_stamp",
+                    "session_file",
+                    p.session_file.as_ref().map(|f| text(&f.0)),
+                ),
+            ]);
+            groups.push(newer("updated_stamp", vec![("updated_at", at())]));
+            vec![upsert(
+                ctx,
+                "openclaw_sessions",
+                vec![("session_id", text(&p.session_id.0))],
+                groups,
+            )]
+        }
+        Body::ConfigValueSet(p) => vec![upsert(
+            ctx,
+            "openclaw_config",
+            vec![
+                // '' is the global config; an id, that agent's override.
+                (
+                    "agent_id",
+                    text(p.agent_id.as_ref().map_or("", |a| a.0.as_str())),
+                ),
+                ("path", text(&p.path.0)),
+            ],
+            vec![newer(
+                "stamp",
+                vec![("value", json_text(&p.value)), ("set_at", at())],
+            )],
+        )],
+        Body::AuthProfileUpserted(p) => vec![upsert(
+            ctx,
+            "openclaw_auth_profiles",
+            vec![
+                ("agent_id", text(&p.agent_id.0)),
+                ("profile_id", text(&p.profile_id.0)),
+            ],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("provider", text(&p.provider.0)),
+                    ("mode", name(&p.mode)),
+                    ("credential_ref", text(&p.credential_ref.0)),
+                    ("expires_at", p.expires_at_ms.map(super::time_text).into()),
+                    ("email", opt(&p.email)),
+                    ("updated_at", at()),
+                ],
+            )],
+        )],
     }
 }
 
+/// A pairing's end. A pairing ends once: the first end (in causal order) stands, so an expiry
+/// or a cancellation that comes after the code was used or locked changes nothing.
 fn pairing_end(ctx: &Context<'_>, pairing_id: &str, status: &str, reason: Option<&str>) -> Write {
     upsert(
         ctx,
         "pairing_tokens",
         vec![("pairing_id", text(pairing_id))],
-        vec![newer(
+        vec![older(
             "end_stamp",
             vec![
                 ("end_status", text(status)),

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, ToSql};
 
 use super::merge::Row;
 use super::sql;
-use super::{Target, Val, INSERT_RUN_BYTES};
+use super::{Applied, Checkpoint, Target, Val, INSERT_RUN_BYTES};
 use crate::event::Hash;
 
 /// The DDL, shipped as files so it can be read and diffed: the tables, and their secondary
@@ -34,21 +34,18 @@ pub const HELD_BYTES_LIVE: usize = 32 << 20;
 const INSERT_RUN: usize = 4_096;
 /// A commit of at least this many merged rows frees them on a thread of its own.
 const FREED_APART_ROWS: usize = 10_000;
-/// Bumped whenever `SCHEMA` changes: an older file is rebuilt, not misread.
-pub const SCHEMA_VERSION: i64 = 3;
+/// Bumped whenever `SCHEMA` changes: an older file is rebuilt (`jobs::open_projection` does it
+/// when the node opens its projection), not misread.
+pub const SCHEMA_VERSION: i64 = 4;
 /// How long one `spool sql` statement may run.
 pub const QUERY_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// The largest string or blob one statement may make.
 pub const QUERY_VALUE_BYTES_MAX: i32 = 16 << 20;
 /// SQLite's memory for one statement, in all (its page cache included).
 pub const QUERY_MEMORY_BYTES_MAX: i64 = 256 << 20;
-/// Version 2 lacked the list of events a projection could not read (added whole by this).
-const MIGRATE_2_TO_3: &str = "CREATE TABLE IF NOT EXISTS spool_unreadable (
-  id TEXT PRIMARY KEY,
-  kind TEXT NOT NULL, version INTEGER NOT NULL, stream TEXT NOT NULL, problem TEXT NOT NULL,
-  created_at TEXT NOT NULL
-);
-PRAGMA user_version = 3;";
+/// The views (readings that depend on when they are read, or join tables): made on every open
+/// of a writable file, so a file made by an older build gets them too.
+const VIEWS: &str = include_str!("../../projections/sqlite/views.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqliteError {
@@ -62,6 +59,8 @@ pub enum SqliteError {
     QueryLimit(String),
     #[error("{path}: projection schema version {found}, this build writes {SCHEMA_VERSION}; rebuild it (`spool rebuild sqlite`)")]
     OtherSchema { path: String, found: i64 },
+    #[error("{0}; rebuild the projection (`spool rebuild sqlite`)")]
+    Checkpoint(String),
 }
 
 /// An open projection file.
@@ -132,11 +131,7 @@ impl Sqlite {
 
     /// Refuses another schema version; with `create`, lays out an empty file.
     fn checked(conn: Connection, path: &Path, create: bool) -> Result<Sqlite, SqliteError> {
-        let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version == 2 && create {
-            conn.execute_batch(MIGRATE_2_TO_3)?;
-            version = 3;
-        }
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version == 0 && create {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
@@ -151,6 +146,9 @@ impl Sqlite {
                 path: path.display().to_string(),
                 found: version,
             });
+        }
+        if create {
+            conn.execute_batch(VIEWS)?;
         }
         Ok(Sqlite {
             conn,
@@ -437,9 +435,22 @@ fn upsert(stmt: &mut rusqlite::CachedStatement<'_>, row: &Row) -> Result<(), Sql
 impl Target for Sqlite {
     type Error = SqliteError;
 
-    fn checkpoint(&mut self) -> Result<(u64, Hash), SqliteError> {
+    fn checkpoint(&mut self) -> Result<Checkpoint, SqliteError> {
         let (position, hash, _) = Sqlite::checkpoint(self)?;
-        Ok((position, hash))
+        let heads: Option<String> =
+            self.conn
+                .query_row("SELECT heads FROM spool_checkpoint WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+        let heads = heads
+            .map(|text| super::parse_heads(&text))
+            .transpose()
+            .map_err(SqliteError::Checkpoint)?;
+        Ok(Checkpoint {
+            position,
+            hash,
+            heads,
+        })
     }
 
     fn held_bytes_max(&self) -> usize {
@@ -488,6 +499,7 @@ impl Target for Sqlite {
         position: u64,
         hash: Hash,
         applied: u64,
+        heads: &Applied,
     ) -> Result<(), SqliteError> {
         for shape in self.shapes.iter_mut() {
             execute(&self.conn, shape)?;
@@ -531,8 +543,14 @@ impl Target for Sqlite {
                 .ok();
         }
         self.conn.execute(
-            "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3 WHERE id = 1",
-            rusqlite::params![position as i64, hash.0.as_slice(), applied as i64],
+            "UPDATE spool_checkpoint SET position = ?1, hash = ?2, events = events + ?3, \
+             heads = ?4 WHERE id = 1",
+            rusqlite::params![
+                position as i64,
+                hash.0.as_slice(),
+                applied as i64,
+                super::heads_text(heads)
+            ],
         )?;
         self.conn.execute_batch("COMMIT")?;
         Ok(())

@@ -35,7 +35,7 @@ use crate::input;
 use crate::log::{Log, LogError};
 use crate::node;
 use crate::priority;
-use crate::project::sqlite::{Durability, Sqlite};
+use crate::project::sqlite::Sqlite;
 use crate::project::{self};
 use crate::wire::{self, Ack, Code, LogQuery, Problem};
 
@@ -1027,7 +1027,12 @@ fn project_live(app: Arc<App>, runtime: tokio::runtime::Handle) {
             let mut held = app.projection_db.lock().unwrap_or_else(|e| e.into_inner());
             let open = match held.take() {
                 Some(db) => Ok(db),
-                None => Sqlite::open(&app.projection, Durability::Live).map_err(|e| e.to_string()),
+                None => app
+                    .log
+                    .read()
+                    .map_err(crate::jobs::JobError::from)
+                    .and_then(|reader| crate::jobs::open_projection(&reader, &app.projection))
+                    .map_err(|e| e.to_string()),
             };
             let caught_up = open.and_then(|mut db| {
                 let reader = app.log.read().map_err(|e| e.to_string())?;
