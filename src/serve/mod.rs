@@ -238,9 +238,12 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         servers.spawn(async move { doors.serve(tcp, tcp_routes, stop).await });
     }
     tracing::info!(socket = %options.socket.display(), "spool serve: listening");
+    // The handlers are in place before anyone hears "ready": a SIGTERM sent at once (systemd
+    // stopping a unit that just started) ends the daemon cleanly, not by the default action.
+    let stop_signal = shutdown_signal()?;
     // Under systemd (`Type=notify`), ready once every listener is bound; elsewhere a no-op.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    shutdown_signal().await;
+    stop_signal.await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("spool serve: stopping; answering what was accepted");
     app.stopping.send_replace(true);
@@ -313,14 +316,17 @@ fn group_id(name: &str) -> Option<u32> {
     (status == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future ends at the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// The HTTP listener requires `Authorization: Bearer <token>`.
