@@ -1,8 +1,10 @@
 //! The log: one redb file per node holding every origin's events.
 //!
 //! Tables (byte-level spec in ARCHITECTURE.md):
-//! - `events`:  first position of a block → block of `hash ++ stored bytes` entries (`block.rs`);
-//!   positions are gapless from 1 and are this node's apply order
+//! - `events`:  first position of a block → block of `hash ++ stored bytes` entries, each with
+//!   its causal order (`block.rs`; `hlc::order`: the stamp raised past its predecessors',
+//!   computed when the event takes its position, equal on every node; projections pick winners
+//!   by it); positions are gapless from 1 and are this node's apply order
 //! - `extents`: (origin, first seq) → (first position, length): runs of one origin's consecutive
 //!   seqs at consecutive positions; the `(origin, seq) → position` index
 //! - `heads`:   origin → (seq, hash) of its highest event: the version vector
@@ -10,9 +12,6 @@
 //!   flush-first so that a flush appends to the tree instead of rewriting it. The positions after
 //!   `meta.streams_to` are not flushed yet and are found by scanning the tail
 //! - `flushes`: first position of a flush → its last position
-//! - `orders`:  first position of a block → the causal order (`hlc::order`) of each of its
-//!   events, u64 LE: the stamp raised past its predecessors', computed when the event takes its
-//!   position and equal on every node; projections pick winners by it
 //! - `keys`:    idempotency key → position
 //! - `pending`: (origin, seq) → `hash ++ stored bytes` of a shipped event waiting for its
 //!   predecessor or deps; moved into `events` in the commit that applies what it waits for
@@ -184,7 +183,7 @@ impl IngestReport {
 }
 
 /// The version of the table layout. A log with a higher one is refused, not misread; one with
-/// a lower one is upgraded when opened (format 1 lacks `orders`).
+/// a lower one is upgraded when opened (format 1's blocks lack causal orders).
 pub const LOG_FORMAT: u32 = 2;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -193,7 +192,6 @@ const HEADS: TableDefinition<[u8; 16], (u64, [u8; 32])> = TableDefinition::new("
 const STREAMS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("streams");
 const FLUSHES: TableDefinition<u64, u64> = TableDefinition::new("flushes");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
-const ORDERS: TableDefinition<u64, &[u8]> = TableDefinition::new("orders");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PENDING: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("pending");
 /// (origin, seq, hash of the refused event).
@@ -327,14 +325,11 @@ pub enum Corruption {
         log_seq: u64,
         log_hash: Hash,
     },
-    #[error(
-        "event at position {position}: causal order {} where {expected} was due",
-        .found.map_or_else(|| "missing".to_owned(), |o| o.to_string())
-    )]
+    #[error("event at position {position}: causal order {found} where {expected} was due")]
     Order {
         position: u64,
         expected: u64,
-        found: Option<u64>,
+        found: u64,
     },
     #[error(
         "origin {origin} seq {seq}: the index points at position {position}, which holds {found:?}"
@@ -598,17 +593,14 @@ where
     Ok(())
 }
 
-/// As [`each_entry`], with each event's causal order from `orders` (one lookup per block); a
-/// block without its orders is corrupt.
-fn each_ordered<E, O>(
+/// As [`each_entry`], with each event's causal order from its block.
+fn each_ordered<E>(
     events: &E,
-    orders: &O,
     from: u64,
     mut visit: impl FnMut(u64, &[u8], u64) -> Result<bool, LogError>,
 ) -> Result<(), LogError>
 where
     E: ReadableTable<u64, &'static [u8]>,
-    O: ReadableTable<u64, &'static [u8]>,
 {
     let start = match events.range(..=from)?.next_back() {
         Some(found) => found?.0.value(),
@@ -618,22 +610,10 @@ where
         let (k, v) = found?;
         let first = k.value();
         let block = parse_block(first, v.value())?;
-        let value = orders.get(first)?;
-        let packed = value.as_ref().map(|v| v.value()).unwrap_or_default();
         for (i, entry) in block.entries().enumerate() {
             let position = first + i as u64;
-            if position < from {
-                continue;
-            }
-            let Some(order) = unpack_order(packed, i) else {
-                return Err(Corruption::Order {
-                    position,
-                    expected: 0,
-                    found: None,
-                }
-                .into());
-            };
-            if !visit(position, entry, order)? {
+            let order = block.order(i).expect("a format-2 block has orders");
+            if position >= from && !visit(position, entry, order)? {
                 return Ok(());
             }
         }
@@ -641,41 +621,30 @@ where
     Ok(())
 }
 
-/// The `i`th order of an `orders` value.
-fn unpack_order(packed: &[u8], i: usize) -> Option<u64> {
-    let bytes = packed.get(i * 8..i * 8 + 8)?;
-    Some(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
-}
-
 /// The causal order stored for the event at `position`.
-fn order_at<T>(orders: &T, position: u64) -> Result<Option<u64>, LogError>
+fn order_at<T>(events: &T, position: u64) -> Result<Option<u64>, LogError>
 where
     T: ReadableTable<u64, &'static [u8]>,
 {
-    let Some(found) = orders.range(..=position)?.next_back() else {
+    let Some(found) = events.range(..=position)?.next_back() else {
         return Ok(None);
     };
     let (k, v) = found?;
-    Ok(unpack_order(v.value(), (position - k.value()) as usize))
+    let first = k.value();
+    let block = parse_block(first, v.value())?;
+    let index = (position - first) as usize;
+    Ok((index < block.len()).then(|| block.order(index)).flatten())
 }
 
-/// The causal order stored for `(origin, seq)`; a held event without one is corrupt.
-fn order_of<X, O>(extents: &X, orders: &O, id: EventId) -> Result<Option<u64>, LogError>
+/// The causal order stored for `(origin, seq)`, if this log holds it.
+fn order_of<X, E>(extents: &X, events: &E, id: EventId) -> Result<Option<u64>, LogError>
 where
     X: ReadableTable<([u8; 16], u64), (u64, u64)>,
-    O: ReadableTable<u64, &'static [u8]>,
+    E: ReadableTable<u64, &'static [u8]>,
 {
-    let Some(position) = position_of(extents, id)? else {
-        return Ok(None);
-    };
-    match order_at(orders, position)? {
-        Some(order) => Ok(Some(order)),
-        None => Err(Corruption::Order {
-            position,
-            expected: 0,
-            found: None,
-        }
-        .into()),
+    match position_of(extents, id)? {
+        Some(position) => order_at(events, position),
+        None => Ok(None),
     }
 }
 
@@ -693,16 +662,17 @@ fn causal_order(
         origin: id.origin,
         seq: id.seq - 1,
     });
-    let mut before = Vec::new();
-    for p in prev.into_iter().chain(deps.into_iter().map(|d| EventId {
+    let deps = deps.into_iter().map(|d| EventId {
         origin: d.origin,
         seq: d.seq,
-    })) {
-        if p.seq > 0 {
-            before.extend(lookup(p)?);
+    });
+    let mut order = hlc;
+    for p in prev.into_iter().chain(deps).filter(|p| p.seq > 0) {
+        if let Some(before) = lookup(p)? {
+            order = crate::hlc::order(order, [before]);
         }
     }
-    Ok(crate::hlc::order(hlc, before))
+    Ok(order)
 }
 
 /// The highest position in an `events` table (0 when empty).
@@ -851,7 +821,6 @@ impl Log {
             txn.open_table(STREAMS)?;
             txn.open_table(FLUSHES)?;
             txn.open_table(KEYS)?;
-            txn.open_table(ORDERS)?;
             txn.open_table(PENDING)?;
             txn.open_table(FORKS)?;
             let mut meta = txn.open_table(META)?;
@@ -1045,9 +1014,8 @@ impl Reader {
         into.bytes.clear();
         into.events.clear();
         let events = self.txn.open_table(EVENTS)?;
-        let orders = self.txn.open_table(ORDERS)?;
         let from = after.saturating_add(1);
-        each_ordered(&events, &orders, from, |position, entry, order| {
+        each_ordered(&events, from, |position, entry, order| {
             let full = !into.events.is_empty() && into.bytes.len() + entry.len() > bytes_max;
             if into.events.len() == limit || full {
                 return Ok(false);

@@ -882,14 +882,28 @@ fn a_format_1_log_gets_its_orders_when_opened_and_verify_names_a_wrong_one() {
             .unwrap();
         orders(&log)
     };
+    // As format 1 stored it: the same blocks without their orders.
     {
         let db = Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.delete_table(ORDERS).unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert("format", 1u32.to_le_bytes().as_slice())
-            .unwrap();
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let old: Vec<(u64, Vec<u8>)> = events
+                .iter()
+                .unwrap()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (k.value(), block::as_v1(v.value()))
+                })
+                .collect();
+            for (k, v) in old {
+                events.insert(k, v.as_slice()).unwrap();
+            }
+            txn.open_table(META)
+                .unwrap()
+                .insert("format", 1u32.to_le_bytes().as_slice())
+                .unwrap();
+        }
         txn.commit().unwrap();
     }
     let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
@@ -902,11 +916,13 @@ fn a_format_1_log_gets_its_orders_when_opened_and_verify_names_a_wrong_one() {
         let db = Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut table = txn.open_table(ORDERS).unwrap();
-            // Each append above committed alone: a block of one event each.
-            let mut packed = table.get(3).unwrap().unwrap().value().to_vec();
-            packed[..8].copy_from_slice(&7u64.to_le_bytes());
-            table.insert(3, packed.as_slice()).unwrap();
+            // Each append above committed alone: a block of one event each, whose order is
+            // the 8 bytes before its footer's one end and count.
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let mut value = events.get(3).unwrap().unwrap().value().to_vec();
+            let at = value.len() - 16;
+            value[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
+            events.insert(3, value.as_slice()).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -917,7 +933,7 @@ fn a_format_1_log_gets_its_orders_when_opened_and_verify_names_a_wrong_one() {
             p,
             Corruption::Order {
                 position: 3,
-                found: Some(7),
+                found: 7,
                 ..
             }
         )),

@@ -12,7 +12,7 @@ use redb::{ReadTransaction, ReadableTable};
 
 use super::{
     causal_order, check_entry, entry_at, last_position, order_of, parse_block, position_of,
-    unpack_order, Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, ORDERS, PENDING,
+    Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, PENDING,
 };
 use crate::event::{EventId, Hash, Origin};
 
@@ -242,7 +242,6 @@ fn link(
 /// Checks the blocks whose first position lies in `first..=last`.
 fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResult, LogError> {
     let events = txn.open_table(EVENTS)?;
-    let orders = txn.open_table(ORDERS)?;
     let extents = txn.open_table(EXTENTS)?;
     // Per origin, the seq and stored order of its last event in this range.
     let mut stored_orders: HashMap<Origin, (u64, u64)> = HashMap::new();
@@ -268,8 +267,6 @@ fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResu
             }
         };
         *after = block_first + block.len() as u64;
-        let packed = orders.get(block_first)?;
-        let packed = packed.as_ref().map(|v| v.value()).unwrap_or_default();
         for (i, entry) in block.entries().enumerate() {
             let position = block_first + i as u64;
             out.events += 1;
@@ -281,26 +278,31 @@ fn check_range(txn: &ReadTransaction, first: u64, last: u64) -> Result<RangeResu
                 }
             };
             let (origin, seq, prev) = (event.origin(), event.seq(), event.prev());
-            let found = unpack_order(packed, i);
-            // A predecessor whose order cannot be read is reported at its own position.
-            let expected =
-                causal_order(
+            let found = block.order(i).expect("a format-2 block has orders");
+            // A predecessor whose order cannot be read is reported at its own position. The
+            // common case (the origin's previous event was just seen, no deps) costs no lookup.
+            let expected = match stored_orders.get(&origin) {
+                Some(&(prev_seq, prev)) if event.deps_len() == 0 && prev_seq + 1 == seq => {
+                    crate::hlc::order(event.hlc(), [prev])
+                }
+                _ => causal_order(
                     event.id(),
                     event.hlc(),
                     event.deps(),
                     |p| match stored_orders.get(&p.origin) {
                         Some(&(seq, order)) if seq == p.seq => Ok(Some(order)),
-                        _ => Ok(order_of(&extents, &orders, p).ok().flatten()),
+                        _ => Ok(order_of(&extents, &events, p).ok().flatten()),
                     },
-                )?;
-            if found != Some(expected) {
+                )?,
+            };
+            if found != expected {
                 out.problems.push(Corruption::Order {
                     position,
                     expected,
                     found,
                 });
             }
-            stored_orders.insert(origin, (seq, found.unwrap_or(expected)));
+            stored_orders.insert(origin, (seq, found));
             match out.fragments.get_mut(&origin) {
                 Some(f) => {
                     link(

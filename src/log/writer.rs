@@ -22,8 +22,8 @@ use super::postings::Postings;
 use super::{
     causal_order, check_entry, each_entry, entry_at, last_position, meta_u64, order_of,
     position_of, Appended, Corruption, IngestReport, LogError, LogOptions, Refusal, Refused,
-    Shipped, EVENTS, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, ORDERS, PENDING,
-    PENDING_EVENTS_MAX, STREAMS,
+    Shipped, EVENTS, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX,
+    STREAMS,
 };
 use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
@@ -234,7 +234,6 @@ impl State {
         let mut extents = HashMap::new();
         let mut orders = HashMap::new();
         let extent_table = txn.open_table(EXTENTS)?;
-        let order_table = txn.open_table(ORDERS)?;
         for entry in txn.open_table(HEADS)?.iter()? {
             let (k, v) = entry?;
             let (seq, hash) = v.value();
@@ -243,7 +242,7 @@ impl State {
                 origin: Origin(k.value()),
                 seq,
             };
-            if let Some(order) = order_of(&extent_table, &order_table, id)? {
+            if let Some(order) = order_of(&extent_table, &events, id)? {
                 orders.insert(id.origin, order);
             }
             if let Some(last) = extent_table
@@ -786,13 +785,7 @@ fn write_events(
     let written = new_events.len();
     let first_position = state.next_position;
     let mut table = txn.open_table(EVENTS)?;
-    let mut order_table = txn.open_table(ORDERS)?;
-    let mut blocks = Blocks::new(
-        &mut table,
-        &mut order_table,
-        first_position,
-        std::mem::take(&mut state.block),
-    );
+    let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
     let mut spare = std::mem::take(&mut state.spare);
     let mut orders = orders.into_iter();
     let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
@@ -953,11 +946,9 @@ fn commit_ingest(
     let now = now_ms();
     {
         let mut events = txn.open_table(EVENTS)?;
-        let mut orders = txn.open_table(ORDERS)?;
         let mut tables = Shipping {
             blocks: Blocks::new(
                 &mut events,
-                &mut orders,
                 state.next_position,
                 std::mem::take(&mut state.block),
             ),
@@ -1220,7 +1211,8 @@ fn apply(
         if let Some(&(_, order)) = here.get(&p) {
             return Ok(Some(order));
         }
-        order_of(&*extents, &*blocks.orders, p)
+        // Earlier in this transaction but in a block already written, or committed before.
+        order_of(&*extents, &*blocks.table, p)
     })?;
     blocks.push(&shipped.meta.hash, &shipped.bytes, order)?;
     state.orders.insert(id.origin, order);
@@ -1261,14 +1253,11 @@ fn stored_answer(
     })
 }
 
-/// Packs consecutive events into blocks and inserts each block, and its events' causal orders,
-/// as it fills.
+/// Packs consecutive events, with their causal orders, into blocks and inserts each block as it
+/// fills.
 struct Blocks<'t, 'txn> {
     table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
-    orders: &'t mut redb::Table<'txn, u64, &'static [u8]>,
     block: BlockBuilder,
-    /// The open block's orders, u64 LE each.
-    packed: Vec<u8>,
     first: u64,
 }
 
@@ -1276,16 +1265,13 @@ impl<'t, 'txn> Blocks<'t, 'txn> {
     /// Packs events from position `first` on into `block`'s buffers (cleared; kept by the caller).
     fn new(
         table: &'t mut redb::Table<'txn, u64, &'static [u8]>,
-        orders: &'t mut redb::Table<'txn, u64, &'static [u8]>,
         first: u64,
         mut block: BlockBuilder,
     ) -> Self {
         block.clear();
         Blocks {
             table,
-            orders,
             block,
-            packed: Vec::new(),
             first,
         }
     }
@@ -1293,26 +1279,18 @@ impl<'t, 'txn> Blocks<'t, 'txn> {
     fn push(&mut self, hash: &Hash, bytes: &[u8], order: u64) -> Result<(), LogError> {
         if !self.block.fits(bytes.len()) {
             let events = self.block.len() as u64;
-            self.seal()?;
+            self.table.insert(self.first, self.block.seal())?;
+            self.block.clear();
             self.first += events;
         }
-        self.block.push(&hash.0, bytes);
-        self.packed.extend_from_slice(&order.to_le_bytes());
-        Ok(())
-    }
-
-    fn seal(&mut self) -> Result<(), LogError> {
-        self.table.insert(self.first, self.block.seal())?;
-        self.orders.insert(self.first, self.packed.as_slice())?;
-        self.block.clear();
-        self.packed.clear();
+        self.block.push(&hash.0, bytes, order);
         Ok(())
     }
 
     /// Writes the last block and gives back the builder, for the next commit.
     fn close(mut self) -> Result<BlockBuilder, LogError> {
         if !self.block.is_empty() {
-            self.seal()?;
+            self.table.insert(self.first, self.block.seal())?;
         }
         Ok(self.block)
     }
