@@ -106,6 +106,24 @@ impl Shipped {
             });
         }
         let view = view.map_err(ShippedError::Undecodable)?;
+        // What no chain can hold, whatever the caller's rules: checked here so that no path
+        // into the log classifies it as something else (seq 0 as a fork).
+        let structural = if view.seq() == 0 {
+            Some("seq: must be 1 or more".to_owned())
+        } else if view.deps_len() > event::DEPS_MAX {
+            Some(format!(
+                "deps: names more origins than the limit of {}",
+                event::DEPS_MAX
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = structural {
+            return Err(ShippedError::Refused {
+                id: view.id(),
+                problem,
+            });
+        }
         check(&view).map_err(|problem| ShippedError::Refused {
             id: view.id(),
             problem,

@@ -770,6 +770,18 @@ fn the_writer_leaves_only_the_end_of_the_log_in_the_kernels_cache() {
 
 /// An event of `origin` as another node ships it: stamped `hlc`, after `prev`, with `deps`.
 fn shipped(origin: Origin, seq: u64, prev: Hash, hlc: u64, deps: Vec<event::Dep>) -> Shipped {
+    let (hash, bytes) = shipped_bytes(origin, seq, prev, hlc, deps);
+    Shipped::verify(hash, bytes).unwrap()
+}
+
+/// The hash and stored bytes of such an event, unchecked.
+fn shipped_bytes(
+    origin: Origin,
+    seq: u64,
+    prev: Hash,
+    hlc: u64,
+    deps: Vec<event::Dep>,
+) -> (Hash, Vec<u8>) {
     let new = activity("t", "shipped", None);
     let mut event = event::Event {
         origin,
@@ -788,7 +800,7 @@ fn shipped(origin: Origin, seq: u64, prev: Hash, hlc: u64, deps: Vec<event::Dep>
     };
     let mut bytes = event::append_stored(&mut event, Vec::new());
     let hash = event::chain(&mut bytes, prev);
-    Shipped::verify(hash, bytes).unwrap()
+    (hash, bytes)
 }
 
 /// Every event's (origin, seq, hlc, order), in position order.
@@ -939,5 +951,28 @@ fn a_format_1_log_gets_its_orders_when_opened_and_verify_names_a_wrong_one() {
         )),
         "{:?}",
         report.problems
+    );
+}
+
+#[test]
+fn seq_0_and_too_many_deps_are_refused_by_name_not_taken_for_forks() {
+    let other = Origin([0x22; 16]);
+    let zero = shipped_bytes(other, 0, Hash::ZERO, 1, vec![]);
+    let err = Shipped::verify(zero.0, zero.1).unwrap_err();
+    assert!(
+        matches!(&err, ShippedError::Refused { problem, .. } if problem.starts_with("seq")),
+        "{err}"
+    );
+    let deps = (0..=event::DEPS_MAX as u64)
+        .map(|i| event::Dep {
+            origin: Origin([(i % 200) as u8; 16]),
+            seq: i + 1,
+        })
+        .collect();
+    let many = shipped_bytes(other, 1, Hash::ZERO, 1, deps);
+    let err = Shipped::verify(many.0, many.1).unwrap_err();
+    assert!(
+        matches!(&err, ShippedError::Refused { problem, .. } if problem.starts_with("deps")),
+        "{err}"
     );
 }
