@@ -751,3 +751,29 @@ fn an_older_projection_is_rebuilt_when_opened() {
     );
     assert_eq!(n.trim(), r#"{"n":2}"#);
 }
+
+/// `init` makes the node's signing key, private to its owner, and the node's id is bound to
+/// it; nothing the node prints or exports holds the secret.
+#[test]
+fn init_makes_a_private_key_the_node_id_is_bound_to() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (dir, home) = new_home();
+    let key_path = home.join("node.key");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let key = spool::identity::NodeKey::load(&key_path).unwrap();
+    let status: Value = serde_json::from_str(&ok(&home, &["status", "--json"], "")).unwrap();
+    assert_eq!(status["node"]["id"], key.origin().to_hex(), "{status}");
+
+    ok(&home, &["append"], &activity("s", "one"));
+    let secret = std::fs::read_to_string(&key_path).unwrap();
+    let secret = secret.lines().nth(1).unwrap().to_owned();
+    let export = dir.path().join("all.spool");
+    ok(&home, &["export", "--out", export.to_str().unwrap()], "");
+    let mut shown = ok(&home, &["log"], "") + &ok(&home, &["status", "--json"], "");
+    shown += &String::from_utf8_lossy(&std::fs::read(&export).unwrap());
+    assert!(!shown.contains(&secret));
+    let secret_bytes = hex::decode(&secret).unwrap();
+    let file = std::fs::read(&export).unwrap();
+    assert!(!file.windows(32).any(|w| w == secret_bytes.as_slice()));
+}

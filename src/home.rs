@@ -9,11 +9,14 @@
 use std::path::{Path, PathBuf};
 
 use crate::event::Origin;
+use crate::identity::NodeKey;
 use crate::log::{Log, LogError, LogOptions};
 
 pub const NODE_FILE: &str = "node.toml";
 pub const CONFIG_FILE: &str = "spool.toml";
 pub const LOG_FILE: &str = "log.redb";
+/// The node's signing key (`identity::NodeKey`): mode 0600, never copied, logged or exported.
+pub const KEY_FILE: &str = "node.key";
 /// The HTTP listener's bearer token (mode 0600), made by `spool serve --http`.
 pub const SERVE_TOKEN: &str = "serve.token";
 /// Upper bound on a node label, in bytes.
@@ -36,6 +39,8 @@ pub enum HomeError {
     },
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Key(#[from] crate::identity::IdentityError),
 }
 
 /// `node.toml`.
@@ -252,7 +257,17 @@ impl Home {
             move |source| HomeError::Io { path, source }
         };
         create_private_dir(dir).map_err(io(dir))?;
-        let origin = Origin(rand::random());
+        // The node's key, and the origin bound to it. A key left by a failed init is used again.
+        let key_path = dir.join(KEY_FILE);
+        let key = match key_path.exists() {
+            true => NodeKey::load(&key_path)?,
+            false => {
+                let key = NodeKey::generate();
+                key.save_new(&key_path)?;
+                key
+            }
+        };
+        let origin = key.origin();
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.exists() {
             std::fs::write(&config_path, CONFIG_TEMPLATE).map_err(io(&config_path))?;
@@ -342,6 +357,31 @@ impl Home {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join(LOG_FILE)
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(KEY_FILE)
+    }
+
+    /// The node's signing key; `None` for a home made before nodes had keys (its origin is
+    /// not bound to a key).
+    pub fn node_key(&self) -> Result<Option<NodeKey>, HomeError> {
+        let path = self.key_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let key = NodeKey::load(&path)?;
+        if key.origin() != self.origin {
+            return Err(HomeError::BadFile {
+                path,
+                message: format!(
+                    "the key is bound to origin {}, not to this node ({})",
+                    key.origin(),
+                    self.origin
+                ),
+            });
+        }
+        Ok(Some(key))
     }
 
     /// Where jobs may write: the home, and `[jobs] dir`.

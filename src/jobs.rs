@@ -79,12 +79,13 @@ pub struct Places {
 }
 
 /// The files of a home that no job may write, by name: the log, the live projection (a rebuild
-/// of it leaves `into` out), the identity, config, token and socket, and any file whose name
+/// of it leaves `into` out), the identity and its key, config, token and socket, and any file whose name
 /// begins with one of theirs (their journals and WAL files).
-const HOME_FILES: [&str; 6] = [
+const HOME_FILES: [&str; 7] = [
     home::LOG_FILE,
     PROJECTION,
     home::NODE_FILE,
+    home::KEY_FILE,
     home::CONFIG_FILE,
     home::SERVE_TOKEN,
     crate::serve::SOCKET,

@@ -9,6 +9,7 @@ pub mod event;
 pub mod files;
 pub mod hlc;
 pub mod home;
+pub mod identity;
 pub mod input;
 pub mod jobs;
 pub mod kinds;
