@@ -62,6 +62,7 @@ fn golden_event(spec: &KindSpec, stream: &str, payload: Vec<u8>) -> Event {
         causation: None,
         key: Some(format!("golden:{}:v{}", spec.name, spec.version)),
         payload,
+        signer: None,
     }
 }
 

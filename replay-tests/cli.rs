@@ -766,6 +766,11 @@ fn init_makes_a_private_key_the_node_id_is_bound_to() {
     assert_eq!(status["node"]["id"], key.origin().to_hex(), "{status}");
 
     ok(&home, &["append"], &activity("s", "one"));
+    ok(&home, &["append"], &activity("s", "two"));
+    // The node's first event carries its public key; the others do not.
+    let events = json_lines(&ok(&home, &["log"], ""));
+    assert_eq!(events[0]["signer"], key.public().to_hex(), "{}", events[0]);
+    assert!(events[1].get("signer").is_none(), "{}", events[1]);
     let secret = std::fs::read_to_string(&key_path).unwrap();
     let secret = secret.lines().nth(1).unwrap().to_owned();
     let export = dir.path().join("all.spool");

@@ -482,6 +482,7 @@ fn forged(o: u8, seq: u64, prev: Hash, edit: impl FnOnce(&mut Event)) -> (Hash, 
         causation: None,
         key: None,
         payload,
+        signer: None,
     };
     edit(&mut event);
     let bytes = event::encode(&event);

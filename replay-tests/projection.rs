@@ -69,6 +69,7 @@ fn build(specs: &[Spec]) -> Vec<Shipped> {
                 causation: None,
                 key: None,
                 payload,
+                signer: None,
             };
             let bytes = event::encode(&event);
             let hash = Hash::of(&bytes);

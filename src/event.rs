@@ -1,8 +1,9 @@
 //! The event: identifiers, the envelope, and its stored byte format.
 //!
-//! Invariant: the stored bytes of an event are `[ENVELOPE_FORMAT] ++ rkyv archive of StoredEvent`,
-//! little-endian with 32-bit relative pointers and no alignment padding, and an event's hash is
-//! blake3 over exactly those bytes. Once released, this layout never changes: a new envelope field
+//! Invariant: the stored bytes of an event are `[1] ++ rkyv archive of StoredEvent` (envelope
+//! format 1), or `[2] ++ signer [32] ++ the same archive` (format 2: an origin's first event,
+//! carrying the public key the origin is bound to), little-endian with 32-bit relative pointers
+//! and no alignment padding, and an event's hash is blake3 over exactly those bytes. Once released, this layout never changes: a new envelope field
 //! means a new `ENVELOPE_FORMAT`, a new payload field a new version of that event kind.
 //!
 //! Boundary: this module knows rkyv and blake3 and nothing about storage, kinds or JSON. Bytes
@@ -12,8 +13,10 @@ use std::fmt;
 
 use rkyv::rancor;
 
-/// The first byte of every stored event: the version of the envelope layout.
+/// The first byte of a stored event without a signer: the version of the envelope layout.
 pub const ENVELOPE_FORMAT: u8 = 1;
+/// The first byte of a stored event that carries its origin's public key (32 bytes after it).
+pub const ENVELOPE_FORMAT_SIGNER: u8 = 2;
 
 /// Upper bound on the encoded payload of one event (the kind's own archive).
 pub const PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;
@@ -180,6 +183,9 @@ pub struct Event {
     pub key: Option<String>,
     /// The kind's own archive (see `kinds`); opaque here.
     pub payload: Vec<u8>,
+    /// The public key the origin is bound to (`identity::origin_of`), carried by the origin's
+    /// first event only: with it any node can check the origin's signed heads.
+    pub signer: Option<[u8; 32]>,
 }
 
 impl Event {
@@ -229,7 +235,7 @@ struct StoredDep {
 pub enum DecodeError {
     #[error("empty event bytes")]
     Empty,
-    #[error("unknown envelope format {0} (this build reads format {ENVELOPE_FORMAT})")]
+    #[error("unknown envelope format {0} (this build reads formats 1 and 2)")]
     UnknownFormat(u8),
     #[error("invalid archive: {0}")]
     Archive(String),
@@ -282,7 +288,13 @@ pub fn append_stored(event: &mut Event, mut out: Vec<u8>) -> Vec<u8> {
         key: take(&mut event.key),
         payload: take(&mut event.payload),
     };
-    out.push(ENVELOPE_FORMAT);
+    match event.signer {
+        Some(signer) => {
+            out.push(ENVELOPE_FORMAT_SIGNER);
+            out.extend_from_slice(&signer);
+        }
+        None => out.push(ENVELOPE_FORMAT),
+    }
     // Serializing plain owned data into a Vec has no failure mode but allocation.
     let out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&stored, out)
         .expect("serializing an owned event into memory cannot fail");
@@ -299,18 +311,31 @@ pub fn append_stored(event: &mut Event, mut out: Vec<u8>) -> Vec<u8> {
 /// A checked, zero-copy view of stored bytes.
 pub struct EventRef<'a> {
     archived: &'a ArchivedStoredEvent,
+    signer: Option<&'a [u8; 32]>,
+}
+
+/// Splits stored bytes into the signer (format 2) and the archive.
+fn split(bytes: &[u8]) -> Result<(Option<&[u8; 32]>, &[u8]), DecodeError> {
+    let (&format, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    match format {
+        ENVELOPE_FORMAT => Ok((None, rest)),
+        ENVELOPE_FORMAT_SIGNER => {
+            let (signer, archive) = rest
+                .split_first_chunk::<32>()
+                .ok_or_else(|| DecodeError::Archive("format 2 without its signer".into()))?;
+            Ok((Some(signer), archive))
+        }
+        other => Err(DecodeError::UnknownFormat(other)),
+    }
 }
 
 /// Checks stored bytes (format byte and archive structure) and gives a view of them.
 /// Does not check the hash: the caller knows which hash the bytes must have.
 pub fn decode(bytes: &[u8]) -> Result<EventRef<'_>, DecodeError> {
-    let (&format, archive) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if format != ENVELOPE_FORMAT {
-        return Err(DecodeError::UnknownFormat(format));
-    }
+    let (signer, archive) = split(bytes)?;
     let archived = rkyv::access::<ArchivedStoredEvent, rancor::Error>(archive)
         .map_err(|e| DecodeError::Archive(e.to_string()))?;
-    Ok(EventRef { archived })
+    Ok(EventRef { archived, signer })
 }
 
 /// Reads stored bytes that [`decode`] accepted before, without checking the archive again.
@@ -318,9 +343,12 @@ pub fn decode(bytes: &[u8]) -> Result<EventRef<'_>, DecodeError> {
 /// # Safety
 /// `bytes` must be bytes `decode` returned `Ok` for, unchanged since.
 pub unsafe fn decode_checked_before(bytes: &[u8]) -> EventRef<'_> {
-    // SAFETY: the caller's promise: a validated archive after the format byte.
-    let archived = unsafe { rkyv::access_unchecked::<ArchivedStoredEvent>(&bytes[1..]) };
-    EventRef { archived }
+    let signer =
+        (bytes[0] == ENVELOPE_FORMAT_SIGNER).then(|| bytes[1..33].try_into().expect("32 bytes"));
+    let at = if signer.is_some() { 33 } else { 1 };
+    // SAFETY: the caller's promise: a validated archive after the format byte (and signer).
+    let archived = unsafe { rkyv::access_unchecked::<ArchivedStoredEvent>(&bytes[at..]) };
+    EventRef { archived, signer }
 }
 
 impl EventRef<'_> {
@@ -379,6 +407,10 @@ impl EventRef<'_> {
     pub fn deps_len(&self) -> usize {
         self.archived.deps.len()
     }
+    /// The public key the origin is bound to, on the origin's first event (format 2).
+    pub fn signer(&self) -> Option<[u8; 32]> {
+        self.signer.copied()
+    }
 
     /// Copies the view into an owned event.
     pub fn to_event(&self) -> Event {
@@ -407,6 +439,7 @@ impl EventRef<'_> {
             causation: opt(&a.causation),
             key: opt(&a.key),
             payload: a.payload.as_slice().to_vec(),
+            signer: self.signer(),
         }
     }
 }
@@ -433,6 +466,7 @@ mod tests {
             causation: None,
             key: Some("k-1".into()),
             payload: vec![1, 2, 3, 4],
+            signer: None,
         }
     }
 
@@ -445,6 +479,34 @@ mod tests {
         assert_eq!(view.to_event(), event);
         assert_eq!(view.id(), event.id());
         assert_eq!(view.key(), Some("k-1"));
+    }
+
+    #[test]
+    fn a_first_event_carries_its_signer_in_format_2() {
+        let event = Event {
+            seq: 1,
+            signer: Some([5; 32]),
+            ..sample()
+        };
+        let bytes = encode(&event);
+        assert_eq!(bytes[0], ENVELOPE_FORMAT_SIGNER);
+        assert_eq!(bytes[1..33], [5; 32]);
+        let view = decode(&bytes).unwrap();
+        assert_eq!(view.signer(), Some([5; 32]));
+        assert_eq!(view.to_event(), event);
+        // SAFETY: `decode` accepted these bytes just above.
+        let again = unsafe { decode_checked_before(&bytes) };
+        assert_eq!(again.to_event(), event);
+        assert_eq!(bytes[bytes.len() - PREV_BYTES..], event.prev.0);
+        assert!(decode(&bytes[..20]).is_err());
+        assert_eq!(
+            encode(&Event {
+                signer: None,
+                ..event
+            })[0],
+            ENVELOPE_FORMAT,
+            "every other event keeps format 1, byte for byte"
+        );
     }
 
     #[test]

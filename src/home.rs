@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::event::Origin;
-use crate::identity::NodeKey;
+use crate::identity::{origin_of, NodeKey, PublicKey};
 use crate::log::{Log, LogError, LogOptions};
 
 pub const NODE_FILE: &str = "node.toml";
@@ -49,6 +49,10 @@ pub enum HomeError {
 struct NodeFile {
     id: String,
     label: String,
+    /// The public half of `node.key` (64 hex digits); the id is bound to it. Absent in a home
+    /// made before nodes had keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
 }
 
 /// `spool.toml`. Every key is optional; unknown keys are refused by name.
@@ -241,6 +245,8 @@ const CONFIG_TEMPLATE: &str = "\
 pub struct Home {
     dir: PathBuf,
     origin: Origin,
+    /// The public key the origin is bound to (`node.toml`), if the node has a key.
+    public_key: Option<PublicKey>,
     label: String,
     config: Config,
 }
@@ -275,6 +281,7 @@ impl Home {
         let home = Home {
             dir: dir.to_owned(),
             origin,
+            public_key: Some(key.public()),
             label: label.to_owned(),
             config: Config::default(),
         };
@@ -284,6 +291,7 @@ impl Home {
         let node = NodeFile {
             id: origin.to_hex(),
             label: label.to_owned(),
+            key: Some(key.public().to_hex()),
         };
         let text = format!(
             "# This node's identity. Never copy it to another node: two nodes with one id fork the log.\n{}",
@@ -315,6 +323,20 @@ impl Home {
         };
         let node: NodeFile = toml::from_str(&text).map_err(|e| bad(&node_path, e.to_string()))?;
         let origin = Origin::from_hex(&node.id).map_err(|e| bad(&node_path, format!("id: {e}")))?;
+        let public_key = match &node.key {
+            None => None,
+            Some(text) => {
+                let key =
+                    PublicKey::from_hex(text).map_err(|e| bad(&node_path, format!("key: {e}")))?;
+                if origin_of(&key) != origin {
+                    return Err(bad(
+                        &node_path,
+                        "key: the id is not the one bound to this key".into(),
+                    ));
+                }
+                Some(key)
+            }
+        };
         let config_path = dir.join(CONFIG_FILE);
         let config = match std::fs::read_to_string(&config_path) {
             Ok(text) => {
@@ -334,6 +356,7 @@ impl Home {
         Ok(Home {
             dir: dir.to_owned(),
             origin,
+            public_key,
             label: node.label,
             config,
         })
@@ -405,6 +428,7 @@ impl Home {
             queue_requests_max: self.config.writer.queue_requests_max,
             cache_bytes: self.config.log.cache_bytes,
             kernel_cache_bytes: self.config.log.kernel_cache_bytes,
+            signer: self.public_key.map(|k| k.0),
             ..LogOptions::default()
         }
     }
@@ -416,6 +440,11 @@ impl Home {
             self.origin,
             self.log_options(),
         )?)
+    }
+
+    /// The public key this node's origin is bound to, if it has a key.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.public_key
     }
 }
 

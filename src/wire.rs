@@ -332,6 +332,9 @@ pub struct Event {
     /// Why `data` is null.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_error: Option<String>,
+    /// The public key (64 hex digits) the origin is bound to: on an origin's first event only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -372,6 +375,7 @@ impl From<&crate::log::Record> for Event {
             correlation: e.correlation,
             causation: e.causation,
             key: e.key,
+            signer: e.signer.map(hex::encode),
             data,
             data_error,
         }

@@ -108,8 +108,18 @@ impl Shipped {
         let view = view.map_err(ShippedError::Undecodable)?;
         // What no chain can hold, whatever the caller's rules: checked here so that no path
         // into the log classifies it as something else (seq 0 as a fork).
+        let bound = view
+            .signer()
+            .map(|key| crate::identity::origin_of(&crate::identity::PublicKey(key)));
         let structural = if view.seq() == 0 {
             Some("seq: must be 1 or more".to_owned())
+        } else if bound.is_some() && view.seq() != 1 {
+            Some("signer: only an origin's first event carries its key".to_owned())
+        } else if bound.is_some_and(|o| o != view.origin()) {
+            Some(format!(
+                "signer: the key is bound to origin {}, not to this event's origin",
+                bound.expect("checked above")
+            ))
         } else if view.deps_len() > event::DEPS_MAX {
             Some(format!(
                 "deps: names more origins than the limit of {}",
@@ -248,6 +258,9 @@ pub struct LogOptions {
     /// node's log is opened with 256 MiB (`[log] kernel_cache_bytes`); see the writer's
     /// `KernelCache`.
     pub kernel_cache_bytes: u64,
+    /// The public key this node's origin is bound to (`identity`): the origin's first event
+    /// carries it. `None` for a node made before keys.
+    pub signer: Option<[u8; 32]>,
 }
 
 impl Default for LogOptions {
@@ -260,6 +273,7 @@ impl Default for LogOptions {
             stream_flush_events: 65_536,
             cache_bytes: 64 * 1024 * 1024,
             kernel_cache_bytes: 0,
+            signer: None,
         }
     }
 }

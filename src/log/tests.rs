@@ -797,6 +797,7 @@ fn shipped_bytes(
         causation: None,
         key: None,
         payload: new.payload,
+        signer: None,
     };
     let mut bytes = event::append_stored(&mut event, Vec::new());
     let hash = event::chain(&mut bytes, prev);
@@ -975,4 +976,46 @@ fn seq_0_and_too_many_deps_are_refused_by_name_not_taken_for_forks() {
         matches!(&err, ShippedError::Refused { problem, .. } if problem.starts_with("deps")),
         "{err}"
     );
+}
+
+#[test]
+fn a_signer_not_bound_to_its_origin_or_past_seq_1_is_refused_by_name() {
+    let key = crate::identity::NodeKey::generate();
+    let encode_with = |origin: Origin, seq: u64, signer: [u8; 32]| {
+        let new = activity("t", "first", None);
+        let mut event = event::Event {
+            origin,
+            seq,
+            hlc: 1,
+            prev: Hash::ZERO,
+            deps: vec![],
+            stream: new.stream,
+            actor: new.actor,
+            kind: new.kind,
+            version: new.version,
+            correlation: None,
+            causation: None,
+            key: None,
+            payload: new.payload,
+            signer: Some(signer),
+        };
+        let bytes = event::encode(&event);
+        event.signer = None;
+        (Hash::of(&bytes), bytes)
+    };
+    // Its own origin: accepted, and the key is there to read.
+    let (hash, bytes) = encode_with(key.origin(), 1, key.public().0);
+    let shipped = Shipped::verify(hash, bytes).unwrap();
+    assert_eq!(
+        event::decode(&shipped.bytes).unwrap().signer(),
+        Some(key.public().0)
+    );
+    // Another origin's first event claiming this key: a forged genesis.
+    let (hash, bytes) = encode_with(Origin([0x22; 16]), 1, key.public().0);
+    let err = Shipped::verify(hash, bytes).unwrap_err().to_string();
+    assert!(err.contains("signer: the key is bound to origin"), "{err}");
+    // A key on a later event.
+    let (hash, bytes) = encode_with(key.origin(), 2, key.public().0);
+    let err = Shipped::verify(hash, bytes).unwrap_err().to_string();
+    assert!(err.contains("only an origin's first event"), "{err}");
 }

@@ -215,6 +215,8 @@ struct State {
     deps: BTreeMap<Origin, u64>,
     /// Why own writes are stopped (a fork of this node's own origin), if they are.
     halted: Option<String>,
+    /// The public key this node's origin is bound to: its first event carries it.
+    signer: Option<[u8; 32]>,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
@@ -302,6 +304,7 @@ impl State {
             orders,
             deps,
             halted,
+            signer: options.signer,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
@@ -764,6 +767,7 @@ fn settle(
                 causation: new.causation,
                 key: new.key,
                 payload: new.payload,
+                signer: state.signer.filter(|_| seq == 1),
             });
         }
     }

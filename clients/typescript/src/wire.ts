@@ -93,6 +93,8 @@ export interface Event<K extends Kind = Kind> {
   /** The payload; null when this build of spool cannot read the kind or version. */
   data: KindData[K] | null;
   data_error?: string;
+  /** The public key (64 hex digits) the origin is bound to: on an origin's first event only. */
+  signer?: string;
 }
 
 export interface LogQuery {
