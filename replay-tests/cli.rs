@@ -547,7 +547,8 @@ fn task_row(home: &std::path::Path, id: &str) -> Value {
 }
 
 /// Issue 23's skew: a desktop five hours ahead, a cloud VM that clamps its stamps, a Pi at
-/// 1970 and a VM clock that jumps back an hour, each under libfaketime. Causally later writes
+/// 1970, a VM clock that jumps back an hour and a laptop five hours behind, each under
+/// libfaketime. Causally later writes
 /// win on every node, and `--as-of` never shows an effect without its cause.
 #[test]
 fn causality_beats_skewed_clocks_on_every_node() {
@@ -615,7 +616,31 @@ fn causality_beats_skewed_clocks_on_every_node() {
     for (from, to, offset) in [(&vm, &desktop, AHEAD), (&vm, &pi, PI), (&desktop, &pi, PI)] {
         exchange(offset, from, to);
     }
-    let digests: Vec<String> = [&desktop, &vm, &pi]
+    // A laptop five hours behind gets everything, then moves the task: its move comes after
+    // everything it saw, though stamped five hours before all of it.
+    let laptop = labelled_home(dir.path(), "laptop");
+    let report = exchange("-5h", &vm, &laptop);
+    assert_eq!(report["applied"], 4, "{report}");
+    ok_at(
+        "-5h",
+        &laptop,
+        &["append"],
+        &t1(
+            "task.moved",
+            serde_json::json!({"task_id": "t1", "lane": "later"}),
+        ),
+    );
+    for to in [&desktop, &vm, &pi] {
+        let offset = if to == &desktop {
+            AHEAD
+        } else if to == &pi {
+            PI
+        } else {
+            "+0"
+        };
+        exchange(offset, &laptop, to);
+    }
+    let digests: Vec<String> = [&desktop, &vm, &pi, &laptop]
         .iter()
         .map(|home| {
             let row = task_row(home, "t1");
@@ -625,7 +650,7 @@ fn causality_beats_skewed_clocks_on_every_node() {
                 "{}",
                 home.display()
             );
-            assert_eq!(row["lane"], "now", "{}", home.display());
+            assert_eq!(row["lane"], "later", "{}", home.display());
             ok(home, &["digest", "sqlite"], "")
         })
         .collect();
