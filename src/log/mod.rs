@@ -17,6 +17,8 @@
 //!   predecessor or deps; moved into `events` in the commit that applies what it waits for
 //! - `forks`:   (origin, seq, hash) → stored bytes of a shipped event refused because another
 //!   event holds its (origin, seq): evidence, never applied
+//! - `signatures`: (origin, seq) → key ++ signature: a signed head that came with a shipped
+//!   event (checked before it reaches the log), kept so that a relay can pass it on
 //! - `meta`:    `format`, `origin`, `clock`, `streams_to`, `deps` (what this node applied from
 //!   other origins since its own last event), `halted` (why own writes are stopped, if they are)
 //!
@@ -42,6 +44,7 @@ use block::Block;
 
 use crate::event::NewEvent;
 use crate::event::{self, DecodeError, EventId, EventRef, Hash, Origin};
+use crate::identity::{PublicKey, SignedHead};
 use crate::sync::Meta;
 
 pub use verify::VerifyReport;
@@ -55,6 +58,9 @@ pub struct Shipped {
     pub hlc: u64,
     pub stream: String,
     pub bytes: Vec<u8>,
+    /// The origin's signature over this event as its head, already verified
+    /// ([`Shipped::signed`]): kept with the event, so that a relay passes it on.
+    pub signed: Option<(PublicKey, [u8; 64])>,
 }
 
 /// Why shipped bytes are not an event.
@@ -148,7 +154,25 @@ impl Shipped {
             hlc,
             stream,
             bytes,
+            signed: None,
         })
+    }
+
+    /// Attaches the origin's signature over this event as its head, after checking it: `key`
+    /// must be the key the origin is bound to, and the signature its over (origin, seq, hash).
+    pub fn signed(mut self, key: PublicKey, signature: [u8; 64]) -> Result<Shipped, ShippedError> {
+        let head = SignedHead {
+            origin: self.meta.id.origin,
+            seq: self.meta.id.seq,
+            hash: self.meta.hash,
+            signature,
+        };
+        head.verify(&key).map_err(|e| ShippedError::Refused {
+            id: self.meta.id,
+            problem: e.to_string(),
+        })?;
+        self.signed = Some((key, signature));
+        Ok(self)
     }
 }
 
@@ -220,6 +244,8 @@ const HEADS: TableDefinition<[u8; 16], (u64, [u8; 32])> = TableDefinition::new("
 const STREAMS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("streams");
 const FLUSHES: TableDefinition<u64, u64> = TableDefinition::new("flushes");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+/// (origin, seq) → the origin's key [32] ++ its signature [64] over that event as its head.
+const SIGNATURES: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("signatures");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PENDING: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("pending");
 /// (origin, seq, hash of the refused event).
@@ -363,6 +389,8 @@ pub enum Corruption {
         expected: u64,
         found: u64,
     },
+    #[error("origin {} seq {}: the signature kept for it {detail}", id.origin, id.seq)]
+    BadSignature { id: EventId, detail: String },
     #[error(
         "origin {origin} seq {seq}: the index points at position {position}, which holds {found:?}"
     )]
@@ -396,6 +424,7 @@ impl Corruption {
             Corruption::BadBlock { first_position, .. } => *first_position,
             Corruption::HeadMismatch { .. }
             | Corruption::BadPending { .. }
+            | Corruption::BadSignature { .. }
             | Corruption::Fork { .. } => u64::MAX,
         }
     }
@@ -680,6 +709,12 @@ where
     }
 }
 
+/// A `signatures` value: the key and the signature, if it has their length.
+fn split_signature(value: &[u8]) -> Option<(PublicKey, [u8; 64])> {
+    let (key, signature) = value.split_first_chunk::<32>()?;
+    Some((PublicKey(*key), signature.try_into().ok()?))
+}
+
 /// The causal order of the event `id` stamped `hlc` whose deps are `deps`: its stamp raised
 /// past the orders of its predecessor in the chain and of its deps, as `lookup` finds them
 /// (`None` for an event not held, as seq 0 never is). The one computation behind the writer's,
@@ -855,6 +890,7 @@ impl Log {
             txn.open_table(KEYS)?;
             txn.open_table(PENDING)?;
             txn.open_table(FORKS)?;
+            txn.open_table(SIGNATURES)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("format", LOG_FORMAT.to_le_bytes().as_slice())?;
             meta.insert("origin", origin.0.as_slice())?;
@@ -876,6 +912,7 @@ impl Log {
         let txn = db.begin_write()?;
         txn.open_table(PENDING)?;
         txn.open_table(FORKS)?;
+        txn.open_table(SIGNATURES)?;
         txn.commit()?;
         if format < 2 {
             upgrade::orders(&db, path)?;
@@ -1235,6 +1272,39 @@ impl Reader {
             }
         }
         Ok(first)
+    }
+
+    /// The signed heads of `origin` this node keeps (received with its events), in seq order,
+    /// each with the key that signed it.
+    pub fn signed_heads(&self, origin: Origin) -> Result<Vec<(PublicKey, SignedHead)>, LogError> {
+        let table = self.txn.open_table(SIGNATURES)?;
+        let extents = self.txn.open_table(EXTENTS)?;
+        let events = self.txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for entry in table.range((origin.0, 0u64)..=(origin.0, u64::MAX))? {
+            let (k, v) = entry?;
+            let (_, seq) = k.value();
+            let Some((key, signature)) = split_signature(v.value()) else {
+                continue; // Verify names it.
+            };
+            let id = EventId { origin, seq };
+            let Some(position) = position_of(&extents, id)? else {
+                continue; // Still waiting for its dependencies.
+            };
+            let Some(record) = entry_at(&events, position)? else {
+                continue;
+            };
+            out.push((
+                key,
+                SignedHead {
+                    origin,
+                    seq,
+                    hash: record.hash,
+                    signature,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Shipped events waiting for their dependencies.

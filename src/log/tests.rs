@@ -1019,3 +1019,57 @@ fn a_signer_not_bound_to_its_origin_or_past_seq_1_is_refused_by_name() {
     let err = Shipped::verify(hash, bytes).unwrap_err().to_string();
     assert!(err.contains("only an origin's first event"), "{err}");
 }
+
+#[test]
+fn a_signed_head_is_checked_kept_with_its_event_and_verified_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let log = Log::create(&path, origin(), LogOptions::default()).unwrap();
+    let key = crate::identity::NodeKey::generate();
+    let a = key.origin();
+    let e1 = shipped(a, 1, Hash::ZERO, 1, vec![]);
+    let e2 = shipped(a, 2, e1.meta.hash, 2, vec![]);
+    let e3 = shipped(a, 3, e2.meta.hash, 3, vec![]);
+    let head = key.sign_head(3, e3.meta.hash);
+    // Another member's key, or a signature another key made: refused before the log sees it.
+    let other = crate::identity::NodeKey::generate();
+    let theirs = other.sign_head(3, e3.meta.hash);
+    let err = e3
+        .clone()
+        .signed(other.public(), theirs.signature)
+        .unwrap_err();
+    assert!(err.to_string().contains("is bound to origin"), "{err}");
+    let err = e3
+        .clone()
+        .signed(key.public(), theirs.signature)
+        .unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    let e3 = e3.signed(key.public(), head.signature).unwrap();
+    log.ingest(vec![e1, e2, e3]).unwrap();
+    let kept = log.read().unwrap().signed_heads(a).unwrap();
+    assert_eq!(kept, vec![(key.public(), head)]);
+    assert!(log.verify(2).unwrap().ok());
+    drop(log);
+
+    // A signature changed on disk is named by verify.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(SIGNATURES).unwrap();
+            let mut value = table.get((a.0, 3)).unwrap().unwrap().value().to_vec();
+            value[40] ^= 1;
+            table.insert((a.0, 3), value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
+    let report = log.verify(2).unwrap();
+    assert!(
+        report.problems.iter().any(
+            |p| matches!(p, Corruption::BadSignature { id, .. } if id.origin == a && id.seq == 3)
+        ),
+        "{:?}",
+        report.problems
+    );
+}

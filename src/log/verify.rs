@@ -1,6 +1,6 @@
 //! `verify`: one pass over `events` in position order, split into contiguous ranges of blocks
 //! checked in parallel, then stitched: every block header, hash and archive, every origin's chain
-//! and seq run, every causal order (recomputed from the event and its predecessors' stored
+//! and seq run, every signed head kept, every causal order (recomputed from the event and its predecessors' stored
 //! orders, so checking each one alone checks them all), the gapless positions, the extents and
 //! the heads.
 //!
@@ -12,9 +12,10 @@ use redb::{ReadTransaction, ReadableTable};
 
 use super::{
     causal_order, check_entry, entry_at, last_position, order_of, parse_block, position_of,
-    Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, PENDING,
+    split_signature, Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, PENDING, SIGNATURES,
 };
 use crate::event::{EventId, Hash, Origin};
+use crate::identity::SignedHead;
 
 /// Problems kept in a report (all are counted).
 pub const PROBLEMS_MAX: usize = 64;
@@ -161,11 +162,53 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
     check_heads(txn, &chains, &mut problems)?;
     check_extents(txn, last, &mut problems)?;
     check_shipping(txn, &mut problems)?;
+    check_signatures(txn, &mut problems)?;
     report.origins = chains.len() as u64;
     problems.kept.sort_by_key(Corruption::position);
     report.problems = problems.kept;
     report.problems_total = problems.total;
     Ok(report)
+}
+
+/// Every signed head kept must verify under the key kept with it (bound to its origin), over
+/// the event this node holds at its (origin, seq). One not held yet is checked once it is.
+fn check_signatures(txn: &ReadTransaction, problems: &mut Problems) -> Result<(), LogError> {
+    let events = txn.open_table(EVENTS)?;
+    let extents = txn.open_table(EXTENTS)?;
+    for entry in txn.open_table(SIGNATURES)?.iter()? {
+        let (k, v) = entry?;
+        let (origin, seq) = k.value();
+        let id = EventId {
+            origin: Origin(origin),
+            seq,
+        };
+        let Some((key, signature)) = split_signature(v.value()) else {
+            problems.push(Corruption::BadSignature {
+                id,
+                detail: format!("is {} bytes, not a key and a signature", v.value().len()),
+            });
+            continue;
+        };
+        let Some(position) = position_of(&extents, id)? else {
+            continue;
+        };
+        let Some(hash) = entry_at(&events, position).ok().flatten().map(|r| r.hash) else {
+            continue; // The damaged event is named on its own.
+        };
+        let head = SignedHead {
+            origin: id.origin,
+            seq,
+            hash,
+            signature,
+        };
+        if let Err(e) = head.verify(&key) {
+            problems.push(Corruption::BadSignature {
+                id,
+                detail: format!("does not hold: {e}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Waiting shipped events must be intact; every fork kept as evidence is a problem to report.

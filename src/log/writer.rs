@@ -23,7 +23,7 @@ use super::{
     causal_order, check_entry, each_entry, entry_at, last_position, meta_u64, order_of,
     position_of, Appended, Corruption, IngestReport, LogError, LogOptions, Refusal, Refused,
     Shipped, EVENTS, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX,
-    STREAMS,
+    SIGNATURES, STREAMS,
 };
 use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
@@ -960,6 +960,7 @@ fn commit_ingest(
             forks: txn.open_table(FORKS)?,
             extents: txn.open_table(EXTENTS)?,
             keys: txn.open_table(KEYS)?,
+            signatures: txn.open_table(SIGNATURES)?,
             here: Default::default(),
             moved: HashSet::new(),
         };
@@ -968,7 +969,14 @@ fn commit_ingest(
                 report.clamped += 1;
             }
             let stored = tables.held(state, shipped.meta.id)?;
-            let refusal = match state.causal.decide(&shipped.meta, |_| stored) {
+            let decision = state.causal.decide(&shipped.meta, |_| stored);
+            let room = state.causal.waiting() < PENDING_EVENTS_MAX;
+            if matches!(decision, Decision::Duplicate | Decision::Apply)
+                || (decision == Decision::Wait && room)
+            {
+                tables.keep_signature(&shipped)?;
+            }
+            let refusal = match decision {
                 Decision::Duplicate => {
                     report.duplicates += 1;
                     None
@@ -1035,6 +1043,8 @@ struct Shipping<'t, 'txn> {
     /// it wrote after its backup) bring their keys back; other nodes' events bring theirs when
     /// this node has not used them.
     keys: redb::Table<'txn, &'static str, u64>,
+    /// The signed heads that came with events (verified by `Shipped::signed`).
+    signatures: redb::Table<'txn, ([u8; 16], u64), &'static [u8]>,
     /// Events applied in this transaction, which the tables cannot show yet: hash and order.
     here: foldhash::HashMap<EventId, (Hash, u64)>,
     /// Origins whose head moved.
@@ -1055,6 +1065,19 @@ impl Shipping<'_, '_> {
             Some(position) => Ok(entry_at(&*self.blocks.table, position)?.map(|r| r.hash)),
             None => Ok(None),
         }
+    }
+
+    /// Keeps the signature that came with a shipped event (a refused event's is not kept).
+    fn keep_signature(&mut self, shipped: &Shipped) -> Result<(), LogError> {
+        if let Some((key, signature)) = &shipped.signed {
+            let mut value = [0u8; 96];
+            value[..32].copy_from_slice(&key.0);
+            value[32..].copy_from_slice(signature);
+            let id = shipped.meta.id;
+            self.signatures
+                .insert((id.origin.0, id.seq), value.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Keeps a shipped event waiting, durably, for its predecessor or deps.
