@@ -40,7 +40,7 @@ fn main() {
         let path = dir.path().join("export.spool");
         let out = BufWriter::new(std::fs::File::create(&path).unwrap());
         let reader = source.read().unwrap();
-        shipping::export(&reader, &Selection::default(), out, |_| {}).unwrap();
+        shipping::export(&reader, &Selection::default(), out, None, |_| {}).unwrap();
         drop(reader);
         bytes = std::fs::metadata(&path).unwrap().len();
 

@@ -821,3 +821,37 @@ fn the_openapi_description_is_the_wire_types_and_the_routes() {
     }
     daemon::stop(daemon);
 }
+
+/// Through the daemon, an ingest keeps the signed heads that came with the events, and an
+/// export signs the node's own head with the key the daemon holds.
+#[test]
+fn the_daemon_keeps_and_signs_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = new_home(dir.path(), "a");
+    let b = new_home(dir.path(), "b");
+    for i in 0..2 {
+        ok(&a, &["append"], &activity("s", &format!("a{i}")));
+    }
+    let file = dir.path().join("a.spool");
+    ok(&a, &["export", "--out", file.to_str().unwrap()], "");
+    let daemon = daemon::start(SPOOL, &b);
+    ok(&b, &["ingest", file.to_str().unwrap()], "");
+    ok(&b, &["append"], &activity("s", "b0"));
+    let out = dir.path().join("b.spool");
+    ok(&b, &["export", "--out", out.to_str().unwrap()], "");
+    daemon::stop(daemon);
+    let log = spool::home::Home::open(&b).unwrap().open_log().unwrap();
+    let a_origin = spool::home::Home::open(&a).unwrap().origin();
+    assert_eq!(log.read().unwrap().signed_heads(a_origin).unwrap().len(), 1);
+    drop(log);
+    // The daemon's export carries both heads: a's kept one and b's own, signed.
+    let c = new_home(dir.path(), "c");
+    ok(&c, &["ingest", out.to_str().unwrap()], "");
+    let log = spool::home::Home::open(&c).unwrap().open_log().unwrap();
+    let reader = log.read().unwrap();
+    let b_origin = spool::home::Home::open(&b).unwrap().origin();
+    assert_eq!(reader.signed_heads(a_origin).unwrap().len(), 1);
+    let own = reader.signed_heads(b_origin).unwrap();
+    assert_eq!(own.len(), 1);
+    own[0].1.verify(&own[0].0).unwrap();
+}

@@ -807,3 +807,49 @@ fn init_makes_a_private_key_the_node_id_is_bound_to() {
     let file = std::fs::read(&export).unwrap();
     assert!(!file.windows(32).any(|w| w == secret_bytes.as_slice()));
 }
+
+/// An export carries the node's own head signed with its key, right after the event it names;
+/// the receiver checks it and keeps it, and passes it on when it exports in turn. A head frame
+/// whose signature was changed stops the ingest by name.
+#[test]
+fn signed_heads_travel_with_exports_and_relays_pass_them_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        labelled_home(dir.path(), "a"),
+        labelled_home(dir.path(), "b"),
+        labelled_home(dir.path(), "c"),
+    );
+    for i in 0..3 {
+        ok(&a, &["append"], &activity("s", &format!("a{i}")));
+    }
+    exchange("+0", &a, &b);
+    exchange("+0", &b, &c);
+    let a_home = spool::home::Home::open(&a).unwrap();
+    let a_key = spool::identity::NodeKey::load(&a.join("node.key")).unwrap();
+    for home in [&b, &c] {
+        let log = spool::home::Home::open(home).unwrap().open_log().unwrap();
+        let kept = log.read().unwrap().signed_heads(a_home.origin()).unwrap();
+        assert_eq!(kept.len(), 1, "{}: {kept:?}", home.display());
+        let (key, head) = &kept[0];
+        assert_eq!((*key, head.seq), (a_key.public(), 3));
+        head.verify(key).unwrap();
+        assert!(log.verify(1).unwrap().ok());
+    }
+
+    // The same file with one bit of the head's signature changed.
+    let file = a.with_extension("export.spool");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let trailer = 4 + 8 + 32;
+    let signature_byte = bytes.len() - trailer - 10;
+    bytes[signature_byte] ^= 1;
+    let forged = dir.path().join("forged.spool");
+    std::fs::write(&forged, &bytes).unwrap();
+    let d = labelled_home(dir.path(), "d");
+    let o = spool(&d, &["ingest", forged.to_str().unwrap()], "");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("a forged or damaged signed head"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -41,7 +41,7 @@ fn activity(message: &str) -> NewEvent {
 }
 
 fn export(log: &Log, selection: &Selection) -> Vec<u8> {
-    shipping::export(&log.read().unwrap(), selection, Vec::new(), |_| {})
+    shipping::export(&log.read().unwrap(), selection, Vec::new(), None, |_| {})
         .unwrap()
         .1
 }

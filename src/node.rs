@@ -150,9 +150,14 @@ pub fn selection(request: &ExportRequest) -> Result<Selection, Problem> {
     })
 }
 
-pub fn export(log: &Log, selection: &Selection, out: &mut dyn Write) -> Result<u64, Problem> {
+pub fn export(
+    log: &Log,
+    selection: &Selection,
+    signer: Option<&crate::identity::NodeKey>,
+    out: &mut dyn Write,
+) -> Result<u64, Problem> {
     let reader = log.read()?;
-    let (count, _) = shipping::export(&reader, selection, out, |_| {})
+    let (count, _) = shipping::export(&reader, selection, out, signer, |_| {})
         .map_err(|e| Problem::new(crate::wire::Code::Storage, e.to_string()))?;
     Ok(count)
 }
@@ -254,7 +259,12 @@ impl Node for Local {
     }
 
     fn export(&mut self, request: &ExportRequest, out: &mut dyn Write) -> Result<u64, Problem> {
-        export(&self.log, &selection(request)?, out)
+        // Own heads are signed with the node's key (a home made before keys has none).
+        let key = self
+            .home
+            .node_key()
+            .map_err(|e| Problem::new(crate::wire::Code::File, e.to_string()))?;
+        export(&self.log, &selection(request)?, key.as_ref(), out)
     }
 
     fn ingest(&mut self, input: Box<dyn Read + Send>) -> Result<IngestSummary, Problem> {

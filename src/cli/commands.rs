@@ -121,6 +121,7 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
                 label: home.label().to_owned(),
             },
             access: home.config().serve.clone(),
+            key: home.node_key()?.map(std::sync::Arc::new),
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");

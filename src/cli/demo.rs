@@ -82,7 +82,8 @@ pub fn run(dir: Option<PathBuf>, seed: u64) -> anyhow::Result<ExitCode> {
                     since,
                     ..Selection::default()
                 };
-                shipping::export(&from.log.read()?, &selection, out, |_| {})?;
+                let key = from.home.node_key()?;
+                shipping::export(&from.log.read()?, &selection, out, key.as_ref(), |_| {})?;
                 let summary = shipping::ingest(
                     &to.log,
                     std::io::BufReader::new(std::fs::File::open(&path)?),

@@ -326,8 +326,9 @@ impl Node for Remote {
             while events < INGEST_PIECE_EVENTS && bytes < INGEST_PIECE_BYTES {
                 match reader.next_frame() {
                     Ok(Some(frame)) => {
+                        // With its signed head, if one came with it: a piece never parts them.
                         piece
-                            .push(&frame.shipped.meta.hash, &frame.shipped.bytes)
+                            .push_shipped(&frame.shipped)
                             .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
                         events += 1;
                         bytes += frame.shipped.bytes.len();

@@ -85,10 +85,13 @@ pub struct Options {
     pub name: wire::NodeName,
     /// Who besides the daemon's user may use the socket (`[serve]` of `spool.toml`).
     pub access: crate::home::ServeConfig,
+    /// The node's key: exports carry the node's own heads signed with it.
+    pub key: Option<Arc<crate::identity::NodeKey>>,
 }
 
 struct App {
     log: Log,
+    key: Option<Arc<crate::identity::NodeKey>>,
     name: wire::NodeName,
     home: PathBuf,
     /// Event streams open now.
@@ -132,6 +135,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         .build()?;
     let app = Arc::new(App {
         log,
+        key: options.key.clone(),
         name: options.name.clone(),
         home: options.places.home.clone(),
         streams: Default::default(),
@@ -827,7 +831,7 @@ async fn export(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
     tokio::task::spawn_blocking(move || {
         let _running = running;
         // A failed export drops the writer unfinished: the client sees the body cut short.
-        match node::export(&app.log, &selection, &mut writer) {
+        match node::export(&app.log, &selection, app.key.as_deref(), &mut writer) {
             Ok(_) => {
                 let _ = writer.finish();
             }

@@ -2,9 +2,12 @@
 //! damaged file is detected, and [`ingest`] applies one through the log.
 //!
 //! Layout (little-endian):
-//! - header: `SPOOLLOG` · format `u32` (1) · reserved `u32` (0)
+//! - header: `SPOOLLOG` · format `u32` (2; 1 is read too) · reserved `u32` (0)
 //! - frames: `len u32` · `hash [32]` · `len` stored bytes of one event (blake3 of them = hash)
-//! - trailer: `u32::MAX` · `frames u64` · blake3 of every frame byte before it `[32]`
+//! - head frames (format 2), each right after the event it names: `u32::MAX - 1` · origin
+//!   `[16]` · seq `u64` · hash `[32]` · the origin's key `[32]` · its signature `[64]` over that
+//!   event as the origin's head ([`SignedHead`]); checked as it is read
+//! - trailer: `u32::MAX` · `frames u64` (events) · blake3 of every frame byte before it `[32]`
 //!
 //! A file without its trailer was cut short; a frame whose bytes do not hash to its hash, or a
 //! trailer whose count or digest disagrees, is damaged. Frames are in the exporting node's
@@ -15,13 +18,20 @@
 
 use std::io::{self, Read, Write};
 
-use crate::event::{Hash, PAYLOAD_BYTES_MAX};
+use crate::event::{EventId, Hash, Origin, PAYLOAD_BYTES_MAX};
+use crate::identity::{NodeKey, PublicKey, SignedHead};
 use crate::log::{IngestReport, Log, LogError, Reader, Refused, Shipped};
 use crate::sync::Selection;
 
 const MAGIC: &[u8; 8] = b"SPOOLLOG";
 /// The version of the file layout.
-pub const FILE_FORMAT: u32 = 1;
+pub const FILE_FORMAT: u32 = 2;
+/// Marks a head frame.
+const HEAD_MARK: u32 = u32::MAX - 1;
+/// A head frame's bytes after its mark.
+const HEAD_BYTES: usize = 16 + 8 + 32 + 32 + 64;
+/// A node signs its own head in an export at least this often (own events), and at its last.
+pub const SIGN_EVERY_EVENTS: u64 = 1_000;
 const HEADER_BYTES: u64 = 16;
 const TRAILER_MARK: u32 = u32::MAX;
 /// Stored bytes of one event at most (its payload limit plus room for the envelope).
@@ -51,6 +61,8 @@ pub enum FileError {
     },
     #[error("damaged trailer at byte {offset}: {problem}")]
     BadTrailer { offset: u64, problem: String },
+    #[error("a forged or damaged signed head at byte {offset}: {problem}")]
+    BadHead { offset: u64, problem: String },
     #[error("reading: {0}")]
     Io(#[from] io::Error),
 }
@@ -81,6 +93,35 @@ impl<W: Write> ExportWriter<W> {
             self.out.write_all(part)?;
         }
         self.frames += 1;
+        Ok(())
+    }
+
+    /// Writes a head frame: `key`'s signature over the event just pushed, as its origin's head.
+    pub fn push_head(&mut self, key: &PublicKey, head: &SignedHead) -> io::Result<()> {
+        let mut frame = Vec::with_capacity(4 + HEAD_BYTES);
+        frame.extend_from_slice(&HEAD_MARK.to_le_bytes());
+        frame.extend_from_slice(&head.origin.0);
+        frame.extend_from_slice(&head.seq.to_le_bytes());
+        frame.extend_from_slice(&head.hash.0);
+        frame.extend_from_slice(&key.0);
+        frame.extend_from_slice(&head.signature);
+        self.digest.update(&frame);
+        self.out.write_all(&frame)
+    }
+
+    /// Writes a shipped event and, if it came with one, its signed head.
+    pub fn push_shipped(&mut self, shipped: &Shipped) -> io::Result<()> {
+        self.push(&shipped.meta.hash, &shipped.bytes)?;
+        if let Some((key, signature)) = &shipped.signed {
+            let id = shipped.meta.id;
+            let head = SignedHead {
+                origin: id.origin,
+                seq: id.seq,
+                hash: shipped.meta.hash,
+                signature: *signature,
+            };
+            self.push_head(key, &head)?;
+        }
         Ok(())
     }
 
@@ -124,6 +165,10 @@ pub struct ExportReader<R: Read> {
     frames: u64,
     digest: blake3::Hasher,
     done: bool,
+    /// The file's format: 1 has no head frames.
+    format: u32,
+    /// A frame's length (or mark) read ahead, to see whether a head frame follows an event.
+    peeked: Option<[u8; 4]>,
 }
 
 impl<R: Read> ExportReader<R> {
@@ -148,6 +193,8 @@ impl<R: Read> ExportReader<R> {
             frames: 0,
             digest: blake3::Hasher::new(),
             done: false,
+            format,
+            peeked: None,
         })
     }
 
@@ -160,13 +207,25 @@ impl<R: Read> ExportReader<R> {
             offset: r.offset,
             frames: r.frames,
         };
-        let mut len = [0u8; 4];
-        if read_full(&mut self.input, &mut len)? < 4 {
-            return Err(truncated(self));
-        }
+        let len = match self.peeked.take() {
+            Some(len) => len,
+            None => {
+                let mut len = [0u8; 4];
+                if read_full(&mut self.input, &mut len)? < 4 {
+                    return Err(truncated(self));
+                }
+                len
+            }
+        };
         let len_value = u32::from_le_bytes(len);
         if len_value == TRAILER_MARK {
             return self.trailer().map(|()| None);
+        }
+        if len_value == HEAD_MARK {
+            return Err(FileError::BadHead {
+                offset: self.offset,
+                problem: "it does not follow the event it names".into(),
+            });
         }
         let damaged = |r: &Self, problem: String| FileError::Damaged {
             offset: r.offset,
@@ -197,14 +256,65 @@ impl<R: Read> ExportReader<R> {
         };
         let shipped = Shipped::verify_then(Hash(hash), bytes, check)
             .map_err(|e| damaged(self, e.to_string()))?;
-        let frame = Frame {
-            offset: self.offset,
-            index: self.frames,
-            shipped,
-        };
+        let offset = self.offset;
         self.offset += 4 + 32 + len_usize as u64;
         self.frames += 1;
-        Ok(Some(frame))
+        let shipped = self.signed_head_after(shipped)?;
+        Ok(Some(Frame {
+            offset,
+            index: self.frames - 1,
+            shipped,
+        }))
+    }
+
+    /// Reads the head frame after an event, if one follows, and attaches it to the event once
+    /// checked: it must name that event, and its key must be the origin's and sign it.
+    fn signed_head_after(&mut self, shipped: Shipped) -> Result<Shipped, FileError> {
+        if self.format < 2 {
+            return Ok(shipped);
+        }
+        let mut len = [0u8; 4];
+        if read_full(&mut self.input, &mut len)? < 4 {
+            return Err(FileError::Truncated {
+                offset: self.offset,
+                frames: self.frames,
+            });
+        }
+        if u32::from_le_bytes(len) != HEAD_MARK {
+            self.peeked = Some(len);
+            return Ok(shipped);
+        }
+        let mut body = [0u8; HEAD_BYTES];
+        if read_full(&mut self.input, &mut body)? < HEAD_BYTES {
+            return Err(FileError::Truncated {
+                offset: self.offset,
+                frames: self.frames,
+            });
+        }
+        self.digest.update(&len);
+        self.digest.update(&body);
+        let bad = |problem: String| FileError::BadHead {
+            offset: self.offset,
+            problem,
+        };
+        let id = EventId {
+            origin: Origin(body[..16].try_into().expect("16 bytes")),
+            seq: u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")),
+        };
+        let hash = Hash(body[24..56].try_into().expect("32 bytes"));
+        if id != shipped.meta.id || hash != shipped.meta.hash {
+            return Err(bad(format!(
+                "it names origin {} seq {}, not the event before it (origin {} seq {})",
+                id.origin, id.seq, shipped.meta.id.origin, shipped.meta.id.seq
+            )));
+        }
+        let key = PublicKey(body[56..88].try_into().expect("32 bytes"));
+        let signature: [u8; 64] = body[88..].try_into().expect("64 bytes");
+        let shipped = shipped
+            .signed(key, signature)
+            .map_err(|e| bad(e.to_string()))?;
+        self.offset += (4 + HEAD_BYTES) as u64;
+        Ok(shipped)
     }
 
     fn trailer(&mut self) -> Result<(), FileError> {
@@ -252,15 +362,35 @@ fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Writes the events `selection` wants, in position order, as an export file. Returns the
-/// number written. `progress` is called with each position examined.
+/// Writes the events `selection` wants, in position order, as an export file, each signed head
+/// this node keeps after the event it names, and, with `signer` (this node's key), its own
+/// head signed after every [`SIGN_EVERY_EVENTS`] of its own events and after its last. Returns
+/// the number of events written. `progress` is called with each position examined.
 pub fn export<W: Write>(
     reader: &Reader,
     selection: &Selection,
     out: W,
+    signer: Option<&NodeKey>,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, W), ExportError> {
     let mut file = ExportWriter::new(out)?;
+    // The signed heads kept (one per signed run: a small part of the log) and this node's head.
+    let mut kept = std::collections::HashMap::new();
+    for head in reader.heads()? {
+        for (key, signed) in reader.signed_heads(head.origin)? {
+            kept.insert((signed.origin, signed.seq), (key, signed));
+        }
+    }
+    let own = signer.map(|key| {
+        let head = reader.heads().ok().and_then(|heads| {
+            heads
+                .into_iter()
+                .find(|h| h.origin == key.origin())
+                .map(|h| h.seq)
+        });
+        (key, head.unwrap_or(0))
+    });
+    let mut unsigned_own = 0u64;
     let mut after = 0;
     loop {
         let page = reader.scan(after, 4096, &Default::default())?;
@@ -268,8 +398,24 @@ pub fn export<W: Write>(
             break;
         };
         for record in &page.records {
-            if selection.wants(record.event().id()) {
-                file.push(&record.hash, record.bytes())?;
+            let id = record.event().id();
+            if !selection.wants(id) {
+                continue;
+            }
+            file.push(&record.hash, record.bytes())?;
+            match own {
+                Some((key, head_seq)) if id.origin == key.origin() => {
+                    unsigned_own += 1;
+                    if unsigned_own >= SIGN_EVERY_EVENTS || id.seq == head_seq {
+                        file.push_head(&key.public(), &key.sign_head(id.seq, record.hash))?;
+                        unsigned_own = 0;
+                    }
+                }
+                _ => {
+                    if let Some((key, head)) = kept.get(&(id.origin, id.seq)) {
+                        file.push_head(key, head)?;
+                    }
+                }
             }
         }
         progress(last);
