@@ -1209,6 +1209,16 @@ impl Reader {
         position_of(&self.txn.open_table(EXTENTS)?, id)
     }
 
+    /// The key carried by `origin`'s first event: `None` when this node does not hold it,
+    /// `Some(None)` for an origin made before keys.
+    pub fn signer_of(&self, origin: Origin) -> Result<Option<Option<[u8; 32]>>, LogError> {
+        let id = EventId { origin, seq: 1 };
+        let Some(position) = self.position_of(id)? else {
+            return Ok(None);
+        };
+        Ok(self.get(position)?.map(|r| r.event().signer()))
+    }
+
     /// The highest seq held of `origin` (0 for none).
     pub fn head_seq(&self, origin: Origin) -> Result<u64, LogError> {
         let heads = self.txn.open_table(HEADS)?;

@@ -432,6 +432,156 @@ pub enum ExportError {
     Io(#[from] io::Error),
 }
 
+/// Events of one origin held back at most, and their stored bytes, until a signed head covers
+/// them (a signed head follows at least every 1 000 of an origin's events from this build).
+pub const UNCONFIRMED_EVENTS_MAX: usize = 100_000;
+pub const UNCONFIRMED_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Whether an origin's events must come with signed heads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Keyed {
+    /// Its first event carries its key: every event must be covered by a signed head.
+    Yes,
+    /// Made before keys: its events are taken as they come.
+    No,
+    /// This node holds none of it yet, and the file does not start it.
+    Unknown,
+}
+
+/// Holds back a keyed origin's events until a signed head after them confirms the run (its
+/// hash at the head, each `prev` linking back), so that no event a signature does not vouch
+/// for reaches the log: a forged event of this node's own origin is refused here by name, and
+/// never mistaken for a fork that would stop the node's writes.
+struct Confirmation<'l> {
+    /// Read once per origin, at its first event in the file (a snapshot is not held open).
+    log: &'l Log,
+    keyed: std::collections::HashMap<Origin, Keyed>,
+    held: std::collections::HashMap<Origin, Vec<Frame>>,
+    held_events: usize,
+    held_bytes: usize,
+}
+
+impl Confirmation<'_> {
+    fn keyed(&mut self, shipped: &Shipped) -> Result<Keyed, FileError> {
+        let origin = shipped.meta.id.origin;
+        if shipped.meta.id.seq == 1 {
+            let carried = crate::event::decode(&shipped.bytes)
+                .ok()
+                .and_then(|e| e.signer());
+            let keyed = if carried.is_some() {
+                Keyed::Yes
+            } else {
+                Keyed::No
+            };
+            self.keyed.insert(origin, keyed);
+            return Ok(keyed);
+        }
+        if let Some(&keyed) = self.keyed.get(&origin) {
+            return Ok(keyed);
+        }
+        let reader = self.log.read().map_err(io_of)?;
+        let keyed = match reader.signer_of(origin).map_err(io_of)? {
+            Some(Some(_)) => Keyed::Yes,
+            Some(None) => Keyed::No,
+            None => Keyed::Unknown,
+        };
+        self.keyed.insert(origin, keyed);
+        Ok(keyed)
+    }
+
+    /// Takes the next frame; gives the frames it confirms, in file order.
+    fn take(&mut self, frame: Frame) -> Result<Vec<Frame>, FileError> {
+        if self.keyed(&frame.shipped)? == Keyed::No {
+            return Ok(vec![frame]);
+        }
+        let origin = frame.shipped.meta.id.origin;
+        if frame.shipped.signed.is_none() {
+            self.held_events += 1;
+            self.held_bytes += frame.shipped.bytes.len();
+            if self.held_events > UNCONFIRMED_EVENTS_MAX || self.held_bytes > UNCONFIRMED_BYTES_MAX
+            {
+                return Err(FileError::BadHead {
+                    offset: frame.offset,
+                    problem: format!(
+                        "more than {UNCONFIRMED_EVENTS_MAX} events or {} MiB without a signed \
+                         head covering them (origin {} from seq {})",
+                        UNCONFIRMED_BYTES_MAX >> 20,
+                        origin,
+                        self.held
+                            .get(&origin)
+                            .and_then(|h| h.first())
+                            .map_or(frame.shipped.meta.id.seq, |f| f.shipped.meta.id.seq)
+                    ),
+                });
+            }
+            self.held.entry(origin).or_default().push(frame);
+            return Ok(Vec::new());
+        }
+        // A signed head: it vouches for the run held back before it, link by link.
+        let mut run = self.held.remove(&origin).unwrap_or_default();
+        for pair in run.windows(2) {
+            check_link(&pair[0], &pair[1])?;
+        }
+        if let Some(last) = run.last() {
+            check_link(last, &frame)?;
+        }
+        for f in &run {
+            self.held_events -= 1;
+            self.held_bytes -= f.shipped.bytes.len();
+        }
+        run.push(frame);
+        Ok(run)
+    }
+
+    /// At the file's end: the events no signed head covered. A keyed origin's are refused by
+    /// name; those of an origin this node knows nothing of, with no signed head in the file,
+    /// are taken as an origin made before keys would be.
+    fn finish(mut self) -> Result<Vec<Frame>, FileError> {
+        let mut out = Vec::new();
+        let mut origins: Vec<Origin> = self.held.keys().copied().collect();
+        origins.sort();
+        for origin in origins {
+            let run = self.held.remove(&origin).unwrap_or_default();
+            let Some(first) = run.first() else {
+                continue;
+            };
+            if self.keyed.get(&origin) == Some(&Keyed::Yes) {
+                let last = run.last().expect("a first has a last");
+                return Err(FileError::BadHead {
+                    offset: first.offset,
+                    problem: format!(
+                        "origin {origin} seq {} to {}: no signed head covers them, so none was \
+                         ingested",
+                        first.shipped.meta.id.seq, last.shipped.meta.id.seq
+                    ),
+                });
+            }
+            out.extend(run);
+        }
+        out.sort_by_key(|f| f.offset);
+        Ok(out)
+    }
+}
+
+/// `after` must be the event right after `before` in their origin's chain.
+fn check_link(before: &Frame, after: &Frame) -> Result<(), FileError> {
+    let (b, a) = (&before.shipped.meta, &after.shipped.meta);
+    if a.id.seq == b.id.seq + 1 && a.prev == b.hash {
+        return Ok(());
+    }
+    Err(FileError::BadHead {
+        offset: before.offset,
+        problem: format!(
+            "origin {} seq {} is not on the chain the signed head after it vouches for",
+            b.id.origin, b.id.seq
+        ),
+    })
+}
+
+fn io_of(e: LogError) -> FileError {
+    FileError::Io(io::Error::other(e.to_string()))
+}
+
 /// What [`ingest`] did, and why it stopped if it did not reach the trailer.
 #[derive(Debug, Default)]
 pub struct IngestSummary {
@@ -474,6 +624,13 @@ pub fn ingest(
             return Ok(summary);
         }
     };
+    let mut confirmation = Some(Confirmation {
+        log,
+        keyed: Default::default(),
+        held: Default::default(),
+        held_events: 0,
+        held_bytes: 0,
+    });
     std::thread::scope(|scope| {
         // One batch checked ahead of the one being committed: memory stays bounded.
         let (batches, checked) = std::sync::mpsc::sync_channel(1);
@@ -482,24 +639,42 @@ pub fn ingest(
             let mut offsets = Vec::new();
             let mut error = None;
             let mut bytes = 0;
+            let mut ended = false;
             let full = |events: usize, bytes: usize| {
                 events >= INGEST_BATCH_EVENTS || bytes >= INGEST_BATCH_BYTES
             };
             while !full(batch.len(), bytes) {
-                match reader.next_frame() {
-                    Ok(Some(frame)) => {
-                        offsets.push(frame.offset);
-                        bytes += frame.shipped.bytes.len();
-                        batch.push(frame.shipped);
+                let confirmed = match reader.next_frame() {
+                    Ok(Some(frame)) => match confirmation.as_mut() {
+                        Some(c) => c.take(frame),
+                        None => Ok(vec![frame]),
+                    },
+                    Ok(None) => {
+                        ended = true;
+                        confirmation
+                            .take()
+                            .map_or(Ok(Vec::new()), Confirmation::finish)
                     }
-                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                match confirmed {
+                    Ok(frames) => {
+                        for frame in frames {
+                            offsets.push(frame.offset);
+                            bytes += frame.shipped.bytes.len();
+                            batch.push(frame.shipped);
+                        }
+                    }
                     Err(e) => {
                         error = Some(e);
                         break;
                     }
                 }
+                if ended {
+                    break;
+                }
             }
-            let last = !full(batch.len(), bytes) || error.is_some();
+            let last = ended || error.is_some();
             if batches.send((batch, offsets, error)).is_err() || last {
                 return; // Done, or the log refused and nobody listens.
             }
