@@ -1,5 +1,6 @@
 //! Ingest of a 1 000 000-event export into an empty home, beside the same node's batched
-//! append rate in the same run.
+//! append rate in the same run. The source node has a key, so the export carries a signed head
+//! every 1 000 events and ingest checks each and holds back every run until its head.
 //!
 //! `cargo bench --bench ingest`. Every figure is the median of `SPOOL_BENCH_RUNS` runs (default
 //! 3); `SPOOL_BENCH_SCALE` (default 1.0) scales the event count.
@@ -28,7 +29,16 @@ fn main() {
     let mut bytes = 0;
     for _ in 0..runs.max(1) {
         let dir = tempfile::tempdir().unwrap();
-        let source = log(&dir, "source", 1);
+        let key = spool::identity::NodeKey::generate();
+        let source = Log::create(
+            &dir.path().join("source.redb"),
+            key.origin(),
+            LogOptions {
+                signer: Some(key.public().0),
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
         let mut w = Workload::new(7);
         let batches: Vec<_> = (0..events / 10_000).map(|_| w.events(10_000)).collect();
         let started = Instant::now();
@@ -40,7 +50,7 @@ fn main() {
         let path = dir.path().join("export.spool");
         let out = BufWriter::new(std::fs::File::create(&path).unwrap());
         let reader = source.read().unwrap();
-        shipping::export(&reader, &Selection::default(), out, None, |_| {}).unwrap();
+        shipping::export(&reader, &Selection::default(), out, Some(&key), |_| {}).unwrap();
         drop(reader);
         bytes = std::fs::metadata(&path).unwrap().len();
 
@@ -51,6 +61,12 @@ fn main() {
         ingests.push(events as f64 / started.elapsed().as_secs_f64());
         assert_eq!(summary.report.applied, events as u64);
         assert!(summary.file_error.is_none() && summary.refused.is_none());
+        let heads = target.read().unwrap().signed_heads(key.origin()).unwrap();
+        assert_eq!(
+            heads.len(),
+            events.div_ceil(1_000),
+            "a signed head every 1 000 events"
+        );
     }
     let (append, ingest) = (median(appends), median(ingests));
     println!("{:<58} {:>14}", "figure", "events/s");
@@ -61,7 +77,7 @@ fn main() {
     println!(
         "{:<58} {ingest:>14.0}",
         format!(
-            "spool ingest of a {events}-event export ({} MB)",
+            "spool ingest of a {events}-event signed export ({} MB)",
             bytes >> 20
         )
     );
