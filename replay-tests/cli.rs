@@ -750,9 +750,13 @@ fn a_key_answers_on_every_node_its_event_has_reached() {
         (&again["origin"], &again["seq"]),
         (&first["origin"], &first["seq"])
     );
-    let o = spool(&b, &["append"], &request("something else"));
+    let o = refused(
+        &b,
+        &["append"],
+        &request("something else"),
+        "idempotency key",
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("idempotency key"), "{}", stderr(&o));
     // A node that used the key itself first keeps answering with its own event.
     let c = labelled_home(dir.path(), "c");
     let own: Value = serde_json::from_str(&ok(&c, &["append"], &request("acked"))).unwrap();
@@ -847,19 +851,14 @@ fn signed_heads_travel_with_exports_and_relays_pass_them_on() {
     // The same file with one bit of the head's signature changed.
     let file = a.with_extension("export.spool");
     let mut bytes = std::fs::read(&file).unwrap();
-    let trailer = 4 + 8 + 32;
-    let signature_byte = bytes.len() - trailer - 10;
+    // The head frame ends just before the trailer with its 64-byte signature.
+    let signature_byte = bytes.len() - spool::sync::file::TRAILER_BYTES - 10;
     bytes[signature_byte] ^= 1;
     let forged = dir.path().join("forged.spool");
     std::fs::write(&forged, &bytes).unwrap();
     let d = labelled_home(dir.path(), "d");
-    let o = spool(&d, &["ingest", forged.to_str().unwrap()], "");
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("a forged or damaged signed head"),
-        "{}",
-        stderr(&o)
-    );
+    let args = ["ingest", forged.to_str().unwrap()];
+    refused(&d, &args, "", "a forged or damaged signed head");
 }
 
 /// A node's own event re-hashed inside its own export and handed back to it used to stop the
@@ -888,15 +887,107 @@ fn a_forged_own_event_is_refused_and_never_halts_the_node() {
     let forged = dir.path().join("forged.spool");
     std::fs::write(&forged, &bytes).unwrap();
     let before = ok(&b, &["log"], "");
-    let o = spool(&b, &["ingest", forged.to_str().unwrap()], "");
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("is not on the chain the signed head after it vouches for"),
-        "{}",
-        stderr(&o)
+    let args = ["ingest", forged.to_str().unwrap()];
+    refused(
+        &b,
+        &args,
+        "",
+        "is not on the chain the signed head after it vouches for",
     );
     assert_eq!(ok(&b, &["log"], ""), before, "nothing stored changed");
     let status: Value = serde_json::from_str(&ok(&b, &["status", "--json"], "")).unwrap();
     assert_eq!(status["halted"], Value::Null, "{status}");
     ok(&b, &["append"], &activity("s", "still writing"));
+}
+
+/// The views that read the clock, on events written now: the newest claim not released is
+/// held, a bot's release ends only its own claim, and a code within its TTL is pending.
+#[test]
+fn the_views_read_now_holders_and_pending_codes() {
+    let (_dir, home) = new_home();
+    let event = |kind: &str, actor: &str, data: Value| {
+        serde_json::json!({"kind": kind, "stream": "task/t1", "actor": actor, "data": data})
+            .to_string()
+    };
+    let claim = |bot: &str| {
+        event(
+            "bot.claimed",
+            bot,
+            serde_json::json!({"bot_id": bot, "resource": "task/t1", "ttl_ms": 600_000}),
+        )
+    };
+    let release = |bot: &str| {
+        event(
+            "bot.released",
+            bot,
+            serde_json::json!({"bot_id": bot, "resource": "task/t1"}),
+        )
+    };
+    let holders = || {
+        ok(
+            &home,
+            &["sql", "SELECT resource, bot_id FROM bot_holders"],
+            "",
+        )
+    };
+    ok(&home, &["append"], &claim("cli-agent-1"));
+    ok(&home, &["append"], &claim("cli-agent-2"));
+    assert_eq!(
+        holders().trim(),
+        r#"{"bot_id":"cli-agent-2","resource":"task/t1"}"#
+    );
+    ok(&home, &["append"], &release("cli-agent-1"));
+    assert_eq!(
+        holders().trim(),
+        r#"{"bot_id":"cli-agent-2","resource":"task/t1"}"#,
+        "another bot's release leaves the holder's claim"
+    );
+    ok(&home, &["append"], &release("cli-agent-2"));
+    assert_eq!(holders(), "", "both claims are released");
+
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 3_600_000;
+    ok(
+        &home,
+        &["append"],
+        &event(
+            "pairing.requested",
+            "cockpit",
+            serde_json::json!({"pairing_id": "p", "code_hash": "ab".repeat(32), "user_id": "u",
+                               "device_id": "d", "expires_at_ms": in_an_hour}),
+        ),
+    );
+    let status = ok(
+        &home,
+        &["sql", "SELECT status FROM pairing_tokens_live"],
+        "",
+    );
+    assert_eq!(status.trim(), r#"{"status":"pending"}"#);
+}
+
+/// A head frame that does not follow the event it names (moved to the front of the file) is
+/// refused by name, and nothing of the file is ingested.
+#[test]
+fn a_head_frame_out_of_place_is_refused() {
+    let (dir, a) = new_home();
+    ok(&a, &["append"], &activity("s", "one"));
+    let file = dir.path().join("a.spool");
+    ok(&a, &["export", "--out", file.to_str().unwrap()], "");
+    let bytes = std::fs::read(&file).unwrap();
+    // Header (16 bytes), one event frame, one head frame (4 + 152 bytes), the trailer.
+    let trailer = spool::sync::file::TRAILER_BYTES;
+    let head_at = bytes.len() - trailer - (4 + 152);
+    let mut moved = bytes[..16].to_vec();
+    moved.extend_from_slice(&bytes[head_at..bytes.len() - trailer]);
+    moved.extend_from_slice(&bytes[16..head_at]);
+    moved.extend_from_slice(&bytes[bytes.len() - trailer..]);
+    let path = dir.path().join("moved.spool");
+    std::fs::write(&path, &moved).unwrap();
+    let (_d, b) = new_home();
+    let args = ["ingest", path.to_str().unwrap()];
+    refused(&b, &args, "", "it does not follow the event it names");
+    assert_eq!(ok(&b, &["log"], ""), "");
 }

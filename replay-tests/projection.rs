@@ -433,16 +433,38 @@ fn any_causal_order_of_the_same_events_gives_the_same_digest() {
     for seed in 0..12 {
         let mut rng = StdRng::seed_from_u64(seed);
         let specs = random_specs(&mut rng, 150);
-        let events = build(&specs);
-        let (_d, first) = project(events.clone());
-        let digest = first.digest().unwrap().0;
-        for _ in 0..4 {
-            let mut order = events.clone();
-            order.shuffle(&mut rng);
-            let (_d, db) = project(order);
-            assert_eq!(db.digest().unwrap().0, digest, "seed {seed}");
-        }
+        assert_orders_converge(&specs, &mut rng, 4, seed);
     }
+}
+
+/// The events of `specs` projected in file order and in `shuffles` shuffled orders (the log
+/// applies each causally) give one digest.
+fn assert_orders_converge(specs: &[Spec], rng: &mut StdRng, shuffles: usize, seed: u64) {
+    let events = build(specs);
+    let (_d, first) = project(events.clone());
+    let digest = first.digest().unwrap().0;
+    for _ in 0..shuffles {
+        let mut order = events.clone();
+        order.shuffle(rng);
+        let (_d, db) = project(order);
+        assert_eq!(db.digest().unwrap().0, digest, "seed {seed}");
+    }
+}
+
+/// The `data` of each current kind's golden event (`schemas/KIND/vN.golden.json`).
+fn golden_data() -> Vec<(&'static kinds::KindSpec, Value)> {
+    kinds::CATALOGUE
+        .iter()
+        .map(|spec| {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("schemas")
+                .join(spec.name)
+                .join(format!("v{}.golden.json", spec.version));
+            let golden: Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            (*spec, golden["data"].clone())
+        })
+        .collect()
 }
 
 /// Free-text fields a random event varies, so that which write wins shows in the rows.
@@ -468,18 +490,7 @@ fn random_specs_of_every_kind(rng: &mut StdRng, n: usize) -> Vec<Spec> {
     const AHEAD: u64 = 5 * 3_600_000;
     const DRIFT: u64 = 60_000;
     let labels = ['a', 'b', 'c', 'd'];
-    let goldens: Vec<(String, Value)> = kinds::CATALOGUE
-        .iter()
-        .map(|spec| {
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("schemas")
-                .join(spec.name)
-                .join(format!("v{}.golden.json", spec.version));
-            let golden: Value =
-                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-            (spec.name.to_owned(), golden["data"].clone())
-        })
-        .collect();
+    let goldens = golden_data();
     // Per origin: events written, the last stamp, and what it has seen of each other origin.
     let mut written: BTreeMap<char, (u64, u64)> = BTreeMap::new();
     let mut seen: BTreeMap<char, BTreeMap<char, u64>> = BTreeMap::new();
@@ -521,7 +532,7 @@ fn random_specs_of_every_kind(rng: &mut StdRng, n: usize) -> Vec<Spec> {
             origin: o,
             at_ms: at,
             deps,
-            kind: kind.clone(),
+            kind: kind.name.to_owned(),
             stream: format!("s/{}", rng.random_range(0..3)),
             actor: "test".into(),
             data,
@@ -542,15 +553,7 @@ fn any_causal_order_of_events_of_every_kind_with_a_clock_ahead_gives_the_same_di
         let mut rng = StdRng::seed_from_u64(seed);
         let specs = random_specs_of_every_kind(&mut rng, 300);
         kinds_seen.extend(specs.iter().map(|s| s.kind.clone()));
-        let events = build(&specs);
-        let (_d, first) = project(events.clone());
-        let digest = first.digest().unwrap().0;
-        for _ in 0..3 {
-            let mut order = events.clone();
-            order.shuffle(&mut rng);
-            let (_d, db) = project(order);
-            assert_eq!(db.digest().unwrap().0, digest, "seed {seed}");
-        }
+        assert_orders_converge(&specs, &mut rng, 3, seed);
     }
     assert_eq!(
         kinds_seen.len(),
@@ -563,16 +566,10 @@ fn any_causal_order_of_events_of_every_kind_with_a_clock_ahead_gives_the_same_di
 /// projector makes of it.
 fn golden_writes() -> Vec<(&'static kinds::KindSpec, Vec<spool::project::Write>)> {
     use spool::project::{writes, Context};
-    kinds::CATALOGUE
-        .iter()
-        .map(|spec| {
-            let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("schemas")
-                .join(spec.name)
-                .join(format!("v{}.golden.json", spec.version));
-            let golden: Value =
-                serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
-            let payload = spec.encode(&golden["data"]).unwrap();
+    golden_data()
+        .into_iter()
+        .map(|(spec, data)| {
+            let payload = spec.encode(&data).unwrap();
             let body = kinds::body(spec.name, spec.version, &payload).unwrap();
             let ctx = Context {
                 id: "o:1".into(),
@@ -581,7 +578,7 @@ fn golden_writes() -> Vec<(&'static kinds::KindSpec, Vec<spool::project::Write>)
                 actor: "a",
                 stream: "s",
             };
-            (*spec, writes(&ctx, &body))
+            (spec, writes(&ctx, &body))
         })
         .collect()
 }

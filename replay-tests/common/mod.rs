@@ -94,19 +94,23 @@ pub fn stderr(o: &Output) -> String {
 
 /// Runs under a faked clock (as [`spool_at`]) and insists on exit 0, returning stdout.
 pub fn ok_at(offset: &str, home: &Path, args: &[&str], stdin: &str) -> String {
-    let o = spool_at(offset, home, args, stdin);
-    assert!(
-        o.status.success(),
-        "spool {args:?} at {offset} failed: {}\n{}",
-        o.status,
-        stderr(&o)
-    );
-    stdout(&o)
+    succeeded(spool_at(offset, home, args, stdin), args)
 }
 
 /// Runs and insists on exit 0, returning stdout.
 pub fn ok(home: &Path, args: &[&str], stdin: &str) -> String {
+    succeeded(spool(home, args, stdin), args)
+}
+
+/// Runs and insists on a failure whose standard error says `said`; returns the output.
+pub fn refused(home: &Path, args: &[&str], stdin: &str, said: &str) -> Output {
     let o = spool(home, args, stdin);
+    assert!(!o.status.success(), "spool {args:?} succeeded");
+    assert!(stderr(&o).contains(said), "{}", stderr(&o));
+    o
+}
+
+fn succeeded(o: Output, args: &[&str]) -> String {
     assert!(
         o.status.success(),
         "spool {args:?} failed: {}\n{}",

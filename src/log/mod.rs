@@ -57,6 +57,10 @@ pub struct Shipped {
     pub meta: Meta,
     pub hlc: u64,
     pub stream: String,
+    /// Its idempotency key, if it has one.
+    pub key: Option<String>,
+    /// The key its origin is bound to, on an origin's first event (envelope format 2).
+    pub signer: Option<[u8; 32]>,
     pub bytes: Vec<u8>,
     /// The origin's signature over this event as its head, already verified
     /// ([`Shipped::signed`]): kept with the event, so that a relay passes it on.
@@ -144,15 +148,12 @@ impl Shipped {
             id: view.id(),
             problem,
         })?;
-        let (meta, hlc, stream) = (
-            Meta::of(actual, &view),
-            view.hlc(),
-            view.stream().to_owned(),
-        );
         Ok(Shipped {
-            meta,
-            hlc,
-            stream,
+            meta: Meta::of(actual, &view),
+            hlc: view.hlc(),
+            stream: view.stream().to_owned(),
+            key: view.key().map(str::to_owned),
+            signer: view.signer(),
             bytes,
             signed: None,
         })
@@ -608,8 +609,13 @@ fn parse_block(first_position: u64, value: &[u8]) -> Result<Block<'_>, Corruptio
     })
 }
 
-/// The checked event at `position` in an `events` table.
-fn entry_at<T>(events: &T, position: u64) -> Result<Option<Record>, LogError>
+/// `read(block, index)` on the block holding `position` in an `events` table (`None` past the
+/// last position).
+fn in_block_at<T, R>(
+    events: &T,
+    position: u64,
+    read: impl FnOnce(&Block<'_>, usize) -> Result<R, LogError>,
+) -> Result<Option<R>, LogError>
 where
     T: ReadableTable<u64, &'static [u8]>,
 {
@@ -619,49 +625,33 @@ where
     let (k, v) = found?;
     let first = k.value();
     let block = parse_block(first, v.value())?;
-    let index = position - first;
-    if index >= block.len() as u64 {
+    let index = (position - first) as usize;
+    if index >= block.len() {
         return Ok(None);
     }
-    Ok(Some(Record::check(position, block.entry(index as usize))?))
+    read(&block, index).map(Some)
 }
 
-/// Calls `visit(position, entry)` for every event from `from` on, in position order, until it
-/// returns `false`. Entries are not checked here; `visit` decides.
-fn each_entry<T>(
-    events: &T,
-    from: u64,
-    mut visit: impl FnMut(u64, &[u8]) -> Result<bool, LogError>,
-) -> Result<(), LogError>
+/// The checked event at `position` in an `events` table.
+fn entry_at<T>(events: &T, position: u64) -> Result<Option<Record>, LogError>
 where
     T: ReadableTable<u64, &'static [u8]>,
 {
-    let start = match events.range(..=from)?.next_back() {
-        Some(found) => found?.0.value(),
-        None => from,
-    };
-    for found in events.range(start..)? {
-        let (k, v) = found?;
-        let first = k.value();
-        let block = parse_block(first, v.value())?;
-        for (i, entry) in block.entries().enumerate() {
-            let position = first + i as u64;
-            if position >= from && !visit(position, entry)? {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
+    in_block_at(events, position, |block, i| {
+        Ok(Record::check(position, block.entry(i))?)
+    })
 }
 
-/// As [`each_entry`], with each event's causal order from its block.
-fn each_ordered<E>(
-    events: &E,
+/// Calls `visit(position, entry, order)` for every event from `from` on, in position order,
+/// with its causal order, until it returns `false`. Entries are not checked here; `visit`
+/// decides.
+fn each_entry<T>(
+    events: &T,
     from: u64,
     mut visit: impl FnMut(u64, &[u8], u64) -> Result<bool, LogError>,
 ) -> Result<(), LogError>
 where
-    E: ReadableTable<u64, &'static [u8]>,
+    T: ReadableTable<u64, &'static [u8]>,
 {
     let start = match events.range(..=from)?.next_back() {
         Some(found) => found?.0.value(),
@@ -687,14 +677,7 @@ fn order_at<T>(events: &T, position: u64) -> Result<Option<u64>, LogError>
 where
     T: ReadableTable<u64, &'static [u8]>,
 {
-    let Some(found) = events.range(..=position)?.next_back() else {
-        return Ok(None);
-    };
-    let (k, v) = found?;
-    let first = k.value();
-    let block = parse_block(first, v.value())?;
-    let index = (position - first) as usize;
-    Ok((index < block.len()).then(|| block.order(index)).flatten())
+    Ok(in_block_at(events, position, |block, i| Ok(block.order(i)))?.flatten())
 }
 
 /// The causal order stored for `(origin, seq)`, if this log holds it.
@@ -1084,7 +1067,7 @@ impl Reader {
         into.events.clear();
         let events = self.txn.open_table(EVENTS)?;
         let from = after.saturating_add(1);
-        each_ordered(&events, from, |position, entry, order| {
+        each_entry(&events, from, |position, entry, order| {
             let full = !into.events.is_empty() && into.bytes.len() + entry.len() > bytes_max;
             if into.events.len() == limit || full {
                 return Ok(false);
@@ -1128,7 +1111,7 @@ impl Reader {
             }
         } else {
             let mut examined = 0;
-            each_entry(&events, after.saturating_add(1), |position, entry| {
+            each_entry(&events, after.saturating_add(1), |position, entry, _| {
                 if examined == limit {
                     return Ok(false);
                 }
@@ -1174,7 +1157,7 @@ impl Reader {
         each_entry(
             &events,
             after.max(streams_to).saturating_add(1),
-            |position, entry| {
+            |position, entry, _| {
                 if out.len() == limit {
                     return Ok(false);
                 }

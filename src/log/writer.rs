@@ -288,7 +288,7 @@ impl State {
         each_entry(
             &events,
             meta_u64(&meta, "streams_to")? + 1,
-            |position, entry| {
+            |position, entry, _| {
                 match check_entry(position, entry) {
                     Ok((_, event)) => pending.push(event.stream().to_owned(), position),
                     Err(problem) => tracing::warn!(%problem, "not indexing a damaged event"),
@@ -969,15 +969,10 @@ fn commit_ingest(
                 report.clamped += 1;
             }
             let stored = tables.held(state, shipped.meta.id)?;
-            let decision = state.causal.decide(&shipped.meta, |_| stored);
-            let room = state.causal.waiting() < PENDING_EVENTS_MAX;
-            if matches!(decision, Decision::Duplicate | Decision::Apply)
-                || (decision == Decision::Wait && room)
-            {
-                tables.keep_signature(&shipped)?;
-            }
-            let refusal = match decision {
+            // A signed head that came with an event is kept with it, unless the event is refused.
+            let refusal = match state.causal.decide(&shipped.meta, |_| stored) {
                 Decision::Duplicate => {
+                    tables.keep_signature(&shipped)?;
                     report.duplicates += 1;
                     None
                 }
@@ -985,11 +980,13 @@ fn commit_ingest(
                     Some(Refusal::TooManyWaiting)
                 }
                 Decision::Wait => {
+                    tables.keep_signature(&shipped)?;
                     tables.wait(state, &shipped)?;
                     report.waited += 1;
                     None
                 }
                 Decision::Apply => {
+                    tables.keep_signature(&shipped)?;
                     report.applied += 1;
                     tables.apply_releasing(state, shipped, index, &mut report)?;
                     if report.refused.is_some() {
@@ -1132,9 +1129,7 @@ impl Shipping<'_, '_> {
     }
 
     fn apply(&mut self, state: &mut State, shipped: Shipped) -> Result<(), LogError> {
-        // Checked when it was shipped; a view that does not decode has no key to keep.
-        let view = event::decode(&shipped.bytes).ok();
-        if let Some(key) = view.as_ref().and_then(|v| v.key()) {
+        if let Some(key) = shipped.key.as_deref() {
             // This node's own events bring their keys back (a restore); another node's event
             // gives its key to this node too, unless this node already used it: a retry sent
             // to any node that holds the first event is answered with it.

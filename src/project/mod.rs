@@ -254,20 +254,38 @@ pub fn heads_text(heads: &Applied) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
-/// Reads [`heads_text`]'s form back; `Err` says what is wrong with it.
+/// The stored heads of a checkpoint at most (about 4 000 origins): a database another process
+/// can write is not trusted to hold a sane value.
+pub const HEADS_TEXT_BYTES_MAX: usize = 512 * 1024;
+
+/// Reads [`heads_text`]'s form back; `Err` says what is wrong with it (never what it holds).
 pub fn parse_heads(text: &str) -> Result<Applied, String> {
+    if text.len() > HEADS_TEXT_BYTES_MAX {
+        return Err(format!(
+            "the checkpoint's heads are {} bytes, more than the {HEADS_TEXT_BYTES_MAX} a \
+             checkpoint holds",
+            text.len()
+        ));
+    }
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Head {
         seq: u64,
         hash: String,
     }
-    let map: BTreeMap<String, Head> = serde_json::from_str(text)
-        .map_err(|e| format!("the checkpoint's heads are not readable: {e}"))?;
+    let map: BTreeMap<String, Head> = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "the checkpoint's heads are not readable (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
     map.into_iter()
         .map(|(origin, head)| {
-            let origin = Origin::from_hex(&origin).map_err(|e| e.to_string())?;
-            let hash = Hash::from_hex(&head.hash).map_err(|e| e.to_string())?;
+            let origin = Origin::from_hex(&origin)
+                .map_err(|_| "the checkpoint's heads name an origin that is not 32 hex digits")?;
+            let hash = Hash::from_hex(&head.hash)
+                .map_err(|_| "the checkpoint's heads hold a hash that is not 64 hex digits")?;
             Ok((origin, (head.seq, hash)))
         })
         .collect()
@@ -636,4 +654,24 @@ fn project_range<E: std::error::Error + 'static>(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_heads_round_trip_and_bad_ones_are_refused_without_echo() {
+        let heads: Applied = [(Origin([1; 16]), (7, Hash([2; 32])))].into();
+        assert_eq!(parse_heads(&heads_text(&heads)).unwrap(), heads);
+        let err = parse_heads(r#"{"zz": {"seq": "secret-ish", "hash": "x"}}"#).unwrap_err();
+        assert!(
+            err.contains("not readable") && !err.contains("secret-ish"),
+            "{err}"
+        );
+        let huge = format!("\"{}\"", "a".repeat(HEADS_TEXT_BYTES_MAX));
+        assert!(parse_heads(&huge).unwrap_err().contains("more than"));
+        let err = parse_heads(r#"{"zzsecret": {"seq": 1, "hash": "00"}}"#).unwrap_err();
+        assert!(!err.contains("zzsecret"), "{err}");
+    }
 }

@@ -376,19 +376,15 @@ pub fn export<W: Write>(
     let mut file = ExportWriter::new(out)?;
     // The signed heads kept (one per signed run: a small part of the log) and this node's head.
     let mut kept = std::collections::HashMap::new();
-    for head in reader.heads()? {
+    let heads = reader.heads()?;
+    for head in &heads {
         for (key, signed) in reader.signed_heads(head.origin)? {
             kept.insert((signed.origin, signed.seq), (key, signed));
         }
     }
     let own = signer.map(|key| {
-        let head = reader.heads().ok().and_then(|heads| {
-            heads
-                .into_iter()
-                .find(|h| h.origin == key.origin())
-                .map(|h| h.seq)
-        });
-        (key, head.unwrap_or(0))
+        let head = heads.iter().find(|h| h.origin == key.origin());
+        (key, head.map_or(0, |h| h.seq))
     });
     let mut unsigned_own = 0u64;
     let mut after = 0;
@@ -465,13 +461,9 @@ impl Confirmation<'_> {
     fn keyed(&mut self, shipped: &Shipped) -> Result<Keyed, FileError> {
         let origin = shipped.meta.id.origin;
         if shipped.meta.id.seq == 1 {
-            let carried = crate::event::decode(&shipped.bytes)
-                .ok()
-                .and_then(|e| e.signer());
-            let keyed = if carried.is_some() {
-                Keyed::Yes
-            } else {
-                Keyed::No
+            let keyed = match shipped.signer {
+                Some(_) => Keyed::Yes,
+                None => Keyed::No,
             };
             self.keyed.insert(origin, keyed);
             return Ok(keyed);
