@@ -53,6 +53,10 @@ struct NodeFile {
     /// made before nodes had keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
+    /// The origin id of the root of the fleet this node joined (`spool fleet join`). Absent: the
+    /// node is the root of its own fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fleet: Option<String>,
 }
 
 /// `spool.toml`. Every key is optional; unknown keys are refused by name.
@@ -247,6 +251,8 @@ pub struct Home {
     origin: Origin,
     /// The public key the origin is bound to (`node.toml`), if the node has a key.
     public_key: Option<PublicKey>,
+    /// The root of its fleet (`None`: a home made before keys takes every origin's events).
+    fleet_root: Option<Origin>,
     label: String,
     config: Config,
 }
@@ -282,6 +288,7 @@ impl Home {
             dir: dir.to_owned(),
             origin,
             public_key: Some(key.public()),
+            fleet_root: Some(origin),
             label: label.to_owned(),
             config: Config::default(),
         };
@@ -292,14 +299,24 @@ impl Home {
             id: origin.to_hex(),
             label: label.to_owned(),
             key: Some(key.public().to_hex()),
+            fleet: None,
         };
-        let text = format!(
-            "# This node's identity. Never copy it to another node: two nodes with one id fork the log.\n{}",
-            toml::to_string(&node).expect("a node file serializes")
-        );
-        let node_path = dir.join(NODE_FILE);
-        write_atomically(&node_path, text.as_bytes()).map_err(io(&node_path))?;
+        write_node_file(dir, &node)?;
         Ok(home)
+    }
+
+    /// Makes `root` the root of this node's fleet (`node.toml`), for `spool fleet join`: from
+    /// its next opening, the log takes only the events of that fleet's members.
+    pub fn join_fleet(&mut self, root: Origin) -> Result<(), HomeError> {
+        let node = NodeFile {
+            id: self.origin.to_hex(),
+            label: self.label.clone(),
+            key: self.public_key.map(|k| k.to_hex()),
+            fleet: (root != self.origin).then(|| root.to_hex()),
+        };
+        write_node_file(&self.dir, &node)?;
+        self.fleet_root = Some(root);
+        Ok(())
     }
 
     /// Opens an existing node home.
@@ -353,10 +370,24 @@ impl Home {
                 })
             }
         };
+        let fleet_root = match (&public_key, &node.fleet) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(bad(
+                    &node_path,
+                    "fleet: a node without a key cannot be in a fleet".into(),
+                ))
+            }
+            (Some(_), None) => Some(origin),
+            (Some(_), Some(text)) => {
+                Some(Origin::from_hex(text).map_err(|e| bad(&node_path, format!("fleet: {e}")))?)
+            }
+        };
         Ok(Home {
             dir: dir.to_owned(),
             origin,
             public_key,
+            fleet_root,
             label: node.label,
             config,
         })
@@ -429,6 +460,7 @@ impl Home {
             cache_bytes: self.config.log.cache_bytes,
             kernel_cache_bytes: self.config.log.kernel_cache_bytes,
             signer: self.public_key.map(|k| k.0),
+            fleet_root: self.fleet_root,
             ..LogOptions::default()
         }
     }
@@ -446,6 +478,24 @@ impl Home {
     pub fn public_key(&self) -> Option<PublicKey> {
         self.public_key
     }
+
+    /// The root of this node's fleet; `None` for a home made before keys.
+    pub fn fleet_root(&self) -> Option<Origin> {
+        self.fleet_root
+    }
+}
+
+/// Writes `node.toml` whole (a rename: a crash leaves the old file or the new one).
+fn write_node_file(dir: &Path, node: &NodeFile) -> Result<(), HomeError> {
+    let text = format!(
+        "# This node's identity. Never copy it to another node: two nodes with one id fork the log.\n{}",
+        toml::to_string(node).expect("a node file serializes")
+    );
+    let node_path = dir.join(NODE_FILE);
+    write_atomically(&node_path, text.as_bytes()).map_err(|source| HomeError::Io {
+        path: node_path.clone(),
+        source,
+    })
 }
 
 fn check_label(label: &str) -> Result<(), HomeError> {

@@ -14,6 +14,7 @@ pub mod input;
 pub mod jobs;
 pub mod kinds;
 pub mod log;
+pub mod membership;
 pub mod node;
 pub mod openapi;
 pub mod priority;

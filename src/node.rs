@@ -72,6 +72,7 @@ pub fn status(
 ) -> Result<Status, Problem> {
     let stats = log.stats()?;
     let reader = log.read()?;
+    let refused = reader.refused()?;
     Ok(Status {
         node: name.clone(),
         home: std::path::absolute(home)
@@ -100,6 +101,17 @@ pub fn status(
                 held: f.held,
             })
             .collect(),
+        refused: refused
+            .iter()
+            .take(crate::wire::STATUS_REFUSED_MAX)
+            .map(|e| crate::wire::RefusedEvent {
+                id: e.id,
+                hash: e.hash,
+                reason: e.reason.clone(),
+            })
+            .collect(),
+        refused_count: refused.len() as u64,
+        fleet: reader.fleet(log.fleet_root())?.as_ref().map(Into::into),
         halted: reader.halted()?,
         unreadable,
         daemon: None,

@@ -445,6 +445,68 @@ pub struct Fork {
     pub held: Option<Hash>,
 }
 
+/// An event refused for who wrote it or how it came signed, kept as evidence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RefusedEvent {
+    pub id: EventId,
+    pub hash: Hash,
+    pub reason: String,
+}
+
+/// The fleet a node is in (`spool fleet`): its root and every member it knows of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Fleet {
+    pub root: Origin,
+    pub members: Vec<FleetMember>,
+}
+
+/// One member of the fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FleetMember {
+    pub origin: Origin,
+    /// Its public key (hex), from its admission; the root's is in its first event.
+    pub key: Option<String>,
+    pub device_id: Option<String>,
+    pub label: Option<String>,
+    pub capabilities: Vec<String>,
+    /// The `device.paired` event that admitted it (none for the root).
+    pub admitted_by: Option<EventId>,
+    /// The `device.revoked` event, and the member's last event still taken.
+    pub revoked: Option<FleetRevocation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FleetRevocation {
+    pub by: EventId,
+    pub through: u64,
+}
+
+impl From<&crate::membership::Membership> for Fleet {
+    fn from(fleet: &crate::membership::Membership) -> Fleet {
+        Fleet {
+            root: fleet.root(),
+            members: fleet
+                .members()
+                .map(|m| FleetMember {
+                    origin: m.origin,
+                    key: m.key.clone(),
+                    device_id: m.device_id.clone(),
+                    label: m.label.clone(),
+                    capabilities: m.capabilities.clone(),
+                    admitted_by: m.admitted_by,
+                    revoked: m.revoked.map(|r| FleetRevocation {
+                        by: r.by,
+                        through: r.through,
+                    }),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Refused events a status lists at most (`refused_count` counts them all).
+pub const STATUS_REFUSED_MAX: usize = 100;
+
 /// `spool status --json` and `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Status {
@@ -456,6 +518,13 @@ pub struct Status {
     /// Shipped events waiting for their predecessor or deps.
     pub waiting: u64,
     pub forks: Vec<Fork>,
+    /// Events refused for who wrote them or how they came signed (the first
+    /// [`STATUS_REFUSED_MAX`]), kept as evidence.
+    pub refused: Vec<RefusedEvent>,
+    pub refused_count: u64,
+    /// The fleet this node takes events from; `None` for a node made before keys, which
+    /// takes every origin's.
+    pub fleet: Option<Fleet>,
     /// Why this node's own writes are stopped, if they are.
     pub halted: Option<String>,
     /// Events the projection skipped: kinds or versions this build cannot read.
@@ -508,6 +577,9 @@ pub struct IngestSummary {
     pub stopped: Option<String>,
     /// The event refused, if one was.
     pub refused: Option<Value>,
+    /// Events a refusal named, kept as evidence (`spool status` lists them).
+    #[serde(default)]
+    pub evidence_kept: u64,
 }
 
 impl IngestSummary {
@@ -519,6 +591,7 @@ impl IngestSummary {
         self.duplicates += piece.duplicates;
         self.released += piece.released;
         self.clamped += piece.clamped;
+        self.evidence_kept += piece.evidence_kept;
         self.waiting = piece.waiting;
         self.ok = piece.ok;
         self.stopped.clone_from(&piece.stopped);
@@ -544,6 +617,7 @@ impl From<&crate::sync::file::IngestSummary> for IngestSummary {
                 .refused
                 .as_ref()
                 .and_then(|(_, refused)| serde_json::to_value(refused).ok()),
+            evidence_kept: summary.evidence_kept,
         }
     }
 }
@@ -556,6 +630,10 @@ pub struct VerifyReport {
     pub origins: u64,
     pub bytes: u64,
     pub seconds: f64,
+    /// Signed heads checked.
+    pub signatures: u64,
+    /// Refused events kept as evidence (not a problem: `spool status` lists them).
+    pub refused: u64,
     pub problems_total: u64,
     /// The first problems, in position order: each its facts and a sentence.
     pub problems: Vec<VerifyProblem>,
@@ -576,6 +654,8 @@ impl VerifyReport {
             origins: report.origins,
             bytes: report.bytes,
             seconds,
+            signatures: report.signatures,
+            refused: report.refused,
             problems_total: report.problems_total,
             problems: report
                 .problems

@@ -22,8 +22,8 @@ use spool::home::HomeError;
 use spool::log::LogError;
 
 use super::{
-    AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, LogArgs, ProjectCommand,
-    RebuildCommand, Retry, SchemaCommand, Usage,
+    AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, FleetCommand, LogArgs,
+    ProjectCommand, RebuildCommand, Retry, SchemaCommand, Usage,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -62,6 +62,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => backfill_postgres(&home, &url, held_bytes_max, json),
         Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
         Command::Sql { statement, db } => sql(&home, &statement, db),
+        Command::Fleet {
+            command: None,
+            json,
+        } => super::fleet::show(&home, json),
+        Command::Fleet {
+            command:
+                Some(FleetCommand::Admit {
+                    key,
+                    capabilities,
+                    label,
+                    json,
+                }),
+            ..
+        } => super::fleet::admit(&home, &key, capabilities, label, json),
+        Command::Fleet {
+            command:
+                Some(FleetCommand::Revoke {
+                    origin,
+                    reason,
+                    json,
+                }),
+            ..
+        } => super::fleet::revoke(&home, &origin, reason, json),
+        Command::Fleet {
+            command: Some(FleetCommand::Join { file, root, json }),
+            ..
+        } => super::fleet::join(&home, &file, root, json),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -152,13 +179,13 @@ fn serve_token(dir: &Path) -> anyhow::Result<String> {
 
 /// Where the node's log is reached: the daemon when one answers on the socket, else the log
 /// opened in this process.
-enum Reach {
+pub(super) enum Reach {
     Local(Box<Local>),
     Daemon(Remote),
 }
 
 impl Reach {
-    fn node(&mut self) -> &mut dyn Node {
+    pub(super) fn node(&mut self) -> &mut dyn Node {
         match self {
             Reach::Local(local) => local.as_mut(),
             Reach::Daemon(remote) => remote,
@@ -168,7 +195,7 @@ impl Reach {
     /// After a write from this process, brings the node's projection up to the log's end (the
     /// daemon keeps its own current). The events are already durable, so a failure here is a
     /// warning with the way out, never a failed write.
-    fn refresh_projection(&self) {
+    pub(super) fn refresh_projection(&self) {
         if let Reach::Local(local) = self {
             if let Err(problem) = local.catch_up() {
                 eprintln!("spool: warning: the projection was not updated ({problem})");
@@ -179,7 +206,7 @@ impl Reach {
 
 /// The node in `dir`, reached through its daemon when one runs. A program of another user in
 /// the socket's group reaches the daemon without reading anything else of the home.
-fn reach(dir: &Path) -> anyhow::Result<Reach> {
+pub(super) fn reach(dir: &Path) -> anyhow::Result<Reach> {
     let socket = dir.join(spool::serve::SOCKET);
     match socket.try_exists() {
         Ok(true) => {
@@ -232,12 +259,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Standard output, buffered. A reader that closed it (`spool log | head`) ends the command
 /// quietly: `main` treats the broken pipe as success.
-fn stdout() -> BufWriter<std::io::StdoutLock<'static>> {
+pub(super) fn stdout() -> BufWriter<std::io::StdoutLock<'static>> {
     BufWriter::new(std::io::stdout().lock())
 }
 
 /// One JSON line.
-fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(super) fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
     serde_json::to_writer(&mut *out, value)?;
     out.write_all(b"\n")?;
     Ok(())
@@ -342,13 +369,21 @@ fn verify(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     } else if report.ok {
         writeln!(
             out,
-            "ok: {} events of {} origins, {} bytes, checked in {:.3} s ({:.0} events/s)",
+            "ok: {} events of {} origins and {} signed heads, {} bytes, checked in {:.3} s ({:.0} events/s)",
             report.events,
             report.origins,
+            report.signatures,
             report.bytes,
             report.seconds,
             report.events as f64 / report.seconds.max(1e-9)
         )?;
+        if report.refused > 0 {
+            writeln!(
+                out,
+                "note: {} refused event(s) kept as evidence; `spool status` names them",
+                report.refused
+            )?;
+        }
     } else {
         if let Some((first, rest)) = report.problems.split_first() {
             writeln!(out, "FAILED: {}", first.message)?;
@@ -404,6 +439,34 @@ fn status(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
             "FORK    origin {} seq {}: holds {held}, refused {} (kept as evidence)",
             f.id.origin, f.id.seq, f.refused
         )?;
+    }
+    for r in &status.refused {
+        writeln!(
+            out,
+            "REFUSED origin {} seq {} ({}): {} (kept as evidence)",
+            r.id.origin, r.id.seq, r.hash, r.reason
+        )?;
+    }
+    if status.refused_count > status.refused.len() as u64 {
+        writeln!(
+            out,
+            "REFUSED and {} more (`spool status --json` lists the first {})",
+            status.refused_count - status.refused.len() as u64,
+            status.refused.len()
+        )?;
+    }
+    match &status.fleet {
+        Some(fleet) => writeln!(
+            out,
+            "fleet   root {}, {} member(s), {} revoked (`spool fleet` lists them)",
+            fleet.root,
+            fleet.members.len(),
+            fleet.members.iter().filter(|m| m.revoked.is_some()).count()
+        )?,
+        None => writeln!(
+            out,
+            "fleet   none: this home was made before node keys and takes every origin's events unsigned"
+        )?,
     }
     if let Some(reason) = &status.halted {
         writeln!(out, "HALTED  own writes are stopped: {reason}")?;
@@ -488,7 +551,7 @@ fn export(dir: &Path, args: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
+pub(super) fn ingest(dir: &Path, file: Option<PathBuf>, as_json: bool) -> anyhow::Result<ExitCode> {
     let input: Box<dyn std::io::Read + Send> = match &file {
         Some(path) => Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,

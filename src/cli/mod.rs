@@ -2,6 +2,7 @@
 
 mod commands;
 mod demo;
+mod fleet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,10 +98,56 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         http: Option<std::net::SocketAddr>,
     },
+    /// The fleet this node takes events from: members, keys, who admitted whom, who is revoked.
+    Fleet {
+        #[command(subcommand)]
+        command: Option<FleetCommand>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply an export file (a path, or stdin) in causal order.
     Ingest {
         /// The export file (default: standard input).
         file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCommand {
+    /// Admit a node by its public key (64 hex digits) or its node.toml: a `device.paired`
+    /// event; every member that receives it takes the node's events from then on.
+    Admit {
+        /// The node's public key, or the path of its node.toml.
+        key: String,
+        /// What it may do, comma-separated (default: sync).
+        #[arg(long, value_delimiter = ',')]
+        capabilities: Vec<String>,
+        /// A label (default: the node file's, or its origin's first digits).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a member: a `device.revoked` event; its events after the last one this node
+    /// holds are refused by every node that receives it. For good: a revoked key is never
+    /// admitted again.
+    Revoke {
+        /// The member's origin (32 hex digits; `spool fleet` lists them).
+        origin: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join the fleet whose export FILE admits this node (its root is found by following the
+    /// admissions back), then ingest it. Stop `spool serve` first.
+    Join {
+        file: PathBuf,
+        /// Refuse unless the fleet's root is this origin (as a member's `spool fleet` shows).
+        #[arg(long, value_name = "ORIGIN")]
+        root: Option<String>,
         #[arg(long)]
         json: bool,
     },

@@ -19,15 +19,21 @@
 //!   event holds its (origin, seq): evidence, never applied
 //! - `signatures`: (origin, seq) → key ++ signature: a signed head that came with a shipped
 //!   event (checked before it reaches the log), kept so that a relay can pass it on
+//! - `refused`: (origin, seq, hash) → reason length (u16 LE) ++ reason ++ stored bytes: a shipped
+//!   event refused for who wrote it or how it was signed (not a member, revoked, a forged or
+//!   missing signature, seq 0, too many deps): evidence, never applied; at most
+//!   [`EVIDENCE_MAX`] kept
 //! - `meta`:    `format`, `origin`, `clock`, `streams_to`, `deps` (what this node applied from
-//!   other origins since its own last event), `halted` (why own writes are stopped, if they are)
+//!   other origins since its own last event), `halted` (why own writes are stopped, if they are),
+//!   `fleet` (the membership as of the last commit, JSON, when the node is in a fleet)
 //!
 //! Invariants: positions are gapless; each origin's events sit at increasing positions with seqs
 //! 1, 2, 3 … and each `prev` is the hash of the one before; heads, extents, streams and keys agree
 //! with `events` after every commit, because they are written in the same transaction. Nothing is
 //! acknowledged before its commit is durable; a failed commit poisons the writer until reopened.
 //!
-//! Boundary: the only module that imports redb. Knows the event byte format, not kinds or JSON.
+//! Boundary: the only module that imports redb. Knows the event byte format, not kinds or JSON;
+//! asks `membership` (the one module that reads membership payloads) who may write.
 
 mod block;
 mod postings;
@@ -65,6 +71,8 @@ pub struct Shipped {
     /// The origin's signature over this event as its head, already verified
     /// ([`Shipped::signed`]): kept with the event, so that a relay passes it on.
     pub signed: Option<(PublicKey, [u8; 64])>,
+    /// The membership change it makes, if it is a `device.paired` or `device.revoked`.
+    pub change: Option<crate::membership::Change>,
 }
 
 /// Why shipped bytes are not an event.
@@ -83,7 +91,12 @@ pub enum ShippedError {
     Undecodable(DecodeError),
     /// The caller's rules refused what the event says.
     #[error("origin {} seq {}: {problem}", id.origin, id.seq)]
-    Refused { id: EventId, problem: String },
+    Refused {
+        id: EventId,
+        problem: String,
+        /// The refused event's bytes, to keep as evidence.
+        bytes: Vec<u8>,
+    },
 }
 
 fn name_prefix(id: &Option<EventId>) -> String {
@@ -138,22 +151,17 @@ impl Shipped {
         } else {
             None
         };
-        if let Some(problem) = structural {
-            return Err(ShippedError::Refused {
-                id: view.id(),
-                problem,
-            });
+        if let Some(problem) = structural.or_else(|| check(&view).err()) {
+            let id = view.id();
+            return Err(ShippedError::Refused { id, problem, bytes });
         }
-        check(&view).map_err(|problem| ShippedError::Refused {
-            id: view.id(),
-            problem,
-        })?;
         Ok(Shipped {
             meta: Meta::of(actual, &view),
             hlc: view.hlc(),
             stream: view.stream().to_owned(),
             key: view.key().map(str::to_owned),
             signer: view.signer(),
+            change: crate::membership::Change::of(view.kind(), view.version(), view.payload()),
             bytes,
             signed: None,
         })
@@ -171,6 +179,7 @@ impl Shipped {
         head.verify(&key).map_err(|e| ShippedError::Refused {
             id: self.meta.id,
             problem: e.to_string(),
+            bytes: Vec::new(),
         })?;
         self.signed = Some((key, signature));
         Ok(self)
@@ -191,6 +200,10 @@ pub enum Refusal {
     BrokenLink { expected: Hash, actual: Hash },
     #[error("{PENDING_EVENTS_MAX} shipped events already wait for their dependencies")]
     TooManyWaiting,
+    /// Its origin may not write in this fleet (kept as evidence in `refused`).
+    #[error("{0}")]
+    #[serde(untagged)]
+    NotTaken(#[from] crate::membership::NotTaken),
 }
 
 /// The event ingest stopped at.
@@ -252,6 +265,48 @@ const PENDING: TableDefinition<([u8; 16], u64), &[u8]> = TableDefinition::new("p
 /// (origin, seq, hash of the refused event).
 type ForkKey = ([u8; 16], u64, [u8; 32]);
 const FORKS: TableDefinition<ForkKey, &[u8]> = TableDefinition::new("forks");
+/// (origin, seq, hash) → reason length (u16 LE) ++ reason ++ stored bytes.
+const REFUSED: TableDefinition<ForkKey, &[u8]> = TableDefinition::new("refused");
+
+/// Refused events kept as evidence; past it a refusal is still reported, not kept.
+pub const EVIDENCE_MAX: u64 = 10_000;
+
+/// A shipped event refused for who wrote it or how it came signed, kept as evidence.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Evidence {
+    pub id: EventId,
+    pub hash: Hash,
+    pub reason: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+impl Evidence {
+    fn value(&self) -> Vec<u8> {
+        let reason = &self.reason.as_bytes()[..self.reason.len().min(4096)];
+        let mut value = Vec::with_capacity(2 + reason.len() + self.bytes.len());
+        value.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+        value.extend_from_slice(reason);
+        value.extend_from_slice(&self.bytes);
+        value
+    }
+
+    fn read(key: ForkKey, value: &[u8]) -> Evidence {
+        let len = value
+            .get(..2)
+            .map_or(0, |l| u16::from_le_bytes([l[0], l[1]]) as usize);
+        let reason = value.get(2..2 + len).unwrap_or_default();
+        Evidence {
+            id: EventId {
+                origin: Origin(key.0),
+                seq: key.1,
+            },
+            hash: Hash(key.2),
+            reason: String::from_utf8_lossy(reason).into_owned(),
+            bytes: value.get(2 + len..).unwrap_or_default().to_vec(),
+        }
+    }
+}
 
 /// Shipped events that may wait for their dependencies at once; past it ingest is refused
 /// (each costs about 100 bytes of memory in the writer).
@@ -288,6 +343,9 @@ pub struct LogOptions {
     /// The public key this node's origin is bound to (`identity`): the origin's first event
     /// carries it. `None` for a node made before keys.
     pub signer: Option<[u8; 32]>,
+    /// The root of the fleet this node is in: only members' events are taken (`membership`).
+    /// `None` (a node made before keys, or a test of the log alone): every origin's are.
+    pub fleet_root: Option<Origin>,
 }
 
 impl Default for LogOptions {
@@ -301,6 +359,7 @@ impl Default for LogOptions {
             cache_bytes: 64 * 1024 * 1024,
             kernel_cache_bytes: 0,
             signer: None,
+            fleet_root: None,
         }
     }
 }
@@ -805,6 +864,7 @@ pub struct Log {
     db: Arc<Database>,
     path: PathBuf,
     origin: Origin,
+    fleet_root: Option<Origin>,
     writer: writer::Handle,
 }
 
@@ -874,6 +934,7 @@ impl Log {
             txn.open_table(PENDING)?;
             txn.open_table(FORKS)?;
             txn.open_table(SIGNATURES)?;
+            txn.open_table(REFUSED)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("format", LOG_FORMAT.to_le_bytes().as_slice())?;
             meta.insert("origin", origin.0.as_slice())?;
@@ -896,18 +957,27 @@ impl Log {
         txn.open_table(PENDING)?;
         txn.open_table(FORKS)?;
         txn.open_table(SIGNATURES)?;
+        txn.open_table(REFUSED)?;
         txn.commit()?;
         if format < 2 {
             upgrade::orders(&db, path)?;
         }
         let db = Arc::new(db);
+        let fleet_root = options.fleet_root;
         let writer = writer::Handle::start(db.clone(), path, origin, options)?;
         Ok(Log {
             db,
             path: path.to_owned(),
             origin,
+            fleet_root,
             writer,
         })
+    }
+
+    /// The root of the fleet this log takes members' events for; `None`: it takes every
+    /// origin's (a node made before keys).
+    pub fn fleet_root(&self) -> Option<Origin> {
+        self.fleet_root
     }
 
     pub fn origin(&self) -> Origin {
@@ -936,6 +1006,12 @@ impl Log {
     /// committed). Returns once durable.
     pub fn ingest(&self, events: Vec<Shipped>) -> Result<IngestReport, LogError> {
         self.writer.ingest(events)
+    }
+
+    /// Keeps events refused before they reached [`Log::ingest`] (a forged or missing signature,
+    /// seq 0, too many deps) as evidence in `refused`; returns once durable.
+    pub fn keep_evidence(&self, evidence: Vec<Evidence>) -> Result<(), LogError> {
+        self.writer.keep_evidence(evidence)
     }
 
     /// Commits and events written since this log was opened.
@@ -1327,6 +1403,31 @@ impl Reader {
             });
         }
         Ok(out)
+    }
+
+    /// Events refused for who wrote them or how they came signed, kept as evidence.
+    pub fn refused(&self) -> Result<Vec<Evidence>, LogError> {
+        let table = self.txn.open_table(REFUSED)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push(Evidence::read(k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// The fleet as of the last commit (`None` for a log that takes every origin's events).
+    /// A log whose saved membership is missing or for another root is read from its events.
+    pub fn fleet(
+        &self,
+        root: Option<Origin>,
+    ) -> Result<Option<crate::membership::Membership>, LogError> {
+        let Some(root) = root else {
+            return Ok(None);
+        };
+        let meta = self.txn.open_table(META)?;
+        let events = self.txn.open_table(EVENTS)?;
+        writer::load_fleet(&meta, &events, root).map(|(fleet, _)| Some(fleet))
     }
 
     /// Why this node's own writes are stopped, if they are.

@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadTransaction, ReadableTable};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
 use super::{
     causal_order, check_entry, entry_at, last_position, order_of, parse_block, position_of,
-    split_signature, Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, PENDING, SIGNATURES,
+    split_signature, Corruption, LogError, EVENTS, EXTENTS, FORKS, HEADS, PENDING, REFUSED,
+    SIGNATURES,
 };
 use crate::event::{EventId, Hash, Origin};
 use crate::identity::SignedHead;
@@ -26,6 +27,10 @@ pub struct VerifyReport {
     pub events: u64,
     pub origins: u64,
     pub bytes: u64,
+    /// Signed heads checked.
+    pub signatures: u64,
+    /// Refused events kept as evidence (not a problem of this log: `spool status` lists them).
+    pub refused: u64,
     /// The first problems, in position order.
     pub problems: Vec<Corruption>,
     pub problems_total: u64,
@@ -162,7 +167,8 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
     check_heads(txn, &chains, &mut problems)?;
     check_extents(txn, last, &mut problems)?;
     check_shipping(txn, &mut problems)?;
-    check_signatures(txn, &mut problems)?;
+    report.signatures = check_signatures(txn, &mut problems)?;
+    report.refused = txn.open_table(REFUSED)?.len()?;
     report.origins = chains.len() as u64;
     problems.kept.sort_by_key(Corruption::position);
     report.problems = problems.kept;
@@ -172,10 +178,12 @@ pub(super) fn verify(txn: &ReadTransaction, threads: usize) -> Result<VerifyRepo
 
 /// Every signed head kept must verify under the key kept with it (bound to its origin), over
 /// the event this node holds at its (origin, seq). One not held yet is checked once it is.
-fn check_signatures(txn: &ReadTransaction, problems: &mut Problems) -> Result<(), LogError> {
+fn check_signatures(txn: &ReadTransaction, problems: &mut Problems) -> Result<u64, LogError> {
     let events = txn.open_table(EVENTS)?;
     let extents = txn.open_table(EXTENTS)?;
+    let mut checked = 0;
     for entry in txn.open_table(SIGNATURES)?.iter()? {
+        checked += 1;
         let (k, v) = entry?;
         let (origin, seq) = k.value();
         let id = EventId {
@@ -208,7 +216,7 @@ fn check_signatures(txn: &ReadTransaction, problems: &mut Problems) -> Result<()
             });
         }
     }
-    Ok(())
+    Ok(checked)
 }
 
 /// Waiting shipped events must be intact; every fork kept as evidence is a problem to report.

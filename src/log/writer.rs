@@ -14,20 +14,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::oneshot;
 
 use super::block::BlockBuilder;
 use super::postings::Postings;
 use super::{
     causal_order, check_entry, each_entry, entry_at, last_position, meta_u64, order_of,
-    position_of, Appended, Corruption, IngestReport, LogError, LogOptions, Refusal, Refused,
-    Shipped, EVENTS, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, PENDING, PENDING_EVENTS_MAX,
-    SIGNATURES, STREAMS,
+    position_of, Appended, Corruption, Evidence, IngestReport, LogError, LogOptions, Refusal,
+    Refused, Shipped, EVENTS, EVIDENCE_MAX, EXTENTS, FLUSHES, FORKS, HEADS, KEYS, META, PENDING,
+    PENDING_EVENTS_MAX, REFUSED, SIGNATURES, STREAMS,
 };
 use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
 use crate::hlc::{Hlc, Observed};
+use crate::membership::{Change, Membership};
 use crate::sync::{Causal, Decision, Meta};
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -37,6 +38,7 @@ type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 enum Request {
     Append(Vec<NewEvent>, Reply<Vec<Appended>>),
     Ingest(Vec<Shipped>, Reply<IngestReport>),
+    Evidence(Vec<Evidence>, Reply<()>),
 }
 
 impl Request {
@@ -44,6 +46,7 @@ impl Request {
         match self {
             Request::Append(_, reply) => drop(reply.send(Err(error))),
             Request::Ingest(_, reply) => drop(reply.send(Err(error))),
+            Request::Evidence(_, reply) => drop(reply.send(Err(error))),
         }
     }
 }
@@ -141,6 +144,13 @@ impl Handle {
         answer.blocking_recv().map_err(|_| LogError::WriterGone)?
     }
 
+    /// Keeps refused events as evidence and waits for durability.
+    pub(super) fn keep_evidence(&self, evidence: Vec<Evidence>) -> Result<(), LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Evidence(evidence, reply))?;
+        answer.blocking_recv().map_err(|_| LogError::WriterGone)?
+    }
+
     fn send(&self, request: Request) -> Result<(), LogError> {
         let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
         queue.send(request).map_err(|_| LogError::WriterGone)
@@ -217,6 +227,10 @@ struct State {
     halted: Option<String>,
     /// The public key this node's origin is bound to: its first event carries it.
     signer: Option<[u8; 32]>,
+    /// Who may write, when this node is in a fleet (`None`: every origin may).
+    fleet: Option<Membership>,
+    /// The membership changed since `meta.fleet` was written.
+    fleet_changed: bool,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
@@ -282,6 +296,13 @@ impl State {
         let halted = meta
             .get("halted")?
             .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        let (fleet, fleet_changed) = match options.fleet_root {
+            Some(root) => {
+                let (fleet, changed) = load_fleet(&meta, &events, root)?;
+                (Some(fleet), changed)
+            }
+            None => (None, false),
+        };
         // Rebuild the postings not flushed before the last stop. A damaged entry is left out of
         // the index (reads and verify report it); it must not keep the node from opening.
         let mut pending = Postings::default();
@@ -305,12 +326,52 @@ impl State {
             deps,
             halted,
             signer: options.signer,
+            fleet,
+            fleet_changed,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
             spare: Vec::new(),
             block: BlockBuilder::default(),
         })
+    }
+
+    /// Takes in an applied event's membership change. A revocation of this node's own origin
+    /// stops its own writes: the fleet refuses them from here on.
+    fn observe(&mut self, id: EventId, deps: &BTreeMap<Origin, u64>, change: Change) {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        if !fleet.observe(id, deps, change) {
+            return;
+        }
+        self.fleet_changed = true;
+        let own = EventId {
+            origin: self.origin,
+            seq: self.causal.head(self.origin).map_or(0, |(seq, _)| seq) + 1,
+        };
+        if let Err(revoked) = fleet.admits(own) {
+            if self.halted.is_none() {
+                self.halted = Some(format!(
+                    "{revoked}; this node's key is revoked: see README, \"Revoking a node\""
+                ));
+            }
+        }
+    }
+
+    /// Writes what changed of the membership and the halt into `meta`.
+    fn save_fleet(
+        &mut self,
+        meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    ) -> Result<(), LogError> {
+        if let (true, Some(fleet)) = (self.fleet_changed, &self.fleet) {
+            meta.insert("fleet", fleet.to_bytes().as_slice())?;
+            self.fleet_changed = false;
+        }
+        if let Some(reason) = &self.halted {
+            meta.insert("halted", reason.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Records that `count` events of `origin` from `seq` on sit at consecutive positions from
@@ -339,6 +400,67 @@ fn pending_meta(entry: &[u8]) -> Option<Meta> {
     let (hash, bytes) = entry.split_at_checked(32)?;
     let view = event::decode(bytes).ok()?;
     Some(Meta::of(Hash(hash.try_into().ok()?), &view))
+}
+
+/// The membership for `root`: as saved in `meta.fleet` if it is for that root, else read from
+/// the log's membership events in position order (each counted only if its origin is a member
+/// there); the flag says it was read and is not saved yet.
+pub(super) fn load_fleet<M, E>(
+    meta: &M,
+    events: &E,
+    root: Origin,
+) -> Result<(Membership, bool), LogError>
+where
+    M: ReadableTable<&'static str, &'static [u8]>,
+    E: ReadableTable<u64, &'static [u8]>,
+{
+    if let Some(saved) = meta.get("fleet")? {
+        if let Some(fleet) = Membership::from_bytes(saved.value()) {
+            if fleet.root() == root {
+                return Ok((fleet, false));
+            }
+        }
+    }
+    let mut fleet = Membership::new(root);
+    each_entry(events, 1, |_, entry, _| {
+        // Damaged entries are verify's to report; they change no membership.
+        if let Some(event) = entry.get(32..).and_then(|b| event::decode(b).ok()) {
+            if let Some(change) = Change::of(event.kind(), event.version(), event.payload()) {
+                if fleet.admits(event.id()).is_ok() {
+                    let deps = event.deps().iter().map(|d| (d.origin, d.seq)).collect();
+                    fleet.observe(event.id(), &deps, change);
+                }
+            }
+        }
+        Ok(true)
+    })?;
+    Ok((fleet, true))
+}
+
+/// Keeps refused events as evidence, up to [`EVIDENCE_MAX`].
+fn keep_evidence(db: &Database, evidence: &[Evidence]) -> Result<(), LogError> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(REFUSED)?;
+        for e in evidence {
+            put_evidence(&mut table, e)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn put_evidence(
+    table: &mut redb::Table<'_, ForkKey, &'static [u8]>,
+    evidence: &Evidence,
+) -> Result<(), LogError> {
+    if table.len()? >= EVIDENCE_MAX {
+        tracing::warn!(origin = %evidence.id.origin, seq = evidence.id.seq, "evidence is full; refused event not kept");
+        return Ok(());
+    }
+    let key = (evidence.id.origin.0, evidence.id.seq, evidence.hash.0);
+    table.insert(key, evidence.value().as_slice())?;
+    Ok(())
 }
 
 /// `meta.deps`: (origin, seq) pairs, 24 bytes each.
@@ -391,6 +513,12 @@ fn run(
         // About what the commit adds to the file (payloads, or shipped events): `kernel_cache`.
         let bytes_written: u64;
         let outcome = match first {
+            Request::Evidence(evidence, reply) => {
+                bytes_written = evidence.iter().map(|e| e.bytes.len() as u64).sum();
+                let outcome = keep_evidence(db, &evidence);
+                let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(poison_of));
+                outcome
+            }
             Request::Ingest(events, reply) => {
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
                 let outcome = commit_ingest(db, &mut state, events);
@@ -632,6 +760,7 @@ fn commit_group(
         if written > 0 {
             meta.insert("deps", [].as_slice())?;
         }
+        state.save_fleet(&mut meta)?;
         if state.pending.len() >= state.stream_flush_events {
             flush_streams(state, &txn, &mut meta)?;
         }
@@ -739,6 +868,20 @@ fn settle(
                 existing: false,
             });
             let hlc = state.clock.tick(now);
+            let change = match state.fleet {
+                Some(_) => Change::of(&new.kind, new.version, &new.payload),
+                None => None,
+            };
+            if let (Some(Change::Revoked { device_id }), Some(fleet)) = (&change, &state.fleet) {
+                // A revocation names the revoked origins' heads here, so that every node cuts
+                // them at the same event: the last one causally before it.
+                for named in fleet.named_by(device_id) {
+                    if let Some((head, _)) = state.causal.head(named).filter(|_| named != origin) {
+                        let seen = state.deps.entry(named).or_default();
+                        *seen = (*seen).max(head);
+                    }
+                }
+            }
             // What this node applied from other origins since its previous event (each such
             // origin's head); the events after it in the chain imply it.
             let deps: Vec<Dep> = std::mem::take(&mut state.deps)
@@ -753,6 +896,10 @@ fn settle(
             );
             state.orders.insert(origin, order);
             out.orders.push(order);
+            if let Some(change) = change {
+                let named = deps.iter().map(|d| (d.origin, d.seq)).collect();
+                state.observe(EventId { origin, seq }, &named, change);
+            }
             out.new_events.push(Event {
                 origin,
                 seq,
@@ -961,6 +1108,7 @@ fn commit_ingest(
             extents: txn.open_table(EXTENTS)?,
             keys: txn.open_table(KEYS)?,
             signatures: txn.open_table(SIGNATURES)?,
+            refused: txn.open_table(REFUSED)?,
             here: Default::default(),
             moved: HashSet::new(),
         };
@@ -969,40 +1117,51 @@ fn commit_ingest(
                 report.clamped += 1;
             }
             let stored = tables.held(state, shipped.meta.id)?;
+            let decision = state.causal.decide(&shipped.meta, |_| stored);
+            // Who wrote it is asked of what would be taken (a duplicate or a fork is not).
+            let not_taken = match (&decision, &state.fleet) {
+                (Decision::Apply | Decision::Wait, Some(fleet)) => {
+                    fleet.admits(shipped.meta.id).err()
+                }
+                _ => None,
+            };
             // A signed head that came with an event is kept with it, unless the event is refused.
-            let refusal = match state.causal.decide(&shipped.meta, |_| stored) {
-                Decision::Duplicate => {
-                    tables.keep_signature(&shipped)?;
-                    report.duplicates += 1;
-                    None
-                }
-                Decision::Wait if state.causal.waiting() >= PENDING_EVENTS_MAX => {
-                    Some(Refusal::TooManyWaiting)
-                }
-                Decision::Wait => {
-                    tables.keep_signature(&shipped)?;
-                    tables.wait(state, &shipped)?;
-                    report.waited += 1;
-                    None
-                }
-                Decision::Apply => {
-                    tables.keep_signature(&shipped)?;
-                    report.applied += 1;
-                    tables.apply_releasing(state, shipped, index, &mut report)?;
-                    if report.refused.is_some() {
-                        break;
+            let refusal = match (not_taken, decision) {
+                (Some(not_taken), _) => Some(Refusal::NotTaken(not_taken)),
+                (None, decision) => match decision {
+                    Decision::Duplicate => {
+                        tables.keep_signature(&shipped)?;
+                        report.duplicates += 1;
+                        None
                     }
-                    continue;
-                }
-                Decision::Fork { stored } if shipped.meta.id.origin == state.origin => {
-                    Some(Refusal::OwnFork { stored })
-                }
-                Decision::Fork { stored } => Some(Refusal::Fork { stored }),
-                Decision::ForkWaiting { waiting } => Some(Refusal::ForkWaiting { waiting }),
-                Decision::BrokenLink { expected } => Some(Refusal::BrokenLink {
-                    expected,
-                    actual: shipped.meta.prev,
-                }),
+                    Decision::Wait if state.causal.waiting() >= PENDING_EVENTS_MAX => {
+                        Some(Refusal::TooManyWaiting)
+                    }
+                    Decision::Wait => {
+                        tables.keep_signature(&shipped)?;
+                        tables.wait(state, &shipped)?;
+                        report.waited += 1;
+                        None
+                    }
+                    Decision::Apply => {
+                        tables.keep_signature(&shipped)?;
+                        report.applied += 1;
+                        tables.apply_releasing(state, shipped, index, &mut report)?;
+                        if report.refused.is_some() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Decision::Fork { stored } if shipped.meta.id.origin == state.origin => {
+                        Some(Refusal::OwnFork { stored })
+                    }
+                    Decision::Fork { stored } => Some(Refusal::Fork { stored }),
+                    Decision::ForkWaiting { waiting } => Some(Refusal::ForkWaiting { waiting }),
+                    Decision::BrokenLink { expected } => Some(Refusal::BrokenLink {
+                        expected,
+                        actual: shipped.meta.prev,
+                    }),
+                },
             };
             if let Some(reason) = refusal {
                 report.refused = Some(tables.refuse(state, &shipped, index, reason, stored)?);
@@ -1016,9 +1175,7 @@ fn commit_ingest(
         let mut meta = txn.open_table(META)?;
         meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
         meta.insert("deps", encode_deps(&state.deps).as_slice())?;
-        if let Some(reason) = &state.halted {
-            meta.insert("halted", reason.as_bytes())?;
-        }
+        state.save_fleet(&mut meta)?;
         if state.pending.len() >= state.stream_flush_events {
             flush_streams(state, &txn, &mut meta)?;
         }
@@ -1042,6 +1199,8 @@ struct Shipping<'t, 'txn> {
     keys: redb::Table<'txn, &'static str, u64>,
     /// The signed heads that came with events (verified by `Shipped::signed`).
     signatures: redb::Table<'txn, ([u8; 16], u64), &'static [u8]>,
+    /// Events refused for who wrote them.
+    refused: redb::Table<'txn, ForkKey, &'static [u8]>,
     /// Events applied in this transaction, which the tables cannot show yet: hash and order.
     here: foldhash::HashMap<EventId, (Hash, u64)>,
     /// Origins whose head moved.
@@ -1100,7 +1259,10 @@ impl Shipping<'_, '_> {
     ) -> Result<(), LogError> {
         let id = shipped.meta.id;
         self.apply(state, shipped)?;
-        let (ready, broken) = state.causal.released(id);
+        // A revocation may have come while they waited: each is asked again.
+        let fleet = &state.fleet;
+        let admits = |id: EventId| fleet.as_ref().is_none_or(|f| f.admits(id).is_ok());
+        let (ready, broken, not_taken) = state.causal.released(id, admits);
         for meta in ready {
             let released = take_pending(&mut self.pending, meta.id)?
                 .and_then(|bytes| Shipped::verify(meta.hash, bytes).ok())
@@ -1110,6 +1272,29 @@ impl Shipping<'_, '_> {
                 })?;
             self.apply(state, released)?;
             report.released += 1;
+        }
+        for meta in not_taken {
+            let bytes = take_pending(&mut self.pending, meta.id)?.unwrap_or_default();
+            let reason = state
+                .fleet
+                .as_ref()
+                .and_then(|f| f.admits(meta.id).err())
+                .expect("refused by it above");
+            put_evidence(
+                &mut self.refused,
+                &Evidence {
+                    id: meta.id,
+                    hash: meta.hash,
+                    reason: reason.to_string(),
+                    bytes,
+                },
+            )?;
+            report.refused.get_or_insert(Refused {
+                index,
+                id: meta.id,
+                hash: meta.hash,
+                reason: Refusal::NotTaken(reason),
+            });
         }
         for (bad, expected) in broken {
             let bytes = take_pending(&mut self.pending, bad.id)?.unwrap_or_default();
@@ -1159,9 +1344,21 @@ impl Shipping<'_, '_> {
         stored: Option<Hash>,
     ) -> Result<Refused, LogError> {
         let (id, hash) = (shipped.meta.id, shipped.meta.hash);
-        if !matches!(reason, Refusal::TooManyWaiting) {
-            self.forks
-                .insert((id.origin.0, id.seq, hash.0), shipped.bytes.as_slice())?;
+        match &reason {
+            Refusal::TooManyWaiting => {}
+            Refusal::NotTaken(not_taken) => put_evidence(
+                &mut self.refused,
+                &Evidence {
+                    id,
+                    hash,
+                    reason: not_taken.to_string(),
+                    bytes: shipped.bytes.clone(),
+                },
+            )?,
+            _ => {
+                self.forks
+                    .insert((id.origin.0, id.seq, hash.0), shipped.bytes.as_slice())?;
+            }
         }
         if let Refusal::OwnFork { .. } = reason {
             state.halted = Some(format!(
@@ -1218,6 +1415,15 @@ fn apply(
 ) -> Result<(), LogError> {
     let id = shipped.meta.id;
     let position = state.next_position;
+    if let Some(change) = shipped.change.clone() {
+        let deps = shipped
+            .meta
+            .deps
+            .iter()
+            .map(|d| (d.origin, d.seq))
+            .collect();
+        state.observe(id, &deps, change);
+    }
     // Its predecessor and deps are applied (that is why it is applied now): the origin's
     // head, this transaction's events, or the tables.
     let order = causal_order(id, shipped.hlc, shipped.meta.deps.iter().copied(), |p| {

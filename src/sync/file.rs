@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 
 use crate::event::{EventId, Hash, Origin, PAYLOAD_BYTES_MAX};
 use crate::identity::{NodeKey, PublicKey, SignedHead};
-use crate::log::{IngestReport, Log, LogError, Reader, Refused, Shipped};
+use crate::log::{Evidence, IngestReport, Log, LogError, Reader, Refused, Shipped, ShippedError};
 use crate::sync::Selection;
 
 const MAGIC: &[u8; 8] = b"SPOOLLOG";
@@ -169,6 +169,8 @@ pub struct ExportReader<R: Read> {
     format: u32,
     /// A frame's length (or mark) read ahead, to see whether a head frame follows an event.
     peeked: Option<[u8; 4]>,
+    /// The event a refusal named (seq 0, too many deps, a head that does not verify), to keep.
+    evidence: Option<Evidence>,
 }
 
 impl<R: Read> ExportReader<R> {
@@ -195,7 +197,13 @@ impl<R: Read> ExportReader<R> {
             done: false,
             format,
             peeked: None,
+            evidence: None,
         })
+    }
+
+    /// The event the last error refused, if it named one: kept by [`ingest`] as evidence.
+    pub fn take_evidence(&mut self) -> Option<Evidence> {
+        self.evidence.take()
     }
 
     /// The next event, `None` after a good trailer.
@@ -254,8 +262,20 @@ impl<R: Read> ExportReader<R> {
         let check = |event: &crate::event::EventRef<'_>| {
             crate::input::check_shipped(event).map_err(|e| e.to_string())
         };
-        let shipped = Shipped::verify_then(Hash(hash), bytes, check)
-            .map_err(|e| damaged(self, e.to_string()))?;
+        let shipped = match Shipped::verify_then(Hash(hash), bytes, check) {
+            Ok(shipped) => shipped,
+            Err(e) => {
+                if let ShippedError::Refused { id, problem, bytes } = &e {
+                    self.evidence = Some(Evidence {
+                        id: *id,
+                        hash: Hash(hash),
+                        reason: problem.clone(),
+                        bytes: bytes.clone(),
+                    });
+                }
+                return Err(damaged(self, e.to_string()));
+            }
+        };
         let offset = self.offset;
         self.offset += 4 + 32 + len_usize as u64;
         self.frames += 1;
@@ -310,9 +330,21 @@ impl<R: Read> ExportReader<R> {
         }
         let key = PublicKey(body[56..88].try_into().expect("32 bytes"));
         let signature: [u8; 64] = body[88..].try_into().expect("64 bytes");
-        let shipped = shipped
-            .signed(key, signature)
-            .map_err(|e| bad(e.to_string()))?;
+        // Heads are sparse (one in a thousand events at most, from an honest sender): the copy
+        // kept for evidence costs little.
+        let (meta, bytes) = (shipped.meta.clone(), shipped.bytes.clone());
+        let shipped = match shipped.signed(key, signature) {
+            Ok(shipped) => shipped,
+            Err(e) => {
+                self.evidence = Some(Evidence {
+                    id: meta.id,
+                    hash: meta.hash,
+                    reason: format!("signed head: {e}"),
+                    bytes,
+                });
+                return Err(bad(e.to_string()));
+            }
+        };
         self.offset += (4 + HEAD_BYTES) as u64;
         Ok(shipped)
     }
@@ -455,10 +487,19 @@ struct Confirmation<'l> {
     held: std::collections::HashMap<Origin, Vec<Frame>>,
     held_events: usize,
     held_bytes: usize,
+    /// The events a refusal named, to keep as evidence.
+    evidence: Vec<Evidence>,
 }
+
+/// Events of one refused run kept as evidence (the rest are counted in the refusal).
+const EVIDENCE_PER_REFUSAL: usize = 64;
 
 impl Confirmation<'_> {
     fn keyed(&mut self, shipped: &Shipped) -> Result<Keyed, FileError> {
+        if self.log.fleet_root().is_some() {
+            // A node in a fleet takes members' events only, and every member has a key.
+            return Ok(Keyed::Yes);
+        }
         let origin = shipped.meta.id.origin;
         if shipped.meta.id.seq == 1 {
             let keyed = match shipped.signer {
@@ -492,7 +533,7 @@ impl Confirmation<'_> {
             self.held_bytes += frame.shipped.bytes.len();
             if self.held_events > UNCONFIRMED_EVENTS_MAX || self.held_bytes > UNCONFIRMED_BYTES_MAX
             {
-                return Err(FileError::BadHead {
+                let e = FileError::BadHead {
                     offset: frame.offset,
                     problem: format!(
                         "more than {UNCONFIRMED_EVENTS_MAX} events or {} MiB without a signed \
@@ -504,19 +545,25 @@ impl Confirmation<'_> {
                             .and_then(|h| h.first())
                             .map_or(frame.shipped.meta.id.seq, |f| f.shipped.meta.id.seq)
                     ),
-                });
+                };
+                let run = self.held.remove(&origin).unwrap_or_default();
+                self.keep(&run, &e);
+                return Err(e);
             }
             self.held.entry(origin).or_default().push(frame);
             return Ok(Vec::new());
         }
         // A signed head: it vouches for the run held back before it, link by link.
         let mut run = self.held.remove(&origin).unwrap_or_default();
-        for pair in run.windows(2) {
-            check_link(&pair[0], &pair[1])?;
+        run.push(frame);
+        let linked = run
+            .windows(2)
+            .try_for_each(|pair| check_link(&pair[0], &pair[1]));
+        if let Err(e) = linked {
+            self.keep(&run, &e);
+            return Err(e);
         }
-        if let Some(last) = run.last() {
-            check_link(last, &frame)?;
-        }
+        let frame = run.pop().expect("pushed above");
         for f in &run {
             self.held_events -= 1;
             self.held_bytes -= f.shipped.bytes.len();
@@ -528,7 +575,7 @@ impl Confirmation<'_> {
     /// At the file's end: the events no signed head covered. A keyed origin's are refused by
     /// name; those of an origin this node knows nothing of, with no signed head in the file,
     /// are taken as an origin made before keys would be.
-    fn finish(mut self) -> Result<Vec<Frame>, FileError> {
+    fn finish(&mut self) -> Result<Vec<Frame>, FileError> {
         let mut out = Vec::new();
         let mut origins: Vec<Origin> = self.held.keys().copied().collect();
         origins.sort();
@@ -539,19 +586,35 @@ impl Confirmation<'_> {
             };
             if self.keyed.get(&origin) == Some(&Keyed::Yes) {
                 let last = run.last().expect("a first has a last");
-                return Err(FileError::BadHead {
+                let e = FileError::BadHead {
                     offset: first.offset,
                     problem: format!(
                         "origin {origin} seq {} to {}: no signed head covers them, so none was \
                          ingested",
                         first.shipped.meta.id.seq, last.shipped.meta.id.seq
                     ),
-                });
+                };
+                self.keep(&run, &e);
+                return Err(e);
             }
             out.extend(run);
         }
         out.sort_by_key(|f| f.offset);
         Ok(out)
+    }
+}
+
+impl Confirmation<'_> {
+    /// Keeps the first events of a refused run as evidence.
+    fn keep(&mut self, run: &[Frame], error: &FileError) {
+        let reason = error.to_string();
+        self.evidence
+            .extend(run.iter().take(EVIDENCE_PER_REFUSAL).map(|f| Evidence {
+                id: f.shipped.meta.id,
+                hash: f.shipped.meta.hash,
+                reason: reason.clone(),
+                bytes: f.shipped.bytes.clone(),
+            }));
     }
 }
 
@@ -584,6 +647,8 @@ pub struct IngestSummary {
     pub file_error: Option<FileError>,
     /// The log refused this event (file offset, refusal).
     pub refused: Option<(u64, Refused)>,
+    /// Events the file's refusal named, kept as evidence (`spool status` lists them).
+    pub evidence_kept: u64,
 }
 
 impl IngestSummary {
@@ -622,6 +687,7 @@ pub fn ingest(
         held: Default::default(),
         held_events: 0,
         held_bytes: 0,
+        evidence: Vec::new(),
     });
     std::thread::scope(|scope| {
         // One batch checked ahead of the one being committed: memory stays bounded.
@@ -644,7 +710,7 @@ pub fn ingest(
                     Ok(None) => {
                         ended = true;
                         confirmation
-                            .take()
+                            .as_mut()
                             .map_or(Ok(Vec::new()), Confirmation::finish)
                     }
                     Err(e) => Err(e),
@@ -666,12 +732,16 @@ pub fn ingest(
                     break;
                 }
             }
+            let mut evidence: Vec<Evidence> = reader.take_evidence().into_iter().collect();
+            if let Some(c) = confirmation.as_mut() {
+                evidence.append(&mut c.evidence);
+            }
             let last = ended || error.is_some();
-            if batches.send((batch, offsets, error)).is_err() || last {
+            if batches.send((batch, offsets, error, evidence)).is_err() || last {
                 return; // Done, or the log refused and nobody listens.
             }
         });
-        for (batch, offsets, error) in checked {
+        for (batch, offsets, error, evidence) in checked {
             summary.frames += batch.len() as u64;
             if !batch.is_empty() {
                 let report = log.ingest(batch)?;
@@ -680,6 +750,10 @@ pub fn ingest(
                     summary.refused = Some((offsets[refused.index], refused));
                     return Ok(summary);
                 }
+            }
+            if !evidence.is_empty() {
+                summary.evidence_kept += evidence.len() as u64;
+                log.keep_evidence(evidence)?;
             }
             summary.file_error = error;
             progress(&summary);

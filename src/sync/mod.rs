@@ -260,10 +260,16 @@ impl Causal {
 
     /// After `applied`: the waiting events that can now be applied, in an order that respects
     /// causality, each already recorded as applied. A released event whose chain link is wrong
-    /// is dropped from waiting and returned in the second list.
-    pub fn released(&mut self, id: EventId) -> (Vec<Meta>, Vec<(Meta, Hash)>) {
+    /// is dropped from waiting and returned in the second list; one that `admits` refuses (its
+    /// origin was revoked while it waited) in the third, and what waits on it keeps waiting.
+    pub fn released(
+        &mut self,
+        id: EventId,
+        admits: impl Fn(EventId) -> bool,
+    ) -> (Vec<Meta>, Vec<(Meta, Hash)>, Vec<Meta>) {
         let mut ready = Vec::new();
         let mut broken = Vec::new();
+        let mut refused = Vec::new();
         let mut wake = vec![id];
         while let Some(done) = wake.pop() {
             // An origin's seqs are applied one by one, and the driver reports each, so waking
@@ -294,12 +300,16 @@ impl Causal {
                     broken.push((meta, head_hash));
                     continue;
                 }
+                if !admits(meta.id) {
+                    refused.push(meta);
+                    continue;
+                }
                 self.applied(&meta);
                 wake.push(meta.id);
                 ready.push(meta);
             }
         }
-        (ready, broken)
+        (ready, broken, refused)
     }
 }
 

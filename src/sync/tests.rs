@@ -86,7 +86,7 @@ impl Node {
     }
 
     fn release(&mut self, id: EventId) {
-        let (ready, broken) = self.causal.released(id);
+        let (ready, broken, _) = self.causal.released(id, |_| true);
         assert!(broken.is_empty());
         for meta in ready {
             // `released` recorded them as applied; check the order and keep them.
@@ -219,7 +219,7 @@ fn forks_and_broken_links_are_named_never_applied() {
     ));
     assert_eq!(c.decide(&a2, stored), Decision::Apply);
     c.applied(&a2);
-    let (ready, broken) = c.released(a2.id);
+    let (ready, broken, _) = c.released(a2.id, |_| true);
     assert!(ready.is_empty());
     assert_eq!(broken, vec![(a3_bad, a2.hash)]);
     assert_eq!(c.waiting(), 0);
@@ -245,7 +245,7 @@ fn an_event_waits_for_its_deps_then_is_released_with_its_successors() {
     }
     assert_eq!(c.decide(&b1, |_| None), Decision::Apply);
     c.applied(&b1);
-    let (ready, broken) = c.released(b1.id);
+    let (ready, broken, _) = c.released(b1.id, |_| true);
     assert!(broken.is_empty());
     assert_eq!(ready, vec![a1, a2]);
     assert_eq!(c.vector().seq(Origin([1; 16])), 2);
