@@ -69,10 +69,11 @@ const KEYED: [&str; 11] = [
 fn every_command_prints_the_same_json_with_and_without_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let a = new_home(dir.path(), "a");
+    // Another node's events to ingest: a member's.
+    let c = new_home(dir.path(), "c");
+    common::fleet(&a, &[&c]);
     ok(&a, &["append"], &lines(30, "task"));
     ok(&a, &KEYED, "");
-    // Another node's events to ingest.
-    let c = new_home(dir.path(), "c");
     ok(&c, &["append"], &lines(12, "loom"));
     let file = dir.path().join("c.spool");
     ok(&c, &["export", "--out", file.to_str().unwrap()], "");
@@ -829,6 +830,8 @@ fn the_daemon_keeps_and_signs_heads() {
     let dir = tempfile::tempdir().unwrap();
     let a = new_home(dir.path(), "a");
     let b = new_home(dir.path(), "b");
+    let c = new_home(dir.path(), "c");
+    common::fleet(&a, &[&b, &c]);
     for i in 0..2 {
         ok(&a, &["append"], &activity("s", &format!("a{i}")));
     }
@@ -842,15 +845,15 @@ fn the_daemon_keeps_and_signs_heads() {
     daemon::stop(daemon);
     let log = spool::home::Home::open(&b).unwrap().open_log().unwrap();
     let a_origin = spool::home::Home::open(&a).unwrap().origin();
-    assert_eq!(log.read().unwrap().signed_heads(a_origin).unwrap().len(), 1);
+    // a's head after admitting b and c (from joining), and after its two events.
+    assert_eq!(log.read().unwrap().signed_heads(a_origin).unwrap().len(), 2);
     drop(log);
-    // The daemon's export carries both heads: a's kept one and b's own, signed.
-    let c = new_home(dir.path(), "c");
+    // The daemon's export carries a's kept heads and b's own, signed.
     ok(&c, &["ingest", out.to_str().unwrap()], "");
     let log = spool::home::Home::open(&c).unwrap().open_log().unwrap();
     let reader = log.read().unwrap();
     let b_origin = spool::home::Home::open(&b).unwrap().origin();
-    assert_eq!(reader.signed_heads(a_origin).unwrap().len(), 1);
+    assert_eq!(reader.signed_heads(a_origin).unwrap().len(), 2);
     let own = reader.signed_heads(b_origin).unwrap();
     assert_eq!(own.len(), 1);
     own[0].1.verify(&own[0].0).unwrap();

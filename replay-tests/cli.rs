@@ -319,6 +319,7 @@ fn every_kind_is_validated_at_append_and_the_refusal_names_line_and_field() {
 fn export_and_ingest_files_between_homes() {
     let (_a, a) = new_home();
     let (_b, b) = new_home();
+    common::fleet(&a, &[&b]);
     for i in 0..3 {
         ok(&a, &["append"], &activity("s", &format!("a{i}")));
     }
@@ -554,11 +555,13 @@ fn task_row(home: &std::path::Path, id: &str) -> Value {
 #[test]
 fn causality_beats_skewed_clocks_on_every_node() {
     let dir = tempfile::tempdir().unwrap();
-    let (desktop, vm, pi) = (
+    let (desktop, vm, pi, laptop) = (
         labelled_home(dir.path(), "desktop"),
         labelled_home(dir.path(), "vm"),
         labelled_home(dir.path(), "pi"),
+        labelled_home(dir.path(), "laptop"),
     );
+    common::fleet(&desktop, &[&vm, &pi, &laptop]);
     const AHEAD: &str = "+5h";
     const PI: &str = "@1970-01-01 00:10:00";
     let t1 = |kind: &str, data: Value| task_event(kind, data);
@@ -593,7 +596,8 @@ fn causality_beats_skewed_clocks_on_every_node() {
 
     // The Pi, at 1970, gets both and moves the task; its stamps are 56 years behind.
     let report = exchange(PI, &vm, &pi);
-    assert_eq!(report["clamped"], 2, "{report}");
+    // The two, and the desktop's three admissions the Pi joined by: all 56 years ahead of it.
+    assert_eq!(report["clamped"], 5, "{report}");
     ok_at(
         PI,
         &pi,
@@ -619,7 +623,6 @@ fn causality_beats_skewed_clocks_on_every_node() {
     }
     // A laptop five hours behind gets everything, then moves the task: its move comes after
     // everything it saw, though stamped five hours before all of it.
-    let laptop = labelled_home(dir.path(), "laptop");
     let report = exchange("-5h", &vm, &laptop);
     // A run of the VM's events is held back until the signed head after it, so an event that
     // depends on it may wait a moment: all four land either way.
@@ -733,10 +736,12 @@ fn a_projection_ahead_of_a_restored_log_waits_for_the_peers_export() {
 #[test]
 fn a_key_answers_on_every_node_its_event_has_reached() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (
+    let (a, b, c) = (
         labelled_home(dir.path(), "a"),
         labelled_home(dir.path(), "b"),
+        labelled_home(dir.path(), "c"),
     );
+    common::fleet(&a, &[&b, &c]);
     let request = |text: &str| {
         serde_json::json!({"kind": "activity.logged", "stream": "s", "actor": "agent",
                            "key": "step-7", "data": {"message": text}})
@@ -758,7 +763,6 @@ fn a_key_answers_on_every_node_its_event_has_reached() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     // A node that used the key itself first keeps answering with its own event.
-    let c = labelled_home(dir.path(), "c");
     let own: Value = serde_json::from_str(&ok(&c, &["append"], &request("acked"))).unwrap();
     exchange("+0", &a, &c);
     let retry: Value = serde_json::from_str(&ok(&c, &["append"], &request("acked"))).unwrap();
@@ -831,6 +835,7 @@ fn signed_heads_travel_with_exports_and_relays_pass_them_on() {
         labelled_home(dir.path(), "b"),
         labelled_home(dir.path(), "c"),
     );
+    common::fleet(&a, &[&b, &c]);
     for i in 0..3 {
         ok(&a, &["append"], &activity("s", &format!("a{i}")));
     }
@@ -841,9 +846,10 @@ fn signed_heads_travel_with_exports_and_relays_pass_them_on() {
     for home in [&b, &c] {
         let log = spool::home::Home::open(home).unwrap().open_log().unwrap();
         let kept = log.read().unwrap().signed_heads(a_home.origin()).unwrap();
-        assert_eq!(kept.len(), 1, "{}: {kept:?}", home.display());
-        let (key, head) = &kept[0];
-        assert_eq!((*key, head.seq), (a_key.public(), 3));
+        // One from joining (after a's two admissions), one after its three events.
+        assert_eq!(kept.len(), 2, "{}: {kept:?}", home.display());
+        let (key, head) = &kept[1];
+        assert_eq!((*key, head.seq), (a_key.public(), 5));
         head.verify(key).unwrap();
         assert!(log.verify(1).unwrap().ok());
     }

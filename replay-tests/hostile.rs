@@ -388,6 +388,8 @@ fn a_rebuild_writes_only_a_new_file_inside_the_home_by_every_door() {
 fn export_out_replaces_only_a_regular_file_and_removes_only_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let home = init(dir.path());
+    let other = init(&dir.path().join("other"));
+    common::fleet(&home, &[&other]);
     ok(&home, &["append"], &lines(3));
     let victim = dir.path().join("victim");
     std::fs::write(&victim, "keep me").unwrap();
@@ -442,7 +444,6 @@ fn export_out_replaces_only_a_regular_file_and_removes_only_its_own() {
         std::fs::read(dir.path().join("notes.partial")).unwrap(),
         b"mine"
     );
-    let other = init(&dir.path().join("other"));
     let o = ok(&other, &["ingest", notes.to_str().unwrap(), "--json"], "");
     assert_eq!(serde_json::from_str::<Value>(&o).unwrap()["applied"], 3);
     // The same through the daemon.
@@ -487,6 +488,43 @@ fn forged(o: u8, seq: u64, prev: Hash, edit: impl FnOnce(&mut Event)) -> (Hash, 
     edit(&mut event);
     let bytes = event::encode(&event);
     (Hash::of(&bytes), bytes)
+}
+
+/// The key of forged member `o` (a fixed secret: the same in every run).
+fn member_key(o: u8) -> spool::identity::NodeKey {
+    spool::identity::NodeKey::from_secret([o; 32])
+}
+
+/// As [`forged`], by member `o`: its origin is the one its key is bound to, and its first
+/// event carries the key.
+fn by_member(o: u8, seq: u64, prev: Hash, edit: impl FnOnce(&mut Event)) -> (Hash, Vec<u8>) {
+    let key = member_key(o);
+    forged(o, seq, prev, |e| {
+        e.origin = key.origin();
+        e.signer = (seq == 1).then_some(key.public().0);
+        edit(e);
+    })
+}
+
+/// An export file of member `o`'s frames, each followed by its head signed with `o`'s key.
+fn signed_file(o: u8, frames: &[(Hash, Vec<u8>)]) -> Vec<u8> {
+    let key = member_key(o);
+    let mut file = ExportWriter::new(Vec::new()).unwrap();
+    for (i, (hash, bytes)) in frames.iter().enumerate() {
+        file.push(hash, bytes).unwrap();
+        let head = key.sign_head(i as u64 + 1, *hash);
+        file.push_head(&key.public(), &head).unwrap();
+    }
+    file.finish().unwrap().1
+}
+
+/// Admits member `o` into `home`'s fleet.
+fn admit(home: &Path, o: u8) {
+    ok(
+        home,
+        &["fleet", "admit", &member_key(o).public().to_hex()],
+        "",
+    );
 }
 
 /// An export file of these (hash, bytes) frames, with a correct trailer.
@@ -557,11 +595,12 @@ fn ingest_refuses_by_name_what_append_refuses() {
     ];
     let dir = tempfile::tempdir().unwrap();
     for (i, (what, edit, field)) in cases.into_iter().enumerate() {
-        let (h1, b1) = forged(9, 1, Hash::ZERO, |_| {});
-        let (h2, b2) = forged(9, 2, h1, edit);
+        let (h1, b1) = by_member(9, 1, Hash::ZERO, |_| {});
+        let (h2, b2) = by_member(9, 2, h1, edit);
         let file = dir.path().join(format!("forged-{i}.spool"));
-        std::fs::write(&file, export_file(&[(h1, b1), (h2, b2)])).unwrap();
+        std::fs::write(&file, signed_file(9, &[(h1, b1), (h2, b2)])).unwrap();
         let home = init(&dir.path().join(format!("n{i}")));
+        admit(&home, 9);
         for through_daemon in [false, true] {
             let node = through_daemon.then(|| Node::start(&home));
             let o = spool(&home, &["ingest", file.to_str().unwrap(), "--json"], "");
@@ -589,9 +628,9 @@ fn ingest_refuses_by_name_what_append_refuses() {
                 said.contains(field) && said.contains("seq"),
                 "{what}: {said}"
             );
-            // The valid event before it is in; the forged one is not.
+            // The valid event before it is in (after the admission); the forged one is not.
             let events = common::json_lines(&ok(&home, &["log"], ""));
-            assert_eq!(events.len(), 1, "{what}");
+            assert_eq!(events.len(), 2, "{what}");
             assert!(events.iter().all(|e| e["data"].is_object()), "{what}");
         }
         ok(&home, &["verify"], "");
@@ -955,14 +994,15 @@ fn a_silent_postgres_server_ends_a_job_with_its_host_and_port_named() {
 fn an_event_of_a_newer_build_is_kept_skipped_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let home = init(dir.path());
-    let (h1, b1) = forged(7, 1, Hash::ZERO, |_| {});
-    let (h2, b2) = forged(7, 2, h1, |e| e.version = 2);
-    let (h3, b3) = forged(7, 3, h2, |e| e.kind = "activity.reacted".into());
-    let (h4, b4) = forged(7, 4, h3, |_| {});
+    admit(&home, 7);
+    let (h1, b1) = by_member(7, 1, Hash::ZERO, |_| {});
+    let (h2, b2) = by_member(7, 2, h1, |e| e.version = 2);
+    let (h3, b3) = by_member(7, 3, h2, |e| e.kind = "activity.reacted".into());
+    let (h4, b4) = by_member(7, 4, h3, |_| {});
     let file = dir.path().join("newer.spool");
     std::fs::write(
         &file,
-        export_file(&[(h1, b1), (h2, b2), (h3, b3), (h4, b4)]),
+        signed_file(7, &[(h1, b1), (h2, b2), (h3, b3), (h4, b4)]),
     )
     .unwrap();
     let o = ok(&home, &["ingest", file.to_str().unwrap(), "--json"], "");

@@ -484,12 +484,13 @@ fn ingest_goes_through_the_daemon() {
     assert!(spool(&other, &["init", "--label", "pi"], "")
         .status
         .success());
+    let home = home(dir.path());
+    common::fleet(&home, &[&other]);
     let lines: String = (0..300).map(|i| format!("{}\n", event(9, i))).collect();
     assert!(spool(&other, &["append"], &lines).status.success());
     let file = dir.path().join("pi.spool");
     let out = spool(&other, &["export", "--out", file.to_str().unwrap()], "");
     assert!(out.status.success(), "{out:?}");
-    let home = home(dir.path());
     let daemon = start(&home);
     let out = spool(&home, &["ingest", file.to_str().unwrap(), "--json"], "");
     assert!(
@@ -500,16 +501,17 @@ fn ingest_goes_through_the_daemon() {
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (summary["read"].as_u64(), summary["applied"].as_u64()),
-        (Some(300), Some(300))
+        (Some(301), Some(300)),
+        "the pi's 300 events and the admission it joined by"
     );
     let again: Value = serde_json::from_slice(
         &spool(&home, &["ingest", file.to_str().unwrap(), "--json"], "").stdout,
     )
     .unwrap();
-    assert_eq!(again["duplicates"], 300);
+    assert_eq!(again["duplicates"], 301);
     let status: Value =
         serde_json::from_slice(&spool(&home, &["status", "--json"], "").stdout).unwrap();
-    assert_eq!(status["events"], 300);
+    assert_eq!(status["events"], 301);
     daemon::stop(daemon);
 }
 

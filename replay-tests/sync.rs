@@ -518,3 +518,369 @@ fn a_stale_home_recovers_its_own_events_or_stops_writing_on_a_fork() {
     assert!(matches!(s.refused.unwrap().1.reason, Refusal::Fork { .. }));
     assert_eq!(peer.log.read().unwrap().forks().unwrap().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 24: keyed homes in a fleet. Every export is signed; only members' events are taken.
+
+/// A keyed node home, as `spool init` makes it, with its log open.
+struct Member {
+    /// Kept for the home's lifetime.
+    _dir: tempfile::TempDir,
+    home: spool::home::Home,
+    key: spool::identity::NodeKey,
+    log: Option<Log>,
+}
+
+impl Member {
+    fn new(label: &str) -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        let home = spool::home::Home::init(&dir.path().join("home"), label).unwrap();
+        let key = home.node_key().unwrap().unwrap();
+        let log = Some(home.open_log().unwrap());
+        Member {
+            _dir: dir,
+            home,
+            key,
+            log,
+        }
+    }
+
+    fn log(&self) -> &Log {
+        self.log.as_ref().unwrap()
+    }
+
+    fn origin(&self) -> Origin {
+        self.home.origin()
+    }
+
+    /// Its whole log as an export file, its own heads signed.
+    fn export(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let reader = self.log().read().unwrap();
+        shipping::export(
+            &reader,
+            &Selection::default(),
+            &mut out,
+            Some(&self.key),
+            |_| {},
+        )
+        .unwrap();
+        out
+    }
+
+    fn write(&self, message: &str) {
+        self.log().append(vec![activity(message)]).unwrap();
+    }
+
+    fn admit(&self, other: &Member) {
+        let request = AppendRequest {
+            kind: "device.paired".into(),
+            stream: format!("device/{}", other.origin()),
+            actor: "test".into(),
+            data: serde_json::json!({"device_id": other.origin().to_hex(), "label": "m",
+                "capabilities": ["sync"], "signing_public_key": other.key.public().to_hex(),
+                "pairing_id": null}),
+            key: None,
+            correlation: None,
+            causation: None,
+        };
+        self.log()
+            .append(vec![new_event(request).unwrap()])
+            .unwrap();
+    }
+
+    fn revoke(&self, other: &Member) {
+        let request = AppendRequest {
+            kind: "device.revoked".into(),
+            stream: format!("device/{}", other.origin()),
+            actor: "test".into(),
+            data: serde_json::json!({"device_id": other.origin().to_hex(), "reason": "stolen"}),
+            key: None,
+            correlation: None,
+            causation: None,
+        };
+        self.log()
+            .append(vec![new_event(request).unwrap()])
+            .unwrap();
+    }
+
+    /// Joins `root`'s fleet by ingesting `file` (as `spool fleet join` does).
+    fn join(&mut self, root: Origin, file: &[u8]) {
+        drop(self.log.take());
+        self.home.join_fleet(root).unwrap();
+        self.log = Some(self.home.open_log().unwrap());
+        let s = ingest(self.log(), file);
+        assert!(s.stopped().is_none(), "{:?}", s.stopped());
+    }
+
+    /// Everything the log holds or keeps: events, evidence, forks.
+    fn stored(&self) -> (BTreeSet<(EventId, Hash)>, usize, usize) {
+        let reader = self.log().read().unwrap();
+        (
+            event_set(self.log()),
+            reader.refused().unwrap().len(),
+            reader.forks().unwrap().len(),
+        )
+    }
+}
+
+/// A root and `n` members admitted by it, each joined by the root's export.
+fn fleet(n: usize) -> Vec<Member> {
+    let mut all: Vec<Member> = (0..=n).map(|i| Member::new(&format!("m{i}"))).collect();
+    for other in &all[1..] {
+        all[0].admit(other);
+    }
+    let (file, root) = (all[0].export(), all[0].origin());
+    for member in &mut all[1..] {
+        member.join(root, &file);
+    }
+    all
+}
+
+/// `from`'s whole log into `to`.
+fn send(from: &Member, to: &Member) -> shipping::IngestSummary {
+    ingest(to.log(), &from.export())
+}
+
+/// An export file's frames: hash, stored bytes, and the signed head after it (key, signature).
+type Framed = (Hash, Vec<u8>, Option<([u8; 32], [u8; 64])>);
+
+fn read_frames(file: &[u8]) -> Vec<Framed> {
+    let mut reader = shipping::ExportReader::new(file).unwrap();
+    let mut out = Vec::new();
+    while let Some(frame) = reader.next_frame().unwrap() {
+        let s = frame.shipped;
+        out.push((s.meta.hash, s.bytes, s.signed.map(|(k, sig)| (k.0, sig))));
+    }
+    out
+}
+
+/// A file of these frames; each head names the event before it, with the key and signature
+/// given (a forger's choice).
+fn write_frames(frames: &[Framed]) -> Vec<u8> {
+    let mut w = shipping::ExportWriter::new(Vec::new()).unwrap();
+    for (hash, bytes, head) in frames {
+        w.push(hash, bytes).unwrap();
+        if let Some((key, signature)) = head {
+            let id = event::decode(bytes).unwrap().id();
+            let head = spool::identity::SignedHead {
+                origin: id.origin,
+                seq: id.seq,
+                hash: *hash,
+                signature: *signature,
+            };
+            w.push_head(&spool::identity::PublicKey(*key), &head)
+                .unwrap();
+        }
+    }
+    w.finish().unwrap().1
+}
+
+/// The event after `last` in its origin's chain, as a forger who knows its hash writes it.
+fn extend(last: &Framed, message: &str) -> (Event, Hash, Vec<u8>) {
+    let mut e = event::decode(&last.1).unwrap().to_event();
+    e.seq += 1;
+    e.prev = last.0;
+    e.signer = None;
+    e.payload = spool::kinds::lookup("activity.logged")
+        .unwrap()
+        .encode(&serde_json::json!({ "message": message }))
+        .unwrap();
+    let bytes = event::encode(&e);
+    (e, Hash::of(&bytes), bytes)
+}
+
+/// Ingests `file` into `to` and insists it is refused saying `said`, with nothing stored
+/// changed but one more piece of evidence kept.
+fn refused_by_name(to: &Member, file: &[u8], said: &str) {
+    let (events, evidence, forks) = to.stored();
+    let s = ingest(to.log(), file);
+    let why = s.stopped().unwrap_or_else(|| panic!("taken: {s:?}"));
+    assert!(why.contains(said), "{why}");
+    let (after, kept, forks_after) = to.stored();
+    assert_eq!(after, events, "{said}: nothing stored changed");
+    assert!(kept > evidence, "{said}: evidence kept");
+    assert_eq!(forks_after, forks);
+    let reader = to.log().read().unwrap();
+    assert!(reader.halted().unwrap().is_none(), "{said}: never halts");
+    assert!(to.log().verify(1).unwrap().ok(), "{said}: verify passes");
+}
+
+#[test]
+fn forged_re_signed_non_member_and_malformed_events_are_refused_by_name() {
+    let all = fleet(2);
+    let (a, b, c) = (&all[0], &all[1], &all[2]);
+    for i in 0..3 {
+        a.write(&format!("a{i}"));
+    }
+    send(a, c);
+    let genuine = read_frames(&a.export());
+    let last = genuine.last().unwrap().clone();
+
+    // A forged event: a4 extends a's chain, with no signature.
+    let (_, hash, bytes) = extend(&last, "a forged order");
+    let mut frames = genuine.clone();
+    frames.push((hash, bytes, None));
+    refused_by_name(c, &write_frames(&frames), "no signed head covers them");
+
+    // A forged signature: a's key, a signature that is not a's over a4.
+    let (_, hash, bytes) = extend(&last, "a second forged order");
+    let mut frames = genuine.clone();
+    let mut signature = last.2.unwrap().1;
+    signature[5] ^= 1;
+    frames.push((hash, bytes, Some((a.key.public().0, signature))));
+    refused_by_name(c, &write_frames(&frames), "a forged or damaged signed head");
+
+    // Re-signed by another member (b), who can sign only as itself.
+    let (_, hash, bytes) = extend(&last, "a third forged order");
+    let mut frames = genuine.clone();
+    let b_head = b.key.sign_head(4, hash);
+    frames.push((hash, bytes, Some((b.key.public().0, b_head.signature))));
+    refused_by_name(c, &write_frames(&frames), "is bound to origin");
+
+    // An origin no member admitted: its own signed export is refused whole.
+    let stranger = Member::new("stranger");
+    stranger.write("let me in");
+    refused_by_name(c, &stranger.export(), "is not a member of this fleet");
+
+    // Seq 0 and too many deps, from a member, signed: refused before they reach the log.
+    let (mut e, _, _) = extend(&last, "seq zero");
+    e.seq = 0;
+    let zero = event::encode(&e);
+    let head = Some((
+        a.key.public().0,
+        a.key.sign_head(0, Hash::of(&zero)).signature,
+    ));
+    let mut frames = genuine.clone();
+    frames.push((Hash::of(&zero), zero, head));
+    refused_by_name(c, &write_frames(&frames), "seq: must be 1 or more");
+    let (mut e, _, _) = extend(&last, "too many deps");
+    e.deps = (0..=event::DEPS_MAX as u16)
+        .map(|i| event::Dep {
+            origin: Origin([
+                (i % 250) as u8 + 1,
+                (i / 250) as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                1,
+            ]),
+            seq: 1,
+        })
+        .collect();
+    let many = event::encode(&e);
+    let head = Some((
+        a.key.public().0,
+        a.key.sign_head(4, Hash::of(&many)).signature,
+    ));
+    let mut frames = genuine.clone();
+    frames.push((Hash::of(&many), many, head));
+    refused_by_name(c, &write_frames(&frames), "deps: names more origins");
+
+    // The evidence is listed, each with its reason.
+    let kept = c.log().read().unwrap().refused().unwrap();
+    assert!(
+        kept.iter().any(|e| e.reason.contains("not a member")),
+        "{kept:?}"
+    );
+    assert!(kept.iter().all(|e| !e.reason.is_empty()));
+    // And the genuine events still flow.
+    a.write("a3");
+    let s = send(a, c);
+    assert!(s.stopped().is_none(), "{:?}", s.stopped());
+    assert_eq!(s.report.applied, 1);
+}
+
+#[test]
+fn a_revoked_origins_later_events_relayed_by_a_third_node_are_refused() {
+    let all = fleet(2);
+    let (a, b, c) = (&all[0], &all[1], &all[2]);
+    b.write("b1");
+    send(b, a);
+    send(b, c);
+    // a revokes b, having seen b1: b1 stays valid, what b writes after it does not.
+    a.revoke(b);
+    b.write("b2 after the revocation");
+    // c has not heard of the revocation: it takes b2 and relays it to a.
+    let s = send(b, c);
+    assert_eq!(s.report.applied, 1);
+    refused_by_name(a, &c.export(), "was revoked by origin");
+    let kept = a.log().read().unwrap().refused().unwrap();
+    assert!(kept
+        .iter()
+        .any(|e| e.id.origin == b.origin() && e.id.seq == 2));
+    // Once c has the revocation, it refuses b's later events too.
+    let before = c.stored().0;
+    let s = ingest(c.log(), &write_frames(&read_frames(&a.export())));
+    assert!(s.stopped().is_none(), "{:?}", s.stopped());
+    b.write("b3");
+    refused_by_name(c, &b.export(), "only its events up to seq 1 are taken");
+    assert!(
+        c.stored().0.len() > before.len(),
+        "the revocation itself was taken"
+    );
+    // b learns of its revocation: its own writes stop, by name.
+    send(a, b);
+    let err = b.log().append(vec![activity("b4")]).unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+}
+
+#[test]
+fn a_genuine_own_fork_still_halts_and_a_forged_one_does_not() {
+    let mut all = fleet(1);
+    all[1].write("b1");
+    // A backup of b's home, restored after b wrote b2: the restored home writes its own b2.
+    drop(all[1].log.take());
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    copy(all[1].home.dir(), &backup.path().join("home"));
+    all[1].log = Some(all[1].home.open_log().unwrap());
+    all[1].write("b2");
+    let restored_home = spool::home::Home::open(&backup.path().join("home")).unwrap();
+    let restored = Member {
+        key: restored_home.node_key().unwrap().unwrap(),
+        log: Some(restored_home.open_log().unwrap()),
+        home: restored_home,
+        _dir: backup,
+    };
+    restored.write("b2, written again by the restored copy");
+    // b's own export, signed by b's key, reaches the restored copy: the same key signed two
+    // events at seq 2. That is a genuine fork of its own origin: its writes stop.
+    let s = send(&all[1], &restored);
+    let (_, refused) = s.refused.expect("refused");
+    assert!(
+        matches!(refused.reason, Refusal::OwnFork { .. }),
+        "{refused:?}"
+    );
+    let err = restored.log().append(vec![activity("more")]).unwrap_err();
+    assert!(matches!(err, LogError::Halted { .. }), "{err}");
+    // The forged kind (an own event re-hashed, no signature for it) stops nothing.
+    let genuine = read_frames(&all[1].export());
+    let mut forged = genuine.clone();
+    let (_, hash, bytes) = extend(&genuine[genuine.len() - 2], "forged b2");
+    forged.push((hash, bytes, None));
+    refused_by_name(
+        &all[1],
+        &write_frames(&forged),
+        "no signed head covers them",
+    );
+    all[1].write("b3");
+}

@@ -88,6 +88,15 @@ impl std::fmt::Debug for NodeKey {
 }
 
 impl NodeKey {
+    /// The key with these secret bytes (a test's fixed key; a node's comes from [`generate`]).
+    ///
+    /// [`generate`]: NodeKey::generate
+    pub fn from_secret(secret: [u8; 32]) -> NodeKey {
+        NodeKey {
+            key: SigningKey::from_bytes(&secret),
+        }
+    }
+
     /// A new key from the operating system's randomness.
     pub fn generate() -> NodeKey {
         let secret: [u8; 32] = rand::random();

@@ -134,3 +134,18 @@ pub fn activity(stream: &str, message: &str) -> String {
     })
     .to_string()
 }
+
+/// Makes `root` the root of a fleet that `others` join, as a person would: the root admits each
+/// by its node.toml, exports, and each joins by ingesting that export.
+pub fn fleet(root: &Path, others: &[&Path]) {
+    for other in others {
+        let node_file = other.join("node.toml");
+        ok(root, &["fleet", "admit", node_file.to_str().unwrap()], "");
+    }
+    let file = root.with_extension("fleet.spool");
+    ok(root, &["export", "--out", file.to_str().unwrap()], "");
+    for other in others {
+        ok(other, &["fleet", "join", file.to_str().unwrap()], "");
+    }
+    std::fs::remove_file(file).unwrap();
+}

@@ -42,14 +42,25 @@ pub fn run(dir: Option<PathBuf>, seed: u64) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&dir)?;
     println!("spool demo: a week of three nodes in {}", dir.display());
+    let mut homes: Vec<Home> = NODES
+        .iter()
+        .map(|name| Home::init(&dir.join(name), name))
+        .collect::<Result<_, _>>()?;
+    let root_log = found_fleet(&dir, &mut homes)?;
+    let mut logs = vec![Some(root_log)];
+    for home in &homes[1..] {
+        logs.push(Some(join(&dir, home)?));
+    }
     let nodes: Vec<Node> = NODES
         .iter()
-        .map(|name| {
-            let home = Home::init(&dir.join(name), name)?;
-            let log = home.open_log()?;
-            Ok(Node { name, home, log })
+        .zip(homes)
+        .zip(logs)
+        .map(|((name, home), log)| Node {
+            name,
+            home,
+            log: log.expect("opened above"),
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tasks = 0u64;
     let mut files = 0;
@@ -156,6 +167,55 @@ pub fn run(dir: Option<PathBuf>, seed: u64) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The day-0 file: the first node's admissions of the others.
+const FLEET_FILE: &str = "day0-fleet.spool";
+
+/// Day 0: the first node founds the fleet and admits the others by their keys (as `spool fleet
+/// admit` does) and exports; returns its log.
+fn found_fleet(dir: &std::path::Path, homes: &mut [Home]) -> anyhow::Result<Log> {
+    let (root, others) = homes.split_first_mut().expect("three nodes");
+    let admissions = others
+        .iter()
+        .map(|home| {
+            let key = home.public_key().context("a new home has a key")?;
+            request(
+                "device.paired",
+                format!("device/{}", home.origin()),
+                "spool demo",
+                json!({"device_id": home.origin().to_hex(), "label": home.label(),
+                       "capabilities": ["sync"], "signing_public_key": key.to_hex(),
+                       "pairing_id": null}),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let log = root.open_log()?;
+    log.append(admissions)?;
+    let out = std::io::BufWriter::new(std::fs::File::create(dir.join(FLEET_FILE))?);
+    let key = root.node_key()?;
+    shipping::export(
+        &log.read()?,
+        &Selection::default(),
+        out,
+        key.as_ref(),
+        |_| {},
+    )?;
+    for home in others {
+        home.join_fleet(root.origin())?;
+    }
+    Ok(log)
+}
+
+/// A node joins by ingesting the day-0 file (as `spool fleet join` does); returns its log.
+fn join(dir: &std::path::Path, home: &Home) -> anyhow::Result<Log> {
+    let log = home.open_log()?;
+    let file = std::fs::File::open(dir.join(FLEET_FILE))?;
+    let summary = shipping::ingest(&log, std::io::BufReader::new(file), |_| {})?;
+    if let Some(why) = summary.stopped() {
+        anyhow::bail!("{} joining the fleet: {why}", home.label());
+    }
+    Ok(log)
 }
 
 fn vector(log: &Log) -> anyhow::Result<Vector> {

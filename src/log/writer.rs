@@ -350,7 +350,7 @@ impl State {
             origin: self.origin,
             seq: self.causal.head(self.origin).map_or(0, |(seq, _)| seq) + 1,
         };
-        if let Err(revoked) = fleet.admits(own) {
+        if let Err(revoked @ crate::membership::NotTaken::Revoked { .. }) = fleet.admits(own) {
             if self.halted.is_none() {
                 self.halted = Some(format!(
                     "{revoked}; this node's key is revoked: see README, \"Revoking a node\""

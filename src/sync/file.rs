@@ -496,11 +496,12 @@ const EVIDENCE_PER_REFUSAL: usize = 64;
 
 impl Confirmation<'_> {
     fn keyed(&mut self, shipped: &Shipped) -> Result<Keyed, FileError> {
+        let origin = shipped.meta.id.origin;
         if self.log.fleet_root().is_some() {
             // A node in a fleet takes members' events only, and every member has a key.
+            self.keyed.insert(origin, Keyed::Yes);
             return Ok(Keyed::Yes);
         }
-        let origin = shipped.meta.id.origin;
         if shipped.meta.id.seq == 1 {
             let keyed = match shipped.signer {
                 Some(_) => Keyed::Yes,

@@ -124,6 +124,29 @@ export interface Fork {
   held: string | null;
 }
 
+/** An event refused for who wrote it or how it came signed, kept as evidence. */
+export interface RefusedEvent {
+  id: { origin: string; seq: number };
+  hash: string;
+  reason: string;
+}
+
+/** One member of the fleet (`spool fleet`). */
+export interface FleetMember {
+  origin: string;
+  key: string | null;
+  device_id: string | null;
+  label: string | null;
+  capabilities: string[];
+  admitted_by: { origin: string; seq: number } | null;
+  revoked: { by: { origin: string; seq: number }; through: number } | null;
+}
+
+export interface Fleet {
+  root: string;
+  members: FleetMember[];
+}
+
 export interface Status {
   node: { id: string; label: string };
   home: string;
@@ -132,6 +155,11 @@ export interface Status {
   heads: Head[];
   waiting: number;
   forks: Fork[];
+  /** The first 100 refused events; `refused_count` counts them all. */
+  refused: RefusedEvent[];
+  refused_count: number;
+  /** Null for a node made before keys, which takes every origin's events. */
+  fleet: Fleet | null;
   halted: string | null;
   unreadable: number;
   /** Only from the daemon. */
