@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redb::{Database, TableDefinition};
-use spool::event::{Hash, Origin};
+use spool::event::Hash;
 use spool::log::{Log, LogOptions};
 use workload::{env_or, median, Workload};
 
@@ -141,13 +141,19 @@ fn verify_rate(events: usize, runs: usize) -> (f64, u64) {
     (rate, log.read().unwrap().last_position().unwrap())
 }
 
-/// An empty log in a fresh temporary directory (kept alive by the returned guard).
+/// An empty log in a fresh temporary directory (kept alive by the returned guard), as
+/// `spool init` makes it: its origin bound to a key, the root of its own fleet.
 fn new_log() -> (tempfile::TempDir, Log) {
     let dir = tempfile::tempdir().unwrap();
+    let key = spool::identity::NodeKey::generate();
     let log = Log::create(
         &dir.path().join("log.redb"),
-        Origin([1; 16]),
-        LogOptions::default(),
+        key.origin(),
+        LogOptions {
+            signer: Some(key.public().0),
+            fleet_root: Some(key.origin()),
+            ..LogOptions::default()
+        },
     )
     .unwrap();
     (dir, log)
