@@ -573,28 +573,29 @@ impl Member {
     }
 
     fn admit(&self, other: &Member) {
-        let request = AppendRequest {
-            kind: "device.paired".into(),
-            stream: format!("device/{}", other.origin()),
-            actor: "test".into(),
-            data: serde_json::json!({"device_id": other.origin().to_hex(), "label": "m",
+        self.device_event(
+            "device.paired",
+            other,
+            serde_json::json!({"device_id": other.origin().to_hex(), "label": "m",
                 "capabilities": ["sync"], "signing_public_key": other.key.public().to_hex(),
                 "pairing_id": null}),
-            key: None,
-            correlation: None,
-            causation: None,
-        };
-        self.log()
-            .append(vec![new_event(request).unwrap()])
-            .unwrap();
+        );
     }
 
     fn revoke(&self, other: &Member) {
+        self.device_event(
+            "device.revoked",
+            other,
+            serde_json::json!({"device_id": other.origin().to_hex(), "reason": "stolen"}),
+        );
+    }
+
+    fn device_event(&self, kind: &str, other: &Member, data: serde_json::Value) {
         let request = AppendRequest {
-            kind: "device.revoked".into(),
+            kind: kind.into(),
             stream: format!("device/{}", other.origin()),
             actor: "test".into(),
-            data: serde_json::json!({"device_id": other.origin().to_hex(), "reason": "stolen"}),
+            data,
             key: None,
             correlation: None,
             causation: None,
@@ -690,6 +691,16 @@ fn extend(last: &Framed, message: &str) -> (Event, Hash, Vec<u8>) {
     (e, Hash::of(&bytes), bytes)
 }
 
+/// `frames`, then `e` under a head `by` signed over it.
+fn signed_after(frames: &[Framed], by: &Member, e: &Event) -> Vec<u8> {
+    let bytes = event::encode(e);
+    let hash = Hash::of(&bytes);
+    let signature = by.key.sign_head(e.seq, hash).signature;
+    let mut frames = frames.to_vec();
+    frames.push((hash, bytes, Some((by.key.public().0, signature))));
+    write_frames(&frames)
+}
+
 /// Ingests `file` into `to` and insists it is refused saying `said`, with nothing stored
 /// changed but one more piece of evidence kept.
 fn refused_by_name(to: &Member, file: &[u8], said: &str) {
@@ -746,46 +757,23 @@ fn forged_re_signed_non_member_and_malformed_events_are_refused_by_name() {
     // Seq 0 and too many deps, from a member, signed: refused before they reach the log.
     let (mut e, _, _) = extend(&last, "seq zero");
     e.seq = 0;
-    let zero = event::encode(&e);
-    let head = Some((
-        a.key.public().0,
-        a.key.sign_head(0, Hash::of(&zero)).signature,
-    ));
-    let mut frames = genuine.clone();
-    frames.push((Hash::of(&zero), zero, head));
-    refused_by_name(c, &write_frames(&frames), "seq: must be 1 or more");
+    refused_by_name(c, &signed_after(&genuine, a, &e), "seq: must be 1 or more");
     let (mut e, _, _) = extend(&last, "too many deps");
     e.deps = (0..=event::DEPS_MAX as u16)
-        .map(|i| event::Dep {
-            origin: Origin([
-                (i % 250) as u8 + 1,
-                (i / 250) as u8,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                1,
-            ]),
-            seq: 1,
+        .map(|i| {
+            let mut origin = [1u8; 16];
+            origin[..2].copy_from_slice(&i.to_le_bytes());
+            event::Dep {
+                origin: Origin(origin),
+                seq: 1,
+            }
         })
         .collect();
-    let many = event::encode(&e);
-    let head = Some((
-        a.key.public().0,
-        a.key.sign_head(4, Hash::of(&many)).signature,
-    ));
-    let mut frames = genuine.clone();
-    frames.push((Hash::of(&many), many, head));
-    refused_by_name(c, &write_frames(&frames), "deps: names more origins");
+    refused_by_name(
+        c,
+        &signed_after(&genuine, a, &e),
+        "deps: names more origins",
+    );
 
     // The evidence is listed, each with its reason.
     let kept = c.log().read().unwrap().refused().unwrap();

@@ -26,12 +26,14 @@ use crate::identity::{origin_of, PublicKey};
 /// Members a fleet may hold; an admission beyond it is ignored (and logged).
 pub const MEMBERS_MAX: usize = 4096;
 
-/// One member of the fleet.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One member of the fleet (also as `spool fleet --json` shows it).
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Member {
     pub origin: Origin,
-    /// The key the origin is bound to, from its admission (`None` for the root, whose first
-    /// event carries it).
+    /// The key the origin is bound to (hex), from its admission (`None` for the root, whose
+    /// first event carries it).
     pub key: Option<String>,
     pub device_id: Option<String>,
     pub label: Option<String>,
@@ -42,7 +44,9 @@ pub struct Member {
 }
 
 /// A member's revocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Revocation {
     /// The `device.revoked` event.
     pub by: EventId,

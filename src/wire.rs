@@ -457,49 +457,14 @@ pub struct RefusedEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fleet {
     pub root: Origin,
-    pub members: Vec<FleetMember>,
-}
-
-/// One member of the fleet.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct FleetMember {
-    pub origin: Origin,
-    /// Its public key (hex), from its admission; the root's is in its first event.
-    pub key: Option<String>,
-    pub device_id: Option<String>,
-    pub label: Option<String>,
-    pub capabilities: Vec<String>,
-    /// The `device.paired` event that admitted it (none for the root).
-    pub admitted_by: Option<EventId>,
-    /// The `device.revoked` event, and the member's last event still taken.
-    pub revoked: Option<FleetRevocation>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct FleetRevocation {
-    pub by: EventId,
-    pub through: u64,
+    pub members: Vec<crate::membership::Member>,
 }
 
 impl From<&crate::membership::Membership> for Fleet {
     fn from(fleet: &crate::membership::Membership) -> Fleet {
         Fleet {
             root: fleet.root(),
-            members: fleet
-                .members()
-                .map(|m| FleetMember {
-                    origin: m.origin,
-                    key: m.key.clone(),
-                    device_id: m.device_id.clone(),
-                    label: m.label.clone(),
-                    capabilities: m.capabilities.clone(),
-                    admitted_by: m.admitted_by,
-                    revoked: m.revoked.map(|r| FleetRevocation {
-                        by: r.by,
-                        through: r.through,
-                    }),
-                })
-                .collect(),
+            members: fleet.members().cloned().collect(),
         }
     }
 }

@@ -109,21 +109,7 @@ fn random_exchanges_converge_and_never_apply_before_dependencies() {
                 continue;
             }
             let to = (from + rng.random_range(1..3)) % 3;
-            // A random part of what `from` holds, shuffled, some of it twice.
-            let mut batch: Vec<Meta> = nodes[from]
-                .log
-                .iter()
-                .filter(|_| rng.random_bool(0.6))
-                .cloned()
-                .collect();
-            let again: Vec<Meta> = batch
-                .iter()
-                .filter(|_| rng.random_bool(0.2))
-                .cloned()
-                .collect();
-            batch.extend(again);
-            batch.shuffle(&mut rng);
-            for meta in batch {
+            for meta in random_part(&mut rng, &nodes[from].log) {
                 nodes[to].receive(meta);
             }
             check_released_order(&nodes[to]);
@@ -370,20 +356,7 @@ fn a_fleet_with_signatures_admissions_a_revocation_and_a_forging_relay_converges
             if to == from {
                 continue;
             }
-            let mut batch: Vec<Item> = nodes[from]
-                .items
-                .iter()
-                .filter(|_| rng.random_bool(0.6))
-                .cloned()
-                .collect();
-            let again: Vec<Item> = batch
-                .iter()
-                .filter(|_| rng.random_bool(0.2))
-                .cloned()
-                .collect();
-            batch.extend(again);
-            batch.shuffle(&mut rng);
-            for item in batch {
+            for item in random_part(&mut rng, &nodes[from].items) {
                 // (Its own events it passes on as they are: a member that signs two events
                 // at one seq forks its own origin, which is another test's matter.)
                 let others = item.meta.id.origin != keys[RELAY].origin();
@@ -447,6 +420,23 @@ fn a_fleet_with_signatures_admissions_a_revocation_and_a_forging_relay_converges
         }
         assert!(forged_refused > 0, "seed {seed}: the relay forged nothing");
     }
+}
+
+/// A random part of what a node holds, shuffled, some of it twice.
+fn random_part<T: Clone>(rng: &mut StdRng, held: &[T]) -> Vec<T> {
+    let mut batch: Vec<T> = held
+        .iter()
+        .filter(|_| rng.random_bool(0.6))
+        .cloned()
+        .collect();
+    let again: Vec<T> = batch
+        .iter()
+        .filter(|_| rng.random_bool(0.2))
+        .cloned()
+        .collect();
+    batch.extend(again);
+    batch.shuffle(rng);
+    batch
 }
 
 /// Every event in a node's apply order comes after its predecessor and deps.
