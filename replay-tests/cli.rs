@@ -997,3 +997,101 @@ fn a_head_frame_out_of_place_is_refused() {
     refused(&b, &args, "", "it does not follow the event it names");
     assert_eq!(ok(&b, &["log"], ""), "");
 }
+
+/// `spool fleet` and its commands as a person uses them: admit by node file, join by export
+/// (pinning the root), list, revoke; each mistake refused by name, changing nothing.
+#[test]
+fn fleet_commands_admit_join_list_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        labelled_home(dir.path(), "desk"),
+        labelled_home(dir.path(), "pi"),
+        labelled_home(dir.path(), "vm"),
+    );
+    let id = |home: &std::path::Path| spool::home::Home::open(home).unwrap().origin().to_hex();
+    let file = dir.path().join("fleet.spool");
+    let file = file.to_str().unwrap();
+    // Not admitted yet: joining names what to do.
+    ok(&a, &["export", "--out", file], "");
+    refused(
+        &b,
+        &["fleet", "join", file],
+        "",
+        "no member admits this node",
+    );
+    ok(
+        &a,
+        &["fleet", "admit", b.join("node.toml").to_str().unwrap()],
+        "",
+    );
+    let again = ok(
+        &a,
+        &["fleet", "admit", b.join("node.toml").to_str().unwrap()],
+        "",
+    );
+    assert!(again.contains("already admitted"), "{again}");
+    ok(&a, &["export", "--out", file], "");
+    refused(
+        &b,
+        &["fleet", "join", file, "--root", &id(&c)],
+        "",
+        "not the",
+    );
+    ok(&b, &["fleet", "join", file, "--root", &id(&a)], "");
+    let fleet: Value = serde_json::from_str(&ok(&b, &["fleet", "--json"], "")).unwrap();
+    assert_eq!(fleet["root"], id(&a), "{fleet}");
+    let members = fleet["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{fleet}");
+    let pi = members.iter().find(|m| m["origin"] == id(&b)).unwrap();
+    assert_eq!(pi["label"], "pi");
+    assert_eq!(pi["admitted_by"]["origin"], id(&a));
+    assert_eq!(pi["capabilities"], serde_json::json!(["sync"]));
+    let listed = ok(&b, &["fleet"], "");
+    assert!(
+        listed.contains("root") && listed.contains("this node"),
+        "{listed}"
+    );
+
+    // Revoking: by origin, once; a revoked key is never admitted again.
+    refused(&a, &["fleet", "revoke", &id(&c)], "", "not a member");
+    refused(&a, &["fleet", "revoke", "nonsense"], "", "32 hex digits");
+    let said = ok(&a, &["fleet", "revoke", &id(&b), "--reason", "sold"], "");
+    assert!(said.contains("after seq 0"), "{said}");
+    refused(&a, &["fleet", "revoke", &id(&b)], "", "revoked already");
+    let node_file = b.join("node.toml");
+    refused(
+        &a,
+        &["fleet", "admit", node_file.to_str().unwrap()],
+        "",
+        "never admitted again",
+    );
+    // The Pi's writes after the revocation are refused by name, kept and listed.
+    ok(&b, &["append"], &activity("s", "after the revocation"));
+    let from_b = dir.path().join("b.spool");
+    ok(&b, &["export", "--out", from_b.to_str().unwrap()], "");
+    let before = ok(&a, &["heads", "--json"], "");
+    refused(
+        &a,
+        &["ingest", from_b.to_str().unwrap()],
+        "",
+        "was revoked by origin",
+    );
+    assert_eq!(ok(&a, &["heads", "--json"], ""), before);
+    let status = ok(&a, &["status"], "");
+    assert!(status.contains("REFUSED origin"), "{status}");
+    assert!(ok(&a, &["verify"], "").contains("1 refused event(s) kept as evidence"));
+    // A root with a member does not join another fleet.
+    ok(
+        &c,
+        &["fleet", "admit", a.join("node.toml").to_str().unwrap()],
+        "",
+    );
+    let from_c = dir.path().join("c.spool");
+    ok(&c, &["export", "--out", from_c.to_str().unwrap()], "");
+    refused(
+        &a,
+        &["fleet", "join", from_c.to_str().unwrap()],
+        "",
+        "a root does not join another fleet",
+    );
+}
