@@ -651,7 +651,11 @@ fn read_frames(file: &[u8]) -> Vec<Framed> {
     let mut out = Vec::new();
     while let Some(frame) = reader.next_frame().unwrap() {
         let s = frame.shipped;
-        out.push((s.meta.hash, s.bytes, s.signed.map(|(k, sig)| (k.0, sig))));
+        out.push((
+            s.meta.hash,
+            s.bytes,
+            s.signed.map(|signed| (signed.0 .0, signed.1)),
+        ));
     }
     out
 }

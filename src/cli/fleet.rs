@@ -268,7 +268,7 @@ fn root_in(file: &Path, this: Origin) -> anyhow::Result<(Origin, Origin)> {
         .next_frame()
         .with_context(|| format!("reading {}", file.display()))?
     {
-        if let Some(Change::Paired { key, .. }) = &frame.shipped.change {
+        if let Some(Change::Paired { key, .. }) = frame.shipped.change.as_deref() {
             if admitted_by.len() < MEMBERS_MAX {
                 admitted_by
                     .entry(origin_of(key))

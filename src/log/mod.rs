@@ -70,9 +70,11 @@ pub struct Shipped {
     pub bytes: Vec<u8>,
     /// The origin's signature over this event as its head, already verified
     /// ([`Shipped::signed`]): kept with the event, so that a relay passes it on.
-    pub signed: Option<(PublicKey, [u8; 64])>,
+    /// (Boxed, as `change` is: most events have neither, and ingest moves each event a few
+    /// times between its reading thread, the held-back runs and the writer.)
+    pub signed: Option<Box<(PublicKey, [u8; 64])>>,
     /// The membership change it makes, if it is a `device.paired` or `device.revoked`.
-    pub change: Option<crate::membership::Change>,
+    pub change: Option<Box<crate::membership::Change>>,
 }
 
 /// Why shipped bytes are not an event.
@@ -161,7 +163,8 @@ impl Shipped {
             stream: view.stream().to_owned(),
             key: view.key().map(str::to_owned),
             signer: view.signer(),
-            change: crate::membership::Change::of(view.kind(), view.version(), view.payload()),
+            change: crate::membership::Change::of(view.kind(), view.version(), view.payload())
+                .map(Box::new),
             bytes,
             signed: None,
         })
@@ -181,7 +184,7 @@ impl Shipped {
             problem: e.to_string(),
             bytes: Vec::new(),
         })?;
-        self.signed = Some((key, signature));
+        self.signed = Some(Box::new((key, signature)));
         Ok(self)
     }
 }

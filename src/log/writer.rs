@@ -1225,7 +1225,7 @@ impl Shipping<'_, '_> {
 
     /// Keeps the signature that came with a shipped event (a refused event's is not kept).
     fn keep_signature(&mut self, shipped: &Shipped) -> Result<(), LogError> {
-        if let Some((key, signature)) = &shipped.signed {
+        if let Some((key, signature)) = shipped.signed.as_deref() {
             let mut value = [0u8; 96];
             value[..32].copy_from_slice(&key.0);
             value[32..].copy_from_slice(signature);
@@ -1415,7 +1415,7 @@ fn apply(
 ) -> Result<(), LogError> {
     let id = shipped.meta.id;
     let position = state.next_position;
-    if let Some(change) = shipped.change.clone() {
+    if let Some(change) = shipped.change.as_deref().cloned() {
         let deps = shipped
             .meta
             .deps

@@ -112,7 +112,7 @@ impl<W: Write> ExportWriter<W> {
     /// Writes a shipped event and, if it came with one, its signed head.
     pub fn push_shipped(&mut self, shipped: &Shipped) -> io::Result<()> {
         self.push(&shipped.meta.hash, &shipped.bytes)?;
-        if let Some((key, signature)) = &shipped.signed {
+        if let Some((key, signature)) = shipped.signed.as_deref() {
             let id = shipped.meta.id;
             let head = SignedHead {
                 origin: id.origin,
@@ -483,8 +483,9 @@ enum Keyed {
 struct Confirmation<'l> {
     /// Read once per origin, at its first event in the file (a snapshot is not held open).
     log: &'l Log,
-    keyed: std::collections::HashMap<Origin, Keyed>,
-    held: std::collections::HashMap<Origin, Vec<Frame>>,
+    /// (foldhash, seeded per process: looked up once per event, keyed by what a file says.)
+    keyed: foldhash::HashMap<Origin, Keyed>,
+    held: foldhash::HashMap<Origin, Vec<Frame>>,
     held_events: usize,
     held_bytes: usize,
     /// The events a refusal named, to keep as evidence.
@@ -499,7 +500,6 @@ impl Confirmation<'_> {
         let origin = shipped.meta.id.origin;
         if self.log.fleet_root().is_some() {
             // A node in a fleet takes members' events only, and every member has a key.
-            self.keyed.insert(origin, Keyed::Yes);
             return Ok(Keyed::Yes);
         }
         if shipped.meta.id.seq == 1 {
@@ -585,7 +585,8 @@ impl Confirmation<'_> {
             let Some(first) = run.first() else {
                 continue;
             };
-            if self.keyed.get(&origin) == Some(&Keyed::Yes) {
+            let must_sign = self.log.fleet_root().is_some();
+            if must_sign || self.keyed.get(&origin) == Some(&Keyed::Yes) {
                 let last = run.last().expect("a first has a last");
                 let e = FileError::BadHead {
                     offset: first.offset,
