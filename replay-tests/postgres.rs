@@ -723,3 +723,135 @@ fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
     assert!(live > 0, "the views are back after the swap");
     project(&node, &url, &[]);
 }
+
+/// A throwaway CA: its certificate (PEM) and what signs with it.
+fn test_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+/// Every Postgres connection honours `sslmode` against a server that takes TLS only: `require`
+/// and `prefer` encrypt, `verify-ca` checks the chain, `verify-full` the chain and the name;
+/// plaintext, an unknown CA and the wrong name are refused with errors that name host, port,
+/// database and cause, never the password. `spool project postgres` runs over it.
+#[test]
+fn every_sslmode_is_honoured_against_a_tls_only_server() {
+    let (ca_pem, ca) = test_ca("spool test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (admin, port) = pg::start_tls(&pg::TlsFiles {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let (other_pem, _) = test_ca("another CA");
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other_pem).unwrap();
+    let ca_file = ca_file.to_str().unwrap();
+    let url = |host: &str, extra: &str| {
+        format!(
+            "host={host} port={port} user=postgres password=hunter2-secret dbname=postgres {extra}"
+        )
+    };
+    let encrypted = |url: &str| -> bool {
+        let mut client =
+            spool::project::postgres::connect(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    for extra in [
+        "sslmode=require".to_owned(),
+        String::new(), // prefer
+        format!("sslmode=verify-ca sslrootcert={ca_file}"),
+        format!("sslmode=verify-full sslrootcert={ca_file}"),
+    ] {
+        assert!(encrypted(&url("localhost", &extra)), "{extra}");
+    }
+    // verify-ca does not look at the name; verify-full does.
+    assert!(encrypted(&url(
+        "127.0.0.1",
+        &format!("sslmode=verify-ca sslrootcert={ca_file}")
+    )));
+    let refused = |url: &str, said: &str| {
+        let e = spool::project::postgres::connect(url)
+            .err()
+            .unwrap_or_else(|| panic!("{url}: connected"))
+            .to_string();
+        assert!(e.contains(said), "{e}");
+        assert!(
+            e.contains(&format!("port {port}")) && e.contains("database postgres"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "the password shown: {e}");
+    };
+    refused(
+        &url(
+            "127.0.0.1",
+            &format!("sslmode=verify-full sslrootcert={ca_file}"),
+        ),
+        "certificate not valid for name \"127.0.0.1\"",
+    );
+    refused(
+        &url(
+            "localhost",
+            &format!("sslmode=verify-ca sslrootcert={}", other_file.display()),
+        ),
+        "UnknownIssuer",
+    );
+    refused(&url("localhost", "sslmode=disable"), "no pg_hba.conf entry");
+    let e = spool::project::postgres::connect(&url("localhost", "sslmode=verify-always"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("sslmode: must be") && !e.contains("verify-always"),
+        "{e}"
+    );
+    // The URL form, and a whole projection over TLS.
+    let name = format!("t{:016x}", rand::random::<u64>());
+    pg::connect(&admin)
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let tls_url = format!(
+        "postgresql://postgres@localhost:{port}/{name}?sslmode=verify-full&sslrootcert={}",
+        ca_file.replace('/', "%2F")
+    );
+    let node = dir.path().join("node");
+    assert!(spool(&node, &["init"], "").status.success());
+    append(&node, &case_requests());
+    let out = spool(&node, &["project", "postgres", "--url", &tls_url], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        count(&with_db(&admin, &name), "activity_log") > 0,
+        "rows arrived over TLS"
+    );
+}
+
+/// `url` (key=value) with its database replaced.
+fn with_db(url: &str, name: &str) -> String {
+    let kept: Vec<&str> = url
+        .split_whitespace()
+        .filter(|p| !p.starts_with("dbname="))
+        .collect();
+    format!("{} dbname={name}", kept.join(" "))
+}

@@ -111,6 +111,31 @@ fn as_server_user(root: bool, program: &Path) -> Command {
 }
 
 fn start_cluster() -> String {
+    start(None).0
+}
+
+/// A cluster that also listens on 127.0.0.1 with TLS only (`ssl=on`, `hostssl` lines and no
+/// plaintext `host` line), its certificate and key from `tls`; returns its admin URL (over the
+/// Unix socket) and its TCP port.
+pub fn start_tls(tls: &TlsFiles) -> (String, u16) {
+    let (url, port) = start(Some(tls));
+    (url, port.expect("a TCP port"))
+}
+
+/// A server certificate and key (PEM), written into the cluster's folder.
+pub struct TlsFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn start(tls: Option<&TlsFiles>) -> (String, Option<u16>) {
     let bin = bin_dir();
     let root = is_root();
     let dir = std::env::temp_dir().join(format!(
@@ -147,6 +172,38 @@ fn start_cluster() -> String {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let mut listen = "-c listen_addresses=''".to_owned();
+    let mut port = None;
+    if let Some(tls) = tls {
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert, &tls.cert_pem).unwrap();
+        std::fs::write(&key, &tls.key_pem).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if root {
+            let status = Command::new("chown")
+                .args(["nobody:nogroup"])
+                .arg(&cert)
+                .arg(&key)
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        // TLS or nothing over TCP; the Unix socket stays for the harness itself.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        let p = free_port();
+        port = Some(p);
+        listen = format!(
+            "-c listen_addresses=127.0.0.1 -c port={p} -c ssl=on -c ssl_cert_file='{}' \
+             -c ssl_key_file='{}'",
+            cert.display(),
+            key.display()
+        );
+    }
     // The server runs until this test process exits: a shell watches our pid, then stops the
     // server and removes its folder.
     let postgres = bin.join("postgres");
@@ -163,7 +220,7 @@ fn start_cluster() -> String {
         _ => "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
     };
     let script = format!(
-        "{start} -D '{data}' -k '{dir}' -c listen_addresses='' {fast} -c max_connections=200 \
+        "{start} -D '{data}' -k '{dir}' {listen} {fast} -c max_connections=200 \
          >'{dir}/log' 2>&1 & pg=$!; \
          while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.3; done; \
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{dir}'",
@@ -180,11 +237,15 @@ fn start_cluster() -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("start postgres");
-    let url = format!("host={} user=postgres dbname=postgres", dir.display());
+    let url = format!(
+        "host={} user=postgres dbname=postgres{}",
+        dir.display(),
+        port.map_or(String::new(), |p| format!(" port={p}"))
+    );
     let started = Instant::now();
     loop {
         if postgres::Client::connect(&url, postgres::NoTls).is_ok() {
-            return url;
+            return (url, port);
         }
         assert!(
             started.elapsed() < START_TIMEOUT,

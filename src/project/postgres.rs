@@ -23,7 +23,7 @@ use std::time::SystemTime;
 
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 
 use super::merge::Row;
 use super::{sql, Applied, Checkpoint, Target, Val, APPEND_ONLY, INSERT_RUN_BYTES};
@@ -98,11 +98,15 @@ pub enum PostgresError {
 
 /// Connects with bounded waits: [`CONNECT_TIMEOUT`] to connect (unless the URL sets one), and
 /// keepalives and a TCP user timeout of [`SILENT_TIMEOUT`] so that a server that goes silent
-/// ends the job with an error. A failure names host, port and database, never the password.
+/// ends the job with an error; over TLS as the URL's `sslmode` asks (`pgtls`: `prefer` by
+/// default, `require`, `verify-ca`, `verify-full`, with `sslrootcert`). A failure names host,
+/// port and database, never the password.
 pub fn connect(url: &str) -> Result<Client, PostgresError> {
-    let mut config: postgres::Config = url
+    let (rest, tls) = crate::pgtls::split(url).map_err(PostgresError::Url)?;
+    let mut config: postgres::Config = rest
         .parse()
         .map_err(|e: postgres::Error| PostgresError::Url(e.to_string()))?;
+    config.ssl_mode(tls.mode.driver());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -111,6 +115,12 @@ pub fn connect(url: &str) -> Result<Client, PostgresError> {
         .keepalives_idle(SILENT_TIMEOUT / 2)
         .tcp_user_timeout(SILENT_TIMEOUT);
     let target = target(&config);
+    let tls = crate::pgtls::client_config(&tls)
+        .map(tokio_postgres_rustls::MakeRustlsConnect::new)
+        .map_err(|cause| PostgresError::Connect {
+            target: target.clone(),
+            cause,
+        })?;
     // The driver's connect timeout bounds the TCP connect only: a server that accepts and then
     // says nothing would hold the startup forever. The startup runs on a thread of its own and
     // is given CONNECT_TIMEOUT in all; past that the job fails. (The thread itself ends only
@@ -119,7 +129,7 @@ pub fn connect(url: &str) -> Result<Client, PostgresError> {
     let connecting = std::thread::Builder::new()
         .name("spool-pg-connect".into())
         .spawn(move || {
-            let _ = send.send(config.connect(NoTls));
+            let _ = send.send(config.connect(tls));
         });
     if let Err(e) = connecting {
         return Err(PostgresError::Connect {
