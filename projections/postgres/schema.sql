@@ -12,22 +12,7 @@
 -- This file runs once per database (roles, the schema version); tables.sql lays out the tables
 -- in a schema: `public` for the live tables, a shadow schema while a backfill builds them.
 
--- The roles Supabase has; a plain PostgreSQL lacks them. Roles belong to the whole server, so
--- another database being set up at the same moment may create one first: that is no error.
-DO $$
-DECLARE r text;
-BEGIN
-  FOREACH r IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-      BEGIN
-        EXECUTE format('CREATE ROLE %I NOLOGIN', r);
-      EXCEPTION WHEN duplicate_object OR unique_violation THEN
-        NULL;
-      END;
-    END IF;
-  END LOOP;
-END
-$$;
+-- The roles come first, from roles.sql (shared with the hub's hub.sql).
 
 CREATE TABLE spool_meta (
   id int PRIMARY KEY CHECK (id = 1),

@@ -23,7 +23,7 @@ use spool::log::LogError;
 
 use super::{
     AppendArgs, BackfillCommand, Cli, Command, DigestCommand, ExportArgs, FleetCommand, LogArgs,
-    ProjectCommand, RebuildCommand, Retry, SchemaCommand, Usage,
+    ProjectCommand, RebuildCommand, Retry, SchemaCommand, SyncCommand, Usage,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -62,6 +62,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => backfill_postgres(&home, &url, held_bytes_max, json),
         Command::Digest(DigestCommand::Sqlite { db, json }) => digest(&home, db, json),
         Command::Sql { statement, db } => sql(&home, &statement, db),
+        Command::Sync(SyncCommand::Hub { url, once, json }) => {
+            super::hub::run(&home, &url, once, json)
+        }
         Command::Fleet {
             command: None,
             json,

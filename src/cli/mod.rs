@@ -3,6 +3,7 @@
 mod commands;
 mod demo;
 mod fleet;
+mod hub;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,9 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         http: Option<std::net::SocketAddr>,
     },
+    /// Sync with the fleet's Postgres hub: push what it lacks, pull what this node lacks.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// The fleet this node takes events from: members, keys, who admitted whom, who is revoked.
     Fleet {
         #[command(subcommand)]
@@ -109,6 +113,23 @@ enum Command {
     Ingest {
         /// The export file (default: standard input).
         file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncCommand {
+    /// Push this node's events to the hub and pull what it lacks (every pulled event checked as
+    /// an ingested file's are); without --once, again whenever another node pushes (LISTEN) or
+    /// every 30 s, reconnecting with backoff, until interrupted.
+    Hub {
+        /// The hub's connection string (TLS as `sslmode` says; see README, "The hub").
+        #[arg(long, env = "SPOOL_HUB_URL", hide_env_values = true)]
+        url: String,
+        /// One push and one pull, then exit (2 if an origin's pull was refused).
+        #[arg(long)]
+        once: bool,
         #[arg(long)]
         json: bool,
     },

@@ -31,6 +31,9 @@ use crate::event::{Hash, Origin};
 
 /// Once per database: the roles and the schema version.
 pub const SCHEMA: &str = include_str!("../../projections/postgres/schema.sql");
+/// The API roles (`anon`, `authenticated`, `service_role`), made where missing; run before
+/// `SCHEMA` and the hub's table.
+pub const ROLES: &str = include_str!("../../projections/postgres/roles.sql");
 /// The tables, laid out in the current schema (`public`, or a backfill's shadow).
 pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
 /// The views over the tables, made in `public` at every connect and after a swap.
@@ -273,6 +276,7 @@ impl Postgres {
             .get(0);
         if !exists {
             tx.batch_execute("SET LOCAL search_path = public")?;
+            tx.batch_execute(ROLES)?;
             tx.batch_execute(SCHEMA)?;
             tx.batch_execute(TABLES)?;
             tx.execute(

@@ -10,6 +10,7 @@
 //! a simulation with in-memory ones. The file transport is [`file`].
 
 pub mod file;
+pub mod hub;
 
 use crate::input::shown;
 use std::collections::{BTreeMap, HashMap};

@@ -1,0 +1,207 @@
+//! Sync through the fleet's Postgres hub (issue 25), against a throwaway cluster that takes TLS
+//! only (`common/pg.rs`, a CA made here): homes that talk only to the hub converge, one offline
+//! for a while catches up, two pushing the same events at once store them once, forged rows
+//! are refused by name and the rest syncs, and `anon` and `authenticated` see nothing.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use common::{activity, ok, spool};
+
+struct TlsHub {
+    admin: String,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A TLS-only cluster with a database for the hub; `url` connects with `verify-full`.
+fn tls_hub() -> TlsHub {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    let ca = rcgen::Issuer::new(params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (admin, port) = pg::start_tls(&pg::TlsFiles {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let name = format!("hub{:08x}", rand::random::<u32>());
+    pg::connect(&admin)
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    TlsHub {
+        admin: format!("{admin} dbname={name}"),
+        url: format!(
+            "host=localhost port={port} user=postgres dbname={name} sslmode=verify-full sslrootcert={}",
+            ca_file.display()
+        ),
+        _dir: dir,
+    }
+}
+
+fn sync(home: &Path, hub: &TlsHub) -> Value {
+    let out = ok(
+        home,
+        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
+        "",
+    );
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn heads(home: &Path) -> String {
+    ok(home, &["heads", "--json"], "")
+}
+
+fn digest(home: &Path) -> String {
+    ok(home, &["digest", "sqlite"], "")
+}
+
+fn homes(dir: &Path) -> Vec<PathBuf> {
+    let homes: Vec<PathBuf> = ["desk", "pi", "vm"]
+        .iter()
+        .map(|label| {
+            let home = dir.join(label);
+            ok(&home, &["init", "--label", label], "");
+            home
+        })
+        .collect();
+    common::fleet(&homes[0], &[&homes[1], &homes[2]]);
+    homes
+}
+
+#[test]
+fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
+    let hub = tls_hub();
+    let dir = tempfile::tempdir().unwrap();
+    let homes = homes(dir.path());
+    let (desk, pi, vm) = (&homes[0], &homes[1], &homes[2]);
+    let hub_ref = &hub;
+    // Three rounds: the desk and the Pi write at once and sync; the VM is offline.
+    for round in 0..3 {
+        std::thread::scope(|s| {
+            for home in [desk, pi] {
+                s.spawn(move || {
+                    let lines: String = (0..50)
+                        .map(|i| activity("board", &format!("round {round} event {i}")) + "\n")
+                        .collect();
+                    ok(home, &["append"], &lines);
+                    sync(home, hub_ref);
+                });
+            }
+        });
+    }
+    // Two pushes of the same events at once: stored once, no fork.
+    std::thread::scope(|s| {
+        for home in [desk, pi] {
+            s.spawn(move || sync(home, hub_ref));
+        }
+    });
+    for home in [desk, pi] {
+        sync(home, &hub);
+    }
+    // The VM was offline all along: it catches up in one run.
+    let caught = sync(vm, &hub);
+    let landed = caught["applied"].as_u64().unwrap() + caught["released"].as_u64().unwrap();
+    assert_eq!(landed, 300, "{caught}");
+    for home in [desk, pi] {
+        sync(home, &hub);
+    }
+    assert_eq!(heads(desk), heads(pi));
+    assert_eq!(heads(pi), heads(vm));
+    assert_eq!(digest(desk), digest(pi));
+    assert_eq!(digest(pi), digest(vm));
+    let mut admin = pg::connect(&hub.admin);
+    let (rows, forks): (i64, i64) = {
+        let r = admin
+            .query_one(
+                "SELECT (SELECT count(*) FROM spool_hub_events), (SELECT count(*) FROM spool_hub_forks)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let events: i64 = serde_json::from_str::<Value>(&ok(desk, &["status", "--json"], "")).unwrap()
+        ["events"]
+        .as_i64()
+        .unwrap();
+    assert_eq!((rows, forks), (events, 0), "every event once, no fork");
+
+    // A forged row, written straight into the hub by someone holding its key: the desk's newest
+    // event altered. The VM refuses it by name, takes nothing more of the desk, and still takes
+    // the Pi's new event.
+    ok(desk, &["append"], &(activity("board", "genuine") + "\n"));
+    ok(pi, &["append"], &(activity("board", "genuine too") + "\n"));
+    sync(desk, &hub);
+    sync(pi, &hub);
+    let desk_origin = id(desk);
+    admin
+        .execute(
+            "UPDATE spool_hub_events SET bytes = overlay(bytes placing '\\x00'::bytea from 40 for 1) \
+             WHERE origin = decode($1, 'hex') AND seq = (SELECT max(seq) FROM spool_hub_events WHERE origin = decode($1, 'hex'))",
+            &[&desk_origin],
+        )
+        .unwrap();
+    let before = heads(vm);
+    let out = spool(
+        vm,
+        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
+        "",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = summary["stopped"][&desk_origin]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("hash mismatch"), "{summary}");
+    let after: Value = serde_json::from_str(&heads(vm)).unwrap();
+    let before: Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(
+        after[&desk_origin], before[&desk_origin],
+        "nothing of the forged origin taken"
+    );
+    assert_eq!(
+        after[id(pi)].as_u64(),
+        before[id(pi)].as_u64().map(|s| s + 1),
+        "the rest synced"
+    );
+    // The API roles see and write nothing of the hub.
+    for role in ["anon", "authenticated"] {
+        let mut tx = admin.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE {role}")).unwrap();
+        let seen = tx.query("SELECT 1 FROM spool_hub_events LIMIT 1", &[]);
+        assert!(
+            seen.is_err() || seen.unwrap().is_empty(),
+            "{role} reads the hub"
+        );
+        drop(tx);
+        let mut tx = admin.transaction().unwrap();
+        tx.batch_execute(&format!("SET LOCAL ROLE {role}")).unwrap();
+        let wrote = tx.execute(
+            "INSERT INTO spool_hub_events (origin, seq, hash, bytes) VALUES ('\\x00'::bytea, 1, '\\x00'::bytea, '\\x00'::bytea)",
+            &[],
+        );
+        assert!(wrote.is_err(), "{role} writes the hub");
+    }
+}
+
+fn id(home: &Path) -> String {
+    spool::home::Home::open(home).unwrap().origin().to_hex()
+}

@@ -1,0 +1,111 @@
+//! `spool sync hub`: push this node's events to the fleet's Postgres hub and pull what it lacks,
+//! once or (without `--once`) again whenever another node pushes, until interrupted.
+
+use std::io::{IsTerminal as _, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use spool::home::Home;
+use spool::sync::hub::{self, Hub, HubSummary};
+
+use super::commands::{json_line, stdout};
+use super::Usage;
+
+/// Without a notification, a pull this often anyway: a missed one only delays.
+const PULL_EVERY: Duration = Duration::from_secs(30);
+/// Waits between reconnections grow to this.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<ExitCode> {
+    let home = Home::open(dir)?;
+    if dir.join(spool::serve::SOCKET).exists()
+        && std::os::unix::net::UnixStream::connect(dir.join(spool::serve::SOCKET)).is_ok()
+    {
+        return Err(Usage(
+            "`spool serve` holds this node's log: stop it to sync with the hub from the command line"
+                .into(),
+        )
+        .into());
+    }
+    let log = home.open_log()?;
+    let key = home.node_key()?;
+    let mut out = stdout();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let round = (|| -> Result<HubSummary, hub::HubError> {
+            let mut hub = Hub::open(url)?;
+            let summary = sync_once(&log, key.as_ref(), &mut hub)?;
+            report(&mut out, &summary, as_json)
+                .map_err(|e| hub::HubError::Export(e.to_string()))?;
+            if !once {
+                backoff = Duration::from_secs(1);
+                loop {
+                    // Woken by a push, or after PULL_EVERY; then push and pull again.
+                    hub.wait(PULL_EVERY)?;
+                    let summary = sync_once(&log, key.as_ref(), &mut hub)?;
+                    if summary.pushed + summary.pulled > 0 || !summary.stopped.is_empty() {
+                        report(&mut out, &summary, as_json)
+                            .map_err(|e| hub::HubError::Export(e.to_string()))?;
+                    }
+                }
+            }
+            Ok(summary)
+        })();
+        match round {
+            Ok(summary) if once => {
+                return Ok(match summary.stopped.is_empty() {
+                    true => ExitCode::SUCCESS,
+                    false => ExitCode::from(2),
+                })
+            }
+            Ok(_) => {}
+            Err(e) if once => return Err(e.into()),
+            Err(e) => {
+                eprintln!("spool: {e}; trying again in {} s", backoff.as_secs());
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn sync_once(
+    log: &spool::log::Log,
+    key: Option<&spool::identity::NodeKey>,
+    hub: &mut Hub,
+) -> Result<HubSummary, hub::HubError> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let summary = hub.sync(log, key, |s| {
+        bar.set_message(format!("hub: {} pushed, {} pulled", s.pushed, s.pulled));
+        bar.tick();
+    });
+    bar.finish_and_clear();
+    summary
+}
+
+fn report(out: &mut impl Write, summary: &HubSummary, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        json_line(out, summary)?;
+    } else {
+        writeln!(
+            out,
+            "hub: pushed {} events ({} there already, {} forks kept), pulled {}: {} applied, {} released, {} waiting",
+            summary.pushed,
+            summary.already_there,
+            summary.forks,
+            summary.pulled,
+            summary.applied,
+            summary.released,
+            summary.waiting
+        )?;
+        for (origin, why) in &summary.stopped {
+            writeln!(out, "REFUSED origin {origin}: {why}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

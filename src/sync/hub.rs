@@ -1,0 +1,386 @@
+//! The Postgres hub transport: the fleet's logs in one table of a Postgres (Supabase) database.
+//!
+//! A node **pushes** what the hub lacks of every origin it holds, as an export would carry it
+//! (stored bytes, the signed heads it keeps, its own head signed), by binary COPY into a staging
+//! table and one idempotent insert per batch: a retry, or two nodes pushing the same events, adds
+//! nothing; a different event at an (origin, seq) the hub holds goes to `spool_hub_forks` and
+//! never replaces the stored one. It **pulls** what it lacks, origin by origin in seq order, in
+//! batches cut after a signed head, each handed to [`file::ingest`] as an export file: the same
+//! checks as a file (hash, chain, signature, membership, field rules), so a forged, altered,
+//! reordered or truncated row is refused by name, and a refusal stops only that origin's pull.
+//! `pg_notify('spool_hub')` after a push tells listeners there is something to pull.
+//!
+//! Invariant: nothing the hub says is trusted; memory is bounded by one batch each way.
+//!
+//! Boundary: SQL for the hub's two tables only (the projection's tables are `project::postgres`'s);
+//! the connection (TLS, timeouts) is `project::postgres::connect`'s.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::fallible_iterator::FallibleIterator as _;
+use postgres::types::Type;
+use postgres::Client;
+
+use super::file::{self, ExportReader, ExportWriter};
+use super::{Selection, Vector};
+use crate::event::{Hash, Origin};
+use crate::identity::{NodeKey, PublicKey, SignedHead};
+use crate::log::{Log, LogError};
+use crate::project::postgres::{connect, PostgresError, ROLES};
+
+/// The hub's tables, made on first use (every statement idempotent).
+pub const HUB: &str = include_str!("../../projections/postgres/hub.sql");
+/// The channel a push notifies.
+pub const CHANNEL: &str = "spool_hub";
+/// Events per pushed batch (one COPY and one transaction).
+pub const PUSH_BATCH: usize = 10_000;
+/// Rows per pulled batch (cut after the last signed head in it).
+pub const PULL_BATCH: i64 = 10_000;
+/// Serialises the hub's setup between nodes.
+const HUB_LOCK: i64 = 0x7370_6f6f_6c00_0002;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("the hub: {0}")]
+    Postgres(#[from] PostgresError),
+    #[error("the hub: {0}")]
+    Log(#[from] LogError),
+    #[error("the hub: reading this node's log to push it: {0}")]
+    Export(String),
+}
+
+impl From<postgres::Error> for HubError {
+    fn from(e: postgres::Error) -> HubError {
+        HubError::Postgres(PostgresError::Sql(e))
+    }
+}
+
+/// What one push and pull did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HubSummary {
+    /// Events this node sent that the hub did not hold.
+    pub pushed: u64,
+    /// Events it sent that the hub held already.
+    pub already_there: u64,
+    /// Events it sent at an (origin, seq) where the hub holds another: kept as fork evidence.
+    pub forks: u64,
+    /// Events read from the hub, and what ingest made of them.
+    pub pulled: u64,
+    pub applied: u64,
+    pub released: u64,
+    pub waiting: u64,
+    /// Per origin, why its pull stopped before the hub's last event, if it did.
+    pub stopped: BTreeMap<Origin, String>,
+}
+
+/// A connection to the hub.
+pub struct Hub {
+    client: Client,
+    listening: bool,
+}
+
+impl Hub {
+    /// Connects to the hub at `url` (TLS and timeouts as every Postgres connection) and makes
+    /// its tables if they are missing.
+    pub fn open(url: &str) -> Result<Hub, HubError> {
+        let mut client = connect(url)?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HUB_LOCK])?;
+        tx.batch_execute(ROLES)?;
+        tx.batch_execute(HUB)?;
+        tx.commit()?;
+        Ok(Hub {
+            client,
+            listening: false,
+        })
+    }
+
+    /// One push, then one pull.
+    pub fn sync(
+        &mut self,
+        log: &Log,
+        signer: Option<&NodeKey>,
+        mut progress: impl FnMut(&HubSummary),
+    ) -> Result<HubSummary, HubError> {
+        let mut summary = HubSummary::default();
+        push(log, signer, &mut self.client, &mut summary, &mut progress)?;
+        pull(log, &mut self.client, &mut summary, &mut progress)?;
+        Ok(summary)
+    }
+
+    /// Waits until another node pushes (a notification on [`CHANNEL`]) or `at_most` passes;
+    /// says which. Needs a session (a direct connection or a session pooler).
+    pub fn wait(&mut self, at_most: std::time::Duration) -> Result<bool, HubError> {
+        if !self.listening {
+            self.client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            self.listening = true;
+        }
+        let woke = self
+            .client
+            .notifications()
+            .timeout_iter(at_most)
+            .next()?
+            .is_some();
+        // Several pushes while this node synced wake it once.
+        while self.client.notifications().iter().next()?.is_some() {}
+        Ok(woke)
+    }
+
+    /// The highest seq the hub holds of each origin.
+    pub fn vector(&mut self) -> Result<Vector, HubError> {
+        hub_vector(&mut self.client)
+    }
+}
+
+fn hub_vector(client: &mut Client) -> Result<Vector, HubError> {
+    let mut vector = BTreeMap::new();
+    for row in client.query(
+        "SELECT origin, max(seq) FROM spool_hub_events GROUP BY origin",
+        &[],
+    )? {
+        let origin: Vec<u8> = row.get(0);
+        let seq: i64 = row.get(1);
+        if let (Ok(origin), Ok(seq)) = (<[u8; 16]>::try_from(origin), u64::try_from(seq)) {
+            vector.insert(Origin(origin), seq);
+        }
+    }
+    Ok(Vector(vector))
+}
+
+/// Pushes every event this node holds past the hub's vector, in batches of [`PUSH_BATCH`].
+fn push(
+    log: &Log,
+    signer: Option<&NodeKey>,
+    client: &mut Client,
+    summary: &mut HubSummary,
+    progress: &mut impl FnMut(&HubSummary),
+) -> Result<(), HubError> {
+    let selection = Selection {
+        since: hub_vector(client)?,
+        origins: Vec::new(),
+    };
+    let reader = log.read()?;
+    // The export is written into a pipe by one thread and read back frame by frame here: the
+    // same events and heads a file would carry, in bounded memory.
+    let (pipe_in, pipe_out) = std::io::pipe().map_err(|e| HubError::Export(e.to_string()))?;
+    std::thread::scope(|scope| -> Result<(), HubError> {
+        let writer = scope.spawn(|| {
+            file::export(
+                &reader,
+                &selection,
+                std::io::BufWriter::new(pipe_out),
+                signer,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        let result = copy_frames(pipe_in, client, summary, progress);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err("the export thread failed".into()));
+        result?;
+        written.map_err(HubError::Export)
+    })?;
+    client.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+    Ok(())
+}
+
+/// Reads an export stream's frames and writes them into the hub a batch at a time.
+fn copy_frames(
+    input: impl Read,
+    client: &mut Client,
+    summary: &mut HubSummary,
+    progress: &mut impl FnMut(&HubSummary),
+) -> Result<(), HubError> {
+    let bad = |e: file::FileError| HubError::Export(e.to_string());
+    let mut reader = ExportReader::new(std::io::BufReader::new(input)).map_err(bad)?;
+    let mut batch = Vec::with_capacity(PUSH_BATCH);
+    loop {
+        let frame = reader.next_frame().map_err(bad)?;
+        let ended = frame.is_none();
+        if let Some(frame) = frame {
+            batch.push(frame.shipped);
+        }
+        if batch.len() >= PUSH_BATCH || (ended && !batch.is_empty()) {
+            write_batch(client, &batch, summary)?;
+            batch.clear();
+            progress(summary);
+        }
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// One batch: COPY into a staging table, fork evidence for differing events, then the new rows
+/// (and heads for rows that had none), in one transaction.
+fn write_batch(
+    client: &mut Client,
+    batch: &[crate::log::Shipped],
+    summary: &mut HubSummary,
+) -> Result<(), HubError> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS spool_hub_staging \
+           (origin bytea, seq bigint, hash bytea, bytes bytea, head bytea) ON COMMIT DELETE ROWS",
+    )?;
+    {
+        let sink = tx
+            .copy_in("COPY spool_hub_staging (origin, seq, hash, bytes, head) FROM STDIN BINARY")?;
+        let types = [
+            Type::BYTEA,
+            Type::INT8,
+            Type::BYTEA,
+            Type::BYTEA,
+            Type::BYTEA,
+        ];
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        for s in batch {
+            let head = s.signed.as_deref().map(|(key, signature)| {
+                let mut head = key.0.to_vec();
+                head.extend_from_slice(signature);
+                head
+            });
+            let seq = i64::try_from(s.meta.id.seq).unwrap_or(i64::MAX);
+            writer.write(&[
+                &s.meta.id.origin.0.as_slice(),
+                &seq,
+                &s.meta.hash.0.as_slice(),
+                &s.bytes.as_slice(),
+                &head,
+            ])?;
+        }
+        writer.finish()?;
+    }
+    let forks = tx.execute(
+        "INSERT INTO spool_hub_forks (origin, seq, hash, bytes) \
+         SELECT s.origin, s.seq, s.hash, s.bytes FROM spool_hub_staging s \
+         JOIN spool_hub_events e ON e.origin = s.origin AND e.seq = s.seq AND e.hash <> s.hash \
+         ON CONFLICT DO NOTHING",
+        &[],
+    )?;
+    let inserted = tx.execute(
+        "INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
+         SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
+         ON CONFLICT (origin, seq) DO NOTHING",
+        &[],
+    )?;
+    // A head that came with an event the hub holds without one.
+    tx.execute(
+        "UPDATE spool_hub_events e SET head = s.head FROM spool_hub_staging s \
+         WHERE e.origin = s.origin AND e.seq = s.seq AND e.hash = s.hash \
+           AND e.head IS NULL AND s.head IS NOT NULL",
+        &[],
+    )?;
+    tx.commit()?;
+    summary.pushed += inserted;
+    summary.forks += forks;
+    summary.already_there += (batch.len() as u64).saturating_sub(inserted + forks);
+    Ok(())
+}
+
+/// Pulls, origin by origin, what the hub holds past this node's heads.
+fn pull(
+    log: &Log,
+    client: &mut Client,
+    summary: &mut HubSummary,
+    progress: &mut impl FnMut(&HubSummary),
+) -> Result<(), HubError> {
+    let hub = hub_vector(client)?;
+    let held: BTreeMap<Origin, u64> = log
+        .read()?
+        .heads()?
+        .iter()
+        .map(|h| (h.origin, h.seq))
+        .collect();
+    for (&origin, &hub_seq) in &hub.0 {
+        let mut from = held.get(&origin).copied().unwrap_or(0);
+        while from < hub_seq {
+            match pull_batch(log, client, origin, from, summary)? {
+                Pulled::Through(seq) if seq > from => from = seq,
+                Pulled::Through(_) => break,
+                Pulled::Stopped(why) => {
+                    summary.stopped.insert(origin, why);
+                    break;
+                }
+            }
+            progress(summary);
+        }
+    }
+    Ok(())
+}
+
+enum Pulled {
+    /// Ingested through this seq.
+    Through(u64),
+    /// Refused: why (by name, as ingest says it).
+    Stopped(String),
+}
+
+/// Reads up to [`PULL_BATCH`] of `origin`'s rows after `from`, cut after the last one with a
+/// signed head, and ingests them as an export file.
+fn pull_batch(
+    log: &Log,
+    client: &mut Client,
+    origin: Origin,
+    from: u64,
+    summary: &mut HubSummary,
+) -> Result<Pulled, HubError> {
+    let after = i64::try_from(from).unwrap_or(i64::MAX);
+    let rows = client.query(
+        "SELECT seq, hash, bytes, head FROM spool_hub_events \
+         WHERE origin = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        &[&origin.0.as_slice(), &after, &PULL_BATCH],
+    )?;
+    let Some(last_headed) = rows
+        .iter()
+        .rposition(|r| r.get::<_, Option<Vec<u8>>>(3).is_some())
+    else {
+        return Ok(Pulled::Stopped(format!(
+            "the hub holds {} event(s) of it after seq {from} and no signed head covering them \
+             (not pushed whole yet, or truncated); none was taken",
+            rows.len()
+        )));
+    };
+    let mut file = ExportWriter::new(Vec::new()).map_err(|e| HubError::Export(e.to_string()))?;
+    let mut through = from;
+    for row in &rows[..=last_headed] {
+        let seq: i64 = row.get(0);
+        let hash: Vec<u8> = row.get(1);
+        let bytes: Vec<u8> = row.get(2);
+        let head: Option<Vec<u8>> = row.get(3);
+        let (Ok(hash), Ok(seq)) = (<[u8; 32]>::try_from(hash), u64::try_from(seq)) else {
+            return Ok(Pulled::Stopped(format!(
+                "the hub's row after seq {through} is malformed (its hash or seq)"
+            )));
+        };
+        let written = file.push(&Hash(hash), &bytes).and_then(|()| match head {
+            Some(head) if head.len() == 96 => {
+                let signed = SignedHead {
+                    origin,
+                    seq,
+                    hash: Hash(hash),
+                    signature: head[32..].try_into().expect("64 bytes"),
+                };
+                let key = PublicKey(head[..32].try_into().expect("32 bytes"));
+                file.push_head(&key, &signed)
+            }
+            _ => Ok(()),
+        });
+        written.map_err(|e| HubError::Export(e.to_string()))?;
+        through = seq;
+    }
+    let (_, bytes) = file.finish().map_err(|e| HubError::Export(e.to_string()))?;
+    let ingested = file::ingest(log, std::io::Cursor::new(bytes), |_| {})?;
+    summary.pulled += ingested.frames;
+    summary.applied += ingested.report.applied;
+    summary.released += ingested.report.released;
+    summary.waiting = ingested.report.waiting;
+    Ok(match ingested.stopped() {
+        Some(why) => Pulled::Stopped(why),
+        None => Pulled::Through(through),
+    })
+}
