@@ -4,6 +4,8 @@
 //! are refused by name and the rest syncs, and `anon` and `authenticated` see nothing.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/pg.rs"]
 mod pg;
 
@@ -204,4 +206,87 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
 
 fn id(home: &Path) -> String {
     spool::home::Home::open(home).unwrap().origin().to_hex()
+}
+
+/// Two daemons with `[hub] url` set: an event appended through one reaches the other's
+/// projection through the hub, woken by LISTEN/NOTIFY; the time it took is printed. Status and
+/// metrics report the hub.
+#[test]
+fn an_event_reaches_a_peers_projection_through_the_hub_live() {
+    let hub = tls_hub();
+    let dir = tempfile::tempdir().unwrap();
+    let homes = homes(dir.path());
+    let (desk, pi) = (&homes[0], &homes[1]);
+    for home in [desk, pi] {
+        let config = home.join("spool.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\n[hub]\nurl = {:?}\n", hub.url));
+        std::fs::write(&config, text).unwrap();
+    }
+    let daemons: Vec<_> = [desk, pi]
+        .iter()
+        .map(|home| daemon::start(common::SPOOL, home))
+        .collect();
+    let count = |home: &Path| -> u64 {
+        let out = ok(
+            home,
+            &[
+                "sql",
+                "SELECT count(*) AS n FROM activity_log WHERE message = 'live'",
+            ],
+            "",
+        );
+        serde_json::from_str::<Value>(out.trim()).unwrap()["n"]
+            .as_u64()
+            .unwrap()
+    };
+    // Both daemons have done a first round (the hub's tables exist, LISTEN is on).
+    let ready = std::time::Instant::now();
+    while [desk, pi].iter().any(|h| {
+        let status: Value = serde_json::from_str(&ok(h, &["status", "--json"], "")).unwrap();
+        status["daemon"]["hub"]["syncs"].as_u64().unwrap_or(0) == 0
+    }) {
+        assert!(
+            ready.elapsed() < std::time::Duration::from_secs(60),
+            "no first hub round"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    ok(desk, &["append"], &(activity("board", "live") + "\n"));
+    while count(pi) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the event did not reach the Pi's projection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    println!(
+        "append on the desk to the Pi's projection through the hub: {} ms",
+        started.elapsed().as_millis()
+    );
+    let status: Value = serde_json::from_str(&ok(pi, &["status", "--json"], "")).unwrap();
+    let report = &status["daemon"]["hub"];
+    assert!(report["pulled"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(report["last_error"], Value::Null, "{report}");
+    let metrics = daemon_metrics(pi);
+    assert!(
+        metrics.contains("spool_hub_pulled_events_total"),
+        "{metrics}"
+    );
+    for daemon in daemons {
+        daemon::stop(daemon);
+    }
+}
+
+fn daemon_metrics(home: &Path) -> String {
+    let socket = home.join(spool::serve::SOCKET);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = spool::serve::client::Client::connect(&socket)
+            .await
+            .unwrap();
+        let (_, body) = client.request("GET", "/metrics", Vec::new()).await.unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    })
 }

@@ -68,6 +68,15 @@ pub struct Config {
     pub log: LogConfig,
     pub jobs: JobsConfig,
     pub serve: ServeConfig,
+    pub hub: HubConfig,
+}
+
+/// `[hub]`: the fleet's Postgres hub, which `spool serve` keeps this node synced with.
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Its connection string (or `SPOOL_HUB_URL`; see README, "The hub").
+    pub url: Option<String>,
 }
 
 /// `[serve]`: who may use the daemon's socket besides its own user.

@@ -512,6 +512,30 @@ pub struct DaemonStatus {
     pub panics: u64,
     /// Event streams (SSE) open now.
     pub streams: u64,
+    /// The hub sync, when `[hub] url` (or `SPOOL_HUB_URL`) is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubStatus>,
+}
+
+/// What the daemon's sync with the fleet's Postgres hub has done since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HubStatus {
+    /// Completed push-and-pull rounds.
+    pub syncs: u64,
+    /// When the last one ended (ms since the Unix epoch).
+    pub last_sync_ms: Option<u64>,
+    /// Events pushed that the hub lacked, and events pulled and applied (or released).
+    pub pushed: u64,
+    pub pulled: u64,
+    pub applied: u64,
+    /// The highest seq the hub held of each origin at the last round.
+    pub hub_holds: BTreeMap<Origin, u64>,
+    /// Events the hub holds that this node does not (summed over origins) at the last round.
+    pub lag_events: u64,
+    /// Per origin, why its last pull was refused.
+    pub refused: BTreeMap<Origin, String>,
+    /// The last error (connecting, or in a round), if the last attempt failed.
+    pub last_error: Option<String>,
 }
 
 /// `spool heads --json` and `GET /v1/heads`: the version vector, `{"<origin hex>": seq}`.

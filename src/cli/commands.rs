@@ -152,6 +152,10 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
             },
             access: home.config().serve.clone(),
             key: home.node_key()?.map(std::sync::Arc::new),
+            hub: std::env::var("SPOOL_HUB_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .or_else(|| home.config().hub.url.clone()),
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");

@@ -35,6 +35,10 @@ pub struct Metrics {
     halted: Gauge,
     streams: Gauge,
     log_bytes: Gauge,
+    hub_pushed: Counter,
+    hub_pulled: Counter,
+    hub_lag: Gauge,
+    hub_failing: Gauge,
 }
 
 /// What is read at scrape time.
@@ -48,6 +52,8 @@ pub struct Now {
     pub halted: bool,
     pub streams: u64,
     pub log_bytes: u64,
+    /// The hub sync's report, when there is a hub.
+    pub hub: Option<crate::wire::HubStatus>,
 }
 
 impl Default for Metrics {
@@ -70,6 +76,10 @@ impl Default for Metrics {
             halted: Gauge::default(),
             streams: Gauge::default(),
             log_bytes: Gauge::default(),
+            hub_pushed: Counter::default(),
+            hub_pulled: Counter::default(),
+            hub_lag: Gauge::default(),
+            hub_failing: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +114,16 @@ impl Default for Metrics {
                 "panics",
                 "Panics (bugs) in any thread since the daemon started; each is logged with its place",
                 &m.panics,
+            ),
+            (
+                "hub_pushed_events",
+                "Events pushed to the hub that it lacked",
+                &m.hub_pushed,
+            ),
+            (
+                "hub_pulled_events",
+                "Events read from the hub",
+                &m.hub_pulled,
             ),
         ];
         for (name, help, counter) in counters {
@@ -143,6 +163,16 @@ impl Default for Metrics {
             ),
             ("event_streams", "Event streams (SSE) open now", &m.streams),
             ("log_bytes", "Size of the log file", &m.log_bytes),
+            (
+                "hub_lag_events",
+                "Events the hub held that this node lacked, at the last hub sync",
+                &m.hub_lag,
+            ),
+            (
+                "hub_failing",
+                "1 when the last attempt to sync with the hub failed (status says why)",
+                &m.hub_failing,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -206,6 +236,12 @@ impl Metrics {
         gauge(&self.halted, u64::from(now.halted));
         gauge(&self.streams, now.streams);
         gauge(&self.log_bytes, now.log_bytes);
+        if let Some(hub) = &now.hub {
+            catch_up(&self.hub_pushed, hub.pushed);
+            catch_up(&self.hub_pulled, hub.pulled);
+            gauge(&self.hub_lag, hub.lag_events);
+            gauge(&self.hub_failing, u64::from(hub.last_error.is_some()));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");
         match format {

@@ -13,6 +13,7 @@
 //! knows requests and the log, not SQL (the projection goes through `project`).
 
 pub mod client;
+mod hub;
 mod listen;
 mod metrics;
 mod reply;
@@ -87,6 +88,8 @@ pub struct Options {
     pub access: crate::home::ServeConfig,
     /// The node's key: exports carry the node's own heads signed with it.
     pub key: Option<Arc<crate::identity::NodeKey>>,
+    /// The fleet's Postgres hub to keep synced with (`[hub] url`, `SPOOL_HUB_URL`).
+    pub hub: Option<String>,
 }
 
 struct App {
@@ -117,6 +120,8 @@ struct App {
     /// The targets being rebuilt.
     rebuilding: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
     doors: listen::Doors,
+    /// The hub sync's report, when there is a hub.
+    hub: Option<std::sync::Mutex<wire::HubStatus>>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
@@ -152,6 +157,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         verifies: Arc::new(tokio::sync::Semaphore::new(VERIFIES_MAX)),
         rebuilding: Default::default(),
         doors: listen::Doors::default(),
+        hub: options.hub.as_ref().map(|_| Default::default()),
     });
     runtime.block_on(serve(app.clone(), options))?;
     // A job still running (a Postgres server that went silent) is not waited for: what it
@@ -174,6 +180,17 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         std::thread::Builder::new()
             .name("spool-projector".into())
             .spawn(move || project_live(app, runtime))?
+    };
+    let hub = match options.hub.clone() {
+        Some(url) => {
+            let app = app.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("spool-hub".into())
+                    .spawn(move || hub::keep_synced(&app, &url))?,
+            )
+        }
+        None => None,
     };
     let routes = |token: Option<String>| {
         let router = Router::new()
@@ -253,6 +270,12 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     app.stopping.send_replace(true);
     while servers.join_next().await.is_some() {}
     let _ = tokio::task::spawn_blocking(move || projector.join()).await;
+    if let Some(hub) = hub {
+        // It looks at `stopping` at least every second between rounds; a round in progress
+        // is bounded by its connection's timeouts.
+        let joined = tokio::task::spawn_blocking(move || hub.join());
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, joined).await;
+    }
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
 }
@@ -671,6 +694,10 @@ async fn status(State(app): State<Arc<App>>) -> Response {
             lag_events: status.events.saturating_sub(projected),
             panics: reply::PANICS.load(Relaxed),
             streams: app.streams.load(Relaxed),
+            hub: app
+                .hub
+                .as_ref()
+                .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         });
         Ok(status)
     })
@@ -704,6 +731,10 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             halted: reader.halted()?.is_some(),
             streams: app.streams.load(Relaxed),
             log_bytes: std::fs::metadata(app.log.path()).map_or(0, |m| m.len()),
+            hub: app
+                .hub
+                .as_ref()
+                .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         };
         Ok(app.metrics.render(&now, format))
     })

@@ -184,7 +184,11 @@ fn push(
         result?;
         written.map_err(HubError::Export)
     })?;
-    client.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+    if summary.pushed > 0 {
+        // Only when something is new: a node listening on its own pushes would otherwise wake
+        // itself for ever.
+        client.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
+    }
     Ok(())
 }
 

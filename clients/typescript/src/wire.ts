@@ -170,6 +170,18 @@ export interface Status {
     lag_events: number;
     panics: number;
     streams: number;
+    /** Only with a hub (`[hub] url`). */
+    hub?: {
+      syncs: number;
+      last_sync_ms: number | null;
+      pushed: number;
+      pulled: number;
+      applied: number;
+      hub_holds: Record<string, number>;
+      lag_events: number;
+      refused: Record<string, string>;
+      last_error: string | null;
+    };
   };
 }
 

@@ -1,0 +1,108 @@
+//! The daemon's sync with the fleet's Postgres hub (`[hub] url`): a thread that pushes and
+//! pulls (`sync::hub`) when another node pushes (LISTEN), when this node commits, and at least
+//! every [`PULL_EVERY`]; reconnects with backoff; reports in `status` and `/metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::App;
+use crate::sync::hub::{Hub, HubSummary};
+
+/// A round at least this often, notification or not: a missed one only delays.
+pub const PULL_EVERY: Duration = Duration::from_secs(30);
+/// Waits between reconnections grow to this.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often the thread looks at `stopping` and at new commits while it waits for a
+/// notification: what a new own event may wait before its push starts.
+const TICK: Duration = Duration::from_millis(100);
+
+pub fn keep_synced(app: &Arc<App>, url: &str) {
+    let stopping = app.stopping.subscribe();
+    let mut committed = app.committed.subscribe();
+    let stopped = || *stopping.borrow();
+    let mut backoff = Duration::from_secs(1);
+    while !stopped() {
+        let mut hub = match Hub::open(url) {
+            Ok(hub) => hub,
+            Err(e) => {
+                failed(app, &e.to_string());
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !stopped() {
+                    std::thread::sleep(TICK.min(until - Instant::now()));
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = Duration::from_secs(1);
+        let mut due = true;
+        let mut last = Instant::now();
+        loop {
+            if stopped() {
+                return;
+            }
+            if due || last.elapsed() >= PULL_EVERY {
+                committed.mark_unchanged();
+                let round = hub
+                    .sync(&app.log, app.key.as_deref(), |_| {})
+                    .and_then(|summary| Ok((summary, hub.vector()?)));
+                match round {
+                    Ok((summary, holds)) => synced(app, &summary, holds.0),
+                    Err(e) => {
+                        failed(app, &e.to_string());
+                        break; // Reconnect.
+                    }
+                }
+                (due, last) = (false, Instant::now());
+            }
+            match hub.wait(TICK) {
+                Ok(woke) => due |= woke,
+                Err(e) => {
+                    failed(app, &e.to_string());
+                    break;
+                }
+            }
+            // This node wrote (or took) something: push it.
+            due |= committed.has_changed().unwrap_or(false);
+        }
+    }
+}
+
+fn synced(
+    app: &App,
+    summary: &HubSummary,
+    holds: std::collections::BTreeMap<crate::event::Origin, u64>,
+) {
+    if summary.applied + summary.released > 0 {
+        // The live projector and event streams follow commits.
+        app.committed.send_replace(());
+    }
+    let held: std::collections::BTreeMap<_, _> = match app.log.read().and_then(|r| r.heads()) {
+        Ok(heads) => heads.iter().map(|h| (h.origin, h.seq)).collect(),
+        Err(_) => Default::default(),
+    };
+    let Some(status) = &app.hub else { return };
+    let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+    status.syncs += 1;
+    status.last_sync_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64);
+    status.pushed += summary.pushed;
+    status.pulled += summary.pulled;
+    status.applied += summary.applied + summary.released;
+    status.lag_events = holds
+        .iter()
+        .map(|(o, s)| s.saturating_sub(held.get(o).copied().unwrap_or(0)))
+        .sum();
+    status.hub_holds = holds;
+    status.refused = summary.stopped.clone();
+    status.last_error = None;
+}
+
+fn failed(app: &App, error: &str) {
+    tracing::warn!(%error, "hub sync");
+    if let Some(status) = &app.hub {
+        status.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(error.to_owned());
+    }
+}
