@@ -136,8 +136,17 @@ impl Hub {
 
 fn hub_vector(client: &mut Client) -> Result<Vector, HubError> {
     let mut vector = BTreeMap::new();
+    // One index probe per origin (a skip scan), not a pass over every row: a round runs on
+    // every commit of a node that keeps synced.
     for row in client.query(
-        "SELECT origin, max(seq) FROM spool_hub_events GROUP BY origin",
+        "WITH RECURSIVE o AS ( \
+           (SELECT origin FROM spool_hub_events ORDER BY origin LIMIT 1) \
+           UNION ALL \
+           SELECT (SELECT e.origin FROM spool_hub_events e WHERE e.origin > o.origin \
+                   ORDER BY e.origin LIMIT 1) \
+           FROM o WHERE o.origin IS NOT NULL) \
+         SELECT origin, (SELECT max(seq) FROM spool_hub_events e WHERE e.origin = o.origin) \
+         FROM o WHERE origin IS NOT NULL",
         &[],
     )? {
         let origin: Vec<u8> = row.get(0);
@@ -185,6 +194,9 @@ fn push(
         written.map_err(HubError::Export)
     })?;
     if summary.pushed > 0 {
+        // The planner's picture of the table after it grew (else a pull's range scans may be
+        // planned as if it were empty: a pass over every row per batch).
+        client.batch_execute("ANALYZE spool_hub_events")?;
         // Only when something is new: a node listening on its own pushes would otherwise wake
         // itself for ever.
         client.execute("SELECT pg_notify($1, '')", &[&CHANNEL])?;
@@ -259,26 +271,33 @@ fn write_batch(
         }
         writer.finish()?;
     }
-    let forks = tx.execute(
-        "INSERT INTO spool_hub_forks (origin, seq, hash, bytes) \
-         SELECT s.origin, s.seq, s.hash, s.bytes FROM spool_hub_staging s \
-         JOIN spool_hub_events e ON e.origin = s.origin AND e.seq = s.seq AND e.hash <> s.hash \
-         ON CONFLICT DO NOTHING",
-        &[],
-    )?;
     let inserted = tx.execute(
         "INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
          SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
          ON CONFLICT (origin, seq) DO NOTHING",
         &[],
     )?;
-    // A head that came with an event the hub holds without one.
-    tx.execute(
-        "UPDATE spool_hub_events e SET head = s.head FROM spool_hub_staging s \
-         WHERE e.origin = s.origin AND e.seq = s.seq AND e.hash = s.hash \
-           AND e.head IS NULL AND s.head IS NOT NULL",
-        &[],
-    )?;
+    let mut forks = 0;
+    if inserted < batch.len() as u64 {
+        // Some were there already (a retry, another node's push) or differ (a fork). The
+        // planner knows the staging rows' number only once analysed: without it the joins may
+        // scan the whole hub.
+        tx.batch_execute("ANALYZE spool_hub_staging")?;
+        forks = tx.execute(
+            "INSERT INTO spool_hub_forks (origin, seq, hash, bytes) \
+             SELECT s.origin, s.seq, s.hash, s.bytes FROM spool_hub_staging s \
+             JOIN spool_hub_events e ON e.origin = s.origin AND e.seq = s.seq AND e.hash <> s.hash \
+             ON CONFLICT DO NOTHING",
+            &[],
+        )?;
+        // A head that came with an event the hub holds without one.
+        tx.execute(
+            "UPDATE spool_hub_events e SET head = s.head FROM spool_hub_staging s \
+             WHERE e.origin = s.origin AND e.seq = s.seq AND e.hash = s.hash \
+               AND e.head IS NULL AND s.head IS NOT NULL",
+            &[],
+        )?;
+    }
     tx.commit()?;
     summary.pushed += inserted;
     summary.forks += forks;
