@@ -119,20 +119,7 @@ fn main() {
 
 /// A TLS-only cluster; the admin URL (Unix socket) and a `verify-full` URL without a database.
 fn tls_cluster() -> (String, String) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
-    let ca = rcgen::Issuer::new(params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (admin, port) = pg::start_tls(&pg::TlsFiles {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    });
+    let (admin, port, ca_pem) = pg::start_tls_with_new_ca();
     let ca_file =
         std::env::temp_dir().join(format!("spool-hub-bench-ca-{}.pem", std::process::id()));
     std::fs::write(&ca_file, ca_pem).unwrap();
@@ -145,26 +132,16 @@ fn tls_cluster() -> (String, String) {
 
 /// A keyed node, the root of its own fleet.
 fn node(dir: &tempfile::TempDir, name: &str, key: &NodeKey) -> Log {
-    Log::create(
-        &dir.path().join(format!("{name}.redb")),
-        key.origin(),
-        LogOptions {
-            signer: Some(key.public().0),
-            fleet_root: Some(key.origin()),
-            ..LogOptions::default()
-        },
-    )
-    .unwrap()
+    member_with(dir, name, key, key)
 }
 
-/// A new node (its own key) in the fleet of `root` (whose key admits it), having taken the
-/// admission: it takes the root's events.
+/// A new node (its own key) in the fleet of `root`: it takes the root's events.
 fn member(dir: &tempfile::TempDir, name: &str, root: &NodeKey) -> Log {
     member_with(dir, name, &NodeKey::generate(), root)
 }
 
+/// A node with `key` in the fleet of `root`.
 fn member_with(dir: &tempfile::TempDir, name: &str, key: &NodeKey, root: &NodeKey) -> Log {
-    // Joined to the root's fleet: the root is the source, whose events need no admission.
     Log::create(
         &dir.path().join(format!("{name}.redb")),
         key.origin(),

@@ -23,20 +23,7 @@ struct TlsHub {
 
 /// A TLS-only cluster with a database for the hub; `url` connects with `verify-full`.
 fn tls_hub() -> TlsHub {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
-    let ca = rcgen::Issuer::new(params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (admin, port) = pg::start_tls(&pg::TlsFiles {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    });
+    let (admin, port, ca_pem) = pg::start_tls_with_new_ca();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();

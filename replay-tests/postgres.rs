@@ -724,38 +724,17 @@ fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
     project(&node, &url, &[]);
 }
 
-/// A throwaway CA: its certificate (PEM) and what signs with it.
-fn test_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    (cert.pem(), rcgen::Issuer::new(params, key))
-}
-
 /// Every Postgres connection honours `sslmode` against a server that takes TLS only: `require`
 /// and `prefer` encrypt, `verify-ca` checks the chain, `verify-full` the chain and the name;
 /// plaintext, an unknown CA and the wrong name are refused with errors that name host, port,
 /// database and cause, never the password. `spool project postgres` runs over it.
 #[test]
 fn every_sslmode_is_honoured_against_a_tls_only_server() {
-    let (ca_pem, ca) = test_ca("spool test CA");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (admin, port) = pg::start_tls(&pg::TlsFiles {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    });
+    let (admin, port, ca_pem) = pg::start_tls_with_new_ca();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
-    let (other_pem, _) = test_ca("another CA");
+    let (other_pem, _) = pg::new_ca("another CA");
     let other_file = dir.path().join("other.pem");
     std::fs::write(&other_file, other_pem).unwrap();
     let ca_file = ca_file.to_str().unwrap();

@@ -122,6 +122,34 @@ pub fn start_tls(tls: &TlsFiles) -> (String, u16) {
     (url, port.expect("a TCP port"))
 }
 
+/// A TLS-only cluster (as [`start_tls`]) whose certificate, for `localhost`, is signed by a
+/// throwaway CA made here; returns its admin URL, its TCP port and the CA's certificate (PEM).
+pub fn start_tls_with_new_ca() -> (String, u16, String) {
+    let (ca_pem, ca) = new_ca("spool test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (admin, port) = start_tls(&TlsFiles {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    });
+    (admin, port, ca_pem)
+}
+
+/// A throwaway CA: its certificate (PEM) and what signs with it.
+pub fn new_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
 /// A server certificate and key (PEM), written into the cluster's folder.
 pub struct TlsFiles {
     pub cert_pem: String,
