@@ -277,3 +277,136 @@ fn daemon_metrics(home: &Path) -> String {
         String::from_utf8_lossy(&body).into_owned()
     })
 }
+
+/// A push and a pull killed at a moment in their middle resume on the next run without loss
+/// or duplicates; rows cut from the hub's end are refused by name.
+#[test]
+fn killed_syncs_resume_and_a_truncated_hub_is_refused_by_name() {
+    let hub = tls_hub();
+    let dir = tempfile::tempdir().unwrap();
+    let homes = homes(dir.path());
+    let (desk, vm) = (&homes[0], &homes[2]);
+    let lines: String = (0..30_000)
+        .map(|i| activity("board", &format!("bulk {i}")) + "\n")
+        .collect();
+    ok(desk, &["append"], &lines);
+    let killed_run = |home: &Path, after_ms: u64| {
+        let mut child = std::process::Command::new(common::SPOOL)
+            .args([
+                "--home",
+                home.to_str().unwrap(),
+                "sync",
+                "hub",
+                "--once",
+                "--url",
+                &hub.url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+    };
+    let mut admin = pg::connect(&hub.admin);
+    let count = |admin: &mut postgres::Client, sql: &str| -> i64 {
+        admin.query_one(sql, &[]).unwrap().get(0)
+    };
+    let hub_rows = |admin: &mut postgres::Client| {
+        let exists: bool = admin
+            .query_one("SELECT to_regclass('spool_hub_events') IS NOT NULL", &[])
+            .unwrap()
+            .get(0);
+        match exists {
+            true => count(admin, "SELECT count(*) FROM spool_hub_events"),
+            false => 0,
+        }
+    };
+    let events: i64 = serde_json::from_str::<Value>(&ok(desk, &["status", "--json"], "")).unwrap()
+        ["events"]
+        .as_i64()
+        .unwrap();
+    // Killed later and later until a kill lands in the middle of the push.
+    let mut after_ms = 200;
+    let partial = loop {
+        killed_run(desk, after_ms);
+        let rows = hub_rows(&mut admin);
+        if rows > 0 || after_ms > 20_000 {
+            break rows;
+        }
+        after_ms += 200;
+    };
+    eprintln!("a push killed after {after_ms} ms left {partial} of {events} rows in the hub");
+    assert!(
+        partial > 0 && partial < events,
+        "no kill landed mid-push: {partial} of {events}"
+    );
+    sync(desk, &hub);
+    assert_eq!(
+        count(&mut admin, "SELECT count(*) FROM spool_hub_events"),
+        events
+    );
+    assert_eq!(count(&mut admin, "SELECT count(*) FROM spool_hub_forks"), 0);
+    let held = |home: &Path| -> u64 {
+        let heads: Value = serde_json::from_str(&heads(home)).unwrap();
+        heads
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s.as_u64().unwrap())
+            .sum()
+    };
+    let (start, all) = (held(vm), held(desk));
+    let mut after_ms = 200;
+    loop {
+        killed_run(vm, after_ms);
+        if held(vm) > start || after_ms > 20_000 {
+            break;
+        }
+        after_ms += 200;
+    }
+    eprintln!(
+        "a pull killed after {after_ms} ms left the VM with {} of {all}",
+        held(vm)
+    );
+    assert!(
+        held(vm) > start && held(vm) < all,
+        "no kill landed mid-pull"
+    );
+    sync(vm, &hub);
+    assert_eq!(heads(vm), heads(desk));
+    assert_eq!(digest(vm), digest(desk));
+
+    // The desk writes more; the hub loses its newest rows (those a signed head covered last).
+    ok(desk, &["append"], &(activity("board", "after") + "\n"));
+    ok(
+        desk,
+        &["append"],
+        &(activity("board", "after, again") + "\n"),
+    );
+    sync(desk, &hub);
+    let desk_id = id(desk);
+    admin
+        .execute(
+            "DELETE FROM spool_hub_events WHERE origin = decode($1, 'hex') AND seq = \
+             (SELECT max(seq) FROM spool_hub_events WHERE origin = decode($1, 'hex'))",
+            &[&desk_id],
+        )
+        .unwrap();
+    let before = heads(vm);
+    let out = spool(
+        vm,
+        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = summary["stopped"][&desk_id].as_str().unwrap_or_default();
+    assert!(why.contains("no signed head covering them"), "{summary}");
+    assert_eq!(heads(vm), before, "nothing uncovered was taken");
+    // The desk pushes again what the hub lacks; the VM then takes both.
+    sync(desk, &hub);
+    sync(vm, &hub);
+    assert_eq!(heads(vm), heads(desk));
+}
