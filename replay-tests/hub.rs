@@ -112,7 +112,29 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
     assert_eq!(heads(pi), heads(vm));
     assert_eq!(digest(desk), digest(pi));
     assert_eq!(digest(pi), digest(vm));
+    // Each published its projection's digest beside the events it covers: equal, no alarm.
+    for home in [desk, pi, vm] {
+        assert_eq!(sync(home, &hub)["divergent"], serde_json::json!([]));
+    }
     let mut admin = pg::connect(&hub.admin);
+    // A node that published the desk's events with other tables raises the alarm.
+    admin
+        .execute(
+            "INSERT INTO spool_hub_nodes (origin, vector, digest) \
+             SELECT '\\x0102030405060708090a0b0c0d0e0f10'::bytea, vector, 'not the same digest' \
+             FROM spool_hub_nodes WHERE origin = decode($1, 'hex')",
+            &[&id(desk)],
+        )
+        .unwrap();
+    let alarm = sync(desk, &hub);
+    assert_eq!(
+        alarm["divergent"],
+        serde_json::json!(["0102030405060708090a0b0c0d0e0f10"]),
+        "{alarm}"
+    );
+    admin
+        .execute("DELETE FROM spool_hub_nodes WHERE origin = '\\x0102030405060708090a0b0c0d0e0f10'::bytea", &[])
+        .unwrap();
     let (rows, forks): (i64, i64) = {
         let r = admin
             .query_one(

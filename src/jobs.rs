@@ -206,6 +206,24 @@ pub fn rebuild(
     Ok((partial, summary))
 }
 
+/// The digest of the projection at `path` and the vector of the events it covers (its
+/// checkpoint's heads), for the hub's divergence alarm; `None` when there is no projection yet,
+/// or its checkpoint predates heads.
+pub fn projection_digest(
+    path: &Path,
+) -> Result<Option<(crate::sync::Vector, crate::event::Hash)>, JobError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut db = Sqlite::open_read_only(path)?;
+    let Some(heads) = Target::checkpoint(&mut db)?.heads else {
+        return Ok(None);
+    };
+    let vector = crate::sync::Vector(heads.into_iter().map(|(o, (seq, _))| (o, seq)).collect());
+    let (digest, _) = db.digest()?;
+    Ok(Some((vector, digest)))
+}
+
 /// Opens the node's live projection at `path` for catching up. A file of an older schema (made
 /// by an older build) is rebuilt from the log first: the projection is derived, and its layout
 /// or its stamps may have changed.

@@ -536,6 +536,9 @@ pub struct HubStatus {
     pub refused: BTreeMap<Origin, String>,
     /// The last error (connecting, or in a round), if the last attempt failed.
     pub last_error: Option<String>,
+    /// Nodes that published a projection of the same events as this node's with another
+    /// digest: a divergence (also `spool_hub_divergent_nodes` in `/metrics`).
+    pub divergent: Vec<Origin>,
 }
 
 /// `spool heads --json` and `GET /v1/heads`: the version vector, `{"<origin hex>": seq}`.

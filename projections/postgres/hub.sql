@@ -23,19 +23,28 @@ CREATE TABLE IF NOT EXISTS spool_hub_forks (
   PRIMARY KEY (origin, seq, hash)
 );
 
+-- Each node's projection digest beside the vector of events it covers: two nodes with equal
+-- vectors and unequal digests have diverged (the divergence alarm of `status` and `/metrics`).
+CREATE TABLE IF NOT EXISTS spool_hub_nodes (
+  origin bytea PRIMARY KEY CHECK (length(origin) = 16),
+  vector text NOT NULL,
+  digest text NOT NULL,
+  published_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- As the seed's vault tables: only service_role (and owners, superusers, BYPASSRLS roles) see
 -- or write rows; anon and authenticated see nothing and write nothing.
 DO $$
 DECLARE t text;
 BEGIN
-  FOREACH t IN ARRAY ARRAY['spool_hub_events', 'spool_hub_forks'] LOOP
+  FOREACH t IN ARRAY ARRAY['spool_hub_events', 'spool_hub_forks', 'spool_hub_nodes'] LOOP
     EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
     EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
     IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE tablename = t AND policyname = 'service_role_all') THEN
       EXECUTE format('CREATE POLICY service_role_all ON %I FOR ALL TO service_role USING (true) WITH CHECK (true)', t);
     END IF;
     EXECUTE format('REVOKE ALL ON %I FROM anon, authenticated', t);
-    EXECUTE format('GRANT SELECT, INSERT ON %I TO service_role', t);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %I TO service_role', t);
   END LOOP;
 END
 $$;

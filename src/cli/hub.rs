@@ -30,12 +30,13 @@ pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<E
     }
     let log = home.open_log()?;
     let key = home.node_key()?;
+    let projection = home.projection_path();
     let mut out = stdout();
     let mut backoff = Duration::from_secs(1);
     loop {
         let round = (|| -> Result<HubSummary, hub::HubError> {
             let mut hub = Hub::open(url)?;
-            let summary = sync_once(&log, key.as_ref(), &mut hub)?;
+            let summary = sync_once(&log, key.as_ref(), &projection, &mut hub)?;
             report(&mut out, &summary, as_json)
                 .map_err(|e| hub::HubError::Export(e.to_string()))?;
             if !once {
@@ -43,7 +44,7 @@ pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<E
                 loop {
                     // Woken by a push, or after PULL_EVERY; then push and pull again.
                     hub.wait(PULL_EVERY)?;
-                    let summary = sync_once(&log, key.as_ref(), &mut hub)?;
+                    let summary = sync_once(&log, key.as_ref(), &projection, &mut hub)?;
                     if summary.pushed + summary.pulled > 0 || !summary.stopped.is_empty() {
                         report(&mut out, &summary, as_json)
                             .map_err(|e| hub::HubError::Export(e.to_string()))?;
@@ -73,6 +74,7 @@ pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<E
 fn sync_once(
     log: &spool::log::Log,
     key: Option<&spool::identity::NodeKey>,
+    projection: &Path,
     hub: &mut Hub,
 ) -> Result<HubSummary, hub::HubError> {
     let bar = indicatif::ProgressBar::new_spinner();
@@ -84,7 +86,15 @@ fn sync_once(
         bar.tick();
     });
     bar.finish_and_clear();
-    summary
+    let mut summary = summary?;
+    // The projection's digest beside the events it covers, and who holds the same events in
+    // other tables.
+    if let Some((covers, digest)) = spool::jobs::projection_digest(projection)
+        .map_err(|e| hub::HubError::Export(e.to_string()))?
+    {
+        summary.divergent = hub.compare(log.origin(), &covers, digest)?;
+    }
+    Ok(summary)
 }
 
 fn report(out: &mut impl Write, summary: &HubSummary, as_json: bool) -> anyhow::Result<()> {
@@ -104,6 +114,12 @@ fn report(out: &mut impl Write, summary: &HubSummary, as_json: bool) -> anyhow::
         )?;
         for (origin, why) in &summary.stopped {
             writeln!(out, "REFUSED origin {origin}: {why}")?;
+        }
+        for origin in &summary.divergent {
+            writeln!(
+                out,
+                "DIVERGED node {origin} published a projection of the same events with another digest"
+            )?;
         }
     }
     out.flush()?;

@@ -10,6 +10,8 @@ use crate::sync::hub::{Hub, HubSummary};
 
 /// A round at least this often, notification or not: a missed one only delays.
 pub const PULL_EVERY: Duration = Duration::from_secs(30);
+/// The projection's digest is published again at least this often, the vector unchanged.
+const PUBLISH_EVERY: Duration = Duration::from_secs(60);
 /// Waits between reconnections grow to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often the thread looks at `stopping` and at new commits while it waits for a
@@ -37,6 +39,7 @@ pub fn keep_synced(app: &Arc<App>, url: &str) {
         backoff = Duration::from_secs(1);
         let mut due = true;
         let mut last = Instant::now();
+        let mut published: Option<(crate::sync::Vector, Instant)> = None;
         loop {
             if stopped() {
                 return;
@@ -47,7 +50,13 @@ pub fn keep_synced(app: &Arc<App>, url: &str) {
                     .sync(&app.log, app.key.as_deref(), |_| {})
                     .and_then(|summary| Ok((summary, hub.vector()?)));
                 match round {
-                    Ok((summary, holds)) => synced(app, &summary, holds.0),
+                    Ok((summary, holds)) => {
+                        synced(app, &summary, holds.0);
+                        if let Err(e) = compare(app, &mut hub, &mut published) {
+                            failed(app, &e);
+                            break;
+                        }
+                    }
                     Err(e) => {
                         failed(app, &e.to_string());
                         break; // Reconnect.
@@ -98,6 +107,33 @@ fn synced(
     status.hub_holds = holds;
     status.refused = summary.stopped.clone();
     status.last_error = None;
+}
+
+/// Publishes the projection's digest beside the events it covers, when they changed (or a
+/// minute passed), and records who diverges.
+fn compare(
+    app: &App,
+    hub: &mut Hub,
+    published: &mut Option<(crate::sync::Vector, Instant)>,
+) -> Result<(), String> {
+    let Some((covers, digest)) =
+        crate::jobs::projection_digest(&app.projection).map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    if let Some((vector, at)) = published {
+        if *vector == covers && at.elapsed() < PUBLISH_EVERY {
+            return Ok(());
+        }
+    }
+    let divergent = hub
+        .compare(app.name.id, &covers, digest)
+        .map_err(|e| e.to_string())?;
+    *published = Some((covers, Instant::now()));
+    if let Some(status) = &app.hub {
+        status.lock().unwrap_or_else(|e| e.into_inner()).divergent = divergent;
+    }
+    Ok(())
 }
 
 fn failed(app: &App, error: &str) {

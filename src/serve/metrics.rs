@@ -39,6 +39,7 @@ pub struct Metrics {
     hub_pulled: Counter,
     hub_lag: Gauge,
     hub_failing: Gauge,
+    hub_divergent: Gauge,
 }
 
 /// What is read at scrape time.
@@ -80,6 +81,7 @@ impl Default for Metrics {
             hub_pulled: Counter::default(),
             hub_lag: Gauge::default(),
             hub_failing: Gauge::default(),
+            hub_divergent: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,6 +175,11 @@ impl Default for Metrics {
                 "1 when the last attempt to sync with the hub failed (status says why)",
                 &m.hub_failing,
             ),
+            (
+                "hub_divergent_nodes",
+                "Nodes whose projection of the same events has another digest (a divergence)",
+                &m.hub_divergent,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -241,6 +248,7 @@ impl Metrics {
             catch_up(&self.hub_pulled, hub.pulled);
             gauge(&self.hub_lag, hub.lag_events);
             gauge(&self.hub_failing, u64::from(hub.last_error.is_some()));
+            gauge(&self.hub_divergent, hub.divergent.len() as u64);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");

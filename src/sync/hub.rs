@@ -73,6 +73,9 @@ pub struct HubSummary {
     pub waiting: u64,
     /// Per origin, why its pull stopped before the hub's last event, if it did.
     pub stopped: BTreeMap<Origin, String>,
+    /// Nodes whose published projection covers the same events as this node's and whose
+    /// digest differs (see [`Hub::compare`]).
+    pub divergent: Vec<Origin>,
 }
 
 /// A connection to the hub.
@@ -131,6 +134,33 @@ impl Hub {
     /// The highest seq the hub holds of each origin.
     pub fn vector(&mut self) -> Result<Vector, HubError> {
         hub_vector(&mut self.client)
+    }
+
+    /// Publishes this node's projection digest and the vector of events it covers, and returns
+    /// the nodes whose published vector is the same and whose digest is not: a divergence.
+    pub fn compare(
+        &mut self,
+        node: Origin,
+        covers: &Vector,
+        digest: Hash,
+    ) -> Result<Vec<Origin>, HubError> {
+        let vector = covers.to_json().to_string();
+        let digest = digest.to_hex();
+        self.client.execute(
+            "INSERT INTO spool_hub_nodes (origin, vector, digest) VALUES ($1, $2, $3) \
+             ON CONFLICT (origin) DO UPDATE SET vector = EXCLUDED.vector, \
+             digest = EXCLUDED.digest, published_at = now()",
+            &[&node.0.as_slice(), &vector, &digest],
+        )?;
+        let rows = self.client.query(
+            "SELECT origin FROM spool_hub_nodes WHERE origin <> $1 AND vector = $2 AND digest <> $3",
+            &[&node.0.as_slice(), &vector, &digest],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| <[u8; 16]>::try_from(r.get::<_, Vec<u8>>(0)).ok())
+            .map(Origin)
+            .collect())
     }
 }
 

@@ -181,6 +181,8 @@ export interface Status {
       lag_events: number;
       refused: Record<string, string>;
       last_error: string | null;
+      /** Nodes with the same events in other tables: a divergence. */
+      divergent: string[];
     };
   };
 }
