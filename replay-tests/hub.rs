@@ -431,4 +431,35 @@ fn killed_syncs_resume_and_a_truncated_hub_is_refused_by_name() {
     sync(desk, &hub);
     sync(vm, &hub);
     assert_eq!(heads(vm), heads(desk));
+
+    // Rows reordered: two of the desk's next events, neither with a head, swapped whole
+    // (hash, bytes) between their seqs. Each row is self-consistent; their chain is not.
+    let lines: String = (0..5)
+        .map(|i| activity("board", &format!("later {i}")) + "\n")
+        .collect();
+    ok(desk, &["append"], &lines);
+    sync(desk, &hub);
+    let swapped = admin
+        .execute(
+            "WITH pick AS (SELECT max(seq) - 3 AS a FROM spool_hub_events WHERE origin = decode($1, 'hex')), \
+                  rows AS (SELECT e.seq, e.hash, e.bytes FROM spool_hub_events e, pick \
+                           WHERE e.origin = decode($1, 'hex') AND e.seq IN (pick.a, pick.a + 1) AND e.head IS NULL) \
+             UPDATE spool_hub_events e SET hash = o.hash, bytes = o.bytes \
+             FROM rows r JOIN rows o ON o.seq <> r.seq \
+             WHERE e.origin = decode($1, 'hex') AND e.seq = r.seq",
+            &[&desk_id],
+        )
+        .unwrap();
+    assert_eq!(swapped, 2);
+    let before = heads(vm);
+    let out = spool(
+        vm,
+        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = summary["stopped"][&desk_id].as_str().unwrap_or_default();
+    assert!(why.contains("is not on the chain"), "{summary}");
+    assert_eq!(heads(vm), before, "nothing of the reordered run was taken");
 }
