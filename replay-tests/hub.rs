@@ -165,25 +165,9 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
             &[&desk_origin],
         )
         .unwrap();
-    let before = heads(vm);
-    let out = spool(
-        vm,
-        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
-        "",
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let why = summary["stopped"][&desk_origin]
-        .as_str()
-        .unwrap_or_default();
-    assert!(why.contains("hash mismatch"), "{summary}");
+    let before: Value = serde_json::from_str(&heads(vm)).unwrap();
+    refused_round(vm, &hub, &desk_origin, "hash mismatch");
     let after: Value = serde_json::from_str(&heads(vm)).unwrap();
-    let before: Value = serde_json::from_str(&before).unwrap();
     assert_eq!(
         after[&desk_origin], before[&desk_origin],
         "nothing of the forged origin taken"
@@ -417,15 +401,7 @@ fn killed_syncs_resume_and_a_truncated_hub_is_refused_by_name() {
         )
         .unwrap();
     let before = heads(vm);
-    let out = spool(
-        vm,
-        &["sync", "hub", "--url", &hub.url, "--once", "--json"],
-        "",
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let why = summary["stopped"][&desk_id].as_str().unwrap_or_default();
-    assert!(why.contains("no signed head covering them"), "{summary}");
+    refused_round(vm, &hub, &desk_id, "no signed head covering them");
     assert_eq!(heads(vm), before, "nothing uncovered was taken");
     // The desk pushes again what the hub lacks; the VM then takes both.
     sync(desk, &hub);
@@ -452,14 +428,42 @@ fn killed_syncs_resume_and_a_truncated_hub_is_refused_by_name() {
         .unwrap();
     assert_eq!(swapped, 2);
     let before = heads(vm);
-    let out = spool(
+    refused_round(vm, &hub, &desk_id, "is not on the chain");
+    assert_eq!(heads(vm), before, "nothing of the reordered run was taken");
+
+    // A row far longer than any event (written by SQL): its bytes are not even fetched.
+    admin
+        .execute(
+            "UPDATE spool_hub_events SET bytes = decode(repeat('00', 4000000), 'hex') \
+             WHERE origin = decode($1, 'hex') AND seq = \
+             (SELECT max(seq) FROM spool_hub_events WHERE origin = decode($1, 'hex'))",
+            &[&desk_id],
+        )
+        .unwrap();
+    refused_round(
         vm,
+        &hub,
+        &desk_id,
+        "4000000 bytes, more than an event may be",
+    );
+    assert_eq!(heads(vm), before, "nothing past the long row was taken");
+}
+
+/// A `sync hub --once` round on `home` that ends with exit 2, `origin`'s pull refused saying
+/// `said`.
+fn refused_round(home: &Path, hub: &TlsHub, origin: &str, said: &str) {
+    let out = spool(
+        home,
         &["sync", "hub", "--url", &hub.url, "--once", "--json"],
         "",
     );
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let why = summary["stopped"][&desk_id].as_str().unwrap_or_default();
-    assert!(why.contains("is not on the chain"), "{summary}");
-    assert_eq!(heads(vm), before, "nothing of the reordered run was taken");
+    let why = summary["stopped"][origin].as_str().unwrap_or_default();
+    assert!(why.contains(said), "{summary}");
 }

@@ -517,6 +517,27 @@ pub struct DaemonStatus {
     pub hub: Option<HubStatus>,
 }
 
+/// `spool sync hub --json`: what one push and pull with the hub did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HubSummary {
+    /// Events this node sent that the hub did not hold.
+    pub pushed: u64,
+    /// Events it sent that the hub held already.
+    pub already_there: u64,
+    /// Events it sent at an (origin, seq) where the hub holds another: kept as fork evidence.
+    pub forks: u64,
+    /// Events read from the hub, and what ingest made of them.
+    pub pulled: u64,
+    pub applied: u64,
+    pub released: u64,
+    pub waiting: u64,
+    /// Per origin, why its pull stopped before the hub's last event, if it did.
+    pub stopped: BTreeMap<Origin, String>,
+    /// Nodes whose published projection covers the same events as this node's and whose
+    /// digest differs (see `sync::hub::Hub::compare`).
+    pub divergent: Vec<Origin>,
+}
+
 /// What the daemon's sync with the fleet's Postgres hub has done since it started.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HubStatus {

@@ -38,6 +38,8 @@ pub const CHANNEL: &str = "spool_hub";
 pub const PUSH_BATCH: usize = 10_000;
 /// Rows per pulled batch (cut after the last signed head in it).
 pub const PULL_BATCH: i64 = 10_000;
+/// Stored bytes per pulled batch, at most (plus one row's).
+pub const PULL_BATCH_BYTES: i64 = 32 * 1024 * 1024;
 /// Serialises the hub's setup between nodes.
 const HUB_LOCK: i64 = 0x7370_6f6f_6c00_0002;
 
@@ -57,26 +59,7 @@ impl From<postgres::Error> for HubError {
     }
 }
 
-/// What one push and pull did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct HubSummary {
-    /// Events this node sent that the hub did not hold.
-    pub pushed: u64,
-    /// Events it sent that the hub held already.
-    pub already_there: u64,
-    /// Events it sent at an (origin, seq) where the hub holds another: kept as fork evidence.
-    pub forks: u64,
-    /// Events read from the hub, and what ingest made of them.
-    pub pulled: u64,
-    pub applied: u64,
-    pub released: u64,
-    pub waiting: u64,
-    /// Per origin, why its pull stopped before the hub's last event, if it did.
-    pub stopped: BTreeMap<Origin, String>,
-    /// Nodes whose published projection covers the same events as this node's and whose
-    /// digest differs (see [`Hub::compare`]).
-    pub divergent: Vec<Origin>,
-}
+pub use crate::wire::HubSummary;
 
 /// A connection to the hub.
 pub struct Hub {
@@ -383,11 +366,33 @@ fn pull_batch(
     summary: &mut HubSummary,
 ) -> Result<Pulled, HubError> {
     let after = i64::try_from(from).unwrap_or(i64::MAX);
+    // Bounded in bytes as in rows: a row longer than a frame may be is not fetched (its length
+    // is), and the batch ends once the rows before one add up to PULL_BATCH_BYTES.
     let rows = client.query(
-        "SELECT seq, hash, bytes, head FROM spool_hub_events \
-         WHERE origin = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        &[&origin.0.as_slice(), &after, &PULL_BATCH],
+        "SELECT seq, hash, CASE WHEN len <= $4 THEN bytes END, head, len FROM ( \
+           SELECT seq, hash, bytes, head, octet_length(bytes)::bigint AS len, \
+                  sum(octet_length(bytes)) OVER (ORDER BY seq) AS upto \
+           FROM spool_hub_events WHERE origin = $1 AND seq > $2 ORDER BY seq LIMIT $3) r \
+         WHERE upto - len < $5 ORDER BY seq",
+        &[
+            &origin.0.as_slice(),
+            &after,
+            &PULL_BATCH,
+            &(file::FRAME_BYTES_MAX as i64),
+            &PULL_BATCH_BYTES,
+        ],
     )?;
+    if let Some(row) = rows
+        .iter()
+        .find(|r| r.get::<_, Option<Vec<u8>>>(2).is_none())
+    {
+        let (seq, len): (i64, i64) = (row.get(0), row.get(4));
+        return Ok(Pulled::Stopped(format!(
+            "the hub's row at seq {seq} is {len} bytes, more than an event may be ({} bytes); \
+             nothing of it past seq {from} was taken",
+            file::FRAME_BYTES_MAX
+        )));
+    }
     let Some(last_headed) = rows
         .iter()
         .rposition(|r| r.get::<_, Option<Vec<u8>>>(3).is_some())
