@@ -533,6 +533,8 @@ pub struct HubSummary {
     pub waiting: u64,
     /// Per origin, why its pull stopped before the hub's last event, if it did.
     pub stopped: BTreeMap<Origin, String>,
+    /// The highest seq the hub held of each origin when the pull began.
+    pub hub_holds: BTreeMap<Origin, u64>,
     /// Nodes whose published projection covers the same events as this node's and whose
     /// digest differs (see `sync::hub::Hub::compare`).
     pub divergent: Vec<Origin>,

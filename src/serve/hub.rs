@@ -46,12 +46,9 @@ pub fn keep_synced(app: &Arc<App>, url: &str) {
             }
             if due || last.elapsed() >= PULL_EVERY {
                 committed.mark_unchanged();
-                let round = hub
-                    .sync(&app.log, app.key.as_deref(), |_| {})
-                    .and_then(|summary| Ok((summary, hub.vector()?)));
-                match round {
-                    Ok((summary, holds)) => {
-                        synced(app, &summary, holds.0);
+                match hub.sync(&app.log, app.key.as_deref(), |_| {}) {
+                    Ok(summary) => {
+                        synced(app, &summary);
                         if let Err(e) = compare(app, &mut hub, &mut published) {
                             failed(app, &e);
                             break;
@@ -77,11 +74,7 @@ pub fn keep_synced(app: &Arc<App>, url: &str) {
     }
 }
 
-fn synced(
-    app: &App,
-    summary: &HubSummary,
-    holds: std::collections::BTreeMap<crate::event::Origin, u64>,
-) {
+fn synced(app: &App, summary: &HubSummary) {
     if summary.applied + summary.released > 0 {
         // The live projector and event streams follow commits.
         app.committed.send_replace(());
@@ -100,6 +93,7 @@ fn synced(
     status.pushed += summary.pushed;
     status.pulled += summary.pulled;
     status.applied += summary.applied + summary.released;
+    let holds = summary.hub_holds.clone();
     status.lag_events = holds
         .iter()
         .map(|(o, s)| s.saturating_sub(held.get(o).copied().unwrap_or(0)))

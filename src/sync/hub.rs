@@ -114,11 +114,6 @@ impl Hub {
         Ok(woke)
     }
 
-    /// The highest seq the hub holds of each origin.
-    pub fn vector(&mut self) -> Result<Vector, HubError> {
-        hub_vector(&mut self.client)
-    }
-
     /// Publishes this node's projection digest and the vector of events it covers, and returns
     /// the nodes whose published vector is the same and whose digest is not: a divergence.
     pub fn compare(
@@ -332,6 +327,7 @@ fn pull(
         .iter()
         .map(|h| (h.origin, h.seq))
         .collect();
+    summary.hub_holds = hub.0.clone();
     for (&origin, &hub_seq) in &hub.0 {
         let mut from = held.get(&origin).copied().unwrap_or(0);
         while from < hub_seq {
