@@ -834,3 +834,26 @@ fn with_db(url: &str, name: &str) -> String {
         .collect();
     format!("{} dbname={name}", kept.join(" "))
 }
+
+/// Every connection bounds its statements (`STATEMENT_TIMEOUT`, as a startup option that
+/// overrides a role's default), and the URL's own `options` win over it: a statement past its
+/// bound fails by name instead of holding the job.
+#[test]
+fn statements_are_bounded_and_the_url_may_bound_them_otherwise() {
+    let url = pg::database();
+    let show = |url: &str| -> String {
+        spool::project::postgres::connect(url)
+            .unwrap()
+            .query_one("SHOW statement_timeout", &[])
+            .unwrap()
+            .get(0)
+    };
+    let bound = spool::project::postgres::STATEMENT_TIMEOUT.as_secs();
+    assert_eq!(show(&url), format!("{}min", bound / 60));
+    let short = format!("{url} options='-c statement_timeout=150'");
+    assert_eq!(show(&short), "150ms");
+    let mut client = spool::project::postgres::connect(&short).unwrap();
+    let e = client.batch_execute("SELECT pg_sleep(5)").unwrap_err();
+    let said = spool::project::postgres::PostgresError::Sql(e).to_string();
+    assert!(said.contains("statement timeout"), "{said}");
+}
