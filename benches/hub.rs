@@ -81,7 +81,7 @@ fn main() {
             events as u64,
             "{pulled:?}"
         );
-        assert!(pulled.stopped.is_empty(), "{pulled:?}");
+        assert!(pulled.refused().next().is_none(), "{pulled:?}");
     }
     let (append, ingest, push, pull) = (
         median(appends),

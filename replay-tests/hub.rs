@@ -105,6 +105,14 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
     let caught = sync(vm, &hub);
     let landed = caught["applied"].as_u64().unwrap() + caught["released"].as_u64().unwrap();
     assert_eq!(landed, 300, "{caught}");
+    // Per origin: what the hub held, what the VM holds now, what it pulled of each.
+    for home in [desk, pi] {
+        let o = &caught["origins"][id(home)];
+        assert_eq!(o["hub_holds"], o["held"], "{caught}");
+        assert_eq!(o["lag"], 0, "{caught}");
+        assert!(o["pulled"].as_u64().unwrap() >= 150, "{caught}");
+        assert_eq!(o["refused"], Value::Null, "{caught}");
+    }
     for home in [desk, pi] {
         sync(home, &hub);
     }
@@ -177,6 +185,17 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
         before[id(pi)].as_u64().map(|s| s + 1),
         "the rest synced"
     );
+    // `verify-full` against a name the server's certificate does not carry is refused by name,
+    // before anything is read or written.
+    let wrong_host = hub.url.replace("host=localhost", "host=127.0.0.1");
+    let refused = spool(vm, &["sync", "hub", "--url", &wrong_host, "--once"], "");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("host 127.0.0.1") && said.contains("not valid for name"),
+        "{said}"
+    );
+    assert_eq!(serde_json::from_str::<Value>(&heads(vm)).unwrap(), after);
     // The API roles see and write nothing of the hub.
     for role in ["anon", "authenticated"] {
         let mut tx = admin.transaction().unwrap();
@@ -262,11 +281,27 @@ fn an_event_reaches_a_peers_projection_through_the_hub_live() {
     let report = &status["daemon"]["hub"];
     assert!(report["pulled"].as_u64().unwrap() >= 1, "{report}");
     assert_eq!(report["last_error"], Value::Null, "{report}");
-    let metrics = daemon_metrics(pi);
+    let desk_there = &report["origins"][id(desk)];
+    assert!(desk_there["pulled"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(desk_there["refused"], Value::Null, "{report}");
+    // `heads` through the daemon says what the hub holds of each origin beside this node's.
+    let listed = ok(pi, &["heads"], "");
+    let desk_line = listed
+        .lines()
+        .find(|l| l.starts_with(&id(desk)))
+        .unwrap_or_else(|| panic!("{listed}"));
     assert!(
-        metrics.contains("spool_hub_pulled_events_total"),
-        "{metrics}"
+        desk_line.contains(&format!("hub seq {}", desk_there["hub_holds"])),
+        "{listed}"
     );
+    let metrics = daemon_metrics(pi);
+    for name in [
+        "spool_hub_pulled_events_total",
+        "spool_hub_lag_events",
+        "spool_hub_refused_origins 0",
+    ] {
+        assert!(metrics.contains(name), "{name}: {metrics}");
+    }
     for daemon in daemons {
         daemon::stop(daemon);
     }
@@ -464,6 +499,8 @@ fn refused_round(home: &Path, hub: &TlsHub, origin: &str, said: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let why = summary["stopped"][origin].as_str().unwrap_or_default();
+    let why = summary["origins"][origin]["refused"]
+        .as_str()
+        .unwrap_or_default();
     assert!(why.contains(said), "{summary}");
 }

@@ -836,7 +836,7 @@ fn with_db(url: &str, name: &str) -> String {
 }
 
 /// Every connection bounds its statements (`STATEMENT_TIMEOUT`, as a startup option that
-/// overrides a role's default), and the URL's own `options` win over it: a statement past its
+/// overrides a role's default), and a URL's own `options` replace it: a statement past its
 /// bound fails by name instead of holding the job.
 #[test]
 fn statements_are_bounded_and_the_url_may_bound_them_otherwise() {

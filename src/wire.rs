@@ -531,10 +531,9 @@ pub struct HubSummary {
     pub applied: u64,
     pub released: u64,
     pub waiting: u64,
-    /// Per origin, why its pull stopped before the hub's last event, if it did.
-    pub stopped: BTreeMap<Origin, String>,
-    /// The highest seq the hub held of each origin when the pull began.
-    pub hub_holds: BTreeMap<Origin, u64>,
+    /// Per origin (every origin the hub or this node holds): what the hub holds of it, what
+    /// this node holds, what was pushed and pulled, why its pull was refused.
+    pub origins: BTreeMap<Origin, HubOrigin>,
     /// Nodes whose published projection covers the same events as this node's and whose
     /// digest differs (see `sync::hub::Hub::compare`).
     pub divergent: Vec<Origin>,
@@ -551,17 +550,40 @@ pub struct HubStatus {
     pub pushed: u64,
     pub pulled: u64,
     pub applied: u64,
-    /// The highest seq the hub held of each origin at the last round.
-    pub hub_holds: BTreeMap<Origin, u64>,
     /// Events the hub holds that this node does not (summed over origins) at the last round.
     pub lag_events: u64,
-    /// Per origin, why its last pull was refused.
-    pub refused: BTreeMap<Origin, String>,
+    /// Per origin, at the last round (`pushed` and `pulled` since the daemon started).
+    pub origins: BTreeMap<Origin, HubOrigin>,
     /// The last error (connecting, or in a round), if the last attempt failed.
     pub last_error: Option<String>,
     /// Nodes that published a projection of the same events as this node's with another
     /// digest: a divergence (also `spool_hub_divergent_nodes` in `/metrics`).
     pub divergent: Vec<Origin>,
+}
+
+/// One origin in the hub sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HubOrigin {
+    /// The highest seq the hub held of it when the pull began (0: none).
+    pub hub_holds: u64,
+    /// The highest seq this node held of it when the pull ended (0: none).
+    pub held: u64,
+    /// Events of it the hub holds that this node does not: `hub_holds - held`, or 0.
+    pub lag: u64,
+    /// Events of it this node pushed that the hub lacked, and pulled from the hub.
+    pub pushed: u64,
+    pub pulled: u64,
+    /// Why its pull stopped before the hub's last event (by name, as ingest says it), if it did.
+    pub refused: Option<String>,
+}
+
+impl HubSummary {
+    /// The origins whose pull was refused, and why.
+    pub fn refused(&self) -> impl Iterator<Item = (&Origin, &str)> {
+        self.origins
+            .iter()
+            .filter_map(|(o, h)| h.refused.as_deref().map(|why| (o, why)))
+    }
 }
 
 /// `spool heads --json` and `GET /v1/heads`: the version vector, `{"<origin hex>": seq}`.

@@ -509,8 +509,34 @@ fn heads(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         let heads = reach.node().heads()?;
         json_line(&mut out, &heads)?;
     } else {
-        for h in reach.node().status()?.heads {
-            writeln!(out, "{}  seq {}  {}", h.origin, h.seq, h.hash)?;
+        let status = reach.node().status()?;
+        // With a daemon that syncs with a hub, what the hub holds of each origin beside it.
+        let hub = status.daemon.and_then(|d| d.hub);
+        let origins = hub.as_ref().map(|h| &h.origins);
+        for h in &status.heads {
+            write!(out, "{}  seq {}  {}", h.origin, h.seq, h.hash)?;
+            match origins.and_then(|o| o.get(&h.origin)) {
+                Some(o) => writeln!(out, "  hub seq {} ({} behind)", o.hub_holds, o.lag)?,
+                None => writeln!(out)?,
+            }
+        }
+        let held = |origin| status.heads.iter().any(|h| h.origin == origin);
+        for (origin, o) in origins.into_iter().flatten().filter(|(o, _)| !held(**o)) {
+            writeln!(
+                out,
+                "{origin}  none held  hub seq {} ({} behind)",
+                o.hub_holds, o.lag
+            )?;
+        }
+        if let Some(hub) = &hub {
+            for (origin, o) in &hub.origins {
+                if let Some(why) = &o.refused {
+                    writeln!(out, "REFUSED from the hub: origin {origin}: {why}")?;
+                }
+            }
+            if let Some(error) = &hub.last_error {
+                writeln!(out, "hub: the last attempt failed: {error}")?;
+            }
         }
     }
     out.flush()?;

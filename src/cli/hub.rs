@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use spool::home::Home;
-use spool::sync::hub::{self, Hub, HubSummary};
+use spool::sync::hub::{Hub, HubSummary};
 
 use super::commands::{json_line, stdout};
 use super::Usage;
@@ -34,20 +34,18 @@ pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<E
     let mut out = stdout();
     let mut backoff = Duration::from_secs(1);
     loop {
-        let round = (|| -> Result<HubSummary, hub::HubError> {
+        let round = (|| -> anyhow::Result<HubSummary> {
             let mut hub = Hub::open(url)?;
             let summary = sync_once(&log, key.as_ref(), &projection, &mut hub)?;
-            report(&mut out, &summary, as_json)
-                .map_err(|e| hub::HubError::Export(e.to_string()))?;
+            report(&mut out, &summary, as_json)?;
             if !once {
                 backoff = Duration::from_secs(1);
                 loop {
                     // Woken by a push, or after PULL_EVERY; then push and pull again.
                     hub.wait(PULL_EVERY)?;
                     let summary = sync_once(&log, key.as_ref(), &projection, &mut hub)?;
-                    if summary.pushed + summary.pulled > 0 || !summary.stopped.is_empty() {
-                        report(&mut out, &summary, as_json)
-                            .map_err(|e| hub::HubError::Export(e.to_string()))?;
+                    if summary.pushed + summary.pulled > 0 || summary.refused().next().is_some() {
+                        report(&mut out, &summary, as_json)?;
                     }
                 }
             }
@@ -55,13 +53,13 @@ pub fn run(dir: &Path, url: &str, once: bool, as_json: bool) -> anyhow::Result<E
         })();
         match round {
             Ok(summary) if once => {
-                return Ok(match summary.stopped.is_empty() {
-                    true => ExitCode::SUCCESS,
-                    false => ExitCode::from(2),
+                return Ok(match summary.refused().next() {
+                    None => ExitCode::SUCCESS,
+                    Some(_) => ExitCode::from(2),
                 })
             }
             Ok(_) => {}
-            Err(e) if once => return Err(e.into()),
+            Err(e) if once => return Err(e),
             Err(e) => {
                 eprintln!("spool: {e}; trying again in {} s", backoff.as_secs());
                 std::thread::sleep(backoff);
@@ -76,7 +74,7 @@ fn sync_once(
     key: Option<&spool::identity::NodeKey>,
     projection: &Path,
     hub: &mut Hub,
-) -> Result<HubSummary, hub::HubError> {
+) -> anyhow::Result<HubSummary> {
     let bar = indicatif::ProgressBar::new_spinner();
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -89,9 +87,7 @@ fn sync_once(
     let mut summary = summary?;
     // The projection's digest beside the events it covers, and who holds the same events in
     // other tables.
-    if let Some((covers, digest)) = spool::jobs::projection_digest(projection)
-        .map_err(|e| hub::HubError::Export(e.to_string()))?
-    {
+    if let Some((covers, digest)) = spool::jobs::projection_digest(projection)? {
         summary.divergent = hub.compare(log.origin(), &covers, digest)?;
     }
     Ok(summary)
@@ -112,7 +108,14 @@ fn report(out: &mut impl Write, summary: &HubSummary, as_json: bool) -> anyhow::
             summary.released,
             summary.waiting
         )?;
-        for (origin, why) in &summary.stopped {
+        for (origin, o) in &summary.origins {
+            writeln!(
+                out,
+                "  origin {origin}: the hub holds seq {}, this node {} ({} behind); {} pushed, {} pulled",
+                o.hub_holds, o.held, o.lag, o.pushed, o.pulled
+            )?;
+        }
+        for (origin, why) in summary.refused() {
             writeln!(out, "REFUSED origin {origin}: {why}")?;
         }
         for origin in &summary.divergent {

@@ -54,7 +54,8 @@ enum Command {
     #[command(subcommand)]
     Schema(SchemaCommand),
     /// Print the version vector: the highest seq held of each origin (--json: the form
-    /// `export --since` takes).
+    /// `export --since` takes). Through a daemon that syncs with a hub, each line also says what
+    /// the hub holds of the origin (`status --json`: `daemon.hub.origins`).
     Heads {
         #[arg(long)]
         json: bool,

@@ -54,7 +54,7 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// connection is given up (a server that went silent mid-job).
 pub const SILENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long one statement may run (a lock another session holds, a server overloaded), unless
-/// the URL's `options` set `statement_timeout` itself: a stuck statement ends the job, or the
+/// the URL gives `options` of its own: a stuck statement ends the job, or the
 /// daemon's round, with an error instead of holding it forever.
 pub const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Rows sent in one statement (live) or one COPY (backfill).
@@ -104,7 +104,7 @@ pub enum PostgresError {
 }
 
 /// Connects with bounded waits: [`CONNECT_TIMEOUT`] to connect (unless the URL sets one),
-/// [`STATEMENT_TIMEOUT`] for each statement (unless the URL's `options` set one), and
+/// [`STATEMENT_TIMEOUT`] for each statement (unless the URL gives `options`), and
 /// keepalives and a TCP user timeout of [`SILENT_TIMEOUT`] so that a server that goes silent
 /// ends the job with an error; over TLS as the URL's `sslmode` asks (`pgtls`: `prefer` by
 /// default, `require`, `verify-ca`, `verify-full`, with `sslrootcert`). A failure names host,
@@ -119,17 +119,14 @@ pub fn connect(url: &str) -> Result<Client, PostgresError> {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     // A startup option, not a `SET` after connecting: it holds in every session a pooler hands
-    // out, and it overrides a role's default (Supabase's roles set short ones). The URL's own
-    // `options` come after it, so theirs win.
-    let options = format!(
-        "-c statement_timeout={}{}",
-        STATEMENT_TIMEOUT.as_millis(),
-        config
-            .get_options()
-            .map(|o| format!(" {o}"))
-            .unwrap_or_default()
-    );
-    config.options(&options);
+    // out, and it overrides a role's default (Supabase's roles set short ones). A URL that
+    // gives `options` itself is taken as it is.
+    if config.get_options().is_none() {
+        config.options(&format!(
+            "-c statement_timeout={}",
+            STATEMENT_TIMEOUT.as_millis()
+        ));
+    }
     config
         .keepalives(true)
         .keepalives_idle(SILENT_TIMEOUT / 2)

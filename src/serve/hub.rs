@@ -79,10 +79,6 @@ fn synced(app: &App, summary: &HubSummary) {
         // The live projector and event streams follow commits.
         app.committed.send_replace(());
     }
-    let held: std::collections::BTreeMap<_, _> = match app.log.read().and_then(|r| r.heads()) {
-        Ok(heads) => heads.iter().map(|h| (h.origin, h.seq)).collect(),
-        Err(_) => Default::default(),
-    };
     let Some(status) = &app.hub else { return };
     let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
     status.syncs += 1;
@@ -93,13 +89,13 @@ fn synced(app: &App, summary: &HubSummary) {
     status.pushed += summary.pushed;
     status.pulled += summary.pulled;
     status.applied += summary.applied + summary.released;
-    let holds = summary.hub_holds.clone();
-    status.lag_events = holds
-        .iter()
-        .map(|(o, s)| s.saturating_sub(held.get(o).copied().unwrap_or(0)))
-        .sum();
-    status.hub_holds = holds;
-    status.refused = summary.stopped.clone();
+    for (origin, now) in &summary.origins {
+        let kept = status.origins.entry(*origin).or_default();
+        let (pushed, pulled) = (kept.pushed + now.pushed, kept.pulled + now.pulled);
+        *kept = now.clone();
+        (kept.pushed, kept.pulled) = (pushed, pulled);
+    }
+    status.lag_events = status.origins.values().map(|o| o.lag).sum();
     status.last_error = None;
 }
 

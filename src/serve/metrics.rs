@@ -40,6 +40,7 @@ pub struct Metrics {
     hub_lag: Gauge,
     hub_failing: Gauge,
     hub_divergent: Gauge,
+    hub_refused: Gauge,
 }
 
 /// What is read at scrape time.
@@ -82,6 +83,7 @@ impl Default for Metrics {
             hub_lag: Gauge::default(),
             hub_failing: Gauge::default(),
             hub_divergent: Gauge::default(),
+            hub_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -180,6 +182,11 @@ impl Default for Metrics {
                 "Nodes whose projection of the same events has another digest (a divergence)",
                 &m.hub_divergent,
             ),
+            (
+                "hub_refused_origins",
+                "Origins whose pull from the hub was refused at the last hub sync (status says why)",
+                &m.hub_refused,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -249,6 +256,8 @@ impl Metrics {
             gauge(&self.hub_lag, hub.lag_events);
             gauge(&self.hub_failing, u64::from(hub.last_error.is_some()));
             gauge(&self.hub_divergent, hub.divergent.len() as u64);
+            let refused = hub.origins.values().filter(|o| o.refused.is_some()).count();
+            gauge(&self.hub_refused, refused as u64);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");

@@ -51,6 +51,8 @@ pub enum HubError {
     Log(#[from] LogError),
     #[error("the hub: reading this node's log to push it: {0}")]
     Export(String),
+    #[error("the hub: reading pulled rows as an export file: {0}")]
+    Pull(String),
 }
 
 impl From<postgres::Error> for HubError {
@@ -279,12 +281,22 @@ fn write_batch(
         }
         writer.finish()?;
     }
-    let inserted = tx.execute(
-        "INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
-         SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
-         ON CONFLICT (origin, seq) DO NOTHING",
+    let mut inserted = 0;
+    let mut by_origin = Vec::new();
+    for row in tx.query(
+        "WITH new AS (INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
+           SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
+           ON CONFLICT (origin, seq) DO NOTHING RETURNING origin) \
+         SELECT origin, count(*) FROM new GROUP BY origin",
         &[],
-    )?;
+    )? {
+        let (origin, count): (Vec<u8>, i64) = (row.get(0), row.get(1));
+        let count = u64::try_from(count).unwrap_or(0);
+        inserted += count;
+        if let Ok(origin) = <[u8; 16]>::try_from(origin) {
+            by_origin.push((Origin(origin), count));
+        }
+    }
     let mut forks = 0;
     if inserted < batch.len() as u64 {
         // Some were there already (a retry, another node's push) or differ (a fork). The
@@ -307,6 +319,9 @@ fn write_batch(
         )?;
     }
     tx.commit()?;
+    for (origin, count) in by_origin {
+        summary.origins.entry(origin).or_default().pushed += count;
+    }
     summary.pushed += inserted;
     summary.forks += forks;
     summary.already_there += (batch.len() as u64).saturating_sub(inserted + forks);
@@ -327,20 +342,33 @@ fn pull(
         .iter()
         .map(|h| (h.origin, h.seq))
         .collect();
-    summary.hub_holds = hub.0.clone();
     for (&origin, &hub_seq) in &hub.0 {
         let mut from = held.get(&origin).copied().unwrap_or(0);
+        let mut refused = None;
         while from < hub_seq {
             match pull_batch(log, client, origin, from, summary)? {
                 Pulled::Through(seq) if seq > from => from = seq,
                 Pulled::Through(_) => break,
                 Pulled::Stopped(why) => {
-                    summary.stopped.insert(origin, why);
+                    refused = Some(why);
                     break;
                 }
             }
             progress(summary);
         }
+        let entry = summary.origins.entry(origin).or_default();
+        entry.hub_holds = hub_seq;
+        entry.refused = refused;
+    }
+    // What this node holds now: the pull's own, and whatever else its writer applied (an
+    // origin released by another's events).
+    for head in log.read()?.heads()?.iter() {
+        let entry = summary.origins.entry(head.origin).or_default();
+        entry.held = head.seq;
+        entry.lag = entry.hub_holds.saturating_sub(head.seq);
+    }
+    for entry in summary.origins.values_mut().filter(|e| e.held == 0) {
+        entry.lag = entry.hub_holds;
     }
     Ok(())
 }
@@ -399,7 +427,7 @@ fn pull_batch(
             rows.len()
         )));
     };
-    let mut file = ExportWriter::new(Vec::new()).map_err(|e| HubError::Export(e.to_string()))?;
+    let mut file = ExportWriter::new(Vec::new()).map_err(|e| HubError::Pull(e.to_string()))?;
     let mut through = from;
     for row in &rows[..=last_headed] {
         let seq: i64 = row.get(0);
@@ -424,12 +452,13 @@ fn pull_batch(
             }
             _ => Ok(()),
         });
-        written.map_err(|e| HubError::Export(e.to_string()))?;
+        written.map_err(|e| HubError::Pull(e.to_string()))?;
         through = seq;
     }
-    let (_, bytes) = file.finish().map_err(|e| HubError::Export(e.to_string()))?;
+    let (_, bytes) = file.finish().map_err(|e| HubError::Pull(e.to_string()))?;
     let ingested = file::ingest(log, std::io::Cursor::new(bytes), |_| {})?;
     summary.pulled += ingested.frames;
+    summary.origins.entry(origin).or_default().pulled += ingested.frames;
     summary.applied += ingested.report.applied;
     summary.released += ingested.report.released;
     summary.waiting = ingested.report.waiting;

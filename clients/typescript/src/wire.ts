@@ -177,14 +177,28 @@ export interface Status {
       pushed: number;
       pulled: number;
       applied: number;
-      hub_holds: Record<string, number>;
       lag_events: number;
-      refused: Record<string, string>;
+      /** Per origin, at the last round (pushed and pulled since the daemon started). */
+      origins: Record<string, HubOrigin>;
       last_error: string | null;
       /** Nodes with the same events in other tables: a divergence. */
       divergent: string[];
     };
   };
+}
+
+/** One origin in the hub sync. */
+export interface HubOrigin {
+  /** The highest seq the hub held of it when the pull began. */
+  hub_holds: number;
+  /** The highest seq this node held of it when the pull ended. */
+  held: number;
+  /** hub_holds - held, or 0. */
+  lag: number;
+  pushed: number;
+  pulled: number;
+  /** Why its pull stopped before the hub's last event, if it did. */
+  refused: string | null;
 }
 
 /** The version vector: origin → highest seq held. */
