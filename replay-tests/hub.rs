@@ -101,8 +101,25 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
     for home in [desk, pi] {
         sync(home, &hub);
     }
+    // Rows of an origin that is no member of the fleet, written straight into the hub: a
+    // member never reads them (nothing refused, the round succeeds).
+    let stranger = "0102030405060708090a0b0c0d0e0f10";
+    pg::connect(&hub.admin)
+        .execute(
+            "INSERT INTO spool_hub_events (origin, seq, hash, bytes) \
+             SELECT decode($1, 'hex'), s, sha256(s::text::bytea), '\\x00'::bytea FROM generate_series(1, 100) s",
+            &[&stranger],
+        )
+        .unwrap();
     // The VM was offline all along: it catches up in one run.
     let caught = sync(vm, &hub);
+    assert_eq!(caught["origins"][stranger], Value::Null, "{caught}");
+    pg::connect(&hub.admin)
+        .execute(
+            "DELETE FROM spool_hub_events WHERE origin = decode($1, 'hex')",
+            &[&stranger],
+        )
+        .unwrap();
     let landed = caught["applied"].as_u64().unwrap() + caught["released"].as_u64().unwrap();
     assert_eq!(landed, 300, "{caught}");
     // Per origin: what the hub held, what the VM holds now, what it pulled of each.

@@ -40,6 +40,9 @@ pub const PUSH_BATCH: usize = 10_000;
 pub const PULL_BATCH: i64 = 10_000;
 /// Stored bytes per pulled batch, at most (plus one row's).
 pub const PULL_BATCH_BYTES: i64 = 32 * 1024 * 1024;
+/// Origins a node of no fleet reads from the hub, at most (a node in a fleet reads only its
+/// members').
+pub const HUB_ORIGINS_MAX: i64 = 4_096;
 /// Serialises the hub's setup between nodes.
 const HUB_LOCK: i64 = 0x7370_6f6f_6c00_0002;
 
@@ -144,28 +147,48 @@ impl Hub {
     }
 }
 
-fn hub_vector(client: &mut Client) -> Result<Vector, HubError> {
-    let mut vector = BTreeMap::new();
-    // One index probe per origin (a skip scan), not a pass over every row: a round runs on
-    // every commit of a node that keeps synced.
-    for row in client.query(
-        "WITH RECURSIVE o AS ( \
-           (SELECT origin FROM spool_hub_events ORDER BY origin LIMIT 1) \
+/// What the hub holds of `origins`: the highest seq of each (absent: none). One index probe
+/// per origin.
+fn hub_holds(client: &mut Client, origins: &[Origin]) -> Result<Vector, HubError> {
+    let keys: Vec<&[u8]> = origins.iter().map(|o| o.0.as_slice()).collect();
+    let rows = client.query(
+        "SELECT o, (SELECT max(seq) FROM spool_hub_events e WHERE e.origin = o) \
+         FROM unnest($1::bytea[]) AS o",
+        &[&keys],
+    )?;
+    Ok(vector_of(&rows))
+}
+
+/// Every origin the hub holds, at most [`HUB_ORIGINS_MAX`] (in origin order), for a node that
+/// takes every origin's events (made before keys: no fleet to name them). One index probe per
+/// origin (a skip scan), not a pass over every row.
+fn hub_origins(client: &mut Client) -> Result<Vector, HubError> {
+    let rows = client.query(
+        "WITH RECURSIVE o(origin, n) AS ( \
+           (SELECT origin, 1 FROM spool_hub_events ORDER BY origin LIMIT 1) \
            UNION ALL \
            SELECT (SELECT e.origin FROM spool_hub_events e WHERE e.origin > o.origin \
-                   ORDER BY e.origin LIMIT 1) \
-           FROM o WHERE o.origin IS NOT NULL) \
+                   ORDER BY e.origin LIMIT 1), n + 1 \
+           FROM o WHERE o.origin IS NOT NULL AND n < $1) \
          SELECT origin, (SELECT max(seq) FROM spool_hub_events e WHERE e.origin = o.origin) \
          FROM o WHERE origin IS NOT NULL",
-        &[],
-    )? {
+        &[&HUB_ORIGINS_MAX],
+    )?;
+    Ok(vector_of(&rows))
+}
+
+/// (origin, max seq) rows as a vector; a malformed row or an origin with none is left out.
+fn vector_of(rows: &[postgres::Row]) -> Vector {
+    let mut vector = BTreeMap::new();
+    for row in rows {
         let origin: Vec<u8> = row.get(0);
-        let seq: i64 = row.get(1);
-        if let (Ok(origin), Ok(seq)) = (<[u8; 16]>::try_from(origin), u64::try_from(seq)) {
+        let seq: Option<i64> = row.get(1);
+        if let (Ok(origin), Some(Ok(seq))) = (<[u8; 16]>::try_from(origin), seq.map(u64::try_from))
+        {
             vector.insert(Origin(origin), seq);
         }
     }
-    Ok(Vector(vector))
+    Vector(vector)
 }
 
 /// Pushes every event this node holds past the hub's vector, in batches of [`PUSH_BATCH`].
@@ -176,11 +199,12 @@ fn push(
     summary: &mut HubSummary,
     progress: &mut impl FnMut(&HubSummary),
 ) -> Result<(), HubError> {
+    let reader = log.read()?;
+    let held: Vec<Origin> = reader.heads()?.iter().map(|h| h.origin).collect();
     let selection = Selection {
-        since: hub_vector(client)?,
+        since: hub_holds(client, &held)?,
         origins: Vec::new(),
     };
-    let reader = log.read()?;
     // The export is written into a pipe by one thread and read back frame by frame here: the
     // same events and heads a file would carry, in bounded memory.
     let (pipe_in, pipe_out) = std::io::pipe().map_err(|e| HubError::Export(e.to_string()))?;
@@ -335,30 +359,63 @@ fn pull(
     summary: &mut HubSummary,
     progress: &mut impl FnMut(&HubSummary),
 ) -> Result<(), HubError> {
-    let hub = hub_vector(client)?;
-    let held: BTreeMap<Origin, u64> = log
-        .read()?
-        .heads()?
-        .iter()
-        .map(|h| (h.origin, h.seq))
-        .collect();
-    for (&origin, &hub_seq) in &hub.0 {
-        let mut from = held.get(&origin).copied().unwrap_or(0);
-        let mut refused = None;
-        while from < hub_seq {
-            match pull_batch(log, client, origin, from, summary)? {
-                Pulled::Through(seq) if seq > from => from = seq,
-                Pulled::Through(_) => break,
-                Pulled::Stopped(why) => {
-                    refused = Some(why);
+    // A node in a fleet reads only its members' rows (whatever else the hub holds is not its
+    // fleet's, and is never fetched); as members' events admit new members, their rows are
+    // read in the next pass.
+    let mut done = std::collections::BTreeSet::new();
+    for pass in 0.. {
+        let reader = log.read()?;
+        let fleet = reader.fleet(log.fleet_root())?;
+        let hub = match &fleet {
+            Some(fleet) => {
+                let members: Vec<Origin> = fleet
+                    .members()
+                    .map(|m| m.origin)
+                    .filter(|o| !done.contains(o))
+                    .collect();
+                if members.is_empty() {
                     break;
                 }
+                hub_holds(client, &members)?
             }
-            progress(summary);
+            None if pass == 0 => hub_origins(client)?,
+            None => break,
+        };
+        let held: BTreeMap<Origin, u64> =
+            reader.heads()?.iter().map(|h| (h.origin, h.seq)).collect();
+        drop(reader);
+        done.extend(fleet.iter().flat_map(|f| f.members().map(|m| m.origin)));
+        for (&origin, &hub_seq) in &hub.0 {
+            let mut from = held.get(&origin).copied().unwrap_or(0);
+            // A revoked member's rows past its cut are not read: none could be taken.
+            let cut = fleet
+                .as_ref()
+                .and_then(|f| f.member(origin))
+                .and_then(|m| m.revoked.as_ref())
+                .map(|r| r.through);
+            let mut refused = None;
+            while from < hub_seq {
+                if cut.is_some_and(|through| from >= through) {
+                    refused = Some(format!(
+                        "revoked in this fleet after seq {}; the hub's rows past it were not read",
+                        cut.unwrap_or_default()
+                    ));
+                    break;
+                }
+                match pull_batch(log, client, origin, from, summary)? {
+                    Pulled::Through(seq) if seq > from => from = seq,
+                    Pulled::Through(_) => break,
+                    Pulled::Stopped(why) => {
+                        refused = Some(why);
+                        break;
+                    }
+                }
+                progress(summary);
+            }
+            let entry = summary.origins.entry(origin).or_default();
+            entry.hub_holds = hub_seq;
+            entry.refused = refused;
         }
-        let entry = summary.origins.entry(origin).or_default();
-        entry.hub_holds = hub_seq;
-        entry.refused = refused;
     }
     // What this node holds now: the pull's own, and whatever else its writer applied (an
     // origin released by another's events).
