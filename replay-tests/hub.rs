@@ -92,12 +92,41 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
             }
         });
     }
-    // Two pushes of the same events at once: stored once, no fork.
-    std::thread::scope(|s| {
-        for home in [desk, pi] {
-            s.spawn(move || sync(home, hub_ref));
-        }
+    // Two pushes of the same events at once: stored once, no fork; each says, per origin, what
+    // of it was new.
+    ok(
+        desk,
+        &["append"],
+        &(activity("board", "pushed twice") + "\n"),
+    );
+    let relayed = dir.path().join("relayed.spool");
+    ok(desk, &["export", "--out", relayed.to_str().unwrap()], "");
+    ok(pi, &["ingest", relayed.to_str().unwrap()], "");
+    ok(
+        desk,
+        &["append"],
+        &(activity("board", "pushed twice") + "\n"),
+    );
+    ok(pi, &["append"], &(activity("board", "pushed twice") + "\n"));
+    let both: Vec<Value> = std::thread::scope(|s| {
+        let runs: Vec<_> = [desk, pi]
+            .into_iter()
+            .map(|home| s.spawn(move || sync(home, hub_ref)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
     });
+    let mut pushed_per_origin = 0;
+    for summary in &both {
+        let per_origin: u64 = summary["origins"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|o| o["pushed"].as_u64().unwrap())
+            .sum();
+        assert_eq!(Some(per_origin), summary["pushed"].as_u64(), "{summary}");
+        pushed_per_origin += per_origin;
+    }
+    assert_eq!(pushed_per_origin, 3, "{both:?}");
     for home in [desk, pi] {
         sync(home, &hub);
     }
@@ -121,13 +150,13 @@ fn homes_that_talk_only_to_the_hub_converge_and_forged_rows_are_refused() {
         )
         .unwrap();
     let landed = caught["applied"].as_u64().unwrap() + caught["released"].as_u64().unwrap();
-    assert_eq!(landed, 300, "{caught}");
+    assert_eq!(landed, 303, "{caught}");
     // Per origin: what the hub held, what the VM holds now, what it pulled of each.
     for home in [desk, pi] {
         let o = &caught["origins"][id(home)];
         assert_eq!(o["hub_holds"], o["held"], "{caught}");
         assert_eq!(o["lag"], 0, "{caught}");
-        assert!(o["pulled"].as_u64().unwrap() >= 150, "{caught}");
+        assert!(o["pulled"].as_u64().unwrap() >= 151, "{caught}");
         assert_eq!(o["refused"], Value::Null, "{caught}");
     }
     for home in [desk, pi] {

@@ -109,6 +109,16 @@ impl NodeKey {
         PublicKey(self.key.verifying_key().to_bytes())
     }
 
+    /// The secret key as PKCS#8 (DER), for the TLS stack of peer connections (`peertls`);
+    /// it never leaves the process.
+    pub fn to_pkcs8_der(&self) -> Vec<u8> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        self.key
+            .to_pkcs8_der()
+            .map(|document| document.as_bytes().to_vec())
+            .expect("an ed25519 key always encodes")
+    }
+
     /// The origin bound to this key.
     pub fn origin(&self) -> Origin {
         origin_of(&self.public())

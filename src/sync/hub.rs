@@ -305,20 +305,18 @@ fn write_batch(
         }
         writer.finish()?;
     }
-    let mut inserted = 0;
-    let mut by_origin = Vec::new();
-    for row in tx.query(
-        "WITH new AS (INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
-           SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
-           ON CONFLICT (origin, seq) DO NOTHING RETURNING origin) \
-         SELECT origin, count(*) FROM new GROUP BY origin",
+    let inserted = tx.execute(
+        "INSERT INTO spool_hub_events (origin, seq, hash, bytes, head) \
+         SELECT origin, seq, hash, bytes, head FROM spool_hub_staging \
+         ON CONFLICT (origin, seq) DO NOTHING",
         &[],
-    )? {
-        let (origin, count): (Vec<u8>, i64) = (row.get(0), row.get(1));
-        let count = u64::try_from(count).unwrap_or(0);
-        inserted += count;
-        if let Ok(origin) = <[u8; 16]>::try_from(origin) {
-            by_origin.push((Origin(origin), count));
+    )?;
+    // Each origin's share of what was new: every staged row when all were (the common case,
+    // counted here), else asked of the hub below.
+    let mut by_origin: BTreeMap<Origin, u64> = BTreeMap::new();
+    if inserted == batch.len() as u64 {
+        for s in batch {
+            *by_origin.entry(s.meta.id.origin).or_default() += 1;
         }
     }
     let mut forks = 0;
@@ -334,6 +332,18 @@ fn write_batch(
              ON CONFLICT DO NOTHING",
             &[],
         )?;
+        // Each origin's share of what was new: the rows this transaction wrote.
+        for row in tx.query(
+            "SELECT s.origin, count(*) FROM spool_hub_staging s \
+             JOIN spool_hub_events e ON e.origin = s.origin AND e.seq = s.seq \
+             WHERE e.xmin = pg_current_xact_id()::xid GROUP BY s.origin",
+            &[],
+        )? {
+            let (origin, count): (Vec<u8>, i64) = (row.get(0), row.get(1));
+            if let Ok(origin) = <[u8; 16]>::try_from(origin) {
+                by_origin.insert(Origin(origin), u64::try_from(count).unwrap_or(0));
+            }
+        }
         // A head that came with an event the hub holds without one.
         tx.execute(
             "UPDATE spool_hub_events e SET head = s.head FROM spool_hub_staging s \
