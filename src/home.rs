@@ -69,6 +69,31 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub serve: ServeConfig,
     pub hub: HubConfig,
+    pub peer: PeerConfig,
+    pub peers: Vec<PeerEntry>,
+}
+
+/// `[peer]`: the door other members of the fleet sync through (TLS with the node keys).
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerConfig {
+    /// The address `spool serve` listens on for peers, e.g. "0.0.0.0:7420".
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Peers listed in `spool.toml`, at most.
+pub const PEERS_MAX: usize = 64;
+
+/// `[[peers]]`: a member of the fleet `spool serve` keeps this node synced with.
+#[derive(serde::Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// Where it listens: "host:port" (a name is looked up at each connection).
+    pub address: String,
+    /// Its origin id (32 hex digits), if only that member may answer there; otherwise any
+    /// current member of the fleet may.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 /// `[hub]`: the fleet's Postgres hub, which `spool serve` keeps this node synced with.
@@ -155,6 +180,22 @@ impl Config {
         let mode = self.serve.mode()?;
         if mode == 0o660 && self.serve.socket_group.is_none() {
             return Err("serve.socket_mode \"0660\" needs serve.socket_group".into());
+        }
+        if self.peers.len() > PEERS_MAX {
+            return Err(format!("peers: at most {PEERS_MAX} are listed"));
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            let port = peer.address.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+            if peer.address.len() > 255 || !matches!(port, Some(Ok(p)) if p > 0) {
+                return Err(format!(
+                    "peers[{i}].address must be host:port (a name or an address, and a port)"
+                ));
+            }
+            if let Some(origin) = &peer.origin {
+                if crate::event::Origin::from_hex(origin).is_err() {
+                    return Err(format!("peers[{i}].origin must be 32 hex digits"));
+                }
+            }
         }
         for (key, value, range) in self.ranges() {
             if !range.contains(&value) {

@@ -232,4 +232,144 @@ mod tests {
         let (cert, _) = identity(&key).unwrap();
         assert_eq!(key_of(&cert), Some(key.public()));
     }
+
+    fn only(keys: &[&NodeKey]) -> Admit {
+        let keys: Vec<PublicKey> = keys.iter().map(|k| k.public()).collect();
+        Arc::new(move |k: &PublicKey| keys.contains(k))
+    }
+
+    /// A handshake between a server and a client config over an in-memory pipe: the key each
+    /// side proved, or the failure (client's, server's).
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> Result<(PublicKey, PublicKey), (String, String)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            let connector = tokio_rustls::TlsConnector::from(client);
+            let serving = async move {
+                let mut tls = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+                let certs = tls.get_ref().1.peer_certificates().unwrap();
+                Ok::<_, String>(key_of(&certs[0]).unwrap())
+            };
+            let connecting = async move {
+                let mut tls = connector
+                    .connect(server_name(), b)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+                tls.flush().await.map_err(|e| e.to_string())?;
+                let certs = tls.get_ref().1.peer_certificates().unwrap();
+                let key = key_of(&certs[0]).unwrap();
+                // Wait for the server's verdict on this client's certificate.
+                let mut byte = [0u8; 1];
+                let _ = tls.read(&mut byte).await;
+                Ok::<_, String>(key)
+            };
+            let (served, connected) = tokio::join!(serving, connecting);
+            match (served, connected) {
+                (Ok(s), Ok(c)) => Ok((s, c)),
+                (s, c) => Err((c.err().unwrap_or_default(), s.err().unwrap_or_default())),
+            }
+        })
+    }
+
+    #[test]
+    fn members_prove_their_keys_to_each_other() {
+        let (desk, pi) = (NodeKey::generate(), NodeKey::generate());
+        let server = server_config(&desk, only(&[&pi])).unwrap();
+        let client = client_config(&pi, only(&[&desk])).unwrap();
+        let (client_key, server_key) = handshake(server, client).unwrap();
+        assert_eq!((client_key, server_key), (pi.public(), desk.public()));
+    }
+
+    #[test]
+    fn a_key_not_admitted_is_refused_on_either_side() {
+        let (desk, pi, stranger) = (
+            NodeKey::generate(),
+            NodeKey::generate(),
+            NodeKey::generate(),
+        );
+        // The server does not admit the client.
+        let server = server_config(&desk, only(&[&pi])).unwrap();
+        let client = client_config(&stranger, only(&[&desk])).unwrap();
+        let (_, served) = handshake(server, client).unwrap_err();
+        assert!(served.contains("certificate"), "{served}");
+        // The client does not admit the server.
+        let server = server_config(&stranger, only(&[&pi])).unwrap();
+        let client = client_config(&pi, only(&[&desk])).unwrap();
+        let (connected, _) = handshake(server, client).unwrap_err();
+        assert!(connected.contains("certificate"), "{connected}");
+    }
+
+    /// A member's certificate (its bytes are no secret) presented with another key: the
+    /// handshake signature does not verify under the certificate's key.
+    #[test]
+    fn a_members_certificate_without_its_key_is_refused() {
+        #[derive(Debug)]
+        struct Stolen(Arc<rustls::sign::CertifiedKey>);
+        impl rustls::client::ResolvesClientCert for Stolen {
+            fn resolve(
+                &self,
+                _: &[&[u8]],
+                _: &[SignatureScheme],
+            ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+                Some(self.0.clone())
+            }
+            fn has_certs(&self) -> bool {
+                true
+            }
+        }
+        let (desk, pi, thief) = (
+            NodeKey::generate(),
+            NodeKey::generate(),
+            NodeKey::generate(),
+        );
+        let (pi_cert, _) = identity(&pi).unwrap();
+        let (_, thief_key) = identity(&thief).unwrap();
+        let signer = provider().key_provider.load_private_key(thief_key).unwrap();
+        let stolen = Arc::new(rustls::sign::CertifiedKey::new(vec![pi_cert], signer));
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinning {
+                admit: only(&[&desk]),
+                provider: provider(),
+            }))
+            .with_client_cert_resolver(Arc::new(Stolen(stolen)));
+        let server = server_config(&desk, only(&[&pi])).unwrap();
+        let (_, served) = handshake(server, Arc::new(client)).unwrap_err();
+        assert!(!served.is_empty(), "the server took a stolen certificate");
+    }
+
+    #[test]
+    fn plaintext_is_refused_before_a_request_is_read() {
+        let desk = NodeKey::generate();
+        let server = server_config(&desk, only(&[])).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let refused = runtime.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let (a, mut b) = tokio::io::duplex(64 * 1024);
+            b.write_all(b"GET /v1/heads HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            tokio_rustls::TlsAcceptor::from(server)
+                .accept(a)
+                .await
+                .err()
+        });
+        assert!(refused.is_some());
+    }
 }

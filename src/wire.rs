@@ -39,6 +39,9 @@ pub enum Code {
     KeyConflict,
     /// The HTTP listener needs its bearer token.
     Unauthorized,
+    /// The caller may not use this door: on the peers' door, a key that is no current member
+    /// of the fleet.
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     /// The request's head or body did not arrive in time.
@@ -80,6 +83,7 @@ impl Code {
             | Code::BadQuery
             | Code::PathRefused => 400,
             Code::Unauthorized => 401,
+            Code::Forbidden => 403,
             Code::NotFound => 404,
             Code::MethodNotAllowed => 405,
             Code::Timeout => 408,
@@ -515,6 +519,9 @@ pub struct DaemonStatus {
     /// The hub sync, when `[hub] url` (or `SPOOL_HUB_URL`) is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubStatus>,
+    /// The peers of `[[peers]]`, in order.
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
 }
 
 /// `spool sync hub --json`: what one push and pull with the hub did.
@@ -584,6 +591,72 @@ impl HubSummary {
             .iter()
             .filter_map(|(o, h)| h.refused.as_deref().map(|why| (o, why)))
     }
+}
+
+/// `POST /v1/peer/wait`, on the peers' door only: answered as soon as this node holds an event
+/// `since` lacks, or after `wait_ms` (at most 30 000) with what it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeerWait {
+    pub since: Heads,
+    pub wait_ms: u64,
+}
+
+/// The answer to [`PeerWait`]: the node's version vector, and its projection's digest beside
+/// the events that projection covers (none before its first projection).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PeerState {
+    pub heads: Heads,
+    pub projection: Option<ProjectionDigest>,
+}
+
+/// A projection's digest (`spool digest sqlite`) and the vector of the events it covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ProjectionDigest {
+    pub covers: Heads,
+    pub digest: String,
+}
+
+/// `spool sync peer --json`: one exchange with a peer, both directions at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PeerSummary {
+    /// The peer's node: the key its TLS certificate proved, as an origin.
+    pub peer: Option<Origin>,
+    /// Events sent that the peer lacked, and how many it applied (or released).
+    pub sent: u64,
+    pub sent_applied: u64,
+    /// Events received from it, and what this node's ingest made of them.
+    pub received: u64,
+    pub applied: u64,
+    pub released: u64,
+    pub waiting: u64,
+    /// Why either side stopped taking the other's events (by name), if one did.
+    pub refused: Option<String>,
+    /// Its projection covers the same events as this node's and has another digest.
+    pub divergent: bool,
+}
+
+/// What the daemon's sync with one peer of `[[peers]]` has done since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PeerStatus {
+    /// As configured.
+    pub address: String,
+    /// The peer's node, once a handshake proved its key.
+    pub peer: Option<Origin>,
+    /// Whether the last attempt to reach it succeeded.
+    pub reachable: bool,
+    /// Completed exchanges, and when the last one ended (ms since the Unix epoch).
+    pub syncs: u64,
+    pub last_sync_ms: Option<u64>,
+    /// Events sent that it lacked, and events received from it, since the daemon started.
+    pub sent: u64,
+    pub received: u64,
+    /// Events it held that this node did not, at the last exchange.
+    pub lag_events: u64,
+    /// Why the last attempt failed or was refused, if it was.
+    pub last_error: Option<String>,
+    /// Its projection of the same events has another digest (a divergence).
+    pub divergent: bool,
 }
 
 /// `spool heads --json` and `GET /v1/heads`: the version vector, `{"<origin hex>": seq}`.

@@ -65,6 +65,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sync(SyncCommand::Hub { url, once, json }) => {
             super::hub::run(&home, &url, once, json)
         }
+        Command::Sync(SyncCommand::Peer {
+            address,
+            origin,
+            once,
+            json,
+        }) => super::peer::run(&home, &address, origin.as_deref(), once, json),
         Command::Fleet {
             command: None,
             json,
@@ -156,6 +162,8 @@ fn serve(dir: &Path, http: Option<std::net::SocketAddr>) -> anyhow::Result<ExitC
                 .ok()
                 .filter(|u| !u.is_empty())
                 .or_else(|| home.config().hub.url.clone()),
+            peer_listen: home.config().peer.listen,
+            peers: home.config().peers.clone(),
         },
     )?;
     eprintln!("spool serve: stopped; everything acknowledged is durable");

@@ -4,6 +4,7 @@ mod commands;
 mod demo;
 mod fleet;
 mod hub;
+mod peer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,6 +130,22 @@ enum SyncCommand {
         #[arg(long, env = "SPOOL_HUB_URL", hide_env_values = true)]
         url: String,
         /// One push and one pull, then exit (2 if an origin's pull was refused).
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exchange events with a peer over TLS with the node keys, both directions at once (each
+    /// side must be a current member of the other's fleet); without --once, again every 30 s,
+    /// reconnecting with backoff, until interrupted. While `spool serve` runs, list the peer
+    /// in `[[peers]]` of spool.toml instead.
+    Peer {
+        /// Where the peer listens (`[peer] listen` there): host:port.
+        address: String,
+        /// Accept only this member there (its origin id, 32 hex digits).
+        #[arg(long)]
+        origin: Option<String>,
+        /// One exchange, then exit (2 if either side refused the other's events).
         #[arg(long)]
         once: bool,
         #[arg(long)]

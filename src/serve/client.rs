@@ -46,6 +46,13 @@ impl Client {
                 path: socket.display().to_string(),
                 source,
             })?;
+        Client::over(stream).await
+    }
+
+    /// Speaks HTTP/1.1 over a connection made elsewhere (a peer's TLS stream).
+    pub async fn over(
+        stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    ) -> Result<Client, ClientError> {
         let io = hyper_util::rt::TokioIo::new(stream);
         let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(async move {
@@ -307,57 +314,13 @@ impl Node for Remote {
     /// The file's frames are checked here and sent in bounded pieces, each an export file of
     /// its own; the summaries add up to the one a single ingest gives.
     fn ingest(&mut self, input: Box<dyn Read + Send>) -> Result<IngestSummary, Problem> {
-        let mut total = IngestSummary {
-            ok: true,
-            ..Default::default()
-        };
-        let mut reader = match shipping::ExportReader::new(input) {
-            Ok(reader) => reader,
-            Err(e) => {
-                total.ok = false;
-                total.stopped = Some(e.to_string());
-                return Ok(total);
-            }
-        };
-        loop {
-            let mut piece = shipping::ExportWriter::new(Vec::new())
-                .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
-            let (mut events, mut bytes, mut file_error) = (0, 0, None);
-            while events < INGEST_PIECE_EVENTS && bytes < INGEST_PIECE_BYTES {
-                match reader.next_frame() {
-                    Ok(Some(frame)) => {
-                        // With its signed head, if one came with it: a piece never parts them.
-                        piece
-                            .push_shipped(&frame.shipped)
-                            .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
-                        events += 1;
-                        bytes += frame.shipped.bytes.len();
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        file_error = Some(e);
-                        break;
-                    }
-                }
-            }
-            if events > 0 {
-                let (_, body) = piece
-                    .finish()
-                    .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
-                let answer: IngestSummary = self.call("POST", "/v1/ingest", body, true)?;
-                total.add(&answer);
-                if !answer.ok {
-                    return Ok(total);
-                }
-            }
-            if let Some(e) = file_error {
-                total.ok = false;
-                total.stopped = Some(format!("{e}; everything before it was ingested"));
-                return Ok(total);
-            }
-            if events < INGEST_PIECE_EVENTS && bytes < INGEST_PIECE_BYTES {
-                return Ok(total);
-            }
+        match shipping::ExportReader::new(input) {
+            Ok(reader) => in_pieces(reader, |body| self.call("POST", "/v1/ingest", body, true)),
+            Err(e) => Ok(IngestSummary {
+                ok: false,
+                stopped: Some(e.to_string()),
+                ..Default::default()
+            }),
         }
     }
 
@@ -407,6 +370,60 @@ impl Node for Remote {
             status = self.status()?;
         }
         Ok(PathBuf::from(&status.home).join(crate::jobs::PROJECTION))
+    }
+}
+
+/// Sends an export's frames as bounded pieces (at most [`INGEST_PIECE_EVENTS`] events and
+/// about [`INGEST_PIECE_BYTES`] bytes), each an export file of its own with the signed heads
+/// that came with its events, through `send` (a node's `/v1/ingest`); stops at the first piece
+/// not taken whole. The summaries add up to the one a single ingest gives.
+pub fn in_pieces<R: Read>(
+    mut reader: shipping::ExportReader<R>,
+    mut send: impl FnMut(Vec<u8>) -> Result<IngestSummary, Problem>,
+) -> Result<IngestSummary, Problem> {
+    let mut total = IngestSummary {
+        ok: true,
+        ..Default::default()
+    };
+    loop {
+        let mut piece = shipping::ExportWriter::new(Vec::new())
+            .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
+        let (mut events, mut bytes, mut file_error) = (0, 0, None);
+        while events < INGEST_PIECE_EVENTS && bytes < INGEST_PIECE_BYTES {
+            match reader.next_frame() {
+                Ok(Some(frame)) => {
+                    // With its signed head, if one came with it: a piece never parts them.
+                    piece
+                        .push_shipped(&frame.shipped)
+                        .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
+                    events += 1;
+                    bytes += frame.shipped.bytes.len();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    file_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if events > 0 {
+            let (_, body) = piece
+                .finish()
+                .map_err(|e| Problem::new(Code::Internal, e.to_string()))?;
+            let answer = send(body)?;
+            total.add(&answer);
+            if !answer.ok {
+                return Ok(total);
+            }
+        }
+        if let Some(e) = file_error {
+            total.ok = false;
+            total.stopped = Some(format!("{e}; everything before it was ingested"));
+            return Ok(total);
+        }
+        if events < INGEST_PIECE_EVENTS && bytes < INGEST_PIECE_BYTES {
+            return Ok(total);
+        }
     }
 }
 

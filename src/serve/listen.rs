@@ -64,25 +64,99 @@ impl Default for Doors {
     }
 }
 
-/// A listener: the Unix socket or a TCP address.
+/// Who is at the other end of a peer connection: the node key its TLS handshake proved.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller(pub crate::identity::PublicKey);
+
+/// A listener: the Unix socket, a TCP address, or the peers' TLS address.
 pub trait Listener: Send + 'static {
+    /// What `accept` gives.
+    type Raw: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What requests are read from.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// Whether a connection beyond the cap is told so in plain HTTP (not on a TLS door).
+    const PLAIN: bool = true;
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Raw>> + Send;
+    /// Readies an accepted connection for requests (the TLS handshake, within
+    /// [`HEAD_TIMEOUT`]), on the connection's own task; `None` ends it.
+    fn ready(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = Option<(Self::Stream, Option<Caller>)>> + Send + 'static;
 }
 
 impl Listener for tokio::net::UnixListener {
+    type Raw = tokio::net::UnixStream;
     type Stream = tokio::net::UnixStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+    async fn accept_stream(&self) -> std::io::Result<Self::Raw> {
         self.accept().await.map(|(stream, _)| stream)
+    }
+    fn ready(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = Option<(Self::Stream, Option<Caller>)>> + Send + 'static {
+        std::future::ready(Some((raw, None)))
     }
 }
 
 impl Listener for tokio::net::TcpListener {
+    type Raw = tokio::net::TcpStream;
     type Stream = tokio::net::TcpStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+    async fn accept_stream(&self) -> std::io::Result<Self::Raw> {
         let (stream, _) = self.accept().await?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+    fn ready(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = Option<(Self::Stream, Option<Caller>)>> + Send + 'static {
+        std::future::ready(Some((raw, None)))
+    }
+}
+
+/// The peers' door: TCP on any address, TLS with the node key (`peertls`); a connection whose
+/// key the acceptor's verifier refuses, that speaks plaintext, or that does not finish its
+/// handshake within [`HEAD_TIMEOUT`] is closed before any request is read.
+pub struct TlsListener {
+    pub tcp: tokio::net::TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Listener for TlsListener {
+    type Raw = tokio::net::TcpStream;
+    type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    const PLAIN: bool = false;
+    async fn accept_stream(&self) -> std::io::Result<Self::Raw> {
+        self.tcp.accept_stream().await
+    }
+    fn ready(
+        &self,
+        raw: Self::Raw,
+    ) -> impl Future<Output = Option<(Self::Stream, Option<Caller>)>> + Send + 'static {
+        let acceptor = self.acceptor.clone();
+        async move {
+            let address = raw.peer_addr().ok();
+            let tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(raw)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    // Debug only: anyone who can reach the port could fill the log.
+                    tracing::debug!(?address, "a peer connection was refused: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!(?address, "a peer did not finish its TLS handshake");
+                    return None;
+                }
+            };
+            let key = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(crate::peertls::key_of)?;
+            Some((tls, Some(Caller(key))))
+        }
     }
 }
 
@@ -115,14 +189,26 @@ impl Doors {
                 }
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                connections.spawn(turn_away(stream));
+                if L::PLAIN {
+                    connections.spawn(turn_away(stream));
+                }
                 continue;
             };
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
-            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let ready = listener.ready(stream);
+            let (router, http) = (router.clone(), http.clone());
             let mut stop = stop.clone();
             connections.spawn(async move {
                 let _permit = permit;
+                let Some((stream, caller)) = ready.await else {
+                    return;
+                };
+                let router = match caller {
+                    Some(caller) => router.layer(axum::Extension(caller)),
+                    None => router,
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let connection =
+                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 tokio::pin!(connection);
                 tokio::select! {
                     _ = connection.as_mut() => return,

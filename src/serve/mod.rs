@@ -16,6 +16,7 @@ pub mod client;
 mod hub;
 mod listen;
 mod metrics;
+pub mod peer;
 mod reply;
 
 use std::path::{Path, PathBuf};
@@ -70,8 +71,12 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Config(String),
-    #[error("--http {0}: only a loopback address is served (127.0.0.0/8 or ::1)")]
+    #[error("--http {0}: only a loopback address is served (127.0.0.0/8 or ::1); other nodes reach this one through `[peer] listen`, with TLS and the node keys")]
     NotLoopback(std::net::SocketAddr),
+    #[error("{0}: peers need a node key and a fleet (a home made before keys has neither)")]
+    NoFleet(&'static str),
+    #[error("the peers' door: {0}")]
+    Peer(String),
 }
 
 /// Where and how the daemon listens.
@@ -90,6 +95,10 @@ pub struct Options {
     pub key: Option<Arc<crate::identity::NodeKey>>,
     /// The fleet's Postgres hub to keep synced with (`[hub] url`, `SPOOL_HUB_URL`).
     pub hub: Option<String>,
+    /// The peers' door (`[peer] listen`): TLS with the node key, fleet members only.
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The peers to keep synced with (`[[peers]]`).
+    pub peers: Vec<crate::home::PeerEntry>,
 }
 
 struct App {
@@ -122,6 +131,8 @@ struct App {
     doors: listen::Doors,
     /// The hub sync's report, when there is a hub.
     hub: Option<std::sync::Mutex<wire::HubStatus>>,
+    /// Each peer's sync report, in the order of `[[peers]]`.
+    peers: std::sync::Mutex<Vec<wire::PeerStatus>>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
@@ -129,6 +140,14 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
     if let Some((addr, _)) = &options.http {
         if !addr.ip().is_loopback() {
             return Err(ServeError::NotLoopback(*addr));
+        }
+    }
+    if options.key.is_none() || log.fleet_root().is_none() {
+        if options.peer_listen.is_some() {
+            return Err(ServeError::NoFleet("[peer] listen"));
+        }
+        if !options.peers.is_empty() {
+            return Err(ServeError::NoFleet("[[peers]]"));
         }
     }
     no_huge_pages();
@@ -158,6 +177,16 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         rebuilding: Default::default(),
         doors: listen::Doors::default(),
         hub: options.hub.as_ref().map(|_| Default::default()),
+        peers: std::sync::Mutex::new(
+            options
+                .peers
+                .iter()
+                .map(|p| wire::PeerStatus {
+                    address: p.address.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
     });
     runtime.block_on(serve(app.clone(), options))?;
     // A job still running (a Postgres server that went silent) is not waited for: what it
@@ -192,6 +221,24 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let mut peer_threads = Vec::new();
+    if let Some(key) = &app.key {
+        for (index, entry) in options.peers.iter().enumerate() {
+            let pinned = entry
+                .origin
+                .as_deref()
+                .and_then(|o| crate::event::Origin::from_hex(o).ok());
+            let members = app.clone();
+            let admit = peer::admit(move |k| peer::member_key(&members.log, k), pinned);
+            let link = peer::Link::new(&entry.address, key, admit).map_err(ServeError::Peer)?;
+            let app = app.clone();
+            peer_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("spool-peer-{index}"))
+                    .spawn(move || peer::keep_synced(&app, index, link))?,
+            );
+        }
+    }
     let routes = |token: Option<String>| {
         let router = Router::new()
             .route("/v1/events", post(append).get(events))
@@ -258,6 +305,23 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         );
         servers.spawn(async move { doors.serve(tcp, tcp_routes, stop).await });
     }
+    if let (Some(addr), Some(key)) = (options.peer_listen, &app.key) {
+        let members = app.clone();
+        let admit = peer::admit(move |k| peer::member_key(&members.log, k), None);
+        let config = crate::peertls::server_config(key, admit).map_err(ServeError::Peer)?;
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let door = listen::TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+        };
+        let (doors, stop, peer_routes) = (
+            app.doors.clone(),
+            app.stopping.subscribe(),
+            peer_routes(&app),
+        );
+        tracing::info!(%addr, "spool serve: the peers' door is open");
+        servers.spawn(async move { doors.serve(door, peer_routes, stop).await });
+    }
     tracing::info!(socket = %options.socket.display(), "spool serve: listening");
     // The handlers are in place before anyone hears "ready": a SIGTERM sent at once (systemd
     // stopping a unit that just started) ends the daemon cleanly, not by the default action.
@@ -270,10 +334,10 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
     app.stopping.send_replace(true);
     while servers.join_next().await.is_some() {}
     let _ = tokio::task::spawn_blocking(move || projector.join()).await;
-    if let Some(hub) = hub {
-        // It looks at `stopping` at least every second between rounds; a round in progress
-        // is bounded by its connection's timeouts.
-        let joined = tokio::task::spawn_blocking(move || hub.join());
+    // They look at `stopping` between rounds; a round in progress is bounded by its
+    // connections' timeouts.
+    for thread in hub.into_iter().chain(peer_threads) {
+        let joined = tokio::task::spawn_blocking(move || thread.join());
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, joined).await;
     }
     let _ = std::fs::remove_file(&options.socket);
@@ -679,6 +743,110 @@ async fn heads(State(app): State<Arc<App>>) -> Response {
     answer(move || node::heads(&app.log)).await
 }
 
+/// The peers' door serves only what sync needs, and only to current members of the fleet (the
+/// TLS handshake admitted the caller's key; a revocation since is seen at its next request).
+fn peer_routes(app: &Arc<App>) -> Router {
+    let bodies = app.clone();
+    Router::new()
+        .route("/v1/heads", get(heads))
+        .route("/v1/export", post(export))
+        .route("/v1/ingest", post(ingest))
+        .route("/v1/peer/wait", post(peer_wait))
+        .fallback(|| async { refuse(Code::NotFound, "no such endpoint on the peers' door") })
+        .method_not_allowed_fallback(|| async {
+            refuse(
+                Code::MethodNotAllowed,
+                "this endpoint does not take this method",
+            )
+        })
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next| {
+                let app = bodies.clone();
+                async move {
+                    let limit = match req.uri().path() {
+                        "/v1/ingest" => INGEST_BYTES_MAX,
+                        _ => REQUEST_BYTES_MAX,
+                    };
+                    app.doors.read_body(req, limit, next).await
+                }
+            },
+        ))
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            members_only,
+        ))
+        .layer(axum::middleware::from_fn(reply::catch_panic))
+        .layer(axum::middleware::from_fn(reply::json_failures))
+        .with_state(app.clone())
+}
+
+/// Refuses a request whose caller is no longer a current member (checked before its body is
+/// read).
+async fn members_only(
+    State(app): State<Arc<App>>,
+    caller: Option<axum::Extension<listen::Caller>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(axum::Extension(listen::Caller(key))) = caller else {
+        return refuse(Code::Forbidden, "the peers' door serves fleet members only");
+    };
+    let member = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || peer::member_key(&app.log, &key))
+            .await
+            .unwrap_or(false)
+    };
+    if !member {
+        return refuse(
+            Code::Forbidden,
+            "this node key is not a current member of the fleet",
+        );
+    }
+    next.run(request).await
+}
+
+/// Longest wait a peer may ask for.
+const PEER_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// `POST /v1/peer/wait`: answered with this node's heads as soon as it holds an event `since`
+/// lacks, when `wait_ms` (at most 30 s) pass, or when the daemon stops.
+async fn peer_wait(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let request = match json_request::<wire::PeerWait>(&body) {
+        Ok(request) => request,
+        Err(refused) => return problem(refused),
+    };
+    let until =
+        tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(PEER_WAIT_MAX);
+    let mut committed = app.committed.subscribe();
+    let mut stopping = app.stopping.subscribe();
+    loop {
+        committed.mark_unchanged();
+        let reading = app.clone();
+        let heads = match tokio::task::spawn_blocking(move || node::heads(&reading.log)).await {
+            Ok(Ok(heads)) => heads,
+            Ok(Err(p)) => return problem(p),
+            Err(_) => return reply::internal(),
+        };
+        if peer::ahead(&heads, &request.since) || tokio::time::Instant::now() >= until {
+            return Json(wire::PeerState {
+                heads,
+                projection: None,
+            })
+            .into_response();
+        }
+        tokio::select! {
+            _ = committed.changed() => {}
+            _ = tokio::time::sleep_until(until) => {}
+            _ = stopping.wait_for(|s| *s) => {}
+        }
+        if *app.stopping.borrow() {
+            return busy("the daemon is stopping", 1);
+        }
+    }
+}
+
 /// `GET /v1/status`: `spool status --json`, with what only the daemon knows (`daemon`).
 async fn status(State(app): State<Arc<App>>) -> Response {
     answer(move || {
@@ -698,6 +866,7 @@ async fn status(State(app): State<Arc<App>>) -> Response {
                 .hub
                 .as_ref()
                 .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            peers: app.peers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         });
         Ok(status)
     })

@@ -39,6 +39,7 @@ export const CODES = [
   "path_refused",
   "key_conflict",
   "unauthorized",
+  "forbidden",
   "not_found",
   "method_not_allowed",
   "timeout",

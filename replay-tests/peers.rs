@@ -1,0 +1,182 @@
+//! Sync between peers over TLS with the node keys (issue 26), on loopback: `spool sync peer`
+//! exchanges both directions with a daemon's peers' door; a node of another fleet, a plaintext
+//! client and an unknown key are refused before any request is read; two daemons listing each
+//! other in `[[peers]]` keep each other current.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use common::{activity, ok, spool};
+
+fn homes(dir: &Path, labels: &[&str]) -> Vec<PathBuf> {
+    labels
+        .iter()
+        .map(|label| {
+            let home = dir.join(label);
+            ok(&home, &["init", "--label", label], "");
+            home
+        })
+        .collect()
+}
+
+/// Appends `config` to the home's spool.toml.
+fn configure(home: &Path, config: &str) {
+    let path = home.join("spool.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.push_str(config);
+    std::fs::write(&path, text).unwrap();
+}
+
+fn heads(home: &Path) -> Value {
+    serde_json::from_str(&ok(home, &["heads", "--json"], "")).unwrap()
+}
+
+fn id(home: &Path) -> String {
+    spool::home::Home::open(home).unwrap().origin().to_hex()
+}
+
+#[test]
+fn sync_peer_exchanges_both_ways_and_strangers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = homes(dir.path(), &["desk", "pi", "stranger"]);
+    let (desk, pi, stranger) = (&h[0], &h[1], &h[2]);
+    common::fleet(desk, &[pi]);
+    let lines = |what: &str| -> String {
+        (0..20)
+            .map(|i| activity("board", &format!("{what} {i}")) + "\n")
+            .collect()
+    };
+    ok(desk, &["append"], &lines("desk"));
+    ok(pi, &["append"], &lines("pi"));
+    let addr = daemon::free_loopback_addr();
+    configure(desk, &format!("\n[peer]\nlisten = {addr:?}\n"));
+    let served = daemon::start(common::SPOOL, desk);
+    let out = ok(pi, &["sync", "peer", &addr, "--once", "--json"], "");
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["peer"], id(desk), "{summary}");
+    assert_eq!(summary["refused"], Value::Null, "{summary}");
+    assert_eq!(summary["sent"], 20, "{summary}");
+    assert!(summary["received"].as_u64().unwrap() >= 20, "{summary}");
+    assert_eq!(heads(pi), heads(desk));
+    // Again: nothing left to send either way.
+    let again: Value =
+        serde_json::from_str(ok(pi, &["sync", "peer", &addr, "--once", "--json"], "").trim())
+            .unwrap();
+    assert_eq!(
+        (again["sent"].as_u64(), again["received"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // Pinned to another origin: the desk's key is refused by the client.
+    let pinned = spool(
+        pi,
+        &["sync", "peer", &addr, "--once", "--origin", &id(stranger)],
+        "",
+    );
+    assert!(!pinned.status.success());
+    // A node of another fleet is refused at the handshake, and learns nothing.
+    let refused = spool(stranger, &["sync", "peer", &addr, "--once"], "");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("TLS handshake") || said.contains(&addr),
+        "{said}"
+    );
+    assert_eq!(heads(stranger).get(id(desk)), None, "{}", heads(stranger));
+    // Plaintext HTTP gets no answer: the connection ends without a byte of HTTP.
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    use std::io::{Read, Write};
+    plain
+        .write_all(b"GET /v1/heads HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/1.1"),
+        "{answer:?}"
+    );
+    daemon::stop(served);
+}
+
+#[test]
+fn daemons_listing_each_other_keep_each_other_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = homes(dir.path(), &["desk", "pi"]);
+    let (desk, pi) = (&h[0], &h[1]);
+    common::fleet(desk, &[pi]);
+    let (desk_addr, pi_addr) = (daemon::free_loopback_addr(), daemon::free_loopback_addr());
+    configure(
+        desk,
+        &format!("\n[peer]\nlisten = {desk_addr:?}\n\n[[peers]]\naddress = {pi_addr:?}\n"),
+    );
+    configure(
+        pi,
+        &format!("\n[peer]\nlisten = {pi_addr:?}\n\n[[peers]]\naddress = {desk_addr:?}\n"),
+    );
+    let daemons = [
+        daemon::start(common::SPOOL, desk),
+        daemon::start(common::SPOOL, pi),
+    ];
+    let count = |home: &Path| -> u64 {
+        let out = ok(
+            home,
+            &[
+                "sql",
+                "SELECT count(*) AS n FROM activity_log WHERE message = 'live'",
+            ],
+            "",
+        );
+        serde_json::from_str::<Value>(out.trim()).unwrap()["n"]
+            .as_u64()
+            .unwrap()
+    };
+    // Both have reached each other once.
+    let ready = std::time::Instant::now();
+    while [desk, pi].iter().any(|home| {
+        let status: Value = serde_json::from_str(&ok(home, &["status", "--json"], "")).unwrap();
+        status["daemon"]["peers"][0]["syncs"].as_u64().unwrap_or(0) == 0
+    }) {
+        assert!(
+            ready.elapsed() < std::time::Duration::from_secs(60),
+            "no first exchange"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let started = std::time::Instant::now();
+    ok(desk, &["append"], &(activity("board", "live") + "\n"));
+    while count(pi) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the event did not reach the Pi's projection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // With the CLI's own start (a debug build) in it: `cargo bench --bench peers` measures it.
+    println!(
+        "append on the desk to the Pi's projection through the peers' door: {} ms",
+        started.elapsed().as_millis()
+    );
+    ok(pi, &["append"], &(activity("board", "live") + "\n"));
+    let started = std::time::Instant::now();
+    while count(desk) < 2 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let status: Value = serde_json::from_str(&ok(pi, &["status", "--json"], "")).unwrap();
+    let peer = &status["daemon"]["peers"][0];
+    assert_eq!(peer["address"], desk_addr.as_str(), "{peer}");
+    assert_eq!(peer["peer"], id(desk), "{peer}");
+    assert_eq!(peer["reachable"], true, "{peer}");
+    assert!(peer["syncs"].as_u64().unwrap() >= 1, "{peer}");
+    for daemon in daemons {
+        daemon::stop(daemon);
+    }
+    assert_eq!(heads(pi), heads(desk));
+}
