@@ -15,7 +15,7 @@ use crate::wire::{
 
 /// Every path the daemon serves, with its method: the description's `paths`, and what a test
 /// checks the router against.
-pub const ROUTES: [(&str, &str); 13] = [
+pub const ROUTES: [(&str, &str); 14] = [
     ("post", "/v1/events"),
     ("get", "/v1/events"),
     ("post", "/v1/ingest"),
@@ -29,6 +29,7 @@ pub const ROUTES: [(&str, &str); 13] = [
     ("get", "/v1/status"),
     ("get", "/v1/openapi.json"),
     ("get", "/metrics"),
+    ("post", "/v1/peer/wait"),
 ];
 
 /// Collects the components' schemas as operations name them.
@@ -185,6 +186,11 @@ pub fn document() -> Value {
         "/v1/heads": {"get": {
             "summary": "The version vector: origin (hex) → highest seq held",
             "responses": with_refusals(answer("The vector", c.add::<Heads>("Heads"))),
+        }},
+        "/v1/peer/wait": {"post": {
+            "summary": "On the peers' door only (TLS with the node keys, fleet members; there too: /v1/heads, /v1/export, /v1/ingest): answered as soon as this node holds an event `since` lacks, or after `wait_ms` (at most 30 000)",
+            "requestBody": json_body(c.add::<crate::wire::PeerWait>("PeerWait")),
+            "responses": with_refusals(answer("This node's heads", c.add::<crate::wire::PeerState>("PeerState"))),
         }},
         "/v1/status": {"get": {
             "summary": "The node, its heads, waiting events, forks, and what only the daemon knows",

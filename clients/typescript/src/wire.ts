@@ -185,7 +185,25 @@ export interface Status {
       /** Nodes with the same events in other tables: a divergence. */
       divergent: string[];
     };
+    /** The peers of `[[peers]]`, in order. */
+    peers: PeerStatus[];
   };
+}
+
+/** What the daemon's sync with one peer has done since it started. */
+export interface PeerStatus {
+  address: string;
+  /** The peer's node, once a handshake proved its key. */
+  peer: string | null;
+  reachable: boolean;
+  syncs: number;
+  last_sync_ms: number | null;
+  sent: number;
+  received: number;
+  /** Events it held that this node did not, at the last exchange. */
+  lag_events: number;
+  last_error: string | null;
+  divergent: boolean;
 }
 
 /** One origin in the hub sync. */
