@@ -148,8 +148,7 @@ fn three_hosts_converge_through_partitions_flaps_and_a_killed_daemon() {
             home
         })
         .collect();
-    common::fleet(&homes[0], &[&homes[1], &homes[2]]);
-    for (i, home) in homes.iter().enumerate().take(3) {
+    let config = |i: usize| {
         let mut config = format!("\n[peer]\nlisten = \"{}:{PORT}\"\n", net.address(i));
         for j in (0..3).filter(|&j| j != i) {
             config.push_str(&format!(
@@ -157,9 +156,39 @@ fn three_hosts_converge_through_partitions_flaps_and_a_killed_daemon() {
                 net.address(j)
             ));
         }
-        std::fs::write(home.join("spool.toml"), config).unwrap();
+        config
+    };
+    // The desk starts the fleet; the Pi and the VM pair into it by code, each from its own
+    // host, over the desk's door.
+    std::fs::write(homes[0].join("spool.toml"), config(0)).unwrap();
+    let mut daemons: Vec<Option<Child>> = vec![Some(start(&net, 0, &homes[0])), None, None];
+    for i in 1..3 {
+        let minted: Value =
+            serde_json::from_str(ok(&homes[0], &["pair", "code", "--json"], "").trim()).unwrap();
+        let out = net
+            .on(i, common::SPOOL)
+            .arg("--home")
+            .arg(&homes[i])
+            .args([
+                "pair",
+                "join",
+                minted["address"].as_str().unwrap(),
+                minted["code"].as_str().unwrap(),
+                "--origin",
+                minted["fingerprint"].as_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(homes[i].join("spool.toml"), config(i)).unwrap();
+        daemons[i] = Some(start(&net, i, &homes[i]));
     }
-    let mut daemons: Vec<Option<Child>> = (0..3).map(|i| Some(start(&net, i, &homes[i]))).collect();
+    let fleet: Value = serde_json::from_str(&ok(&homes[0], &["fleet", "--json"], "")).unwrap();
+    assert_eq!(fleet["members"].as_array().unwrap().len(), 3, "{fleet}");
 
     // Writers on every node at once, a batch every few milliseconds, while the links change.
     let written: Vec<u64> = std::thread::scope(|s| {

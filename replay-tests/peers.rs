@@ -180,3 +180,113 @@ fn daemons_listing_each_other_keep_each_other_current() {
     }
     assert_eq!(heads(pi), heads(desk));
 }
+
+/// `spool pair code` on a member, `spool pair join` on a new device: the device is admitted
+/// and takes the fleet's log; every step is an event; a 4th pending code, a wrong code, a used
+/// code, two devices racing for one code and a brute-force run are each refused by name.
+#[test]
+fn a_device_pairs_by_code_and_every_misuse_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = homes(dir.path(), &["desk", "laptop", "phone", "tablet", "watch"]);
+    let (desk, laptop, phone, tablet, watch) = (&h[0], &h[1], &h[2], &h[3], &h[4]);
+    ok(
+        desk,
+        &["append"],
+        &(activity("board", "before pairing") + "\n"),
+    );
+    let addr = daemon::free_loopback_addr();
+    configure(desk, &format!("\n[peer]\nlisten = {addr:?}\n"));
+    let served = daemon::start(common::SPOOL, desk);
+    let mint = || -> Value {
+        serde_json::from_str(ok(desk, &["pair", "code", "--json"], "").trim()).unwrap()
+    };
+    let first = mint();
+    let code = first["code"].as_str().unwrap().to_owned();
+    let fingerprint = first["fingerprint"].as_str().unwrap().to_owned();
+    assert_eq!(fingerprint, id(desk));
+    assert_eq!(first["address"], addr.as_str());
+    let (second, third) = (mint(), mint());
+    // A 4th pending code.
+    let fourth = spool(desk, &["pair", "code"], "");
+    assert!(!fourth.status.success());
+    assert!(
+        String::from_utf8_lossy(&fourth.stderr).contains("3 pairing codes are pending"),
+        "{fourth:?}"
+    );
+    let join = |home: &Path, code: &str| {
+        spool(
+            home,
+            &["pair", "join", &addr, code, "--origin", &fingerprint],
+            "",
+        )
+    };
+    let said = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // A wrong code.
+    let wrong = join(laptop, "ABCDEFGH");
+    assert!(!wrong.status.success());
+    assert!(
+        said(&wrong).contains("not one this node minted"),
+        "{}",
+        said(&wrong)
+    );
+    // The right one: the laptop is admitted and holds the desk's log.
+    let joined = join(laptop, &code);
+    assert!(joined.status.success(), "{}", said(&joined));
+    assert!(heads(laptop).get(id(desk)).is_some(), "{}", heads(laptop));
+    let fleet: Value = serde_json::from_str(&ok(laptop, &["fleet", "--json"], "")).unwrap();
+    assert_eq!(fleet["root"], id(desk));
+    let config = std::fs::read_to_string(laptop.join("spool.toml")).unwrap();
+    assert!(config.contains(&addr), "{config}");
+    // The same code again.
+    let used = join(phone, &code);
+    assert!(said(&used).contains("used already"), "{}", said(&used));
+    // Two devices racing for one code: one has it.
+    let racing = second["code"].as_str().unwrap().to_owned();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| join(phone, &racing));
+        let b = s.spawn(|| join(tablet, &racing));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(
+        [a.status.success(), b.status.success()]
+            .iter()
+            .filter(|&&won| won)
+            .count(),
+        1,
+        "{}\n{}",
+        said(&a),
+        said(&b)
+    );
+    let loser = if a.status.success() { &b } else { &a };
+    assert!(said(loser).contains("used already"), "{}", said(loser));
+    // A brute-force run: the 5th failure since codes were last all settled cancels every
+    // pending code, and the third code no longer works.
+    let guesses: Vec<String> = ["AAAAAAAA", "BBBBBBBB", "CCCCCCCC"]
+        .iter()
+        .map(|guess| said(&join(watch, guess)))
+        .collect();
+    assert!(
+        guesses
+            .iter()
+            .any(|g| g.contains("every pending code is cancelled")),
+        "{guesses:?}"
+    );
+    let after = join(watch, third["code"].as_str().unwrap());
+    assert!(!after.status.success());
+    // Every step is an event of the desk's pairing stream.
+    let events = ok(
+        desk,
+        &["log", "--stream", &format!("pairing/{}", id(desk))],
+        "",
+    );
+    for kind in [
+        "pairing.requested",
+        "pairing.completed",
+        "pairing.attempt_failed",
+        "pairing.cancelled",
+    ] {
+        assert!(events.contains(kind), "{kind}: {events}");
+    }
+    assert!(!events.contains(&code), "a code in the log");
+    daemon::stop(served);
+}

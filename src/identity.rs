@@ -119,6 +119,12 @@ impl NodeKey {
             .expect("an ed25519 key always encodes")
     }
 
+    /// A secret for `context` derived from this key (blake3's key derivation): one key, many
+    /// purposes, none revealing another.
+    pub fn derive(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.key.as_bytes())
+    }
+
     /// The origin bound to this key.
     pub fn origin(&self) -> Origin {
         origin_of(&self.public())

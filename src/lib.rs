@@ -17,6 +17,7 @@ pub mod log;
 pub mod membership;
 pub mod node;
 pub mod openapi;
+pub mod pairing;
 pub mod peertls;
 pub mod pgtls;
 pub mod priority;

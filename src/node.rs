@@ -241,17 +241,20 @@ impl Local {
     }
 }
 
+/// Appends `requests` as one durable commit, all or nothing.
+pub fn append(log: &Log, requests: Vec<AppendRequest>) -> Result<Vec<Ack>, Problem> {
+    let mut events = Vec::with_capacity(requests.len());
+    for (i, request) in requests.into_iter().enumerate() {
+        let index = Some(i);
+        events.push(crate::input::new_event(request).map_err(|e| Problem::from(&e).index(index))?);
+    }
+    let appended = log.append(events)?;
+    Ok(appended.iter().map(Into::into).collect())
+}
+
 impl Node for Local {
     fn append(&mut self, requests: Vec<AppendRequest>) -> Result<Vec<Ack>, Problem> {
-        let mut events = Vec::with_capacity(requests.len());
-        for (i, request) in requests.into_iter().enumerate() {
-            let index = Some(i);
-            events.push(
-                crate::input::new_event(request).map_err(|e| Problem::from(&e).index(index))?,
-            );
-        }
-        let appended = self.log.append(events)?;
-        Ok(appended.iter().map(Into::into).collect())
+        append(&self.log, requests)
     }
 
     fn status(&mut self) -> Result<Status, Problem> {

@@ -15,7 +15,7 @@ use crate::wire::{
 
 /// Every path the daemon serves, with its method: the description's `paths`, and what a test
 /// checks the router against.
-pub const ROUTES: [(&str, &str); 14] = [
+pub const ROUTES: [(&str, &str); 18] = [
     ("post", "/v1/events"),
     ("get", "/v1/events"),
     ("post", "/v1/ingest"),
@@ -30,6 +30,10 @@ pub const ROUTES: [(&str, &str); 14] = [
     ("get", "/v1/openapi.json"),
     ("get", "/metrics"),
     ("post", "/v1/peer/wait"),
+    ("get", "/v1/pair"),
+    ("post", "/v1/pair/code"),
+    ("post", "/v1/pair/cancel"),
+    ("post", "/v1/pair/join"),
 ];
 
 /// Collects the components' schemas as operations name them.
@@ -191,6 +195,25 @@ pub fn document() -> Value {
             "summary": "On the peers' door only (TLS with the node keys, fleet members; there too: /v1/heads, /v1/export, /v1/ingest): answered as soon as this node holds an event `since` lacks, or after `wait_ms` (at most 30 000)",
             "requestBody": json_body(c.add::<crate::wire::PeerWait>("PeerWait")),
             "responses": with_refusals(answer("This node's heads", c.add::<crate::wire::PeerState>("PeerState"))),
+        }},
+        "/v1/pair": {"get": {
+            "summary": "This node's pairing codes, newest first (never a code)",
+            "responses": with_refusals(answer("The codes", json!({"type": "array", "items": c.add::<crate::wire::Pairing>("Pairing")}))),
+        }},
+        "/v1/pair/code": {"post": {
+            "summary": "Mint a pairing code (8 characters, 60 minutes, one device; at most 3 pending): `spool pair code`",
+            "requestBody": json_body(c.add::<crate::wire::PairCodeRequest>("PairCodeRequest")),
+            "responses": with_refusals(answer("The code, shown once, with this node's address and fingerprint", c.add::<crate::wire::PairCode>("PairCode"))),
+        }},
+        "/v1/pair/cancel": {"post": {
+            "summary": "Cancel a pending pairing code",
+            "requestBody": json_body(c.add::<crate::wire::PairCancel>("PairCancel")),
+            "responses": with_refusals(answer("The pairing cancelled", json!({"type": "object"}))),
+        }},
+        "/v1/pair/join": {"post": {
+            "summary": "On the peers' door only, open to a key that is no member while a code is pending: present a code; answered with this node's log as an export file, which admits the key the handshake proved",
+            "requestBody": json_body(c.add::<crate::wire::PairJoin>("PairJoin")),
+            "responses": with_refusals(json!({"description": "The export file", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}})),
         }},
         "/v1/status": {"get": {
             "summary": "The node, its heads, waiting events, forks, and what only the daemon knows",

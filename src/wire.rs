@@ -659,6 +659,56 @@ pub struct PeerStatus {
     pub divergent: bool,
 }
 
+/// `POST /v1/pair/code` (the socket): mint a pairing code.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairCodeRequest {
+    /// What the code is for (a device's name), as the pairing records it.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// A minted code: give the code, an address and the fingerprint to the new device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PairCode {
+    pub pairing_id: String,
+    /// Shown once; only its keyed hash is stored.
+    pub code: String,
+    pub expires_at_ms: u64,
+    /// Where the peers' door listens (`[peer] listen`).
+    pub address: Option<String>,
+    /// This node's origin: the hash of its key, which `spool pair join --origin` pins.
+    pub fingerprint: Origin,
+}
+
+/// One of this node's pairing codes (never the code).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Pairing {
+    pub pairing_id: String,
+    pub device: String,
+    pub expires_at_ms: u64,
+    /// `pending`, `completed`, `expired` or `cancelled`.
+    pub state: String,
+    /// The device it admitted, once completed.
+    pub device_id: Option<String>,
+}
+
+/// `POST /v1/pair/cancel` (the socket).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairCancel {
+    pub pairing_id: String,
+}
+
+/// `POST /v1/pair/join`, on the peers' door: a new device presents a code (its key is the one
+/// its TLS handshake proved). Answered with an export of the member's log, which admits it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairJoin {
+    pub code: String,
+    pub label: String,
+}
+
 /// `spool heads --json` and `GET /v1/heads`: the version vector, `{"<origin hex>": seq}`.
 pub type Heads = BTreeMap<Origin, u64>;
 

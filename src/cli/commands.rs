@@ -71,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             once,
             json,
         }) => super::peer::run(&home, &address, origin.as_deref(), once, json),
+        Command::Pair { command, json } => super::pair::run(&home, command, json),
         Command::Fleet {
             command: None,
             json,

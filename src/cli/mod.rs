@@ -4,6 +4,7 @@ mod commands;
 mod demo;
 mod fleet;
 mod hub;
+mod pair;
 mod peer;
 
 use std::path::PathBuf;
@@ -104,6 +105,14 @@ enum Command {
     /// Sync with the fleet's Postgres hub: push what it lacks, pull what this node lacks.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// Pairing codes: a member mints one (through its daemon, whose `[peer] listen` door takes
+    /// the join); a new device joins the fleet with it. Without a subcommand: this node's codes.
+    Pair {
+        #[command(subcommand)]
+        command: Option<PairCommand>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The fleet this node takes events from: members, keys, who admitted whom, who is revoked.
     Fleet {
         #[command(subcommand)]
@@ -148,6 +157,33 @@ enum SyncCommand {
         /// One exchange, then exit (2 if either side refused the other's events).
         #[arg(long)]
         once: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PairCommand {
+    /// Mint a code (8 characters, 60 minutes, one device; at most 3 pending) and print it with
+    /// this node's address and fingerprint.
+    Code {
+        /// The device it is for (recorded with the pairing).
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending code.
+    Cancel { pairing_id: String },
+    /// On a new device (a fresh home, no daemon running): present CODE to the member at
+    /// ADDRESS, whose key must hash to --origin (the fingerprint it printed); once admitted,
+    /// take the fleet's log and list the member in `[[peers]]`.
+    Join {
+        address: String,
+        code: String,
+        /// The member's fingerprint (its origin id, 32 hex digits).
+        #[arg(long)]
+        origin: String,
         #[arg(long)]
         json: bool,
     },

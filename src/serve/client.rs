@@ -258,6 +258,27 @@ fn json(value: &impl serde::Serialize) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Pairing runs in the daemon only (its peers' door takes the joins).
+impl Remote {
+    pub fn pair_code(
+        &mut self,
+        request: &crate::wire::PairCodeRequest,
+    ) -> Result<crate::wire::PairCode, Problem> {
+        self.call("POST", "/v1/pair/code", json(request), false)
+    }
+
+    pub fn pairings(&mut self) -> Result<Vec<crate::wire::Pairing>, Problem> {
+        self.call("GET", "/v1/pair", Vec::new(), false)
+    }
+
+    pub fn pair_cancel(
+        &mut self,
+        request: &crate::wire::PairCancel,
+    ) -> Result<serde_json::Value, Problem> {
+        self.call("POST", "/v1/pair/cancel", json(request), false)
+    }
+}
+
 impl Node for Remote {
     fn append(&mut self, requests: Vec<AppendRequest>) -> Result<Vec<Ack>, Problem> {
         self.call("POST", "/v1/events", json(&requests), true)

@@ -16,6 +16,7 @@ pub mod client;
 mod hub;
 mod listen;
 mod metrics;
+mod pair;
 pub mod peer;
 mod reply;
 
@@ -133,6 +134,13 @@ struct App {
     hub: Option<std::sync::Mutex<wire::HubStatus>>,
     /// Each peer's sync report, in the order of `[[peers]]`.
     peers: std::sync::Mutex<Vec<wire::PeerStatus>>,
+    /// One pairing request at a time.
+    pairing: tokio::sync::Mutex<()>,
+    /// Until when (ms since the epoch) a pending pairing code lets the peers' door admit a key
+    /// that is no member, to `/v1/pair/join` only.
+    pairing_open_until: std::sync::atomic::AtomicU64,
+    /// Where the peers' door listens.
+    peer_address: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
@@ -187,7 +195,11 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
                 })
                 .collect(),
         ),
+        pairing: Default::default(),
+        pairing_open_until: Default::default(),
+        peer_address: options.peer_listen,
     });
+    pair::open(&app);
     runtime.block_on(serve(app.clone(), options))?;
     // A job still running (a Postgres server that went silent) is not waited for: what it
     // wrote is its own, and every acknowledged event is already durable.
@@ -251,6 +263,9 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
             .route("/v1/verify", get(verify))
             .route("/v1/heads", get(heads))
             .route("/v1/status", get(status))
+            .route("/v1/pair", get(pair::list))
+            .route("/v1/pair/code", post(pair::code))
+            .route("/v1/pair/cancel", post(pair::cancel))
             .route("/v1/openapi.json", get(openapi))
             .route("/metrics", get(metrics))
             .fallback(|| async { refuse(Code::NotFound, "no such endpoint (README lists them)") })
@@ -306,8 +321,12 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
         servers.spawn(async move { doors.serve(tcp, tcp_routes, stop).await });
     }
     if let (Some(addr), Some(key)) = (options.peer_listen, &app.key) {
+        // Members, and while a pairing code is pending anyone (who may then only pair).
         let members = app.clone();
-        let admit = peer::admit(move |k| peer::member_key(&members.log, k), None);
+        let admit = peer::admit(
+            move |k| peer::member_key(&members.log, k) || pair_open(&members),
+            None,
+        );
         let config = crate::peertls::server_config(key, admit).map_err(ServeError::Peer)?;
         let tcp = tokio::net::TcpListener::bind(addr).await?;
         let door = listen::TlsListener {
@@ -752,6 +771,7 @@ fn peer_routes(app: &Arc<App>) -> Router {
         .route("/v1/export", post(export))
         .route("/v1/ingest", post(ingest))
         .route("/v1/peer/wait", post(peer_wait))
+        .route("/v1/pair/join", post(pair::join))
         .fallback(|| async { refuse(Code::NotFound, "no such endpoint on the peers' door") })
         .method_not_allowed_fallback(|| async {
             refuse(
@@ -792,6 +812,10 @@ async fn members_only(
     let Some(axum::Extension(listen::Caller(key))) = caller else {
         return refuse(Code::Forbidden, "the peers' door serves fleet members only");
     };
+    if request.uri().path() == "/v1/pair/join" {
+        // A device that is no member yet; the handler refuses members.
+        return next.run(request).await;
+    }
     let member = {
         let app = app.clone();
         tokio::task::spawn_blocking(move || peer::member_key(&app.log, &key))
@@ -805,6 +829,16 @@ async fn members_only(
         );
     }
     next.run(request).await
+}
+
+/// Whether a pending pairing code holds the peers' door open to keys that are no member.
+fn pair_open(app: &App) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now < app
+        .pairing_open_until
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Longest wait a peer may ask for.

@@ -222,3 +222,23 @@ export interface HubOrigin {
 
 /** The version vector: origin → highest seq held. */
 export type Heads = Record<string, number>;
+
+/** `POST /v1/pair/code`: a minted pairing code, shown once. */
+export interface PairCode {
+  pairing_id: string;
+  code: string;
+  expires_at_ms: number;
+  /** Where the peers' door listens, if it does. */
+  address: string | null;
+  /** The node's origin: the hash of its key, which `spool pair join --origin` pins. */
+  fingerprint: string;
+}
+
+/** `GET /v1/pair`: one of the node's pairing codes (never the code). */
+export interface Pairing {
+  pairing_id: string;
+  device: string;
+  expires_at_ms: number;
+  state: "pending" | "completed" | "expired" | "cancelled";
+  device_id: string | null;
+}
