@@ -71,6 +71,20 @@ fn sync_peer_exchanges_both_ways_and_strangers_are_refused() {
         (again["sent"].as_u64(), again["received"].as_u64()),
         (Some(0), Some(0))
     );
+    // The same events on both sides: the same tables, no alarm.
+    assert_eq!(again["divergent"], false, "{again}");
+    // A projection changed behind spool's back: the same events, another digest.
+    let db = rusqlite::Connection::open(pi.join("projection.sqlite")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE activity_log SET message = 'changed by hand' WHERE message = 'pi 3'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let out = ok(pi, &["sync", "peer", &addr, "--once"], "");
+    assert!(out.contains("DIVERGED"), "{out}");
     // Pinned to another origin: the desk's key is refused by the client.
     let pinned = spool(
         pi,

@@ -224,6 +224,37 @@ pub fn projection_digest(
     Ok(Some((vector, digest)))
 }
 
+/// [`projection_digest`], computed again only when the events the projection covers changed
+/// (equal events give equal tables, so the digest of the same covered events is the same):
+/// reading the checkpoint is cheap, hashing every row is not.
+#[derive(Default)]
+pub struct DigestCache(std::sync::Mutex<Option<(crate::sync::Vector, crate::event::Hash)>>);
+
+impl DigestCache {
+    pub fn get(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(crate::sync::Vector, crate::event::Hash)>, JobError> {
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let mut db = Sqlite::open_read_only(path)?;
+        let Some(heads) = Target::checkpoint(&mut db)?.heads else {
+            return Ok(None);
+        };
+        let covers = crate::sync::Vector(heads.into_iter().map(|(o, (seq, _))| (o, seq)).collect());
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((vector, digest)) = cached.as_ref() {
+            if *vector == covers {
+                return Ok(Some((covers, *digest)));
+            }
+        }
+        let (digest, _) = db.digest()?;
+        *cached = Some((covers.clone(), digest));
+        Ok(Some((covers, digest)))
+    }
+}
+
 /// Opens the node's live projection at `path` for catching up. A file of an older schema (made
 /// by an older build) is rebuilt from the log first: the projection is derived, and its layout
 /// or its stamps may have changed.

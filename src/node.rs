@@ -197,6 +197,21 @@ pub struct Local {
     postgres: Option<(String, Postgres)>,
 }
 
+/// Brings the projection at `path` up to the log's end (made, or rebuilt from an older schema,
+/// as needed).
+pub fn catch_up(log: &Log, path: &std::path::Path) -> Result<(), Problem> {
+    let sqlite = |e: &dyn std::fmt::Display| {
+        Problem::new(
+            crate::wire::Code::Sqlite,
+            format!("the projection: {e}; `spool rebuild sqlite` rebuilds it"),
+        )
+    };
+    let reader = log.read()?;
+    let mut target = jobs::open_projection(&reader, path).map_err(|e| sqlite(&e))?;
+    project::catch_up(&reader, &mut target, |_| {}).map_err(|e| sqlite(&e))?;
+    Ok(())
+}
+
 impl Local {
     pub fn open(home: Home) -> Result<Local, HomeError> {
         let log = home.open_log()?;
@@ -209,17 +224,7 @@ impl Local {
 
     /// Brings the node's projection up to the log's end.
     pub fn catch_up(&self) -> Result<(), Problem> {
-        let sqlite = |e: &dyn std::fmt::Display| {
-            Problem::new(
-                crate::wire::Code::Sqlite,
-                format!("the projection: {e}; `spool rebuild sqlite` rebuilds it"),
-            )
-        };
-        let reader = self.log.read()?;
-        let mut target =
-            jobs::open_projection(&reader, &self.home.projection_path()).map_err(|e| sqlite(&e))?;
-        project::catch_up(&reader, &mut target, |_| {}).map_err(|e| sqlite(&e))?;
-        Ok(())
+        catch_up(&self.log, &self.home.projection_path())
     }
 
     /// Events the node's projection skipped as unreadable (0 when it has none yet).

@@ -15,7 +15,7 @@ use crate::wire::{
 
 /// Every path the daemon serves, with its method: the description's `paths`, and what a test
 /// checks the router against.
-pub const ROUTES: [(&str, &str); 18] = [
+pub const ROUTES: [(&str, &str); 19] = [
     ("post", "/v1/events"),
     ("get", "/v1/events"),
     ("post", "/v1/ingest"),
@@ -34,6 +34,7 @@ pub const ROUTES: [(&str, &str); 18] = [
     ("post", "/v1/pair/code"),
     ("post", "/v1/pair/cancel"),
     ("post", "/v1/pair/join"),
+    ("get", "/v1/peer/digest"),
 ];
 
 /// Collects the components' schemas as operations name them.
@@ -195,6 +196,10 @@ pub fn document() -> Value {
             "summary": "On the peers' door only (TLS with the node keys, fleet members; there too: /v1/heads, /v1/export, /v1/ingest): answered as soon as this node holds an event `since` lacks, or after `wait_ms` (at most 30 000)",
             "requestBody": json_body(c.add::<crate::wire::PeerWait>("PeerWait")),
             "responses": with_refusals(answer("This node's heads", c.add::<crate::wire::PeerState>("PeerState"))),
+        }},
+        "/v1/peer/digest": {"get": {
+            "summary": "On the peers' door only: the live projection's digest and the events it covers (null before its first checkpoint), for the divergence alarm",
+            "responses": with_refusals(answer("The digest", json!({"oneOf": [c.add::<crate::wire::ProjectionDigest>("ProjectionDigest"), {"type": "null"}]}))),
         }},
         "/v1/pair": {"get": {
             "summary": "This node's pairing codes, newest first (never a code)",

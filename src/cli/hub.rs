@@ -85,6 +85,9 @@ fn sync_once(
     });
     bar.finish_and_clear();
     let mut summary = summary?;
+    if let Err(problem) = spool::node::catch_up(log, projection) {
+        eprintln!("spool: warning: the projection was not updated ({problem})");
+    }
     // The projection's digest beside the events it covers, and who holds the same events in
     // other tables.
     if let Some((covers, digest)) = spool::jobs::projection_digest(projection)? {

@@ -51,7 +51,16 @@ pub fn run(
     let mut backoff = Duration::from_secs(1);
     loop {
         match peer::exchange(&log, Some(&key), &link) {
-            Ok(summary) => {
+            Ok(mut summary) => {
+                let projection = home.projection_path();
+                if let Err(problem) = spool::node::catch_up(&log, &projection) {
+                    eprintln!("spool: warning: the projection was not updated ({problem})");
+                }
+                if summary.sent + summary.received == 0 {
+                    // The same events on both sides: the same tables, or a divergence.
+                    let own = spool::jobs::projection_digest(&projection)?;
+                    summary.divergent = peer::diverges(&link, own).map_err(anyhow::Error::msg)?;
+                }
                 report(&mut out, &summary, as_json)?;
                 if once {
                     return Ok(match summary.refused {
@@ -89,6 +98,13 @@ fn report(out: &mut impl Write, summary: &PeerSummary, as_json: bool) -> anyhow:
         )?;
         if let Some(why) = &summary.refused {
             writeln!(out, "REFUSED: {why}")?;
+        }
+        if summary.divergent {
+            writeln!(
+                out,
+                "DIVERGED: the peer's projection of the same events has another digest \
+                 (`spool rebuild sqlite` on each, then compare again)"
+            )?;
         }
     }
     out.flush()?;

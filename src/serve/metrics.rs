@@ -41,6 +41,8 @@ pub struct Metrics {
     hub_failing: Gauge,
     hub_divergent: Gauge,
     hub_refused: Gauge,
+    peers_unreachable: Gauge,
+    peers_divergent: Gauge,
 }
 
 /// What is read at scrape time.
@@ -56,6 +58,8 @@ pub struct Now {
     pub log_bytes: u64,
     /// The hub sync's report, when there is a hub.
     pub hub: Option<crate::wire::HubStatus>,
+    /// Each peer's report.
+    pub peers: Vec<crate::wire::PeerStatus>,
 }
 
 impl Default for Metrics {
@@ -84,6 +88,8 @@ impl Default for Metrics {
             hub_failing: Gauge::default(),
             hub_divergent: Gauge::default(),
             hub_refused: Gauge::default(),
+            peers_unreachable: Gauge::default(),
+            peers_divergent: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -187,6 +193,16 @@ impl Default for Metrics {
                 "Origins whose pull from the hub was refused at the last hub sync (status says why)",
                 &m.hub_refused,
             ),
+            (
+                "peers_unreachable",
+                "Peers of [[peers]] whose last attempt failed (status says why)",
+                &m.peers_unreachable,
+            ),
+            (
+                "peers_divergent",
+                "Peers whose projection of the same events has another digest (a divergence)",
+                &m.peers_divergent,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -258,6 +274,17 @@ impl Metrics {
             gauge(&self.hub_divergent, hub.divergent.len() as u64);
             let refused = hub.origins.values().filter(|o| o.refused.is_some()).count();
             gauge(&self.hub_refused, refused as u64);
+        }
+        {
+            // A peer not tried yet is not counted.
+            let unreachable = now
+                .peers
+                .iter()
+                .filter(|p| !p.reachable && p.last_error.is_some())
+                .count();
+            gauge(&self.peers_unreachable, unreachable as u64);
+            let divergent = now.peers.iter().filter(|p| p.divergent).count();
+            gauge(&self.peers_divergent, divergent as u64);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");

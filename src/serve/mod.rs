@@ -141,6 +141,8 @@ struct App {
     pairing_open_until: std::sync::atomic::AtomicU64,
     /// Where the peers' door listens.
     peer_address: Option<std::net::SocketAddr>,
+    /// The live projection's digest, by the events it covers.
+    digests: crate::jobs::DigestCache,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns once the log is closed.
@@ -198,6 +200,7 @@ pub fn run(log: Log, options: Options) -> Result<(), ServeError> {
         pairing: Default::default(),
         pairing_open_until: Default::default(),
         peer_address: options.peer_listen,
+        digests: Default::default(),
     });
     pair::open(&app);
     runtime.block_on(serve(app.clone(), options))?;
@@ -772,6 +775,7 @@ fn peer_routes(app: &Arc<App>) -> Router {
         .route("/v1/ingest", post(ingest))
         .route("/v1/peer/wait", post(peer_wait))
         .route("/v1/pair/join", post(pair::join))
+        .route("/v1/peer/digest", get(peer_digest))
         .fallback(|| async { refuse(Code::NotFound, "no such endpoint on the peers' door") })
         .method_not_allowed_fallback(|| async {
             refuse(
@@ -839,6 +843,22 @@ fn pair_open(app: &App) -> bool {
     now < app
         .pairing_open_until
         .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `GET /v1/peer/digest`, on the peers' door: the live projection's digest and the events it
+/// covers (`null` before its first checkpoint), for the divergence alarm.
+async fn peer_digest(State(app): State<Arc<App>>) -> Response {
+    answer(move || {
+        let digest = app
+            .digests
+            .get(&app.projection)
+            .map_err(|e| Problem::new(Code::Sqlite, e.to_string()))?;
+        Ok(digest.map(|(covers, digest)| wire::ProjectionDigest {
+            covers: covers.0,
+            digest: digest.to_hex(),
+        }))
+    })
+    .await
 }
 
 /// Longest wait a peer may ask for.
@@ -938,6 +958,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
                 .hub
                 .as_ref()
                 .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            peers: app.peers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         Ok(app.metrics.render(&now, format))
     })

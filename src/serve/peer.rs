@@ -178,6 +178,30 @@ pub fn exchange(log: &Log, signer: Option<&NodeKey>, link: &Link) -> Result<Peer
     })
 }
 
+/// Whether the peer's projection covers the same events as this node's (`own`) and has
+/// another digest: a divergence. `false` when the two cover different events (one is behind).
+pub fn diverges(
+    link: &Link,
+    own: Option<(crate::sync::Vector, crate::event::Hash)>,
+) -> Result<bool, String> {
+    let Some((covers, digest)) = own else {
+        return Ok(false);
+    };
+    let runtime = runtime()?;
+    let theirs: Option<crate::wire::ProjectionDigest> = runtime.block_on(async {
+        let (mut client, _) = link.connect().await?;
+        call(
+            &mut client,
+            &link.address,
+            "GET",
+            "/v1/peer/digest",
+            Vec::new(),
+        )
+        .await
+    })?;
+    Ok(theirs.is_some_and(|t| t.covers == covers.0 && t.digest != digest.to_hex()))
+}
+
 /// This node's export since the peer's heads, to the peer's ingest in pieces.
 fn push(
     log: &Log,
@@ -367,6 +391,19 @@ pub(super) fn keep_synced(app: &Arc<super::App>, index: usize, link: Link) {
                 match done {
                     Ok((Ok(summary), _)) => {
                         backoff = Duration::from_secs(1);
+                        if summary.sent + summary.received == 0 {
+                            // Both hold the same events: once their projections have caught
+                            // up, their digests must agree.
+                            let (app2, link2) = (app.clone(), link.clone());
+                            let compared = tokio::task::spawn_blocking(move || {
+                                let own = app2.digests.get(&app2.projection).ok().flatten();
+                                diverges(&link2, own)
+                            })
+                            .await;
+                            if let Ok(Ok(divergent)) = compared {
+                                report(&|s| s.divergent = divergent);
+                            }
+                        }
                         if summary.applied + summary.released > 0 {
                             app.committed.send_replace(());
                             committed.mark_unchanged();
