@@ -16,14 +16,13 @@ mod daemon;
 
 #[path = "../replay-tests/common/pg.rs"]
 mod pg;
+mod live;
 mod workload;
 
 /// The spool binary's allocator, so the bench runs the code as `spool` does.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use spool::identity::NodeKey;
@@ -134,9 +133,7 @@ fn main() {
     }
     let rate: f64 = env_or("SPOOL_BENCH_RATE", 1_000.0);
     let seconds: f64 = env_or("SPOOL_BENCH_SECONDS", 10.0);
-    let mut latencies = live(&admin, &url, rate, seconds);
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    let (p50, p99, max) = live::percentiles(live(&admin, &url, rate, seconds));
     println!(
         "{:<58} {:>14}",
         format!("live: append to a peer's projection, {rate} events/s"),
@@ -144,10 +141,10 @@ fn main() {
     );
     println!(
         "{:<58} {:>14}",
-        format!("  {} events, one per request", latencies.len()),
-        format!("{:.0}/{:.0}/{:.0}", at(0.5), at(0.99), at(1.0))
+        format!("  {} events, one per request", (rate * seconds) as u64),
+        format!("{p50:.0}/{p99:.0}/{max:.0}")
     );
-    let met = if at(0.99) <= 1_000.0 {
+    let met = if p99 <= 1_000.0 {
         "met"
     } else {
         "NOT MET"
@@ -159,140 +156,28 @@ fn main() {
 /// through the first for `seconds`. Returns each event's time from request to the second's
 /// projection.
 fn live(admin: &str, url: &str, rate: f64, seconds: f64) -> Vec<Duration> {
-    let spool = env!("CARGO_BIN_EXE_spool");
-    let run = |home: &Path, args: &[&str]| {
-        let out = Command::new(spool)
-            .arg("--home")
-            .arg(home)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "spool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let db = "hub_bench_live";
     pg::connect(admin)
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .unwrap();
     let url = format!("{url} dbname={db}");
     let dir = tempfile::tempdir().unwrap();
-    let (desk, pi) = (dir.path().join("desk"), dir.path().join("pi"));
-    for (home, label) in [(&desk, "desk"), (&pi, "pi")] {
-        run(home, &["init", "--label", label]);
-        let config = home.join("spool.toml");
-        let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!("\n[hub]\nurl = {url:?}\n"));
-        std::fs::write(&config, text).unwrap();
-    }
-    run(
-        &desk,
-        &["fleet", "admit", pi.join("node.toml").to_str().unwrap()],
-    );
-    let fleet = dir.path().join("fleet.spool");
-    run(&desk, &["export", "--out", fleet.to_str().unwrap()]);
-    run(&pi, &["fleet", "join", fleet.to_str().unwrap()]);
-    let daemons = [daemon::start(spool, &desk), daemon::start(spool, &pi)];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let status = async |client: &mut spool::serve::client::Client| {
-        let (code, body) = client
-            .request("GET", "/v1/status", Vec::new())
-            .await
-            .unwrap();
-        assert_eq!(code, 200);
-        let status: spool::wire::Status = serde_json::from_slice(&body).unwrap();
-        status.daemon.expect("the daemon's status")
-    };
-    // Both have done a first round (the hub's tables exist, LISTEN is on) and the Pi's
-    // projection holds what it has.
-    let base = runtime.block_on(async {
-        let started = Instant::now();
-        loop {
-            let mut ready = true;
-            let mut projected = 0;
-            for home in [&desk, &pi] {
-                let mut client = spool::serve::client::Client::connect(&home.join("spool.sock"))
-                    .await
-                    .unwrap();
-                let daemon = status(&mut client).await;
-                let synced = daemon.hub.as_ref().is_some_and(|h| h.syncs > 0);
-                ready &= synced && daemon.lag_events == 0;
-                projected = daemon.projected;
-            }
-            if ready {
-                return projected;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no first round"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let homes = live::fleet(dir.path(), &["desk", "pi"], |_| {
+        format!("\n[hub]\nurl = {url:?}\n")
     });
-    let events = (rate * seconds) as usize;
-    let mut w = Workload::new(11);
-    let bodies: Vec<Vec<u8>> = (0..events)
-        .map(|_| {
-            let r = w.request();
-            serde_json::to_vec(&serde_json::json!({"kind": r.kind, "stream": r.stream, "actor": r.actor, "data": r.data}))
-                .unwrap()
-        })
+    let daemons: Vec<_> = homes
+        .iter()
+        .map(|h| daemon::start(live::SPOOL, h))
         .collect();
-    let (sent, seen) = std::thread::scope(|s| {
-        let watcher = s.spawn(|| {
-            // When the Pi's projection first held each position past `base`.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let mut client = spool::serve::client::Client::connect(&pi.join("spool.sock"))
-                    .await
-                    .unwrap();
-                let mut seen = Vec::with_capacity(events);
-                let started = Instant::now();
-                while seen.len() < events {
-                    let projected = status(&mut client).await.projected;
-                    let now = Instant::now();
-                    while (seen.len() as u64) < projected.saturating_sub(base) {
-                        seen.push(now);
-                    }
-                    assert!(
-                        started.elapsed() < Duration::from_secs_f64(seconds + 120.0),
-                        "the Pi's projection holds {} of {events}",
-                        seen.len()
-                    );
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                seen
-            })
-        });
-        let sent = runtime.block_on(async {
-            let mut client = spool::serve::client::Client::connect(&desk.join("spool.sock"))
-                .await
-                .unwrap();
-            let started = Instant::now();
-            let mut sent = Vec::with_capacity(events);
-            for (i, body) in bodies.into_iter().enumerate() {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
-                sent.push(Instant::now());
-                let (code, _) = client.request("POST", "/v1/events", body).await.unwrap();
-                assert_eq!(code, 200);
-            }
-            sent
-        });
-        (sent, watcher.join().unwrap())
+    // Both have done a first round (the hub's tables exist, LISTEN is on).
+    let base = live::wait_ready(&[&homes[0], &homes[1]], |d| {
+        d.hub.as_ref().is_some_and(|h| h.syncs > 0)
     });
+    let latencies = live::append_to_projection(&homes[0], &homes[1], base, rate, seconds);
     for daemon in daemons {
         daemon::stop(daemon);
     }
-    sent.iter().zip(&seen).map(|(s, p)| *p - *s).collect()
+    latencies
 }
 
 /// A TLS-only cluster; the admin URL (Unix socket) and a `verify-full` URL without a database.
