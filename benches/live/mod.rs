@@ -96,16 +96,25 @@ pub fn wait_ready(homes: &[&Path], ready: impl Fn(&spool::wire::DaemonStatus) ->
     })
 }
 
+/// What [`append_to_projection`] measured, per event.
+pub struct Latencies {
+    /// From the request until the receiving log held it.
+    pub to_log: Vec<Duration>,
+    /// From the request until the receiving projection held it.
+    pub to_projection: Vec<Duration>,
+}
+
 /// `rate` single-event appends a second for `seconds` through the daemon of `from`, each timed
-/// from its request until the daemon of `to` projected it (its `projected` position past `base`,
-/// read every 2 ms; only `from` writes meanwhile).
+/// from its request until the daemon of `to` held it in its log and in its projection (its
+/// event count and `projected` position past `base`, read every 2 ms; only `from` writes
+/// meanwhile, and `to`'s log and projection stood at `base` when it began).
 pub fn append_to_projection(
     from: &Path,
     to: &Path,
     base: u64,
     rate: f64,
     seconds: f64,
-) -> Vec<Duration> {
+) -> Latencies {
     let events = (rate * seconds) as usize;
     let mut w = Workload::new(11);
     let bodies: Vec<Vec<u8>> = (0..events)
@@ -122,12 +131,36 @@ pub fn append_to_projection(
                 .build()
                 .unwrap();
             runtime.block_on(async {
+                // Light reads, so that watching does not slow what is watched: the heads (the
+                // log holds the sum of their seqs), and the projection's own checkpoint.
                 let mut client = Client::connect(&to.join("spool.sock")).await.unwrap();
+                let projection = rusqlite::Connection::open_with_flags(
+                    to.join("projection.sqlite"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
                 let mut seen = Vec::with_capacity(events);
+                let mut logged = Vec::with_capacity(events);
                 let started = Instant::now();
                 while seen.len() < events {
-                    let projected = status(&mut client).await.projected;
+                    let (code, body) = client
+                        .request("GET", "/v1/heads", Vec::new())
+                        .await
+                        .unwrap();
+                    assert_eq!(code, 200);
+                    let heads: spool::wire::Heads = serde_json::from_slice(&body).unwrap();
+                    let held: u64 = heads.values().sum();
+                    let projected: u64 = projection
+                        .query_row(
+                            "SELECT position FROM spool_checkpoint WHERE id = 1",
+                            [],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .map_or(0, |p| p as u64);
                     let now = Instant::now();
+                    while (logged.len() as u64) < held.saturating_sub(base) {
+                        logged.push(now);
+                    }
                     while (seen.len() as u64) < projected.saturating_sub(base) {
                         seen.push(now);
                     }
@@ -138,7 +171,8 @@ pub fn append_to_projection(
                     );
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                seen
+                logged.truncate(events);
+                (logged, seen)
             })
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -160,7 +194,11 @@ pub fn append_to_projection(
         });
         (sent, watcher.join().unwrap())
     });
-    sent.iter().zip(&seen).map(|(s, p)| *p - *s).collect()
+    let (logged, seen) = seen;
+    Latencies {
+        to_log: sent.iter().zip(&logged).map(|(s, p)| *p - *s).collect(),
+        to_projection: sent.iter().zip(&seen).map(|(s, p)| *p - *s).collect(),
+    }
 }
 
 /// p50, p99 and the largest, in ms.

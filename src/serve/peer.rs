@@ -148,25 +148,53 @@ async fn call<T: serde::de::DeserializeOwned>(
         .map_err(|e| format!("{address}: {path}: an unreadable answer: {e}"))
 }
 
+/// Which ways an exchange runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ways {
+    /// Send what the peer lacks.
+    pub push: bool,
+    /// Take what this node lacks.
+    pub pull: bool,
+}
+
+impl Ways {
+    pub const BOTH: Ways = Ways {
+        push: true,
+        pull: true,
+    };
+}
+
 /// One exchange with the peer at `link`: both directions at once.
 pub fn exchange(log: &Log, signer: Option<&NodeKey>, link: &Link) -> Result<PeerSummary, String> {
+    exchange_ways(log, signer, link, Ways::BOTH)
+}
+
+/// One exchange, the ways asked (at least one), each on its own connection and thread.
+pub fn exchange_ways(
+    log: &Log,
+    signer: Option<&NodeKey>,
+    link: &Link,
+    ways: Ways,
+) -> Result<PeerSummary, String> {
     let (pushed, pulled) = std::thread::scope(|s| {
-        let push = s.spawn(|| push(log, signer, link));
-        let pull = s.spawn(|| pull(log, link));
-        (
-            push.join()
-                .unwrap_or_else(|_| Err("the push thread failed".into())),
-            pull.join()
-                .unwrap_or_else(|_| Err("the pull thread failed".into())),
-        )
+        let push = ways.push.then(|| s.spawn(|| push(log, signer, link)));
+        let pull = ways.pull.then(|| s.spawn(|| pull(log, link)));
+        let joined = |h: Option<std::thread::ScopedJoinHandle<'_, _>>, what: &str| {
+            h.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(format!("the {what} thread failed")))
+            })
+        };
+        (joined(push, "push"), joined(pull, "pull"))
     });
-    let (peer, sent) = pushed?;
-    let (_, received) = pulled?;
+    let (peer_a, sent) = pushed.transpose()?.unzip();
+    let (peer_b, received) = pulled.transpose()?.unzip();
+    let (sent, received) = (sent.unwrap_or_default(), received.unwrap_or_default());
     let refused = [&sent, &received]
         .into_iter()
         .find_map(|s| s.stopped.clone().filter(|_| !s.ok));
     Ok(PeerSummary {
-        peer: Some(crate::identity::origin_of(&peer)),
+        peer: peer_a.or(peer_b).map(|k| crate::identity::origin_of(&k)),
         sent: sent.read.saturating_sub(sent.duplicates),
         sent_applied: sent.applied + sent.released,
         received: received.read,
@@ -372,18 +400,24 @@ pub(super) fn keep_synced(app: &Arc<super::App>, index: usize, link: Link) {
         }
     };
     runtime.block_on(async {
-        let mut due = true;
+        // What is due: both ways at first, after a failure and every EXCHANGE_EVERY; a push
+        // when this node committed; a pull when the peer holds something new.
+        let mut due = Ways::BOTH;
+        let none = Ways {
+            push: false,
+            pull: false,
+        };
         let mut waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = None;
         loop {
             if *stopping.borrow() {
                 return;
             }
-            if due {
-                due = false;
+            if due != none {
+                let ways = std::mem::replace(&mut due, none);
                 committed.mark_unchanged();
                 let (app2, link2) = (app.clone(), link.clone());
                 let done = tokio::task::spawn_blocking(move || {
-                    let outcome = exchange(&app2.log, app2.key.as_deref(), &link2);
+                    let outcome = exchange_ways(&app2.log, app2.key.as_deref(), &link2, ways);
                     let ours = crate::node::heads(&app2.log).unwrap_or_default();
                     (outcome, ours)
                 })
@@ -391,7 +425,7 @@ pub(super) fn keep_synced(app: &Arc<super::App>, index: usize, link: Link) {
                 match done {
                     Ok((Ok(summary), _)) => {
                         backoff = Duration::from_secs(1);
-                        if summary.sent + summary.received == 0 {
+                        if ways == Ways::BOTH && summary.sent + summary.received == 0 {
                             // Both hold the same events: once their projections have caught
                             // up, their digests must agree.
                             let (app2, link2) = (app.clone(), link.clone());
@@ -429,7 +463,7 @@ pub(super) fn keep_synced(app: &Arc<super::App>, index: usize, link: Link) {
                             _ = stopping.wait_for(|s| *s) => return,
                         }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
-                        due = true;
+                        due = Ways::BOTH;
                         continue;
                     }
                     Err(_) => return,
@@ -453,14 +487,14 @@ pub(super) fn keep_synced(app: &Arc<super::App>, index: usize, link: Link) {
                         Ok(state) => {
                             let lag = lag(&state.heads, &since);
                             report(&|s| s.lag_events = lag);
-                            due = ahead(&state.heads, &since);
+                            due.pull |= ahead(&state.heads, &since);
                         }
                         // Unreachable: an exchange finds out why, and backs off.
-                        Err(_) => due = true,
+                        Err(_) => due = Ways::BOTH,
                     }
                 }
-                _ = committed.changed() => due = true,
-                _ = tokio::time::sleep(EXCHANGE_EVERY) => due = true,
+                _ = committed.changed() => due.push = true,
+                _ = tokio::time::sleep(EXCHANGE_EVERY) => due = Ways::BOTH,
                 _ = stopping.wait_for(|s| *s) => return,
             }
         }
