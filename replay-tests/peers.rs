@@ -304,3 +304,106 @@ fn a_device_pairs_by_code_and_every_misuse_is_refused_by_name() {
     assert!(!events.contains(&code), "a code in the log");
     daemon::stop(served);
 }
+
+/// Starts `spool serve` for `home` with the wall clock `offset` ahead (libfaketime; monotonic
+/// time stays real).
+fn start_at(offset: &str, home: &Path) -> std::process::Child {
+    let _ = std::fs::remove_file(home.join("spool.sock"));
+    // The library itself, preloaded (the `faketime` wrapper would stand between the test and
+    // the daemon's signals); multithreaded, as the daemon is.
+    let library = glob_one("/usr/lib", "faketime/libfaketimeMT.so.1")
+        .expect("libfaketime (ops/ensure-faketime installs it)");
+    let child = std::process::Command::new(common::SPOOL)
+        .env("LD_PRELOAD", library)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .arg("--home")
+        .arg(home)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !home.join("spool.sock").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// `dir/*/tail`, the first that exists.
+fn glob_one(dir: &str, tail: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(tail))
+        .find(|p| p.exists())
+}
+
+/// A code past its 60 minutes is refused by name and marked `pairing.expired`; one minted later
+/// still works. The member's clock is moved with libfaketime.
+#[test]
+fn an_expired_code_is_refused_and_marked_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = homes(dir.path(), &["desk", "laptop"]);
+    let (desk, laptop) = (&h[0], &h[1]);
+    let addr = daemon::free_loopback_addr();
+    configure(desk, &format!("\n[peer]\nlisten = {addr:?}\n"));
+    let mint = || -> Value {
+        serde_json::from_str(ok(desk, &["pair", "code", "--json"], "").trim()).unwrap()
+    };
+    let served = start_at("+0s", desk);
+    let early = mint();
+    daemon::stop(served);
+    let served = start_at("+50m", desk);
+    let later = mint();
+    daemon::stop(served);
+    // 70 minutes on: the first code is past its time, the second is not.
+    let served = start_at("+70m", desk);
+    let fingerprint = early["fingerprint"].as_str().unwrap();
+    let join = |code: &Value| {
+        spool(
+            laptop,
+            &[
+                "pair",
+                "join",
+                &addr,
+                code["code"].as_str().unwrap(),
+                "--origin",
+                fingerprint,
+            ],
+            "",
+        )
+    };
+    let expired = join(&early);
+    let said = String::from_utf8_lossy(&expired.stderr).into_owned();
+    assert!(!expired.status.success());
+    assert!(said.contains("the code expired"), "{said}");
+    let pairings: Value = serde_json::from_str(ok(desk, &["pair", "--json"], "").trim()).unwrap();
+    let state = |id: &Value| {
+        pairings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pairing_id"] == *id)
+            .map(|p| p["state"].clone())
+    };
+    assert_eq!(
+        state(&early["pairing_id"]),
+        Some(Value::from("expired")),
+        "{pairings}"
+    );
+    assert_eq!(
+        state(&later["pairing_id"]),
+        Some(Value::from("pending")),
+        "{pairings}"
+    );
+    let joined = join(&later);
+    assert!(
+        joined.status.success(),
+        "{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    daemon::stop(served);
+}
