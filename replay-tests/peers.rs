@@ -407,3 +407,35 @@ fn an_expired_code_is_refused_and_marked_expired() {
     );
     daemon::stop(served);
 }
+
+/// Events relay: the Pi and the desk reach only the cloud VM (each lists it in `[[peers]]`; only
+/// the VM listens), and an event written on the desk reaches the Pi through it.
+#[test]
+fn events_relay_through_a_peer_both_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = homes(dir.path(), &["vm", "desk", "pi"]);
+    let (vm, desk, pi) = (&h[0], &h[1], &h[2]);
+    common::fleet(vm, &[desk, pi]);
+    let addr = daemon::free_loopback_addr();
+    configure(vm, &format!("\n[peer]\nlisten = {addr:?}\n"));
+    for home in [desk, pi] {
+        configure(home, &format!("\n[[peers]]\naddress = {addr:?}\n"));
+    }
+    let daemons: Vec<_> = [vm, desk, pi]
+        .iter()
+        .map(|home| daemon::start(common::SPOOL, home))
+        .collect();
+    ok(desk, &["append"], &(activity("board", "relayed") + "\n"));
+    let started = std::time::Instant::now();
+    while heads(pi).get(id(desk)).is_none() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the desk's event did not reach the Pi through the VM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for daemon in daemons {
+        daemon::stop(daemon);
+    }
+    assert_eq!(heads(pi), heads(desk));
+}
