@@ -133,26 +133,7 @@ fn main() {
     }
     let rate: f64 = env_or("SPOOL_BENCH_RATE", 1_000.0);
     let seconds: f64 = env_or("SPOOL_BENCH_SECONDS", 10.0);
-    let latencies = live(&admin, &url, rate, seconds);
-    let (l50, l99, lmax) = live::percentiles(latencies.to_log);
-    let (p50, p99, max) = live::percentiles(latencies.to_projection);
-    println!(
-        "{:<58} {:>14}",
-        format!("live: append to a peer's projection, {rate} events/s"),
-        "p50/p99/max ms"
-    );
-    println!(
-        "{:<58} {:>14}",
-        format!("  {} events, one per request", (rate * seconds) as u64),
-        format!("{p50:.0}/{p99:.0}/{max:.0}")
-    );
-    println!(
-        "{:<58} {:>14}",
-        "  of which to the peer's log",
-        format!("{l50:.0}/{l99:.0}/{lmax:.0}")
-    );
-    let met = if p99 <= 1_000.0 { "met" } else { "NOT MET" };
-    println!("{:<58} {met:>14}", "live p99 <= 1 s");
+    live::print(live(&admin, &url, rate, seconds), rate, seconds, 1_000.0);
 }
 
 /// Two daemons of one fleet syncing through the hub; `rate` single-event appends a second

@@ -120,22 +120,5 @@ fn main() {
     for daemon in daemons {
         daemon::stop(daemon);
     }
-    let (l50, l99, lmax) = live::percentiles(latencies.to_log);
-    let (p50, p99, max) = live::percentiles(latencies.to_projection);
-    println!(
-        "{:<58} {:>14}",
-        format!("live: append to a peer's projection, {rate} events/s"),
-        "p50/p99/max ms"
-    );
-    println!(
-        "{:<58} {:>14}",
-        format!("  {} events, one per request", (rate * live_seconds) as u64),
-        format!("{p50:.0}/{p99:.0}/{max:.0}")
-    );
-    println!(
-        "{:<58} {:>14}",
-        "  of which to the peer's log",
-        format!("{l50:.0}/{l99:.0}/{lmax:.0}")
-    );
-    println!("{:<58} {:>14}", "live p99 <= 100 ms", verdict(p99 <= 100.0));
+    live::print(latencies, rate, live_seconds, 100.0);
 }

@@ -6,9 +6,11 @@
 //! same tables, and verifies. A host outside the fleet and a plaintext client are refused.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -105,30 +107,9 @@ const PORT: u16 = 7420;
 
 /// Starts `spool serve` for `home` on host `i` and waits for its socket.
 fn start(net: &Net, i: usize, home: &Path) -> Child {
+    // A killed daemon's socket is left behind: the new one's is waited for.
     let _ = std::fs::remove_file(home.join("spool.sock"));
-    let child = net
-        .on(i, common::SPOOL)
-        .arg("--home")
-        .arg(home)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !home.join("spool.sock").exists() {
-        assert!(started.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-fn stop(mut daemon: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    let status = daemon.wait().unwrap();
-    assert!(status.success(), "exit after SIGTERM: {status}");
+    daemon::start_with(net.on(i, common::SPOOL), home)
 }
 
 fn heads(home: &Path) -> Value {
@@ -314,7 +295,7 @@ fn three_hosts_converge_through_partitions_flaps_and_a_killed_daemon() {
         "{plain:?}"
     );
     for daemon in daemons.into_iter().flatten() {
-        stop(daemon);
+        daemon::stop(daemon);
     }
     for home in &homes[..3] {
         ok(home, &["verify"], "");

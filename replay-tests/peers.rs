@@ -313,23 +313,12 @@ fn start_at(offset: &str, home: &Path) -> std::process::Child {
     // the daemon's signals); multithreaded, as the daemon is.
     let library = glob_one("/usr/lib", "faketime/libfaketimeMT.so.1")
         .expect("libfaketime (ops/ensure-faketime installs it)");
-    let child = std::process::Command::new(common::SPOOL)
+    let mut command = std::process::Command::new(common::SPOOL);
+    command
         .env("LD_PRELOAD", library)
         .env("FAKETIME", offset)
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .arg("--home")
-        .arg(home)
-        .arg("serve")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !home.join("spool.sock").exists() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30));
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    daemon::start_with(command, home)
 }
 
 /// `dir/*/tail`, the first that exists.

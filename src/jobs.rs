@@ -212,16 +212,7 @@ pub fn rebuild(
 pub fn projection_digest(
     path: &Path,
 ) -> Result<Option<(crate::sync::Vector, crate::event::Hash)>, JobError> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let mut db = Sqlite::open_read_only(path)?;
-    let Some(heads) = Target::checkpoint(&mut db)?.heads else {
-        return Ok(None);
-    };
-    let vector = crate::sync::Vector(heads.into_iter().map(|(o, (seq, _))| (o, seq)).collect());
-    let (digest, _) = db.digest()?;
-    Ok(Some((vector, digest)))
+    DigestCache::default().get(path)
 }
 
 /// [`projection_digest`], computed again only when the events the projection covers changed

@@ -201,6 +201,29 @@ pub fn append_to_projection(
     }
 }
 
+/// Prints the live figures and whether their p99 is within `target_ms`.
+pub fn print(latencies: Latencies, rate: f64, seconds: f64, target_ms: f64) {
+    let (l50, l99, lmax) = percentiles(latencies.to_log);
+    let (p50, p99, max) = percentiles(latencies.to_projection);
+    println!(
+        "{:<58} {:>14}",
+        format!("live: append to a peer's projection, {rate} events/s"),
+        "p50/p99/max ms"
+    );
+    println!(
+        "{:<58} {:>14}",
+        format!("  {} events, one per request", (rate * seconds) as u64),
+        format!("{p50:.0}/{p99:.0}/{max:.0}")
+    );
+    println!(
+        "{:<58} {:>14}",
+        "  of which to the peer's log",
+        format!("{l50:.0}/{l99:.0}/{lmax:.0}")
+    );
+    let met = if p99 <= target_ms { "met" } else { "NOT MET" };
+    println!("{:<58} {met:>14}", format!("live p99 <= {target_ms} ms"));
+}
+
 /// p50, p99 and the largest, in ms.
 pub fn percentiles(mut latencies: Vec<Duration>) -> (f64, f64, f64) {
     latencies.sort();

@@ -18,7 +18,12 @@ pub fn free_loopback_addr() -> String {
 
 /// Starts `spool serve` (the binary at `spool`) on `home` and waits for its socket.
 pub fn start(spool: &str, home: &Path) -> Child {
-    let child = Command::new(spool)
+    start_with(Command::new(spool), home)
+}
+
+/// As [`start`], with `command` running the binary (inside a network namespace, say).
+pub fn start_with(mut command: Command, home: &Path) -> Child {
+    let child = command
         .arg("--home")
         .arg(home)
         .arg("serve")

@@ -279,20 +279,8 @@ async fn serve(app: Arc<App>, options: Options) -> Result<(), ServeError> {
                 )
             });
         // Bodies are read (within their limit, time and the shared budget) before any handler.
-        let bodies = app.clone();
         let router = router
-            .layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next| {
-                    let app = bodies.clone();
-                    async move {
-                        let limit = match req.uri().path() {
-                            "/v1/ingest" => INGEST_BYTES_MAX,
-                            _ => REQUEST_BYTES_MAX,
-                        };
-                        app.doors.read_body(req, limit, next).await
-                    }
-                },
-            ))
+            .layer(axum::middleware::from_fn_with_state(app.clone(), read_body))
             .layer(DefaultBodyLimit::disable());
         // The socket is guarded by its file mode: only the HTTP listener checks a token, and
         // before a byte of the body is read.
@@ -768,7 +756,6 @@ async fn heads(State(app): State<Arc<App>>) -> Response {
 /// The peers' door serves only what sync needs, and only to current members of the fleet (the
 /// TLS handshake admitted the caller's key; a revocation since is seen at its next request).
 fn peer_routes(app: &Arc<App>) -> Router {
-    let bodies = app.clone();
     Router::new()
         .route("/v1/heads", get(heads))
         .route("/v1/export", post(export))
@@ -783,18 +770,7 @@ fn peer_routes(app: &Arc<App>) -> Router {
                 "this endpoint does not take this method",
             )
         })
-        .layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next| {
-                let app = bodies.clone();
-                async move {
-                    let limit = match req.uri().path() {
-                        "/v1/ingest" => INGEST_BYTES_MAX,
-                        _ => REQUEST_BYTES_MAX,
-                    };
-                    app.doors.read_body(req, limit, next).await
-                }
-            },
-        ))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), read_body))
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -803,6 +779,19 @@ fn peer_routes(app: &Arc<App>) -> Router {
         .layer(axum::middleware::from_fn(reply::catch_panic))
         .layer(axum::middleware::from_fn(reply::json_failures))
         .with_state(app.clone())
+}
+
+/// Bodies are read (within their limit, time and the shared budget) before any handler.
+async fn read_body(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = match request.uri().path() {
+        "/v1/ingest" => INGEST_BYTES_MAX,
+        _ => REQUEST_BYTES_MAX,
+    };
+    app.doors.read_body(request, limit, next).await
 }
 
 /// Refuses a request whose caller is no longer a current member (checked before its body is

@@ -250,39 +250,25 @@ fn push(
         origins: Vec::new(),
     };
     let reader = log.read().map_err(|e| e.to_string())?;
-    let (pipe_in, pipe_out) = std::io::pipe().map_err(|e| format!("a pipe: {e}"))?;
-    std::thread::scope(|s| {
-        let writer = s.spawn(|| {
-            shipping::export(
-                &reader,
-                &selection,
-                std::io::BufWriter::new(pipe_out),
-                signer,
-                |_| {},
-            )
-            .map(|_| ())
-            .map_err(|e| format!("reading this node's log to send it: {e}"))
-        });
-        let sent = shipping::ExportReader::new(std::io::BufReader::new(pipe_in))
-            .map_err(|e| e.to_string())
-            .and_then(|reader| {
-                in_pieces(reader, |body| {
-                    runtime
-                        .block_on(call(&mut client, &link.address, "POST", "/v1/ingest", body))
-                        .map_err(|e| crate::wire::Problem::new(crate::wire::Code::Unavailable, e))
-                })
-                .map_err(|p| p.message)
-            });
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err("the export thread failed".into()));
-        // A refusal by the peer ends the reading early, and with it the export's pipe.
-        match sent {
-            Ok(sent) if !sent.ok => Ok((peer, sent)),
-            Ok(sent) => written.map(|()| (peer, sent)),
-            Err(e) => Err(e),
-        }
+    let (sent, written) = shipping::through_pipe(&reader, &selection, signer, |exported| {
+        let reader = shipping::ExportReader::new(std::io::BufReader::new(exported))
+            .map_err(|e| e.to_string())?;
+        in_pieces(reader, |body| {
+            runtime
+                .block_on(call(&mut client, &link.address, "POST", "/v1/ingest", body))
+                .map_err(|e| crate::wire::Problem::new(crate::wire::Code::Unavailable, e))
+        })
+        .map_err(|p| p.message)
     })
+    .map_err(|e| format!("a pipe: {e}"))?;
+    // A refusal by the peer ends the reading early, and with it the export's pipe.
+    match sent {
+        Ok(sent) if !sent.ok => Ok((peer, sent)),
+        Ok(sent) => written
+            .map(|()| (peer, sent))
+            .map_err(|e| format!("reading this node's log to send it: {e}")),
+        Err(e) => Err(e),
+    }
 }
 
 /// The peer's export since this node's heads, into this node's ingest as it arrives.

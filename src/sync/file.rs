@@ -394,6 +394,37 @@ fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// The export of `selection` handed to `consume` as it is written: a thread of its own writes
+/// it into a pipe, and `consume` reads it (frame by frame, through an [`ExportReader`]) in
+/// bounded memory, the frames a file would carry. `consume` may stop early (a refusal): the
+/// export then ends on the closed pipe. Returns what `consume` returned and how the export ended.
+pub fn through_pipe<T>(
+    reader: &Reader,
+    selection: &Selection,
+    signer: Option<&NodeKey>,
+    consume: impl FnOnce(io::PipeReader) -> T,
+) -> io::Result<(T, Result<(), String>)> {
+    let (pipe_in, pipe_out) = io::pipe()?;
+    Ok(std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            export(
+                reader,
+                selection,
+                io::BufWriter::new(pipe_out),
+                signer,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        let consumed = consume(pipe_in);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err("the export thread failed".into()));
+        (consumed, written)
+    }))
+}
+
 /// Writes the events `selection` wants, in position order, as an export file, each signed head
 /// this node keeps after the event it names, and, with `signer` (this node's key), its own
 /// head signed after every [`SIGN_EVERY_EVENTS`] of its own events and after its last. Returns

@@ -205,28 +205,12 @@ fn push(
         since: hub_holds(client, &held)?,
         origins: Vec::new(),
     };
-    // The export is written into a pipe by one thread and read back frame by frame here: the
-    // same events and heads a file would carry, in bounded memory.
-    let (pipe_in, pipe_out) = std::io::pipe().map_err(|e| HubError::Export(e.to_string()))?;
-    std::thread::scope(|scope| -> Result<(), HubError> {
-        let writer = scope.spawn(|| {
-            file::export(
-                &reader,
-                &selection,
-                std::io::BufWriter::new(pipe_out),
-                signer,
-                |_| {},
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-        });
-        let result = copy_frames(pipe_in, client, summary, progress);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err("the export thread failed".into()));
-        result?;
-        written.map_err(HubError::Export)
-    })?;
+    let (copied, written) = file::through_pipe(&reader, &selection, signer, |exported| {
+        copy_frames(exported, client, summary, progress)
+    })
+    .map_err(|e| HubError::Export(e.to_string()))?;
+    copied?;
+    written.map_err(HubError::Export)?;
     if summary.pushed > 0 {
         // The planner's picture of the table after it grew (else a pull's range scans may be
         // planned as if it were empty: a pass over every row per batch).
