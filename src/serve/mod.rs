@@ -46,6 +46,10 @@ use crate::wire::{self, Ack, Code, LogQuery, Problem};
 pub const REQUEST_BYTES_MAX: usize = input::BATCH_BYTES_MAX;
 /// Largest ingest request (an export file; `spool ingest` sends larger files in pieces).
 pub const INGEST_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest pairing request (a code and a label).
+pub const PAIR_REQUEST_BYTES_MAX: usize = 4 * 1024;
+/// Largest peer wait (a version vector of every member).
+pub const PEER_WAIT_BYTES_MAX: usize = 512 * 1024;
 /// The socket's name in the node home.
 pub const SOCKET: &str = "spool.sock";
 /// Exports streamed at once; one more is told busy.
@@ -789,6 +793,9 @@ async fn read_body(
 ) -> Response {
     let limit = match request.uri().path() {
         "/v1/ingest" => INGEST_BYTES_MAX,
+        // Small requests, one of them open to a key that is no member yet.
+        "/v1/pair/join" | "/v1/pair/code" | "/v1/pair/cancel" => PAIR_REQUEST_BYTES_MAX,
+        "/v1/peer/wait" => PEER_WAIT_BYTES_MAX,
         _ => REQUEST_BYTES_MAX,
     };
     app.doors.read_body(request, limit, next).await
