@@ -287,6 +287,11 @@ fn a_device_pairs_by_code_and_every_misuse_is_refused_by_name() {
     );
     let after = join(watch, third["code"].as_str().unwrap());
     assert!(!after.status.success());
+    // A revoked device is never admitted again, whatever code it holds.
+    ok(desk, &["fleet", "revoke", &id(laptop)], "");
+    let fresh = mint();
+    let again = join(laptop, fresh["code"].as_str().unwrap());
+    assert!(said(&again).contains("revoked"), "{}", said(&again));
     // Every step is an event of the desk's pairing stream.
     let events = ok(
         desk,

@@ -249,11 +249,22 @@ pub(super) async fn join(
     let work = app.clone();
     let decided = tokio::task::spawn_blocking(move || -> Result<(), Problem> {
         let app = &work;
-        if super::peer::member_key(&app.log, &key) {
-            return Err(Problem::new(
-                Code::KeyConflict,
-                "this node key is a member of the fleet already",
-            ));
+        let fleet = app.log.read()?.fleet(app.log.fleet_root())?;
+        match fleet.as_ref().and_then(|f| f.member(origin)) {
+            Some(m) if m.revoked.is_some() => {
+                return Err(Problem::new(
+                    Code::Forbidden,
+                    "this node key was revoked; a revoked key is never admitted again (make \
+                     the device a new home: a new key)",
+                ))
+            }
+            Some(_) => {
+                return Err(Problem::new(
+                    Code::KeyConflict,
+                    "this node key is a member of the fleet already",
+                ))
+            }
+            None => {}
         }
         let secret = secret(app)?;
         let now = now_ms();
