@@ -24,4 +24,5 @@ pub mod priority;
 pub mod project;
 pub mod serve;
 pub mod sync;
+pub mod vault;
 pub mod wire;

@@ -74,8 +74,33 @@ payloads! {
 impl Payload for InstallInitialised {}
 impl Payload for RecipientAdded {}
 impl Payload for RecipientRemoved {}
-impl Payload for EntryWritten {}
-impl Payload for EntryRewrapped {}
+impl Payload for EntryWritten {
+    fn check(&self) -> Result<(), super::DataError> {
+        entry(&self.ciphertext, &self.recipients)
+    }
+}
+impl Payload for EntryRewrapped {
+    fn check(&self) -> Result<(), super::DataError> {
+        entry(&self.ciphertext, &self.recipients)
+    }
+}
+
+/// An entry's ciphertext is an age file whose header names as many recipients as the entry
+/// lists (the header does not say who they are: X25519 stanzas carry only an ephemeral key).
+fn entry(ciphertext: &AgeArmor, recipients: &[Hex32]) -> Result<(), super::DataError> {
+    let named = crate::vault::check_ciphertext(&ciphertext.0)
+        .map_err(|_| super::DataError::at("/ciphertext", "is not a parseable age file"))?;
+    if named != recipients.len() {
+        return Err(super::DataError::at(
+            "/recipients",
+            &format!(
+                "lists {} recipients; the ciphertext's header is encrypted to {named}",
+                recipients.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 impl Payload for EntryUnlocked {}
 
 #[cfg(test)]
@@ -104,7 +129,9 @@ mod tests {
     #[test]
     fn an_entry_needs_a_recipient_and_fingerprints_are_hex() {
         let kind = lookup("vault.entry_rewrapped").unwrap();
-        let armor = "-----BEGIN AGE ENCRYPTED FILE-----\nYWdl\n-----END AGE ENCRYPTED FILE-----\n";
+        let one = crate::vault::Identity::generate().recipient();
+        let armor = crate::vault::encrypt(b"s", &[one]).unwrap();
+        let armor = armor.as_str();
         let none = json!({"entry_id": "k", "ciphertext": armor, "recipients": []});
         assert_eq!(kind.encode(&none).unwrap_err().field, "/recipients");
         let upper = FINGERPRINT.to_uppercase();
@@ -112,5 +139,20 @@ mod tests {
         assert_eq!(kind.encode(&bad).unwrap_err().field, "/recipients/0");
         let good = json!({"entry_id": "k", "ciphertext": armor, "recipients": [FINGERPRINT]});
         kind.encode(&good).unwrap();
+        // Two recipients listed for a file encrypted to one.
+        let more =
+            json!({"entry_id": "k", "ciphertext": armor, "recipients": [FINGERPRINT, FINGERPRINT]});
+        assert_eq!(kind.encode(&more).unwrap_err().field, "/recipients");
+    }
+
+    /// Armor around bytes that are no age file (the defect the issue reproduced).
+    #[test]
+    fn armor_around_nothing_is_refused() {
+        let kind = lookup("vault.entry_written").unwrap();
+        let armor = "-----BEGIN AGE ENCRYPTED FILE-----\nAAAA\n-----END AGE ENCRYPTED FILE-----\n";
+        let data = json!({"entry_id": "k", "ciphertext": armor, "recipients": [FINGERPRINT]});
+        let err = kind.encode(&data).unwrap_err();
+        assert_eq!(err.field, "/ciphertext");
+        assert!(err.problem.contains("not a parseable age file"), "{err}");
     }
 }
