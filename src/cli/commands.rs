@@ -72,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         }) => super::peer::run(&home, &address, origin.as_deref(), once, json),
         Command::Pair { command, json } => super::pair::run(&home, command, json),
+        Command::Vault(command) => super::vault::run(&home, command),
         Command::Fleet {
             command: None,
             json,

@@ -6,6 +6,7 @@ mod fleet;
 mod hub;
 mod pair;
 mod peer;
+mod vault;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,6 +106,10 @@ enum Command {
     /// Sync with the fleet's Postgres hub: push what it lacks, pull what this node lacks.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// The vault: secrets encrypted on this machine with age to every recipient before they
+    /// become events (see README, "The vault").
+    #[command(subcommand)]
+    Vault(VaultCommand),
     /// Pairing codes: a member mints one (through its daemon, whose `[peer] listen` door takes
     /// the join); a new device joins the fleet with it. Without a subcommand: this node's codes.
     Pair {
@@ -157,6 +162,62 @@ enum SyncCommand {
         /// One exchange, then exit (2 if either side refused the other's events).
         #[arg(long)]
         once: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultCommand {
+    /// Make the install: the Argon2id salt and parameters every device's identity is sealed
+    /// with (`vault.install_initialised`).
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
+    /// This device's identity.
+    #[command(subcommand)]
+    Identity(VaultIdentityCommand),
+    /// Encrypt the secret read from standard input (or a hidden prompt) to every current
+    /// recipient and write it as NAME (`vault.entry_written`).
+    Put {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decrypt NAME with this device's identity; the access is logged (`vault.entry_unlocked`)
+    /// before the secret is printed.
+    Get {
+        name: String,
+        /// A file holding the passphrase (else SPOOL_VAULT_PASSPHRASE, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// Why it is read (kept in the access log).
+        #[arg(long)]
+        purpose: Option<String>,
+    },
+    /// The entries: names, their recipients, and which carry a removed recipient.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The current recipients.
+    Recipients {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultIdentityCommand {
+    /// Make this device's age identity, sealed under a passphrase in `vault.identity` (0600,
+    /// never in the log), and register its public key as a recipient (`vault.recipient_added`).
+    New {
+        #[arg(long)]
+        label: Option<String>,
+        /// A file holding the passphrase (else SPOOL_VAULT_PASSPHRASE, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
