@@ -110,3 +110,134 @@ fn forged_vault_entries_are_refused_by_name() {
         "{said}"
     );
 }
+
+/// An entry's latest ciphertext, read from the log as any node holds it.
+fn ciphertext(home: &Path, name: &str) -> String {
+    let log = ok(home, &["log", "--stream", &format!("vault/{name}")], "");
+    common::json_lines(&log)
+        .iter()
+        .rev()
+        .find_map(|e| e["data"]["ciphertext"].as_str().map(str::to_owned))
+        .expect("a ciphertext")
+}
+
+/// `age -d -i IDENTITY` on `armored`: the plaintext, or `None` if age refused.
+fn age_decrypt(dir: &Path, identity: &Path, armored: &str) -> Option<String> {
+    let file = dir.join(format!("entry-{}.age", rand::random::<u32>()));
+    std::fs::write(&file, armored).unwrap();
+    let out = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(identity)
+        .arg(&file)
+        .output()
+        .expect("the age command (ops/ensure-age installs it)");
+    out.status
+        .success()
+        .then(|| String::from_utf8(out.stdout).unwrap())
+}
+
+/// A recipient made by `age-keygen` is added: every entry is rewrapped to it, and the `age`
+/// command decrypts spool's ciphertext with that identity. Once removed, the entries are
+/// rewrapped without it: age can no longer decrypt them, this device still can.
+#[test]
+fn recipients_are_added_and_removed_with_a_rewrap_and_age_reads_the_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = vault_home(dir.path(), "desk", "correct horse");
+    let pass = passphrase_file(dir.path(), "correct horse");
+    let secrets: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            (
+                format!("key-{i}"),
+                format!("secret-{i}-{:016x}", rand::random::<u64>()),
+            )
+        })
+        .collect();
+    for (name, secret) in &secrets {
+        ok(&home, &["vault", "put", name], secret);
+    }
+    let identity = dir.path().join("laptop.agekey");
+    let made = std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(&identity)
+        .output()
+        .expect("age-keygen (ops/ensure-age installs it)");
+    assert!(made.status.success());
+    let public = String::from_utf8_lossy(&made.stderr)
+        .split_whitespace()
+        .find(|w| w.starts_with("age1"))
+        .expect("age-keygen prints the public key")
+        .to_owned();
+    // Before: not a recipient.
+    assert_eq!(
+        age_decrypt(dir.path(), &identity, &ciphertext(&home, "key-0")),
+        None
+    );
+    let added: Value = serde_json::from_str(
+        ok(
+            &home,
+            &[
+                "vault",
+                "recipient",
+                "add",
+                &public,
+                "--device",
+                "laptop",
+                "--label",
+                "old",
+                "--passphrase-file",
+                &pass,
+                "--json",
+            ],
+            "",
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        added["rewrap"]["rewrapped"].as_array().unwrap().len(),
+        3,
+        "{added}"
+    );
+    for (name, secret) in &secrets {
+        let read = age_decrypt(dir.path(), &identity, &ciphertext(&home, name));
+        assert_eq!(read.as_deref(), Some(secret.as_str()), "{name}");
+    }
+    // Removed: rewrapped without it.
+    let id = added["recipient_id"].as_str().unwrap();
+    ok(
+        &home,
+        &[
+            "vault",
+            "recipient",
+            "remove",
+            id,
+            "--passphrase-file",
+            &pass,
+        ],
+        "",
+    );
+    for (name, secret) in &secrets {
+        assert_eq!(
+            age_decrypt(dir.path(), &identity, &ciphertext(&home, name)),
+            None,
+            "{name}: the removed identity still decrypts it"
+        );
+        let got = ok(
+            &home,
+            &["vault", "get", name, "--passphrase-file", &pass],
+            "",
+        );
+        assert_eq!(&got, secret);
+    }
+    let listed: Value =
+        serde_json::from_str(ok(&home, &["vault", "list", "--json"], "").trim()).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["rewrap_due"] == false),
+        "{listed}"
+    );
+}

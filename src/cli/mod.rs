@@ -206,6 +206,38 @@ enum VaultCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add or remove a recipient; every entry is then rewrapped to the new set.
+    #[command(subcommand)]
+    Recipient(VaultRecipientCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultRecipientCommand {
+    /// Add an age X25519 recipient (`age1…`, from `age-keygen` or another device's
+    /// `vault identity new`) and rewrap every entry this device can read to include it.
+    Add {
+        key: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        label: String,
+        /// A file holding this device's passphrase (else SPOOL_VAULT_PASSPHRASE, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a recipient (its id or fingerprint) and rewrap every entry without it.
+    Remove {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// A file holding this device's passphrase (else SPOOL_VAULT_PASSPHRASE, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -18,12 +18,14 @@ use spool::vault::{self, Identity, Kdf};
 use spool::wire::LogQuery;
 
 use super::commands::{json_line, reach, stdout};
-use super::{Usage, VaultCommand, VaultIdentityCommand};
+use super::{Usage, VaultCommand, VaultIdentityCommand, VaultRecipientCommand};
 
 /// The sealed identity's file in the home.
 const IDENTITY_FILE: &str = "vault.identity";
 /// A secret is at most this long.
 const SECRET_BYTES_MAX: u64 = 64 * 1024;
+/// Entries rewrapped per commit.
+const REWRAP_BATCH: usize = 100;
 /// A passphrase file is at most this long.
 const PASSPHRASE_BYTES_MAX: u64 = 4 * 1024;
 
@@ -43,6 +45,80 @@ pub fn run(dir: &Path, command: VaultCommand) -> anyhow::Result<ExitCode> {
             purpose,
         } => get(dir, &name, passphrase_file.as_deref(), purpose, &mut out)?,
         VaultCommand::List { json } => list(dir, &mut out, json)?,
+        VaultCommand::Recipient(VaultRecipientCommand::Add {
+            key,
+            device,
+            label,
+            passphrase_file,
+            json,
+        }) => {
+            let public_key = vault::recipient(&key)?.to_string();
+            let fingerprint = vault::fingerprint(&public_key);
+            let mut reach = reach(dir)?;
+            let node = reach.node();
+            let state = State::read(node)?;
+            state.kdf()?;
+            if state.recipients.contains_key(&fingerprint) {
+                return Err(Usage(format!("{fingerprint} is a recipient already")).into());
+            }
+            if state.removed.contains(&fingerprint) {
+                return Err(Usage(format!(
+                    "{fingerprint} was removed; a removed key is not added again (make a new one)"
+                ))
+                .into());
+            }
+            let identity = unlock(dir, &state, passphrase_file.as_deref())?;
+            let recipient_id = format!("rcp-{}", &fingerprint[..16]);
+            append(
+                node,
+                "vault.recipient_added",
+                "vault/recipients",
+                json!({
+                    "recipient_id": recipient_id, "device_id": device, "label": label,
+                    "public_key": public_key, "fingerprint": fingerprint,
+                }),
+            )?;
+            let done = rewrap(node, &identity, "recipient added")?;
+            reach.refresh_projection();
+            report(&mut out, json, &recipient_id, &done)?;
+        }
+        VaultCommand::Recipient(VaultRecipientCommand::Remove {
+            id,
+            reason,
+            passphrase_file,
+            json,
+        }) => {
+            let mut reach = reach(dir)?;
+            let node = reach.node();
+            let state = State::read(node)?;
+            let Some((fingerprint, r)) = state
+                .recipients
+                .iter()
+                .find(|(f, r)| **f == id || r.recipient_id == id)
+            else {
+                return Err(Usage(format!(
+                    "no current recipient has the id or fingerprint given (`spool vault recipients`)"
+                ))
+                .into());
+            };
+            let (fingerprint, recipient_id) = (fingerprint.clone(), r.recipient_id.clone());
+            if state.recipients.len() == 1 {
+                return Err(Usage(
+                    "it is the last recipient: the entries would be readable by nobody".into(),
+                )
+                .into());
+            }
+            let identity = unlock(dir, &state, passphrase_file.as_deref())?;
+            append(
+                node,
+                "vault.recipient_removed",
+                "vault/recipients",
+                json!({ "recipient_id": recipient_id, "fingerprint": fingerprint, "reason": reason }),
+            )?;
+            let done = rewrap(node, &identity, "recipient removed")?;
+            reach.refresh_projection();
+            report(&mut out, json, &recipient_id, &done)?;
+        }
         VaultCommand::Recipients { json } => {
             let recipients = State::read(&mut *reach(dir)?.node())?.recipients;
             if json {
@@ -451,11 +527,8 @@ fn get(
     Ok(())
 }
 
-fn list(dir: &Path, out: &mut impl Write, as_json: bool) -> anyhow::Result<()> {
-    let mut reach = reach(dir)?;
-    let node = reach.node();
-    let state = State::read(node)?;
-    // Every entry written, by name (a scan of the log's entry events).
+/// Every entry written, by name (a scan of the log's entry events).
+fn entry_names(node: &mut dyn Node) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let mut names = std::collections::BTreeSet::new();
     let mut after = 0;
     loop {
@@ -467,7 +540,7 @@ fn list(dir: &Path, out: &mut impl Write, as_json: bool) -> anyhow::Result<()> {
             origin: None,
         })?;
         let Some(last) = page.events.last() else {
-            break;
+            return Ok(names);
         };
         after = last.position;
         for event in &page.events {
@@ -476,6 +549,119 @@ fn list(dir: &Path, out: &mut impl Write, as_json: bool) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// This device's identity, opened with its passphrase.
+fn unlock(dir: &Path, state: &State, passphrase_file: Option<&Path>) -> anyhow::Result<Identity> {
+    let path = dir.join(IDENTITY_FILE);
+    let mut sealed = Vec::new();
+    std::fs::File::open(&path)
+        .with_context(|| format!("{}: this device has no vault identity", path.display()))?
+        .take(64 * 1024)
+        .read_to_end(&mut sealed)?;
+    let passphrase = passphrase(passphrase_file, false)?;
+    Ok(Identity::open(
+        &sealed,
+        passphrase.as_bytes(),
+        state.kdf()?,
+    )?)
+}
+
+/// What a rewrap did: entries rewrapped, and those this device could not read.
+#[derive(serde::Serialize)]
+struct Rewrapped {
+    rewrapped: Vec<String>,
+    unreadable: Vec<String>,
+}
+
+/// Every entry re-encrypted to the current recipients (one `vault.entry_rewrapped` each, at
+/// most [`REWRAP_BATCH`] a commit), with a progress bar; an entry this device cannot read is
+/// left as it is and named.
+fn rewrap(node: &mut dyn Node, identity: &Identity, reason: &str) -> anyhow::Result<Rewrapped> {
+    let state = State::read(node)?;
+    let keys: Vec<String> = state
+        .recipients
+        .values()
+        .map(|r| r.public_key.clone())
+        .collect();
+    let fingerprints: Vec<&String> = state.recipients.keys().collect();
+    let names = entry_names(node)?;
+    let bar = indicatif::ProgressBar::new(names.len() as u64);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut done = Rewrapped {
+        rewrapped: Vec::new(),
+        unreadable: Vec::new(),
+    };
+    let mut batch = Vec::new();
+    for name in names {
+        bar.inc(1);
+        let Some((ciphertext, _)) = latest(node, &name)? else {
+            continue;
+        };
+        let Ok(plain) = identity.decrypt(&ciphertext) else {
+            done.unreadable.push(name);
+            continue;
+        };
+        let ciphertext = vault::encrypt(&plain, &keys)?;
+        batch.push(AppendRequest {
+            kind: "vault.entry_rewrapped".into(),
+            stream: entry_stream(&name)?,
+            actor: "spool vault".into(),
+            data: json!({
+                "entry_id": name, "ciphertext": ciphertext, "recipients": fingerprints,
+                "reason": reason,
+            }),
+            key: None,
+            correlation: None,
+            causation: None,
+        });
+        done.rewrapped.push(name);
+        if batch.len() == REWRAP_BATCH {
+            node.append(std::mem::take(&mut batch))?;
+        }
+    }
+    if !batch.is_empty() {
+        node.append(batch)?;
+    }
+    bar.finish_and_clear();
+    Ok(done)
+}
+
+fn report(
+    out: &mut impl Write,
+    as_json: bool,
+    recipient_id: &str,
+    done: &Rewrapped,
+) -> anyhow::Result<()> {
+    if as_json {
+        json_line(
+            out,
+            &json!({ "recipient_id": recipient_id, "rewrap": done }),
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{recipient_id}: {} entries rewrapped",
+            done.rewrapped.len()
+        )?;
+        for name in &done.unreadable {
+            writeln!(
+                out,
+                "NOT REWRAPPED {name}: not encrypted to this device's identity; rewrap it from a \
+                 device that can read it"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn list(dir: &Path, out: &mut impl Write, as_json: bool) -> anyhow::Result<()> {
+    let mut reach = reach(dir)?;
+    let node = reach.node();
+    let state = State::read(node)?;
+    let names = entry_names(node)?;
     let mut entries = Vec::new();
     for name in names {
         if let Some((_, recipients)) = latest(node, &name)? {
