@@ -96,9 +96,10 @@ pub fn run(dir: &Path, command: VaultCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|(f, r)| **f == id || r.recipient_id == id)
             else {
-                return Err(Usage(format!(
+                return Err(Usage(
                     "no current recipient has the id or fingerprint given (`spool vault recipients`)"
-                ))
+                        .into(),
+                )
                 .into());
             };
             let (fingerprint, recipient_id) = (fingerprint.clone(), r.recipient_id.clone());
