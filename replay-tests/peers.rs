@@ -83,6 +83,17 @@ fn sync_peer_exchanges_both_ways_and_strangers_are_refused() {
         .unwrap();
     assert_eq!(changed, 1);
     drop(db);
+    // The desk's daemon projects at idle priority: its digest is compared once its projection
+    // covers what the Pi's does.
+    let started = std::time::Instant::now();
+    loop {
+        let status: Value = serde_json::from_str(&ok(desk, &["status", "--json"], "")).unwrap();
+        if status["daemon"]["lag_events"] == 0 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let out = ok(pi, &["sync", "peer", &addr, "--once"], "");
     assert!(out.contains("DIVERGED"), "{out}");
     // Pinned to another origin: the desk's key is refused by the client.
