@@ -241,3 +241,148 @@ fn recipients_are_added_and_removed_with_a_rewrap_and_age_reads_the_entries() {
         "{listed}"
     );
 }
+
+#[path = "common/pg.rs"]
+mod pg;
+
+/// Every file under `dir`, its bytes.
+fn files(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files(&path, out);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// 100 random secrets written through `vault put` (half through the daemon), shipped to another
+/// node by file and through the hub, projected into SQLite and Postgres: no secret appears in
+/// any file of either home, the Postgres dump, the daemon's log at `SPOOL_LOG=trace`, `/metrics`,
+/// the daemon's answers, or the commands' own output other than `get`'s.
+#[test]
+fn no_secret_appears_in_plaintext_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let desk = vault_home(dir.path(), "desk", "correct horse");
+    let pi = dir.path().join("pi");
+    ok(&pi, &["init", "--label", "pi"], "");
+    common::fleet(&desk, &[&pi]);
+    let secrets: Vec<String> = (0..100)
+        .map(|i| format!("s{i}-{:032x}", rand::random::<u128>()))
+        .collect();
+    let mut said = Vec::new();
+    let mut run = |home: &Path, args: &[&str], stdin: &str| {
+        let out = spool(home, args, stdin);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said.extend_from_slice(&out.stdout);
+        said.extend_from_slice(&out.stderr);
+    };
+    for (i, secret) in secrets[..50].iter().enumerate() {
+        run(&desk, &["vault", "put", &format!("k-{i}")], secret);
+    }
+    // The rest through the daemon, its log at trace.
+    let daemon_log = dir.path().join("daemon.log");
+    let mut command = std::process::Command::new(common::SPOOL);
+    command.env("SPOOL_LOG", "trace");
+    let served = {
+        let log = std::fs::File::create(&daemon_log).unwrap();
+        let child = command
+            .arg("--home")
+            .arg(&desk)
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !desk.join("spool.sock").exists() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    };
+    for (i, secret) in secrets.iter().enumerate().skip(50) {
+        run(&desk, &["vault", "put", &format!("k-{i}")], secret);
+    }
+    for args in [
+        vec!["status", "--json"],
+        vec!["log", "--limit", "1000"],
+        vec!["vault", "list", "--json"],
+        vec!["heads", "--json"],
+    ] {
+        run(&desk, &args, "");
+    }
+    let metrics = {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = spool::serve::client::Client::connect(&desk.join("spool.sock"))
+                .await
+                .unwrap();
+            client
+                .request("GET", "/metrics", Vec::new())
+                .await
+                .unwrap()
+                .1
+        })
+    };
+    // Shipped by file, and through the hub, to the Pi.
+    let file = dir.path().join("desk.spool");
+    run(&desk, &["export", "--out", file.to_str().unwrap()], "");
+    daemon::stop(served);
+    run(&pi, &["ingest", file.to_str().unwrap()], "");
+    let url = pg::database();
+    run(&desk, &["sync", "hub", "--url", &url, "--once"], "");
+    run(&pi, &["sync", "hub", "--url", &url, "--once"], "");
+    run(&desk, &["project", "postgres", "--url", &url], "");
+    run(&pi, &["rebuild", "sqlite"], "");
+    let dump = std::process::Command::new(pg::bin_dir().join("pg_dump"))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let mut everything = Vec::new();
+    files(dir.path(), &mut everything);
+    everything.push(("pg_dump".into(), dump.stdout));
+    everything.push(("/metrics".into(), metrics));
+    everything.push(("the commands' output".into(), said));
+    let mut looked = 0;
+    for secret in &secrets {
+        for (place, bytes) in &everything {
+            assert!(
+                !contains(bytes, secret.as_bytes()),
+                "a secret in plaintext in {}",
+                place.display()
+            );
+            looked += 1;
+        }
+    }
+    assert!(looked > 100 * 10, "{looked}");
+    // The search finds a secret where one is: `get`'s own output.
+    let pass = passphrase_file(dir.path(), "correct horse");
+    let got = spool(
+        &desk,
+        &["vault", "get", "k-0", "--passphrase-file", &pass],
+        "",
+    );
+    assert!(contains(&got.stdout, secrets[0].as_bytes()));
+    // And the secrets are there, encrypted: the Pi's log holds every entry.
+    let listed: Value =
+        serde_json::from_str(ok(&pi, &["vault", "list", "--json"], "").trim()).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 100, "{listed}");
+}

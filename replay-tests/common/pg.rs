@@ -53,7 +53,7 @@ pub fn connect(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls).expect("connect to the test database")
 }
 
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     if let Ok(out) = Command::new("sh")
         .args(["-c", "command -v initdb"])
         .output()
