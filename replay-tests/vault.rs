@@ -386,3 +386,69 @@ fn no_secret_appears_in_plaintext_anywhere() {
         serde_json::from_str(ok(&pi, &["vault", "list", "--json"], "").trim()).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 100, "{listed}");
 }
+
+/// A second device of the fleet registers its own identity; once a device that can read the
+/// entries rewraps them, the second reads what the first wrote.
+#[test]
+fn a_second_device_reads_once_it_is_a_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let desk = vault_home(dir.path(), "desk", "desk pass");
+    let laptop = dir.path().join("laptop");
+    ok(&laptop, &["init", "--label", "laptop"], "");
+    let secret = format!("sb_secret_{:016x}", rand::random::<u64>());
+    ok(&desk, &["vault", "put", "supabase"], &secret);
+    common::fleet(&desk, &[&laptop]);
+    let ship = |from: &Path, to: &Path| {
+        let file = dir
+            .path()
+            .join(format!("ship-{}.spool", rand::random::<u32>()));
+        ok(from, &["export", "--out", file.to_str().unwrap()], "");
+        ok(to, &["ingest", file.to_str().unwrap()], "");
+    };
+    let laptop_pass = passphrase_file(dir.path(), "laptop pass");
+    ok(
+        &laptop,
+        &[
+            "vault",
+            "identity",
+            "new",
+            "--passphrase-file",
+            &laptop_pass,
+        ],
+        "",
+    );
+    // Not yet: the entry was written before the laptop was a recipient.
+    let early = spool(
+        &laptop,
+        &[
+            "vault",
+            "get",
+            "supabase",
+            "--passphrase-file",
+            &laptop_pass,
+        ],
+        "",
+    );
+    assert!(!early.status.success());
+    assert!(String::from_utf8_lossy(&early.stderr).contains("not encrypted to this device"));
+    ship(&laptop, &desk);
+    let desk_pass = passphrase_file(dir.path(), "desk pass");
+    ok(
+        &desk,
+        &["vault", "rewrap", "--passphrase-file", &desk_pass],
+        "",
+    );
+    ship(&desk, &laptop);
+    let got = ok(
+        &laptop,
+        &[
+            "vault",
+            "get",
+            "supabase",
+            "--passphrase-file",
+            &laptop_pass,
+        ],
+        "",
+    );
+    assert_eq!(got, secret);
+}

@@ -209,6 +209,15 @@ enum VaultCommand {
     /// Add or remove a recipient; every entry is then rewrapped to the new set.
     #[command(subcommand)]
     Recipient(VaultRecipientCommand),
+    /// Rewrap every entry this device can read to the current recipients (after a device
+    /// registered itself with `vault identity new`, or a rewrap was cut short).
+    Rewrap {
+        /// A file holding this device's passphrase (else SPOOL_VAULT_PASSPHRASE, else a prompt).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

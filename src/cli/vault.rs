@@ -82,6 +82,18 @@ pub fn run(dir: &Path, command: VaultCommand) -> anyhow::Result<ExitCode> {
             reach.refresh_projection();
             report(&mut out, json, &recipient_id, &done)?;
         }
+        VaultCommand::Rewrap {
+            passphrase_file,
+            json,
+        } => {
+            let mut reach = reach(dir)?;
+            let node = reach.node();
+            let state = State::read(node)?;
+            let identity = unlock(dir, &state, passphrase_file.as_deref())?;
+            let done = rewrap(node, &identity, "recipients changed")?;
+            reach.refresh_projection();
+            report(&mut out, json, "rewrap", &done)?;
+        }
         VaultCommand::Recipient(VaultRecipientCommand::Remove {
             id,
             reason,
