@@ -540,28 +540,64 @@ fn get(
     Ok(())
 }
 
-/// Every entry written, by name (a scan of the log's entry events).
-fn entry_names(node: &mut dyn Node) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let mut names = std::collections::BTreeSet::new();
-    let mut after = 0;
-    loop {
-        let page = node.log(&LogQuery {
-            after,
-            limit: None,
-            stream: None,
-            kind: Some("vault.entry_written".into()),
-            origin: None,
-        })?;
-        let Some(last) = page.events.last() else {
-            return Ok(names);
-        };
-        after = last.position;
-        for event in &page.events {
-            if let Some(name) = event.data["entry_id"].as_str() {
-                names.insert(name.to_owned());
+/// An entry's latest ciphertext and the fingerprints it is encrypted to.
+struct Latest {
+    position: u64,
+    ciphertext: String,
+    recipients: Vec<String>,
+}
+
+/// Every entry's latest ciphertext, by name: one scan of the log's entry events of each kind
+/// (the later position wins), not a query per entry.
+fn entries(node: &mut dyn Node) -> anyhow::Result<BTreeMap<String, Latest>> {
+    let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
+    for kind in ["vault.entry_written", "vault.entry_rewrapped"] {
+        let mut after = 0;
+        loop {
+            let page = node.log(&LogQuery {
+                after,
+                limit: None,
+                stream: None,
+                kind: Some(kind.into()),
+                origin: None,
+            })?;
+            let Some(last) = page.events.last() else {
+                break;
+            };
+            after = last.position;
+            for event in page.events {
+                let d = &event.data;
+                let (Some(name), Some(ciphertext)) =
+                    (d["entry_id"].as_str(), d["ciphertext"].as_str())
+                else {
+                    continue;
+                };
+                if latest
+                    .get(name)
+                    .is_some_and(|l| l.position > event.position)
+                {
+                    continue;
+                }
+                let recipients = d["recipients"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                latest.insert(
+                    name.to_owned(),
+                    Latest {
+                        position: event.position,
+                        ciphertext: ciphertext.to_owned(),
+                        recipients,
+                    },
+                );
             }
         }
     }
+    Ok(latest)
 }
 
 /// This device's identity, opened with its passphrase.
@@ -598,8 +634,8 @@ fn rewrap(node: &mut dyn Node, identity: &Identity, reason: &str) -> anyhow::Res
         .map(|r| r.public_key.clone())
         .collect();
     let fingerprints: Vec<&String> = state.recipients.keys().collect();
-    let names = entry_names(node)?;
-    let bar = indicatif::ProgressBar::new(names.len() as u64);
+    let entries = entries(node)?;
+    let bar = indicatif::ProgressBar::new(entries.len() as u64);
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -608,12 +644,9 @@ fn rewrap(node: &mut dyn Node, identity: &Identity, reason: &str) -> anyhow::Res
         unreadable: Vec::new(),
     };
     let mut batch = Vec::new();
-    for name in names {
+    for (name, entry) in entries {
         bar.inc(1);
-        let Some((ciphertext, _)) = latest(node, &name)? else {
-            continue;
-        };
-        let Ok(plain) = identity.decrypt(&ciphertext) else {
+        let Ok(plain) = identity.decrypt(&entry.ciphertext) else {
             done.unreadable.push(name);
             continue;
         };
@@ -674,21 +707,16 @@ fn list(dir: &Path, out: &mut impl Write, as_json: bool) -> anyhow::Result<()> {
     let mut reach = reach(dir)?;
     let node = reach.node();
     let state = State::read(node)?;
-    let names = entry_names(node)?;
-    let mut entries = Vec::new();
-    for name in names {
-        if let Some((_, recipients)) = latest(node, &name)? {
-            let stale: Vec<&String> = recipients
-                .iter()
-                .filter(|f| state.removed.contains(f))
-                .collect();
-            entries.push(json!({
-                "entry_id": name,
-                "recipients": recipients,
-                "rewrap_due": !stale.is_empty(),
-            }));
-        }
+    let mut listed = Vec::new();
+    for (name, entry) in entries(node)? {
+        let stale = entry.recipients.iter().any(|f| state.removed.contains(f));
+        listed.push(json!({
+            "entry_id": name,
+            "recipients": entry.recipients,
+            "rewrap_due": stale,
+        }));
     }
+    let entries = listed;
     if as_json {
         json_line(out, &entries)?;
     } else {
