@@ -285,19 +285,7 @@ fn an_event_reaches_a_peers_projection_through_the_hub_live() {
         .iter()
         .map(|home| daemon::start(common::SPOOL, home))
         .collect();
-    let count = |home: &Path| -> u64 {
-        let out = ok(
-            home,
-            &[
-                "sql",
-                "SELECT count(*) AS n FROM activity_log WHERE message = 'live'",
-            ],
-            "",
-        );
-        serde_json::from_str::<Value>(out.trim()).unwrap()["n"]
-            .as_u64()
-            .unwrap()
-    };
+    let count = |home: &Path| common::activity_count(home, "live");
     // Both daemons have done a first round (the hub's tables exist, LISTEN is on).
     let ready = std::time::Instant::now();
     while [desk, pi].iter().any(|h| {

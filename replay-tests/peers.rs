@@ -149,19 +149,7 @@ fn daemons_listing_each_other_keep_each_other_current() {
         daemon::start(common::SPOOL, desk),
         daemon::start(common::SPOOL, pi),
     ];
-    let count = |home: &Path| -> u64 {
-        let out = ok(
-            home,
-            &[
-                "sql",
-                "SELECT count(*) AS n FROM activity_log WHERE message = 'live'",
-            ],
-            "",
-        );
-        serde_json::from_str::<Value>(out.trim()).unwrap()["n"]
-            .as_u64()
-            .unwrap()
-    };
+    let count = |home: &Path| common::activity_count(home, "live");
     // Both have reached each other once.
     let ready = std::time::Instant::now();
     while [desk, pi].iter().any(|home| {

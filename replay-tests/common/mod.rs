@@ -135,6 +135,15 @@ pub fn activity(stream: &str, message: &str) -> String {
     .to_string()
 }
 
+/// How many rows of the home's projected `activity_log` carry `message` (a plain word).
+pub fn activity_count(home: &Path, message: &str) -> u64 {
+    let sql = format!("SELECT count(*) AS n FROM activity_log WHERE message = '{message}'");
+    let out = ok(home, &["sql", &sql], "");
+    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["n"]
+        .as_u64()
+        .unwrap()
+}
+
 /// Makes `root` the root of a fleet that `others` join, as a person would: the root admits each
 /// by its node.toml, exports, and each joins by ingesting that export.
 pub fn fleet(root: &Path, others: &[&Path]) {

@@ -170,30 +170,34 @@ struct State {
     removed: Vec<String>,
 }
 
-/// Every event of `stream`, oldest first, page by page.
-fn events(node: &mut dyn Node, stream: &str) -> anyhow::Result<Vec<spool::wire::Event>> {
+/// Every event `query` selects, oldest first, page by page.
+fn events(node: &mut dyn Node, mut query: LogQuery) -> anyhow::Result<Vec<spool::wire::Event>> {
     let mut all = Vec::new();
-    let mut after = 0;
     loop {
-        let page = node.log(&LogQuery {
-            after,
-            limit: None,
-            stream: Some(stream.to_owned()),
-            kind: None,
-            origin: None,
-        })?;
+        let page = node.log(&query)?;
         match page.events.last() {
-            Some(last) => after = last.position,
+            Some(last) => query.after = last.position,
             None => return Ok(all),
         }
         all.extend(page.events);
     }
 }
 
+/// Every event of `stream`, oldest first.
+fn stream_events(node: &mut dyn Node, stream: &str) -> anyhow::Result<Vec<spool::wire::Event>> {
+    events(
+        node,
+        LogQuery {
+            stream: Some(stream.to_owned()),
+            ..Default::default()
+        },
+    )
+}
+
 impl State {
     fn read(node: &mut dyn Node) -> anyhow::Result<State> {
         let mut state = State::default();
-        for event in events(node, "vault/install")? {
+        for event in stream_events(node, "vault/install")? {
             let d = &event.data;
             let number = |f: &str| d[f].as_u64().and_then(|n| u32::try_from(n).ok());
             if let (Some(salt), Some(memory_kib), Some(iterations), Some(parallelism)) = (
@@ -211,7 +215,7 @@ impl State {
                 });
             }
         }
-        for event in events(node, "vault/recipients")? {
+        for event in stream_events(node, "vault/recipients")? {
             let d = &event.data;
             let text = |f: &str| d[f].as_str().unwrap_or_default().to_owned();
             match event.kind.as_str() {
@@ -471,28 +475,14 @@ fn put(dir: &Path, name: &str, out: &mut impl Write, as_json: bool) -> anyhow::R
     Ok(())
 }
 
-/// An entry's latest ciphertext and the fingerprints it was encrypted to.
-fn latest(node: &mut dyn Node, name: &str) -> anyhow::Result<Option<(String, Vec<String>)>> {
+/// An entry's latest ciphertext, from its own stream.
+fn latest(node: &mut dyn Node, name: &str) -> anyhow::Result<Option<Latest>> {
     let stream = entry_stream(name)?;
-    let mut found = None;
-    for event in events(node, &stream)? {
-        if matches!(
-            event.kind.as_str(),
-            "vault.entry_written" | "vault.entry_rewrapped"
-        ) {
-            let d = &event.data;
-            let recipients = d["recipients"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|f| f.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            found = d["ciphertext"].as_str().map(|c| (c.to_owned(), recipients));
-        }
-    }
-    Ok(found)
+    Ok(stream_events(node, &stream)?
+        .iter()
+        .filter_map(entry_of)
+        .map(|(_, latest)| latest)
+        .next_back())
 }
 
 fn get(
@@ -513,7 +503,7 @@ fn get(
     let node = reach.node();
     let state = State::read(node)?;
     let kdf = state.kdf()?.clone();
-    let Some((ciphertext, _)) = latest(node, name)? else {
+    let Some(Latest { ciphertext, .. }) = latest(node, name)? else {
         return Err(Usage(format!("no entry {name} (`spool vault list`)")).into());
     };
     let passphrase = passphrase(passphrase_file, false)?;
@@ -547,53 +537,45 @@ struct Latest {
     recipients: Vec<String>,
 }
 
+/// An entry event's name and what it says the entry now is (`None` for other events).
+fn entry_of(event: &spool::wire::Event) -> Option<(String, Latest)> {
+    if !matches!(
+        event.kind.as_str(),
+        "vault.entry_written" | "vault.entry_rewrapped"
+    ) {
+        return None;
+    }
+    let d = &event.data;
+    let recipients = d["recipients"]
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect();
+    Some((
+        d["entry_id"].as_str()?.to_owned(),
+        Latest {
+            position: event.position,
+            ciphertext: d["ciphertext"].as_str()?.to_owned(),
+            recipients,
+        },
+    ))
+}
+
 /// Every entry's latest ciphertext, by name: one scan of the log's entry events of each kind
 /// (the later position wins), not a query per entry.
 fn entries(node: &mut dyn Node) -> anyhow::Result<BTreeMap<String, Latest>> {
     let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
     for kind in ["vault.entry_written", "vault.entry_rewrapped"] {
-        let mut after = 0;
-        loop {
-            let page = node.log(&LogQuery {
-                after,
-                limit: None,
-                stream: None,
-                kind: Some(kind.into()),
-                origin: None,
-            })?;
-            let Some(last) = page.events.last() else {
-                break;
-            };
-            after = last.position;
-            for event in page.events {
-                let d = &event.data;
-                let (Some(name), Some(ciphertext)) =
-                    (d["entry_id"].as_str(), d["ciphertext"].as_str())
-                else {
-                    continue;
-                };
-                if latest
-                    .get(name)
-                    .is_some_and(|l| l.position > event.position)
-                {
-                    continue;
-                }
-                let recipients = d["recipients"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|f| f.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                latest.insert(
-                    name.to_owned(),
-                    Latest {
-                        position: event.position,
-                        ciphertext: ciphertext.to_owned(),
-                        recipients,
-                    },
-                );
+        let query = LogQuery {
+            kind: Some(kind.into()),
+            ..Default::default()
+        };
+        for (name, entry) in events(node, query)?.iter().filter_map(entry_of) {
+            if latest
+                .get(&name)
+                .is_none_or(|l| l.position < entry.position)
+            {
+                latest.insert(name, entry);
             }
         }
     }
