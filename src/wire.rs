@@ -602,12 +602,11 @@ pub struct PeerWait {
     pub wait_ms: u64,
 }
 
-/// The answer to [`PeerWait`]: the node's version vector, and its projection's digest beside
-/// the events that projection covers (none before its first projection).
+/// The answer to [`PeerWait`]: the node's version vector (its projection's digest is
+/// `GET /v1/peer/digest`'s, computed only when an exchange finds both sides equal).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PeerState {
     pub heads: Heads,
-    pub projection: Option<ProjectionDigest>,
 }
 
 /// A projection's digest (`spool digest sqlite`) and the vector of the events it covers.

@@ -880,11 +880,7 @@ async fn peer_wait(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resp
             Err(_) => return reply::internal(),
         };
         if peer::ahead(&heads, &request.since) || tokio::time::Instant::now() >= until {
-            return Json(wire::PeerState {
-                heads,
-                projection: None,
-            })
-            .into_response();
+            return Json(wire::PeerState { heads }).into_response();
         }
         tokio::select! {
             _ = committed.changed() => {}

@@ -78,11 +78,14 @@ fn settle(app: &App, mut events: Vec<AppendRequest>, now: u64) -> Result<Pairing
         .map(|id| event(app, "pairing.expired", json!({ "pairing_id": id })))
         .collect();
     expired.append(&mut events);
-    if !expired.is_empty() {
+    // Nothing appended: the codes are as read.
+    let after = if expired.is_empty() {
+        before
+    } else {
         node::append(&app.log, expired)?;
         app.committed.send_replace(());
-    }
-    let after = load(app)?;
+        load(app)?
+    };
     app.pairing_open_until.store(after.open_until(now), Relaxed);
     Ok(after)
 }
