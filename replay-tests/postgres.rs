@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use common::{spool, SPOOL};
+use spool::project::postgres::SCHEMA_VERSION;
 
 /// A new node home in `dir`.
 fn home(dir: &Path, label: &str) -> std::path::PathBuf {
@@ -698,7 +699,8 @@ fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("version 2, this build writes 3") && said.contains("spool backfill postgres"),
+        said.contains(&format!("version 2, this build writes {SCHEMA_VERSION}"))
+            && said.contains("spool backfill postgres"),
         "{said}"
     );
     run(&node, &["backfill", "postgres", "--url", &url]);
@@ -706,7 +708,7 @@ fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
         .query_one("SELECT schema_version FROM spool_meta", &[])
         .unwrap()
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, SCHEMA_VERSION);
     let old_column: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
@@ -722,6 +724,37 @@ fn an_older_database_is_refused_until_a_backfill_moves_it_up() {
         .get(0);
     assert!(live > 0, "the views are back after the swap");
     project(&node, &url, &[]);
+    // Version 3 lacked a removed entry's columns: opening it adds them in place (no backfill),
+    // and a removal then projects.
+    client
+        .batch_execute(
+            "DROP VIEW vault_rewrap_due, vault_unknown_recipients; \
+             ALTER TABLE vault_entries DROP COLUMN removed_at, DROP COLUMN remove_reason; \
+             UPDATE spool_meta SET schema_version = 3",
+        )
+        .unwrap();
+    append(
+        &node,
+        &[
+            json!({"kind": "vault.entry_removed", "stream": "vault/supabase-service-key",
+                 "actor": "t", "data": {"entry_id": "supabase-service-key", "reason": "rotated"}}),
+        ],
+    );
+    project(&node, &url, &[]);
+    let row = client
+        .query_one(
+            "SELECT ciphertext IS NULL, remove_reason FROM vault_entries \
+             WHERE entry_id = 'supabase-service-key'",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, String>(1), "rotated");
+    let version: i64 = client
+        .query_one("SELECT schema_version FROM spool_meta", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
 }
 
 /// Every Postgres connection honours `sslmode` against a server that takes TLS only: `require`

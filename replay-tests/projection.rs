@@ -877,7 +877,10 @@ fn a_device_paired_again_and_a_recipient_added_again_are_active_again() {
     assert_eq!(device["label"], "Carlos's phone (found)");
     let recipient = row(&tables, "vault_recipients", "recipient_id", "rcp-oracle");
     assert_eq!(recipient["removed_at"], Value::Null, "{recipient}");
-    assert_eq!(recipient["fingerprint"], "b2".repeat(32));
+    assert_eq!(
+        recipient["fingerprint"],
+        "e65e0ad5d554db20cb7a6f70e2e64b6bb012765c480aa6dbf732c70f6242edbe"
+    );
 }
 
 #[test]
@@ -912,6 +915,13 @@ fn a_removed_recipient_marks_the_entries_that_need_a_rewrap() {
         .map(|r| (r["entry_id"].clone(), r["recipient_id"].clone()))
         .collect();
     assert_eq!(due, [(json!("github-token"), json!("rcp-laptop-old"))]);
+    // npm-token was removed: its row keeps no ciphertext and lists no recipient.
+    let tables = check("rewrap");
+    let removed = row(&tables, "vault_entries", "entry_id", "npm-token");
+    assert_eq!(removed["ciphertext"], Value::Null, "{removed}");
+    assert_eq!(removed["recipients"], Value::Null, "{removed}");
+    assert_eq!(removed["remove_reason"], "rotated", "{removed}");
+    assert!(query("rewrap", "SELECT * FROM vault_unknown_recipients").is_empty());
 }
 
 #[test]

@@ -109,6 +109,108 @@ fn forged_vault_entries_are_refused_by_name() {
         said.contains("ciphertext") && said.contains("not a parseable age file"),
         "{said}"
     );
+    // The reproduction: a fingerprint that is no key's.
+    let key = spool::vault::Identity::generate().recipient();
+    let added = |fingerprint: &str| {
+        serde_json::json!({
+            "kind": "vault.recipient_added", "stream": "vault/recipients", "actor": "a",
+            "data": {"recipient_id": "rcp-x", "device_id": "x", "label": "main",
+                     "public_key": key, "fingerprint": fingerprint}
+        })
+        .to_string()
+            + "\n"
+    };
+    let out = spool(&home, &["append"], &added(&format!("{:064x}", 7)));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("data/fingerprint") && said.contains("not the fingerprint of public_key"),
+        "{said}"
+    );
+    // An entry encrypted to a key that is no registered recipient's, then registered, then
+    // removed: refused, taken, refused.
+    let real = spool::vault::fingerprint(&key);
+    let entry = serde_json::json!({
+        "kind": "vault.entry_written", "stream": "vault/x", "actor": "a",
+        "data": {"entry_id": "x", "ciphertext": spool::vault::encrypt(b"s", std::slice::from_ref(&key)).unwrap(),
+                 "recipients": [real]}
+    })
+    .to_string()
+        + "\n";
+    let out = spool(&home, &["append"], &entry);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("data/recipients/0: is not the fingerprint of a registered vault recipient"),
+        "{said}"
+    );
+    ok(&home, &["append"], &added(&real));
+    ok(&home, &["append"], &entry);
+    let removed = serde_json::json!({
+        "kind": "vault.recipient_removed", "stream": "vault/recipients", "actor": "a",
+        "data": {"recipient_id": "rcp-x", "fingerprint": real}
+    });
+    ok(&home, &["append"], &(removed.to_string() + "\n"));
+    // Through the daemon: the same refusal, as JSON naming the field, and nothing written.
+    let served = daemon::start(common::SPOOL, &home);
+    let before = ok(&home, &["heads", "--json"], "");
+    let out = spool(&home, &["append"], &entry);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("data/recipients/0") && said.contains("removed vault recipient"),
+        "{said}"
+    );
+    assert_eq!(ok(&home, &["heads", "--json"], ""), before);
+    daemon::stop(served);
+}
+
+/// `vault rm`: the entry is no longer listed or read, its row keeps no ciphertext, and a `put`
+/// writes it again.
+#[test]
+fn a_removed_entry_is_gone_from_the_list_and_the_tables_until_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = vault_home(dir.path(), "desk", "p");
+    let pass = passphrase_file(dir.path(), "p");
+    ok(&home, &["vault", "put", "old-token"], "s-1");
+    ok(&home, &["vault", "put", "kept"], "s-2");
+    let said = ok(
+        &home,
+        &["vault", "rm", "old-token", "--reason", "rotated"],
+        "",
+    );
+    assert!(said.contains("rotate the secret"), "{said}");
+    let listed = ok(&home, &["vault", "list", "--json"], "");
+    assert!(
+        !listed.contains("old-token") && listed.contains("kept"),
+        "{listed}"
+    );
+    let out = spool(
+        &home,
+        &["vault", "get", "old-token", "--passphrase-file", &pass],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no entry old-token"));
+    let out = spool(&home, &["vault", "rm", "old-token"], "");
+    assert!(!out.status.success(), "a second rm finds no entry");
+    let row = ok(
+        &home,
+        &["sql", "SELECT ciphertext, recipients, removed_at IS NOT NULL AS removed, remove_reason FROM vault_entries WHERE entry_id = 'old-token'"],
+        "",
+    );
+    let row: Value = serde_json::from_str(row.trim()).unwrap();
+    assert_eq!(row["ciphertext"], Value::Null, "{row}");
+    assert_eq!(row["recipients"], Value::Null, "{row}");
+    assert_eq!(row["removed"], 1, "{row}");
+    assert_eq!(row["remove_reason"], "rotated", "{row}");
+    ok(&home, &["vault", "put", "old-token"], "s-3");
+    let got = ok(
+        &home,
+        &["vault", "get", "old-token", "--passphrase-file", &pass],
+        "",
+    );
+    assert_eq!(got, "s-3");
 }
 
 /// An entry's latest ciphertext, read from the log as any node holds it.

@@ -251,6 +251,11 @@ impl From<&crate::log::LogError> for Problem {
                     .field("key")
                     .index(Some(*index))
             }
+            LogError::Unregistered { index, error } => {
+                return Problem::new(Code::InvalidData, error.to_string())
+                    .field(&format!("data{}", error.field))
+                    .index(Some(*index))
+            }
             LogError::Locked { .. } | LogError::WriterGone => Code::Unavailable,
             LogError::Corrupt(_) => Code::Corrupt,
             _ => Code::Storage,

@@ -157,7 +157,8 @@ CREATE TABLE vault_recipients (
 -- Ciphertext only: entries are age-encrypted on the client before they become events.
 CREATE TABLE vault_entries (
   entry_id text PRIMARY KEY,
-  ciphertext text, recipients jsonb, updated_at timestamptz, rewrap_reason text, stamp bytea
+  ciphertext text, recipients jsonb, updated_at timestamptz, rewrap_reason text,
+  removed_at timestamptz, remove_reason text, stamp bytea
 );
 
 CREATE TABLE vault_access_log (

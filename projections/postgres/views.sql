@@ -21,6 +21,14 @@ CROSS JOIN LATERAL jsonb_array_elements_text(e.recipients) AS f(fingerprint)
 JOIN vault_recipients r ON r.fingerprint = f.fingerprint
 WHERE r.removed_at IS NOT NULL;
 
+-- Entries listing a fingerprint that no recipient's row carries (written elsewhere: a node
+-- refuses to write one).
+CREATE OR REPLACE VIEW vault_unknown_recipients WITH (security_invoker = true) AS
+SELECT e.entry_id, f.fingerprint
+FROM vault_entries e
+CROSS JOIN LATERAL jsonb_array_elements_text(e.recipients) AS f(fingerprint)
+WHERE NOT EXISTS (SELECT 1 FROM vault_recipients r WHERE r.fingerprint = f.fingerprint);
+
 -- Who holds each resource now: the latest claim not released by its own bot, while its TTL
 -- (from the claim or the bot's last heartbeat, whichever is later) has not run out.
 CREATE OR REPLACE VIEW bot_holders WITH (security_invoker = true) AS

@@ -167,7 +167,8 @@ CREATE TABLE vault_recipients (
 -- Ciphertext only: entries are age-encrypted on the client before they become events.
 CREATE TABLE vault_entries (
   entry_id TEXT PRIMARY KEY,
-  ciphertext TEXT, recipients TEXT, updated_at TEXT, rewrap_reason TEXT, stamp BLOB
+  ciphertext TEXT, recipients TEXT, updated_at TEXT, rewrap_reason TEXT, removed_at TEXT,
+  remove_reason TEXT, stamp BLOB
 );
 
 CREATE TABLE vault_access_log (

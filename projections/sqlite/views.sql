@@ -19,6 +19,13 @@ FROM vault_entries e, json_each(e.recipients) f
 JOIN vault_recipients r ON r.fingerprint = f.value
 WHERE r.removed_at IS NOT NULL;
 
+-- Entries listing a fingerprint that no recipient's row carries. A node refuses to write one
+-- (RULES.md, "Vault recipients"); one that arrives from another node is shown here, not refused.
+CREATE VIEW IF NOT EXISTS vault_unknown_recipients AS
+SELECT e.entry_id, f.value AS fingerprint
+FROM vault_entries e, json_each(e.recipients) f
+WHERE NOT EXISTS (SELECT 1 FROM vault_recipients r WHERE r.fingerprint = f.value);
+
 -- Who holds each resource now: the latest claim not released by its own bot, while its TTL
 -- (from the claim or the bot's last heartbeat, whichever is later) has not run out.
 CREATE VIEW IF NOT EXISTS bot_holders AS

@@ -196,6 +196,17 @@ enum VaultCommand {
         #[arg(long)]
         purpose: Option<String>,
     },
+    /// Remove NAME (`vault.entry_removed`): it is no longer listed or read, and its row keeps
+    /// no ciphertext. The log keeps what was written before: rotate the secret where it is
+    /// used if a copy may have leaked.
+    Rm {
+        name: String,
+        /// Why (kept with the removal).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The entries: names, their recipients, and which carry a removed recipient.
     List {
         #[arg(long)]

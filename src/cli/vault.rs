@@ -45,6 +45,7 @@ pub fn run(dir: &Path, command: VaultCommand) -> anyhow::Result<ExitCode> {
             purpose,
         } => get(dir, &name, passphrase_file.as_deref(), purpose, &mut out)?,
         VaultCommand::List { json } => list(dir, &mut out, json)?,
+        VaultCommand::Rm { name, reason, json } => rm(dir, &name, reason, &mut out, json)?,
         VaultCommand::Recipient(VaultRecipientCommand::Add {
             key,
             device,
@@ -482,7 +483,39 @@ fn latest(node: &mut dyn Node, name: &str) -> anyhow::Result<Option<Latest>> {
         .iter()
         .filter_map(entry_of)
         .map(|(_, latest)| latest)
-        .next_back())
+        .next_back()
+        .filter(|latest| !latest.removed))
+}
+
+fn rm(
+    dir: &Path,
+    name: &str,
+    reason: Option<String>,
+    out: &mut impl Write,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let stream = entry_stream(name)?;
+    let mut reach = reach(dir)?;
+    let node = reach.node();
+    if latest(node, name)?.is_none() {
+        return Err(Usage(format!("no entry {name} (`spool vault list`)")).into());
+    }
+    append(
+        node,
+        "vault.entry_removed",
+        &stream,
+        json!({"entry_id": name, "reason": reason}),
+    )?;
+    reach.refresh_projection();
+    if as_json {
+        json_line(out, &json!({"entry_id": name, "removed": true}))?;
+    } else {
+        writeln!(
+            out,
+            "removed {name}; the log keeps its earlier ciphertext: rotate the secret where it is used if a copy may have leaked"
+        )?;
+    }
+    Ok(())
 }
 
 fn get(
@@ -530,22 +563,37 @@ fn get(
     Ok(())
 }
 
-/// An entry's latest ciphertext and the fingerprints it is encrypted to.
+/// An entry's latest ciphertext and the fingerprints it is encrypted to (both empty once it
+/// is removed).
 struct Latest {
     position: u64,
     ciphertext: String,
     recipients: Vec<String>,
+    removed: bool,
 }
+
+/// The kinds that say what an entry now is.
+const ENTRY_KINDS: [&str; 3] = [
+    "vault.entry_written",
+    "vault.entry_rewrapped",
+    "vault.entry_removed",
+];
 
 /// An entry event's name and what it says the entry now is (`None` for other events).
 fn entry_of(event: &spool::wire::Event) -> Option<(String, Latest)> {
-    if !matches!(
-        event.kind.as_str(),
-        "vault.entry_written" | "vault.entry_rewrapped"
-    ) {
+    if !ENTRY_KINDS.contains(&event.kind.as_str()) {
         return None;
     }
     let d = &event.data;
+    if event.kind == "vault.entry_removed" {
+        let latest = Latest {
+            position: event.position,
+            ciphertext: String::new(),
+            recipients: Vec::new(),
+            removed: true,
+        };
+        return Some((d["entry_id"].as_str()?.to_owned(), latest));
+    }
     let recipients = d["recipients"]
         .as_array()?
         .iter()
@@ -557,6 +605,7 @@ fn entry_of(event: &spool::wire::Event) -> Option<(String, Latest)> {
             position: event.position,
             ciphertext: d["ciphertext"].as_str()?.to_owned(),
             recipients,
+            removed: false,
         },
     ))
 }
@@ -565,7 +614,7 @@ fn entry_of(event: &spool::wire::Event) -> Option<(String, Latest)> {
 /// (the later position wins), not a query per entry.
 fn entries(node: &mut dyn Node) -> anyhow::Result<BTreeMap<String, Latest>> {
     let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
-    for kind in ["vault.entry_written", "vault.entry_rewrapped"] {
+    for kind in ENTRY_KINDS {
         let query = LogQuery {
             kind: Some(kind.into()),
             ..Default::default()
@@ -579,6 +628,7 @@ fn entries(node: &mut dyn Node) -> anyhow::Result<BTreeMap<String, Latest>> {
             }
         }
     }
+    latest.retain(|_, entry| !entry.removed);
     Ok(latest)
 }
 

@@ -189,6 +189,7 @@ catalogue! {
         "vault.entry_written" 1 => EntryWritten(vault::EntryWritten);
         "vault.entry_rewrapped" 1 => EntryRewrapped(vault::EntryRewrapped);
         "vault.entry_unlocked" 1 => EntryUnlocked(vault::EntryUnlocked);
+        "vault.entry_removed" 1 => EntryRemoved(vault::EntryRemoved);
         "pairing.requested" 1 => PairingRequested(devices::PairingRequested);
         "pairing.completed" 1 => PairingCompleted(devices::PairingCompleted);
         "pairing.expired" 1 => PairingExpired(devices::PairingExpired);
@@ -737,7 +738,7 @@ mod tests {
         let good = serde_json::json!({
             "recipient_id": "r1", "device_id": "d1", "label": "laptop",
             "public_key": format!("age1{}", "q".repeat(58)),
-            "fingerprint": "ab".repeat(32),
+            "fingerprint": crate::vault::fingerprint(&format!("age1{}", "q".repeat(58))),
         });
         assert!(spec.encode(&good).is_ok());
         for (field, bad) in [

@@ -61,6 +61,14 @@ payloads! {
         pub reason: Option<Label>,
     }
 
+    /// An entry was removed from the vault: its row keeps no ciphertext from here on. The log
+    /// keeps what was written before (it is immutable), so rotating the secret is what makes
+    /// an old copy useless.
+    pub struct EntryRemoved {
+        pub entry_id: Id,
+        pub reason: Option<Text>,
+    }
+
     /// A device decrypted an entry (the access log).
     pub struct EntryUnlocked {
         pub entry_id: Id,
@@ -72,8 +80,21 @@ payloads! {
 }
 
 impl Payload for InstallInitialised {}
-impl Payload for RecipientAdded {}
+impl Payload for RecipientAdded {
+    /// The fingerprint is the key's: a fingerprint that names no key would let an entry list a
+    /// recipient nobody can be.
+    fn check(&self) -> Result<(), super::DataError> {
+        if crate::vault::fingerprint(&self.public_key.0) != self.fingerprint.0 {
+            return Err(super::DataError::at(
+                "/fingerprint",
+                "is not the fingerprint of public_key (blake3 of its age1 text, hex)",
+            ));
+        }
+        Ok(())
+    }
+}
 impl Payload for RecipientRemoved {}
+impl Payload for EntryRemoved {}
 impl Payload for EntryWritten {
     fn check(&self) -> Result<(), super::DataError> {
         entry(&self.ciphertext, &self.recipients)
@@ -102,6 +123,75 @@ fn entry(ciphertext: &AgeArmor, recipients: &[Hex32]) -> Result<(), super::DataE
     Ok(())
 }
 impl Payload for EntryUnlocked {}
+
+/// A change an applied event makes to the vault's recipients: the fingerprint registered
+/// (`vault.recipient_added`) or removed (`vault.recipient_removed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    pub fingerprint: String,
+    pub active: bool,
+}
+
+impl Registered {
+    /// The change an event makes, if it makes one. A payload that does not decode (the log
+    /// checked it when it was written) makes none.
+    pub fn of(kind: &str, version: u16, payload: &[u8]) -> Option<Registered> {
+        let active = match kind {
+            "vault.recipient_added" => true,
+            "vault.recipient_removed" => false,
+            _ => return None,
+        };
+        let value = super::decode(kind, version, payload).ok()?;
+        Some(Registered {
+            fingerprint: value["fingerprint"].as_str()?.to_owned(),
+            active,
+        })
+    }
+}
+
+/// The vault's recipients as a node's writer has applied their events: every fingerprint ever
+/// registered, and whether its latest event (in this node's apply order) removed it. The
+/// writer refuses a new entry, or a rewrap, that lists a fingerprint no current recipient has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recipients {
+    /// Fingerprint → still registered.
+    fingerprints: std::collections::BTreeMap<String, bool>,
+}
+
+impl Recipients {
+    /// Takes in an applied change; says whether it changed anything.
+    pub fn observe(&mut self, change: &Registered) -> bool {
+        self.fingerprints
+            .insert(change.fingerprint.clone(), change.active)
+            != Some(change.active)
+    }
+
+    /// Why a new event may not be written: an entry (written or rewrapped) listing a
+    /// fingerprint that is not a current recipient's. Other events pass.
+    pub fn refuses(&self, kind: &str, version: u16, payload: &[u8]) -> Option<super::DataError> {
+        if kind != "vault.entry_written" && kind != "vault.entry_rewrapped" {
+            return None;
+        }
+        let value = super::decode(kind, version, payload).ok()?;
+        let listed = value["recipients"].as_array()?;
+        listed.iter().enumerate().find_map(|(i, fingerprint)| {
+            let problem = match self.fingerprints.get(fingerprint.as_str()?) {
+                Some(true) => return None,
+                Some(false) => "is the fingerprint of a removed vault recipient",
+                None => "is not the fingerprint of a registered vault recipient",
+            };
+            Some(super::DataError::at(&format!("/recipients/{i}"), problem))
+        })
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a map of strings serialises")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Recipients> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
 
 #[cfg(test)]
 mod tests {

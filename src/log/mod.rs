@@ -75,6 +75,8 @@ pub struct Shipped {
     pub signed: Option<Box<(PublicKey, [u8; 64])>>,
     /// The membership change it makes, if it is a `device.paired` or `device.revoked`.
     pub change: Option<Box<crate::membership::Change>>,
+    /// The vault recipient it registers or removes, if it is a `vault.recipient_*`.
+    pub recipient: Option<Box<crate::kinds::vault::Registered>>,
 }
 
 /// Why shipped bytes are not an event.
@@ -165,6 +167,12 @@ impl Shipped {
             signer: view.signer(),
             change: crate::membership::Change::of(view.kind(), view.version(), view.payload())
                 .map(Box::new),
+            recipient: crate::kinds::vault::Registered::of(
+                view.kind(),
+                view.version(),
+                view.payload(),
+            )
+            .map(Box::new),
             bytes,
             signed: None,
         })
@@ -530,6 +538,14 @@ pub enum LogError {
     KeyConflict {
         /// The event of the batch whose key conflicts.
         index: usize,
+    },
+    /// A vault entry lists a fingerprint that is not a current recipient's, as this node's
+    /// applied `vault.recipient_*` events say.
+    #[error("{error}")]
+    Unregistered {
+        /// The event of the batch that lists it.
+        index: usize,
+        error: crate::kinds::DataError,
     },
 }
 

@@ -1073,3 +1073,70 @@ fn a_signed_head_is_checked_kept_with_its_event_and_verified_by_verify() {
         report.problems
     );
 }
+
+/// The vault's recipients live in `meta.recipients`; a log written before they were saved
+/// reads them from its events at open. Either way an entry must list current recipients only.
+#[test]
+fn vault_entries_list_only_current_recipients_and_a_log_without_the_saved_set_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let log = Log::create(&path, origin(), LogOptions::default()).unwrap();
+    let key = crate::vault::Identity::generate().recipient();
+    let fingerprint = crate::vault::fingerprint(&key);
+    let request = |kind: &str, data: serde_json::Value| {
+        parse_request(
+            &serde_json::json!({"kind": kind, "stream": "vault/x", "actor": "t", "data": data})
+                .to_string(),
+        )
+        .unwrap()
+    };
+    let added = request(
+        "vault.recipient_added",
+        serde_json::json!({"recipient_id": "r", "device_id": "d", "label": "l",
+                           "public_key": key, "fingerprint": fingerprint}),
+    );
+    let entry = || {
+        request(
+            "vault.entry_written",
+            serde_json::json!({"entry_id": "x",
+                "ciphertext": crate::vault::encrypt(b"s", std::slice::from_ref(&key)).unwrap(),
+                "recipients": [fingerprint]}),
+        )
+    };
+    // Refused whole, naming the event of the batch; taken once the recipient comes first in
+    // the same request.
+    let err = log
+        .append(vec![activity("a", "m", None), entry()])
+        .unwrap_err();
+    assert!(
+        matches!(&err, LogError::Unregistered { index: 1, error } if error.field == "/recipients/0"),
+        "{err}"
+    );
+    assert_eq!(log.stats().unwrap().events, 0);
+    log.append(vec![added, entry()]).unwrap();
+    drop(log);
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn
+            .open_table(META)
+            .unwrap()
+            .remove("recipients")
+            .unwrap()
+            .is_some());
+        txn.commit().unwrap();
+    }
+    let log = Log::open(&path, origin(), LogOptions::default()).unwrap();
+    log.append(vec![entry()]).unwrap();
+    let removed = request(
+        "vault.recipient_removed",
+        serde_json::json!({"recipient_id": "r", "fingerprint": fingerprint}),
+    );
+    log.append(vec![removed]).unwrap();
+    let err = log.append(vec![entry()]).unwrap_err();
+    assert!(
+        matches!(&err, LogError::Unregistered { index: 0, error } if error.problem.contains("removed")),
+        "{err}"
+    );
+    assert!(log.verify(2).unwrap().ok());
+}

@@ -28,6 +28,7 @@ use super::{
 use crate::event::NewEvent;
 use crate::event::{self, Dep, Event, EventId, Hash, Origin};
 use crate::hlc::{Hlc, Observed};
+use crate::kinds::vault::{Recipients, Registered};
 use crate::membership::{Change, Membership};
 use crate::sync::{Causal, Decision, Meta};
 
@@ -231,6 +232,10 @@ struct State {
     fleet: Option<Membership>,
     /// The membership changed since `meta.fleet` was written.
     fleet_changed: bool,
+    /// The vault's recipients, which new entries must list only current ones of.
+    recipients: Recipients,
+    /// They changed since `meta.recipients` was written.
+    recipients_changed: bool,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
@@ -303,6 +308,7 @@ impl State {
             }
             None => (None, false),
         };
+        let (recipients, recipients_changed) = load_recipients(&meta, &events)?;
         // Rebuild the postings not flushed before the last stop. A damaged entry is left out of
         // the index (reads and verify report it); it must not keep the node from opening.
         let mut pending = Postings::default();
@@ -328,6 +334,8 @@ impl State {
             signer: options.signer,
             fleet,
             fleet_changed,
+            recipients,
+            recipients_changed,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
@@ -359,7 +367,12 @@ impl State {
         }
     }
 
-    /// Writes what changed of the membership and the halt into `meta`.
+    /// Takes in an applied event's change of the vault's recipients.
+    fn register(&mut self, change: &Registered) {
+        self.recipients_changed |= self.recipients.observe(change);
+    }
+
+    /// Writes what changed of the membership, the vault's recipients and the halt into `meta`.
     fn save_fleet(
         &mut self,
         meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
@@ -367,6 +380,10 @@ impl State {
         if let (true, Some(fleet)) = (self.fleet_changed, &self.fleet) {
             meta.insert("fleet", fleet.to_bytes().as_slice())?;
             self.fleet_changed = false;
+        }
+        if self.recipients_changed {
+            meta.insert("recipients", self.recipients.to_bytes().as_slice())?;
+            self.recipients_changed = false;
         }
         if let Some(reason) = &self.halted {
             meta.insert("halted", reason.as_bytes())?;
@@ -435,6 +452,32 @@ where
         Ok(true)
     })?;
     Ok((fleet, true))
+}
+
+/// The vault's recipients: as saved in `meta.recipients`, else read from the log's
+/// `vault.recipient_*` events in position order (a log written before they were saved); the flag
+/// says they were read and are not saved yet.
+fn load_recipients<M, E>(meta: &M, events: &E) -> Result<(Recipients, bool), LogError>
+where
+    M: ReadableTable<&'static str, &'static [u8]>,
+    E: ReadableTable<u64, &'static [u8]>,
+{
+    if let Some(saved) = meta.get("recipients")? {
+        if let Some(recipients) = Recipients::from_bytes(saved.value()) {
+            return Ok((recipients, false));
+        }
+    }
+    let mut recipients = Recipients::default();
+    each_entry(events, 1, |_, entry, _| {
+        // Damaged entries are verify's to report; they register nothing.
+        if let Some(event) = entry.get(32..).and_then(|b| event::decode(b).ok()) {
+            if let Some(change) = Registered::of(event.kind(), event.version(), event.payload()) {
+                recipients.observe(&change);
+            }
+        }
+        Ok(true)
+    })?;
+    Ok((recipients, true))
 }
 
 /// Keeps refused events as evidence, up to [`EVIDENCE_MAX`].
@@ -771,8 +814,8 @@ fn commit_group(
         .lens
         .into_iter()
         .zip(settled.conflicts)
-        .map(|(n, conflict)| match conflict {
-            Some(index) => Err(LogError::KeyConflict { index }),
+        .map(|(n, refused)| match refused {
+            Some(refused) => Err(refused),
             None => Ok(answers.by_ref().take(n).collect()),
         })
         .collect())
@@ -788,9 +831,9 @@ struct Settled {
     repeats: Vec<(usize, usize)>,
     /// Events per request.
     lens: Vec<usize>,
-    /// Per request, the index of the event whose key names a different request (the request
-    /// is refused whole and none of it written).
-    conflicts: Vec<Option<usize>>,
+    /// Per request, why it is refused whole (none of it written): an event whose key names a
+    /// different request, or a vault entry listing a recipient that is not current.
+    conflicts: Vec<Option<LogError>>,
     /// The events to write, in position order (prev and hash not yet set).
     new_events: Vec<Event>,
     /// Their causal orders.
@@ -814,10 +857,14 @@ fn settle(
     let keyed = group
         .iter()
         .any(|(batch, _)| batch.iter().any(|e| e.key.is_some()));
-    let conflicts = match keyed {
-        true => key_conflicts(&events, &keys, group)?,
-        false => vec![None; group.len()],
+    let mut conflicts: Vec<Option<LogError>> = match keyed {
+        true => key_conflicts(&events, &keys, group)?
+            .into_iter()
+            .map(|conflict| conflict.map(|index| LogError::KeyConflict { index }))
+            .collect(),
+        false => (0..group.len()).map(|_| None).collect(),
     };
+    unregistered(&keys, &state.recipients, group, &mut conflicts)?;
     for ((batch, _), conflict) in group.iter_mut().zip(&conflicts) {
         if conflict.is_some() {
             batch.clear();
@@ -899,6 +946,9 @@ fn settle(
             if let Some(change) = change {
                 let named = deps.iter().map(|d| (d.origin, d.seq)).collect();
                 state.observe(EventId { origin, seq }, &named, change);
+            }
+            if let Some(change) = Registered::of(&new.kind, new.version, &new.payload) {
+                state.register(&change);
             }
             out.new_events.push(Event {
                 origin,
@@ -1019,6 +1069,47 @@ fn advance_head(
     txn.open_table(HEADS)?
         .insert(origin.0, (head.0, head.1 .0))?;
     state.causal.set_head(origin, head.0, head.1);
+    Ok(())
+}
+
+/// Refuses (in `refused`) each request not refused yet that writes a vault entry listing a
+/// fingerprint that is not a current recipient's, counting the recipients the group's earlier
+/// requests, and the request's own earlier events, add or remove. An event whose key is
+/// already stored is not new and is not asked.
+fn unregistered(
+    keys: &impl ReadableTable<&'static str, u64>,
+    recipients: &Recipients,
+    group: &[(Vec<NewEvent>, Reply<Vec<Appended>>)],
+    refused: &mut [Option<LogError>],
+) -> Result<(), LogError> {
+    let vault = |new: &NewEvent| new.kind.starts_with("vault.");
+    if !group.iter().any(|(batch, _)| batch.iter().any(vault)) {
+        return Ok(());
+    }
+    let mut now = recipients.clone();
+    for ((batch, _), refused) in group.iter().zip(refused) {
+        if refused.is_some() || !batch.iter().any(vault) {
+            continue;
+        }
+        let mut trial = now.clone();
+        for (index, new) in batch.iter().enumerate().filter(|(_, new)| vault(new)) {
+            if let Some(key) = new.key.as_deref() {
+                if keys.get(key)?.is_some() {
+                    continue;
+                }
+            }
+            if let Some(error) = trial.refuses(&new.kind, new.version, &new.payload) {
+                *refused = Some(LogError::Unregistered { index, error });
+                break;
+            }
+            if let Some(change) = Registered::of(&new.kind, new.version, &new.payload) {
+                trial.observe(&change);
+            }
+        }
+        if refused.is_none() {
+            now = trial;
+        }
+    }
     Ok(())
 }
 
@@ -1423,6 +1514,9 @@ fn apply(
             .map(|d| (d.origin, d.seq))
             .collect();
         state.observe(id, &deps, change);
+    }
+    if let Some(change) = shipped.recipient.as_deref() {
+        state.register(change);
     }
     // Its predecessor and deps are applied (that is why it is applied now): the origin's
     // head, this transaction's events, or the tables.

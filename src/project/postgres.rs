@@ -40,7 +40,7 @@ pub const TABLES: &str = include_str!("../../projections/postgres/tables.sql");
 pub const VIEWS: &str = include_str!("../../projections/postgres/views.sql");
 /// Bumped whenever the DDL changes: an older database is refused, not misread, until a
 /// backfill (which builds every table in this layout and swaps them in) moves it up.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Version 1 lacked the list of events a projection could not read (added whole by this).
 const MIGRATE_1_TO_2: &str = "CREATE TABLE IF NOT EXISTS public.spool_unreadable (
   id text PRIMARY KEY,
@@ -48,6 +48,11 @@ const MIGRATE_1_TO_2: &str = "CREATE TABLE IF NOT EXISTS public.spool_unreadable
   created_at timestamptz NOT NULL
 );
 UPDATE public.spool_meta SET schema_version = 2 WHERE id = 1 AND schema_version = 1;";
+/// Version 3 lacked a removed entry's columns (`vault.entry_removed`, which no earlier build
+/// wrote, so every row it has is not removed).
+const MIGRATE_3_TO_4: &str = "ALTER TABLE public.vault_entries
+  ADD COLUMN IF NOT EXISTS removed_at timestamptz, ADD COLUMN IF NOT EXISTS remove_reason text;
+UPDATE public.spool_meta SET schema_version = 4 WHERE id = 1 AND schema_version = 3;";
 /// How long connecting may take (a server that does not answer), unless the URL says.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long sent data may stay unacknowledged, and an idle connection unprobed, before the
@@ -307,6 +312,10 @@ impl Postgres {
         if found == 1 {
             tx.batch_execute(MIGRATE_1_TO_2)?;
             found = 2;
+        }
+        if found == 3 {
+            tx.batch_execute(MIGRATE_3_TO_4)?;
+            found = 4;
         }
         if found > SCHEMA_VERSION || (found < SCHEMA_VERSION && !older_ok) {
             return Err(PostgresError::OtherSchema { found });

@@ -694,6 +694,8 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("recipients", json(&p.recipients)),
                     ("updated_at", at()),
                     ("rewrap_reason", Val::Null),
+                    ("removed_at", Val::Null),
+                    ("remove_reason", Val::Null),
                 ],
             )],
         )],
@@ -708,6 +710,26 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                     ("recipients", json(&p.recipients)),
                     ("updated_at", at()),
                     ("rewrap_reason", opt(&p.reason)),
+                    ("removed_at", Val::Null),
+                    ("remove_reason", Val::Null),
+                ],
+            )],
+        )],
+        // Written, rewrapped and removed share one group: the latest decides, and a removed
+        // entry's row keeps no ciphertext.
+        Body::EntryRemoved(p) => vec![upsert(
+            ctx,
+            "vault_entries",
+            vec![("entry_id", text(&p.entry_id.0))],
+            vec![newer(
+                "stamp",
+                vec![
+                    ("ciphertext", Val::Null),
+                    ("recipients", Val::Null),
+                    ("updated_at", at()),
+                    ("rewrap_reason", Val::Null),
+                    ("removed_at", at()),
+                    ("remove_reason", opt(&p.reason)),
                 ],
             )],
         )],

@@ -36,7 +36,7 @@ const INSERT_RUN: usize = 4_096;
 const FREED_APART_ROWS: usize = 10_000;
 /// Bumped whenever `SCHEMA` changes: an older file is rebuilt (`jobs::open_projection` does it
 /// when the node opens its projection), not misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// How long one `spool sql` statement may run.
 pub const QUERY_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// The largest string or blob one statement may make.

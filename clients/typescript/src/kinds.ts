@@ -534,6 +534,16 @@ export interface TriageRunStartedV1 {
 }
 
 /**
+ * `vault.entry_removed` v1: An entry was removed from the vault: its row keeps no ciphertext from here on. The log
+ * keeps what was written before (it is immutable), so rotating the secret is what makes
+ * an old copy useless.
+ */
+export interface VaultEntryRemovedV1 {
+  entry_id: string;
+  reason?: string | null;
+}
+
+/**
  * `vault.entry_rewrapped` v1: An entry was re-encrypted to a new set of recipients (after one was added or removed).
  */
 export interface VaultEntryRewrappedV1 {
@@ -650,6 +660,7 @@ export interface KindData {
   "triage.run_completed": TriageRunCompletedV1;
   "triage.run_failed": TriageRunFailedV1;
   "triage.run_started": TriageRunStartedV1;
+  "vault.entry_removed": VaultEntryRemovedV1;
   "vault.entry_rewrapped": VaultEntryRewrappedV1;
   "vault.entry_unlocked": VaultEntryUnlockedV1;
   "vault.entry_written": VaultEntryWrittenV1;
@@ -703,6 +714,7 @@ export const KINDS: readonly Kind[] = [
   "triage.run_completed",
   "triage.run_failed",
   "triage.run_started",
+  "vault.entry_removed",
   "vault.entry_rewrapped",
   "vault.entry_unlocked",
   "vault.entry_written",
