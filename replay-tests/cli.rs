@@ -711,8 +711,9 @@ fn a_projection_ahead_of_a_restored_log_waits_for_the_peers_export() {
     ok(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
     let all = dir.path().join("all.spool");
     ok(&home, &["export", "--out", all.to_str().unwrap()], "");
-    // The log goes back, the projection beside it stays (a restore of the log file alone).
+    // The log goes back (its two files), the projection beside it stays.
     std::fs::copy(backup.join("log.redb"), home.join("log.redb")).unwrap();
+    std::fs::copy(backup.join("log.wal"), home.join("log.wal")).unwrap();
     let o = spool(&home, &["sql", "SELECT count(*) FROM activity_log"], "");
     assert_eq!(o.status.code(), Some(1));
     let said = stderr(&o);

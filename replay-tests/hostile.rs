@@ -319,7 +319,7 @@ fn a_rebuild_writes_only_a_new_file_inside_the_home_by_every_door() {
     let after = snapshot(dir.path());
     for (path, bytes) in &before {
         let name = path.file_name().unwrap().to_string_lossy();
-        let live = ["log.redb", "projection.sqlite"]
+        let live = ["log.redb", "log.wal", "projection.sqlite"]
             .iter()
             .any(|f| name.starts_with(f));
         if path.parent() == Some(home.as_path()) && live {

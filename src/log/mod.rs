@@ -39,6 +39,7 @@ mod block;
 mod postings;
 mod upgrade;
 mod verify;
+pub mod wal;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -357,6 +358,14 @@ pub struct LogOptions {
     /// The root of the fleet this node is in: only members' events are taken (`membership`).
     /// `None` (a node made before keys, or a test of the log alone): every origin's are.
     pub fleet_root: Option<Origin>,
+    /// A group commits to redb durably once the last durable commit is older than this; the
+    /// groups between are made durable in the write-ahead segment (`wal`). It bounds what a
+    /// crash leaves to apply again at open, and how long redb keeps the pages its unflushed
+    /// commits replaced.
+    pub durable_every: std::time::Duration,
+    /// The write-ahead segment's size: a group whose record does not fit in what is left
+    /// commits to redb durably, and the segment starts again.
+    pub segment_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -371,6 +380,8 @@ impl Default for LogOptions {
             kernel_cache_bytes: 0,
             signer: None,
             fleet_root: None,
+            durable_every: std::time::Duration::from_secs(1),
+            segment_bytes: wal::SEGMENT_BYTES,
         }
     }
 }
@@ -398,6 +409,8 @@ pub struct Head {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Corruption {
+    #[error("{}: {detail}; move it aside to open the log without it (what it held past the log is then lost)", path.display())]
+    Wal { path: PathBuf, detail: String },
     #[error(
         "event at position {position}{}: hash mismatch, expected {expected}, actual {actual}",
         name(id)
@@ -496,7 +509,8 @@ impl Corruption {
             Corruption::HeadMismatch { .. }
             | Corruption::BadPending { .. }
             | Corruption::BadSignature { .. }
-            | Corruption::Fork { .. } => u64::MAX,
+            | Corruption::Fork { .. }
+            | Corruption::Wal { .. } => u64::MAX,
         }
     }
 }
@@ -563,7 +577,8 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// An event read from the log, with its hash and archive already checked.
@@ -878,6 +893,23 @@ pub struct Stats {
     pub file_bytes: u64,
 }
 
+/// The write-ahead segment's file beside the log at `path` (`log.wal` for `log.redb`), emptied
+/// when `fresh`.
+fn segment_file(path: &Path, fresh: bool) -> Result<Box<dyn redb::StorageBackend>, LogError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let wal = path.with_extension("wal");
+    // It holds events as the log does: the owner's only.
+    let file = std::fs::OpenOptions::new()
+        .mode(0o600)
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(fresh)
+        .open(&wal)
+        .map_err(|source| LogError::Io { path: wal, source })?;
+    Ok(Box::new(wal::SegmentFile(file)))
+}
+
 /// An open log: one writer thread, any number of concurrent snapshot readers.
 pub struct Log {
     db: Arc<Database>,
@@ -899,7 +931,9 @@ impl Log {
             .set_cache_size(options.cache_bytes)
             .create(path)
             .map_err(|e| open_error(path, e))?;
-        Self::init(db, path, origin, options)
+        // A segment without its log holds nothing this log can use.
+        let segment = segment_file(path, true)?;
+        Self::init(db, path, origin, options, segment)
     }
 
     /// Opens the log of node `origin`.
@@ -914,12 +948,16 @@ impl Log {
             .set_cache_size(options.cache_bytes)
             .open(path)
             .map_err(|e| open_error(path, e))?;
-        Self::start(db, path, origin, options)
+        // Opened only once redb holds the log's lock: one process writes the segment.
+        let segment = segment_file(path, false)?;
+        Self::start(db, path, origin, options, segment)
     }
 
-    /// Creates or opens a log on a caller-supplied storage backend (fault-injection tests).
+    /// Creates or opens a log on caller-supplied storage for the log and its write-ahead
+    /// segment (fault-injection tests).
     pub fn with_backend(
         backend: impl redb::StorageBackend,
+        segment: impl redb::StorageBackend,
         label: &Path,
         origin: Origin,
         options: LogOptions,
@@ -929,10 +967,11 @@ impl Log {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)
             .map_err(|e| open_error(label, e))?;
+        let segment = Box::new(segment);
         if create {
-            Self::init(db, label, origin, options)
+            Self::init(db, label, origin, options, segment)
         } else {
-            Self::start(db, label, origin, options)
+            Self::start(db, label, origin, options, segment)
         }
     }
 
@@ -941,6 +980,7 @@ impl Log {
         path: &Path,
         origin: Origin,
         options: LogOptions,
+        segment: Box<dyn redb::StorageBackend>,
     ) -> Result<Log, LogError> {
         let txn = db.begin_write()?;
         {
@@ -961,7 +1001,7 @@ impl Log {
             meta.insert("streams_to", 0u64.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
-        Self::start(db, path, origin, options)
+        Self::start(db, path, origin, options, segment)
     }
 
     fn start(
@@ -969,6 +1009,7 @@ impl Log {
         path: &Path,
         origin: Origin,
         options: LogOptions,
+        segment: Box<dyn redb::StorageBackend>,
     ) -> Result<Log, LogError> {
         let format = check_meta(&db, path, origin)?;
         // Logs made before shipping existed lack its tables; opening them creates them.
@@ -983,7 +1024,7 @@ impl Log {
         }
         let db = Arc::new(db);
         let fleet_root = options.fleet_root;
-        let writer = writer::Handle::start(db.clone(), path, origin, options)?;
+        let writer = writer::Handle::start(db.clone(), path, origin, options, segment)?;
         Ok(Log {
             db,
             path: path.to_owned(),

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::oneshot;
 
 use super::block::BlockBuilder;
 use super::postings::Postings;
+use super::wal::{self, Wal};
 use super::{
     causal_order, check_entry, each_entry, entry_at, last_position, meta_u64, order_of,
     position_of, Appended, Corruption, Evidence, IngestReport, LogError, LogOptions, Refusal,
@@ -90,8 +91,18 @@ impl Handle {
         path: &std::path::Path,
         origin: Origin,
         options: LogOptions,
+        segment: Box<dyn redb::StorageBackend>,
     ) -> Result<Handle, LogError> {
-        let state = State::load(&db, origin, &options)?;
+        let mut state = State::load(&db, origin, &options)?;
+        let wal_path = path.with_extension("wal");
+        let wal_error = |source| LogError::Io {
+            path: wal_path.clone(),
+            source,
+        };
+        let (segment, records) = Wal::open(segment, options.segment_bytes).map_err(wal_error)?;
+        replay(&db, &mut state, records, &wal_path)?;
+        state.wal = Some(segment);
+        state.wal_path = wal_path;
         let kernel_cache = match options.kernel_cache_bytes {
             0 => None,
             keep => Some(KernelCache::new(path, keep)?),
@@ -236,6 +247,12 @@ struct State {
     recipients: Recipients,
     /// They changed since `meta.recipients` was written.
     recipients_changed: bool,
+    /// The write-ahead segment small groups are made durable in (`None` only while opening).
+    wal: Option<Wal>,
+    wal_path: std::path::PathBuf,
+    /// When redb last committed durably: a group after `durable_every` commits durably.
+    durable_at: Instant,
+    durable_every: std::time::Duration,
     clock: Hlc,
     /// Stream postings of positions after `meta.streams_to`.
     pending: Postings,
@@ -336,6 +353,10 @@ impl State {
             fleet_changed,
             recipients,
             recipients_changed,
+            wal: None,
+            wal_path: Default::default(),
+            durable_at: Instant::now(),
+            durable_every: options.durable_every,
             clock: Hlc::new(clock, options.max_drift_ms),
             pending,
             stream_flush_events: options.stream_flush_events.max(1),
@@ -365,6 +386,14 @@ impl State {
                 ));
             }
         }
+    }
+
+    /// redb has just committed durably: the segment's records are all in it.
+    fn durable(&mut self) {
+        if let Some(wal) = self.wal.as_mut() {
+            wal.restart();
+        }
+        self.durable_at = Instant::now();
     }
 
     /// Takes in an applied event's change of the vault's recipients.
@@ -559,6 +588,9 @@ fn run(
             Request::Evidence(evidence, reply) => {
                 bytes_written = evidence.iter().map(|e| e.bytes.len() as u64).sum();
                 let outcome = keep_evidence(db, &evidence);
+                if outcome.is_ok() {
+                    state.durable();
+                }
                 let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(poison_of));
                 outcome
             }
@@ -566,6 +598,7 @@ fn run(
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
                 let outcome = commit_ingest(db, &mut state, events);
                 if let Ok(report) = &outcome {
+                    state.durable();
                     counters.committed(report.applied + report.released);
                 }
                 let _ = reply.send(outcome.as_ref().map(Clone::clone).map_err(poison_of));
@@ -778,16 +811,24 @@ fn commit_group(
     state: &mut State,
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
 ) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
-    let txn = db.begin_write()?;
+    // A small group is made durable in the segment and committed to redb without a flush,
+    // unless redb last committed durably over `DURABLE_EVERY` ago.
+    let logged = state.wal.is_some()
+        && state.durable_at.elapsed() < state.durable_every
+        && group.iter().map(|(b, _)| payload_bytes(b)).sum::<usize>() <= wal::RECORD_BYTES_MAX;
+    let mut txn = db.begin_write()?;
     let (head_seq, head_hash) = state.causal.head(state.origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
     let mut settled = settle(&txn, state, group, head_seq)?;
+    if let (true, Some(wal)) = (logged, state.wal.as_mut()) {
+        wal.begin();
+    }
     let written = settled.new_events.len() as u64;
     let new_events = std::mem::take(&mut settled.new_events);
     let orders = std::mem::take(&mut settled.orders);
     let mut fresh = settled.fresh.iter();
     let answers = &mut settled.answers;
-    let head_hash = write_events(&txn, state, new_events, orders, head_hash, |hash| {
+    let head_hash = write_events(&txn, state, logged, new_events, orders, head_hash, |hash| {
         answers[*fresh.next().expect("one answer per new event")].hash = hash;
     })?;
     for &(at, first) in &settled.repeats {
@@ -808,7 +849,25 @@ fn commit_group(
             flush_streams(state, &txn, &mut meta)?;
         }
     }
+    // The segment's record is flushed before redb commits: a crash after it applies the group
+    // again at open; one before it loses a group nobody was told of.
+    let durable = match (logged, state.wal.as_mut()) {
+        (true, Some(wal)) if written == 0 || wal.fits() => {
+            if written > 0 {
+                wal.commit(written as u32).map_err(|source| LogError::Io {
+                    path: state.wal_path.clone(),
+                    source,
+                })?;
+            }
+            txn.set_durability(redb::Durability::None)?;
+            false
+        }
+        _ => true,
+    };
     txn.commit()?;
+    if durable {
+        state.durable();
+    }
     let mut answers = settled.answers.into_iter();
     Ok(settled
         .lens
@@ -978,6 +1037,7 @@ fn settle(
 fn write_events(
     txn: &redb::WriteTransaction,
     state: &mut State,
+    logged: bool,
     new_events: Vec<Event>,
     orders: Vec<u64>,
     mut head_hash: Hash,
@@ -989,10 +1049,14 @@ fn write_events(
     let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
     let mut spare = std::mem::take(&mut state.spare);
     let mut orders = orders.into_iter();
+    let mut wal = state.wal.as_mut().filter(|_| logged);
     let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
         for (bytes, hash) in chunk.events() {
             let order = orders.next().expect("one order per new event");
             blocks.push(hash, bytes, order)?;
+            if let Some(wal) = wal.as_mut() {
+                wal.push(hash, bytes);
+            }
             hashed(*hash);
         }
         spare.push(chunk);
@@ -1643,14 +1707,83 @@ fn flush_streams(
 
 /// At a clean stop: flush the stream postings so the next open has no tail to rescan.
 fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
-    if state.pending.len() == 0 {
+    let logged = state.wal.as_ref().is_some_and(|w| w.used() > 0);
+    if state.pending.len() == 0 && !logged {
         return Ok(());
     }
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
-        flush_streams(state, &txn, &mut meta)?;
+        if state.pending.len() > 0 {
+            flush_streams(state, &txn, &mut meta)?;
+        }
     }
     txn.commit()?;
+    state.durable();
+    Ok(())
+}
+
+/// Applies again the segment's events that redb lost (committed without a flush before a crash):
+/// this node's own, from the seq after its head in redb on, in one durable commit, then starts
+/// the segment again. Events redb holds are skipped; a gap ends the replay (what follows is
+/// older). Nothing but appends are ever in the segment, and every other commit is durable, so
+/// the lost events take the same positions, orders and keys again (the ingest path of an origin's
+/// own events, as a restore uses).
+fn replay(
+    db: &Database,
+    state: &mut State,
+    records: Vec<Vec<wal::Logged>>,
+    path: &std::path::Path,
+) -> Result<(), LogError> {
+    let own = state.origin;
+    let mut next = state.causal.head(own).map_or(0, |(seq, _)| seq) + 1;
+    let mut lost = Vec::new();
+    let damaged = |detail: String| {
+        LogError::Corrupt(Corruption::Wal {
+            path: path.to_owned(),
+            detail,
+        })
+    };
+    'records: for record in records {
+        for (hash, bytes) in record {
+            let event = Shipped::verify(hash, bytes).map_err(|e| damaged(e.to_string()))?;
+            let id = event.meta.id;
+            if id.origin != own {
+                return Err(damaged(format!("holds an event of origin {}", id.origin)));
+            }
+            if id.seq < next {
+                continue;
+            }
+            if id.seq > next {
+                break 'records;
+            }
+            lost.push(event);
+            next += 1;
+        }
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let count = lost.len() as u64;
+    // The first lost event took the deps the durable `meta.deps` still names.
+    state.deps.clear();
+    let report = commit_ingest(db, state, lost)?;
+    if let Some(refused) = report.refused {
+        return Err(damaged(format!(
+            "its events do not follow the log's own (seq {}: {})",
+            refused.id.seq, refused.reason
+        )));
+    }
+    if report.applied != count {
+        return Err(damaged(format!(
+            "{} of its {count} events applied again",
+            report.applied
+        )));
+    }
+    tracing::info!(
+        events = count,
+        "applied again what the write-ahead segment held"
+    );
+    state.durable_at = Instant::now();
     Ok(())
 }
