@@ -23,8 +23,9 @@ use crate::event::Hash;
 /// durably instead, and the segment starts again.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// A group whose events take more bytes than this commits to redb durably: a large group is
-/// already one sequential write there, and would be written twice here.
-pub const RECORD_BYTES_MAX: usize = 256 * 1024;
+/// already mostly sequential writes there, and would be written twice here (at 256 KiB, 64
+/// clients' 100-event requests, 100-150 KB a group, lost a tenth: benches/RESULTS.md).
+pub const RECORD_BYTES_MAX: usize = 64 * 1024;
 const MAGIC: [u8; 4] = *b"spw1";
 const HEADER: usize = 4 + 4 + 16;
 /// Zeros are written in pieces of this size when the segment is made.
