@@ -102,6 +102,29 @@ fn upsert(
     }
 }
 
+/// A `vault_entries` row: written, rewrapped and removed share one group, so the latest
+/// decides, and a removed entry's row keeps no ciphertext. `values`: ciphertext, recipients,
+/// rewrap_reason, removed_at, remove_reason.
+fn vault_entry(ctx: &Context<'_>, entry_id: &str, values: [Val; 5]) -> Write {
+    let [ciphertext, recipients, rewrap_reason, removed_at, remove_reason] = values;
+    upsert(
+        ctx,
+        "vault_entries",
+        vec![("entry_id", text(entry_id))],
+        vec![newer(
+            "stamp",
+            vec![
+                ("ciphertext", ciphertext),
+                ("recipients", recipients),
+                ("updated_at", Val::Text(ctx.at.clone())),
+                ("rewrap_reason", rewrap_reason),
+                ("removed_at", removed_at),
+                ("remove_reason", remove_reason),
+            ],
+        )],
+    )
+}
+
 fn insert(table: &'static str, cols: Vec<(&'static str, Val)>) -> Write {
     Write::Insert { table, cols }
 }
@@ -683,55 +706,32 @@ pub(super) fn writes(ctx: &Context<'_>, body: &Body) -> Vec<Write> {
                 vec![("removed_at", at()), ("remove_reason", opt(&p.reason))],
             )],
         )],
-        Body::EntryWritten(p) => vec![upsert(
+        Body::EntryWritten(p) => vec![vault_entry(
             ctx,
-            "vault_entries",
-            vec![("entry_id", text(&p.entry_id.0))],
-            vec![newer(
-                "stamp",
-                vec![
-                    ("ciphertext", text(&p.ciphertext.0)),
-                    ("recipients", json(&p.recipients)),
-                    ("updated_at", at()),
-                    ("rewrap_reason", Val::Null),
-                    ("removed_at", Val::Null),
-                    ("remove_reason", Val::Null),
-                ],
-            )],
+            &p.entry_id.0,
+            [
+                text(&p.ciphertext.0),
+                json(&p.recipients),
+                Val::Null,
+                Val::Null,
+                Val::Null,
+            ],
         )],
-        Body::EntryRewrapped(p) => vec![upsert(
+        Body::EntryRewrapped(p) => vec![vault_entry(
             ctx,
-            "vault_entries",
-            vec![("entry_id", text(&p.entry_id.0))],
-            vec![newer(
-                "stamp",
-                vec![
-                    ("ciphertext", text(&p.ciphertext.0)),
-                    ("recipients", json(&p.recipients)),
-                    ("updated_at", at()),
-                    ("rewrap_reason", opt(&p.reason)),
-                    ("removed_at", Val::Null),
-                    ("remove_reason", Val::Null),
-                ],
-            )],
+            &p.entry_id.0,
+            [
+                text(&p.ciphertext.0),
+                json(&p.recipients),
+                opt(&p.reason),
+                Val::Null,
+                Val::Null,
+            ],
         )],
-        // Written, rewrapped and removed share one group: the latest decides, and a removed
-        // entry's row keeps no ciphertext.
-        Body::EntryRemoved(p) => vec![upsert(
+        Body::EntryRemoved(p) => vec![vault_entry(
             ctx,
-            "vault_entries",
-            vec![("entry_id", text(&p.entry_id.0))],
-            vec![newer(
-                "stamp",
-                vec![
-                    ("ciphertext", Val::Null),
-                    ("recipients", Val::Null),
-                    ("updated_at", at()),
-                    ("rewrap_reason", Val::Null),
-                    ("removed_at", at()),
-                    ("remove_reason", opt(&p.reason)),
-                ],
-            )],
+            &p.entry_id.0,
+            [Val::Null, Val::Null, Val::Null, at(), opt(&p.reason)],
         )],
         Body::EntryUnlocked(p) => vec![insert(
             "vault_access_log",
