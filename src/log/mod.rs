@@ -364,7 +364,8 @@ pub struct LogOptions {
     /// commits replaced.
     pub durable_every: std::time::Duration,
     /// The write-ahead segment's size: a group whose record does not fit in what is left
-    /// commits to redb durably, and the segment starts again.
+    /// commits to redb durably, and the segment starts again. At most
+    /// [`wal::SEGMENT_BYTES_MAX`] (a larger value is taken as that).
     pub segment_bytes: u64,
 }
 

@@ -1534,3 +1534,148 @@ fn a_crash_at_every_write_and_flush_loses_nothing_acknowledged_and_shows_nothing
         next_seed.load(Ordering::SeqCst)
     );
 }
+
+/// A machine holding a log whose last three appends are only in the segment (redb committed
+/// them without a flush, and the crash dropped them); `hostile` then writes over the segment.
+fn segment_only_appends(hostile: impl FnOnce(&Arc<Machine>)) -> (Arc<Machine>, Vec<Appended>) {
+    let machine = Machine::new(2);
+    let options = crash_options(false);
+    let log = Log::with_backend(
+        machine.file(0),
+        machine.file(1),
+        Path::new("mem"),
+        origin(),
+        options,
+        true,
+    )
+    .unwrap();
+    let acked: Vec<Appended> = (0..3)
+        .flat_map(|i| {
+            log.append(vec![activity("s", &format!("e{i}"), None)])
+                .unwrap()
+        })
+        .collect();
+    std::mem::forget(log); // A crash: no clean close.
+    let image = machine.image(None);
+    hostile(&image);
+    (image, acked)
+}
+
+fn open_image(image: &Arc<Machine>) -> Result<Log, LogError> {
+    Log::with_backend(
+        image.file(0),
+        image.file(1),
+        Path::new("mem"),
+        origin(),
+        crash_options(false),
+        false,
+    )
+}
+
+/// Writes `records` from the segment's start, as a writer would.
+fn write_records(image: &Arc<Machine>, records: &[Vec<(Hash, Vec<u8>)>]) {
+    let (mut wal, _) = wal::Wal::open(Box::new(image.file(1)), 2048).unwrap();
+    wal.restart();
+    for record in records {
+        wal.begin();
+        for (hash, bytes) in record {
+            wal.push(hash, bytes);
+        }
+        wal.commit(record.len() as u32).unwrap();
+    }
+}
+
+#[test]
+fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was() {
+    // The segment as the writer left it: the three appends come back.
+    let (image, acked) = segment_only_appends(|_| {});
+    let log = open_image(&image).unwrap();
+    let reader = log.read().unwrap();
+    for a in &acked {
+        assert_eq!(reader.get(a.position).unwrap().unwrap().hash, a.hash);
+    }
+    drop(reader);
+    drop(log);
+
+    let other = shipped(
+        Origin([0x33; 16]),
+        1,
+        Hash::ZERO,
+        now_ms() << 16,
+        Vec::new(),
+    );
+    let unlinked = shipped_bytes(origin(), 1, Hash([9; 32]), now_ms() << 16, Vec::new());
+    let mut damaged = unlinked.1.clone();
+    damaged[3] ^= 0x40;
+    type Hostile = Box<dyn FnOnce(&Arc<Machine>)>;
+    let cases: Vec<(&str, Hostile, &str)> = vec![
+        (
+            "another origin's event",
+            Box::new(move |m| write_records(m, &[vec![(other.meta.hash, other.bytes.to_vec())]])),
+            "holds an event of origin",
+        ),
+        (
+            "an event whose chain does not link",
+            Box::new(move |m| write_records(m, &[vec![unlinked]])),
+            "do not follow the log's own",
+        ),
+        (
+            "bytes that are not the event their hash names",
+            Box::new(move |m| write_records(m, &[vec![(Hash([7; 32]), damaged)]])),
+            "",
+        ),
+        (
+            "a file larger than a segment can be",
+            Box::new(|m| {
+                let mut state = m.state.lock().unwrap();
+                let file = &mut state.files[1];
+                file.written.resize(wal::SEGMENT_BYTES_MAX as usize + 1, 0);
+                file.durable = file.written.clone();
+            }),
+            "more than a segment can be",
+        ),
+    ];
+    for (what, hostile, named) in cases {
+        let (image, _) = segment_only_appends(hostile);
+        let segment = image.state.lock().unwrap().files[1].written.clone();
+        match open_image(&image) {
+            Err(LogError::Corrupt(Corruption::Wal { detail, .. })) => {
+                assert!(detail.contains(named), "{what}: {detail}")
+            }
+            Err(other) => panic!("{what}: refused as {other}"),
+            Ok(_) => panic!("{what}: opened"),
+        }
+        // The segment is kept as it was, for whoever looks at it; moved aside, the log opens
+        // as redb last made it durable, and verifies.
+        let mut state = image.state.lock().unwrap();
+        assert!(
+            state.files[1].written == segment,
+            "{what}: the segment changed"
+        );
+        state.files[1] = FaultyFile::default();
+        drop(state);
+        let log = open_image(&image).unwrap_or_else(|e| panic!("{what}: aside: {e}"));
+        let held = log
+            .read()
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .map(|r| format!("{:?}", r.hash));
+        assert!(held.is_none(), "{what}: {held:?} {:?}", orders(&log));
+        let report = log.verify(1).unwrap();
+        assert!(report.ok(), "{what}: {:?}", report.problems);
+    }
+
+    // A frame whose header claims more than a record can be is not read (the writer never
+    // writes one, so it was never acknowledged): the log opens without the lost appends.
+    let (image, _) = segment_only_appends(|m| {
+        let mut state = m.state.lock().unwrap();
+        let file = &mut state.files[1];
+        file.written.resize(wal::SEGMENT_BYTES_MAX as usize, 0);
+        file.written[..4].copy_from_slice(b"spw1");
+        file.written[4..8].copy_from_slice(&(60u32 << 20).to_le_bytes());
+        file.durable = file.written.clone();
+    });
+    let log = open_image(&image).unwrap();
+    assert!(log.read().unwrap().get(1).unwrap().is_none());
+}

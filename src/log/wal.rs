@@ -26,6 +26,12 @@ pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// already mostly sequential writes there, and would be written twice here (at 256 KiB, 64
 /// clients' 100-event requests, 100-150 KB a group, lost a tenth: benches/RESULTS.md).
 pub const RECORD_BYTES_MAX: usize = 64 * 1024;
+/// A segment is never larger: a larger file was not written by spool, and is refused by name
+/// rather than read into memory.
+pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A record's payload is never longer (the writer commits such a group to redb durably), so
+/// reading a frame never allocates more, whatever its header claims.
+pub const RECORD_LEN_MAX: usize = 1024 * 1024;
 const MAGIC: [u8; 4] = *b"spw1";
 const HEADER: usize = 4 + 4 + 16;
 /// Zeros are written in pieces of this size when the segment is made.
@@ -33,6 +39,15 @@ const ZERO_PIECE: usize = 1024 * 1024;
 
 /// One event of a record: its hash and its stored bytes.
 pub type Logged = (Hash, Vec<u8>);
+
+/// Why a segment could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("is {len} bytes, more than a segment can be (64 MiB): spool did not write it")]
+    TooLarge { len: u64 },
+}
 
 pub struct Wal {
     storage: Box<dyn StorageBackend>,
@@ -46,14 +61,18 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the segment on `storage`, making it full size first if it is short, and reads the
-    /// records it holds, in order, up to the first frame that is not whole.
+    /// records it holds, in order, up to the first frame that is not whole. `size` is at most
+    /// [`SEGMENT_BYTES_MAX`]; a file larger than that is refused.
     pub fn open(
         storage: Box<dyn StorageBackend>,
         size: u64,
-    ) -> io::Result<(Wal, Vec<Vec<Logged>>)> {
+    ) -> Result<(Wal, Vec<Vec<Logged>>), OpenError> {
         let len = storage.len()?;
-        // A segment made larger before is read whole, and kept at its size.
-        let size = size.max(len);
+        if len > SEGMENT_BYTES_MAX {
+            return Err(OpenError::TooLarge { len });
+        }
+        // A segment made larger before (by another `size`) is read whole, and kept at its size.
+        let size = size.min(SEGMENT_BYTES_MAX).max(len);
         if len < size {
             let zeros = vec![0u8; ZERO_PIECE];
             let mut at = len;
@@ -93,9 +112,11 @@ impl Wal {
         self.record.extend_from_slice(bytes);
     }
 
-    /// Whether the record begun fits in what is left of the segment.
+    /// Whether the record begun fits in what is left of the segment, and is not longer than a
+    /// record can be.
     pub fn fits(&self) -> bool {
-        self.end + self.record.len() as u64 <= self.size
+        self.record.len() - HEADER <= RECORD_LEN_MAX
+            && self.end + self.record.len() as u64 <= self.size
     }
 
     /// Writes the record begun (of `count` events) after the last and flushes it: once this
@@ -151,7 +172,7 @@ fn read_record(
     }
     let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
     let end = at + HEADER as u64 + len;
-    if len < 4 || end > size {
+    if len < 4 || len > RECORD_LEN_MAX as u64 || end > size {
         return Ok(None);
     }
     let mut payload = vec![0u8; len as usize];

@@ -95,12 +95,25 @@ impl Handle {
     ) -> Result<Handle, LogError> {
         let mut state = State::load(&db, origin, &options)?;
         let wal_path = path.with_extension("wal");
-        let wal_error = |source| LogError::Io {
-            path: wal_path.clone(),
-            source,
-        };
-        let (segment, records) = Wal::open(segment, options.segment_bytes).map_err(wal_error)?;
+        let (segment, records) =
+            Wal::open(segment, options.segment_bytes).map_err(|error| match error {
+                wal::OpenError::Io(source) => LogError::Io {
+                    path: wal_path.clone(),
+                    source,
+                },
+                refused => LogError::Corrupt(Corruption::Wal {
+                    path: wal_path.clone(),
+                    detail: refused.to_string(),
+                }),
+            })?;
         replay(&db, &mut state, records, &wal_path)?;
+        if state.fleet_changed || state.recipients_changed {
+            // Read from the events at this open (a log from before they were saved): saved now,
+            // so that the next open reads them back instead, whether or not this one appends.
+            let txn = db.begin_write()?;
+            state.save_fleet(&mut txn.open_table(META)?)?;
+            txn.commit()?;
+        }
         state.wal = Some(segment);
         state.wal_path = wal_path;
         let kernel_cache = match options.kernel_cache_bytes {
@@ -596,7 +609,7 @@ fn run(
             }
             Request::Ingest(events, reply) => {
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
-                let outcome = commit_ingest(db, &mut state, events);
+                let outcome = commit_ingest(db, &mut state, events, false);
                 if let Ok(report) = &outcome {
                     state.durable();
                     counters.committed(report.applied + report.released);
@@ -630,7 +643,7 @@ fn run(
                     continue;
                 }
                 bytes_written = bytes as u64;
-                match commit_group(db, &mut state, &mut group) {
+                match commit_group(db, &mut state, &mut group, bytes) {
                     Ok(results) => {
                         let written = results
                             .iter()
@@ -800,7 +813,8 @@ impl Chunk {
     }
 }
 
-/// Writes every request of the group in one transaction and commits it durably.
+/// Writes every request of the group (`payload_bytes` of payloads) in one transaction and
+/// commits it durably.
 ///
 /// A request reusing a key for a different request is refused whole first. A cheap sequential
 /// pass then settles which events are new (idempotency keys) and gives each its seq, position
@@ -810,12 +824,13 @@ fn commit_group(
     db: &Database,
     state: &mut State,
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
+    payload_bytes: usize,
 ) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
     // A small group is made durable in the segment and committed to redb without a flush,
     // unless redb last committed durably over `DURABLE_EVERY` ago.
     let logged = state.wal.is_some()
         && state.durable_at.elapsed() < state.durable_every
-        && group.iter().map(|(b, _)| payload_bytes(b)).sum::<usize>() <= wal::RECORD_BYTES_MAX;
+        && payload_bytes <= wal::RECORD_BYTES_MAX;
     let mut txn = db.begin_write()?;
     let (head_seq, head_hash) = state.causal.head(state.origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
@@ -1241,12 +1256,15 @@ fn same_as_stored(stored: &event::EventRef<'_>, new: &NewEvent) -> bool {
 
 /// Applies shipped events in one transaction (see [`Log::ingest`](super::Log::ingest)): for
 /// each, in order, the clock observes its stamp, [`Causal::decide`] says what to do, and a
-/// helper does it. A refusal stops the request there (what came before it commits).
+/// helper does it. A refusal stops the request there (what came before it commits), unless
+/// `whole`: then nothing commits unless every event applied (the caller drops `state`).
 fn commit_ingest(
     db: &Database,
     state: &mut State,
     shipped: Vec<Shipped>,
+    whole: bool,
 ) -> Result<IngestReport, LogError> {
+    let count = shipped.len() as u64;
     let txn = db.begin_write()?;
     let mut report = IngestReport::default();
     let now = now_ms();
@@ -1334,6 +1352,10 @@ fn commit_ingest(
         if state.pending.len() >= state.stream_flush_events {
             flush_streams(state, &txn, &mut meta)?;
         }
+    }
+    if whole && (report.refused.is_some() || report.applied != count) {
+        txn.abort()?;
+        return Ok(report);
     }
     txn.commit()?;
     Ok(report)
@@ -1767,7 +1789,8 @@ fn replay(
     let count = lost.len() as u64;
     // The first lost event took the deps the durable `meta.deps` still names.
     state.deps.clear();
-    let report = commit_ingest(db, state, lost)?;
+    // Whole or not at all: a segment that does not follow the log leaves no trace in it.
+    let report = commit_ingest(db, state, lost, true)?;
     if let Some(refused) = report.refused {
         return Err(damaged(format!(
             "its events do not follow the log's own (seq {}: {})",
