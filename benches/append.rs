@@ -53,6 +53,11 @@ fn main() {
     report("blake3 alone: hash 250-byte events, one core", blake);
     let sqlite = median_of(runs, || sqlite_upsert_rate(n(2_000.0)));
     report("SQLite WAL: one upsert per change (today's nodes)", sqlite);
+    let floor = median_of(runs, || flush_floor_rate(n(2_000.0)));
+    report(
+        "the disk: 300-byte overwrite + fdatasync, one a commit",
+        floor,
+    );
 
     println!("-- ratios --");
     ratio(
@@ -64,6 +69,17 @@ fn main() {
         "batched append (10 000/commit) / SQLite upsert per change",
         batched,
         sqlite,
+    );
+    ratio(
+        "1 event per commit / SQLite upsert per change",
+        single,
+        sqlite,
+    );
+    ratio("1 event per commit / the disk's flush alone", single, floor);
+    ratio(
+        "SQLite upsert per change / the disk's flush alone",
+        sqlite,
+        floor,
     );
     ratio(
         "group commit (64 appenders) / one commit per event",
@@ -82,6 +98,16 @@ fn main() {
         "group commit >= 10x one commit per event",
         grouped >= 10.0 * single,
     );
+    target(
+        "1 event per commit >= 1.2x SQLite upsert per change",
+        single >= 1.2 * sqlite,
+    );
+}
+
+/// Commits a second on the disk alone (`workload::flush_floor`).
+fn flush_floor_rate(commits: usize) -> f64 {
+    let took: std::time::Duration = workload::flush_floor(commits).into_iter().sum();
+    commits as f64 / took.as_secs_f64()
 }
 
 fn append_rate(events: usize, per_commit: usize) -> f64 {

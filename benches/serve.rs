@@ -7,6 +7,8 @@
 //! autocommit (the way a Postgres-backed event store appends), on a throwaway cluster with
 //! fsync and synchronous commit on, as spool's commits are durable; it runs (as many rounds)
 //! after every spool figure is taken, so neither load's aftermath lands on the other's figures.
+//! Last, the disk alone: one small overwrite and `fdatasync` at a time, the floor under one
+//! client's round trip (no acknowledged single-event request can take less).
 //!
 //! `cargo bench --bench serve`. `SPOOL_BENCH_SECONDS` (default 3) per configuration;
 //! `SPOOL_BENCH_BATCHES` (default `1,100`) the request sizes; `SPOOL_BENCH_CLIENTS` (default
@@ -120,6 +122,7 @@ fn main() {
     // The peer runs after every spool figure: run between spool's, the cluster's work after
     // each load (not profiled; checkpoints and autovacuum are the likely part) took the
     // 64-client 100-event figure from 331 000-345 000 events/s down to 224 000-292 000.
+    let mut peers = Vec::new();
     for (clients, batch, ours) in &results {
         if *batch == 1 {
             let peer = median_figure(
@@ -136,9 +139,21 @@ fn main() {
                 "  spool / Postgres",
                 ours.rate / peer.rate
             );
+            peers.push((*clients, peer));
         }
     }
     daemon::stop(daemon);
+    // One client's round trip can be no shorter than one flush of the disk.
+    let floor = median_figure(
+        (0..runs)
+            .map(|_| {
+                let started = Instant::now();
+                let took = workload::flush_floor(2_000);
+                figure(took.len() as u64, started.elapsed(), took)
+            })
+            .collect(),
+    );
+    print("the disk: 300-byte overwrite + fdatasync, 1 a time", &floor);
     let find = |c, b| results.iter().find(|r| r.0 == c && r.1 == b).map(|r| &r.2);
     let verdict = |target: &str, ok: Option<bool>| {
         let said = match ok {
@@ -159,6 +174,18 @@ fn main() {
     verdict(
         "p99 acknowledgement <= 5 ms, 16 clients",
         find(16, 1).map(|f| f.p99_ms <= 5.0),
+    );
+    let against = |clients: usize| {
+        let peer = peers.iter().find(|p| p.0 == clients).map(|p| &p.1)?;
+        Some((find(clients, 1)?, peer))
+    };
+    verdict(
+        ">= 1.5x Postgres and p99 <= 1 ms, 1 client",
+        against(1).map(|(ours, pg)| ours.rate >= 1.5 * pg.rate && ours.p99_ms <= 1.0),
+    );
+    verdict(
+        ">= 5x Postgres, 64 clients x 1 event",
+        against(64).map(|(ours, pg)| ours.rate >= 5.0 * pg.rate),
     );
 }
 

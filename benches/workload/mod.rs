@@ -35,6 +35,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The floor under any durable single-event commit on this disk: `commits` small overwrites of
+/// a preallocated file (no metadata to flush), each followed by one `fdatasync`, as the write-ahead
+/// segment's records are written. Returns each commit's time, in order.
+pub fn flush_floor(commits: usize) -> Vec<std::time::Duration> {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("floor")).unwrap();
+    let size = 4 * 1024 * 1024u64;
+    file.write_all_at(&vec![0u8; size as usize], 0).unwrap();
+    file.sync_all().unwrap();
+    let record = [7u8; 300];
+    (0..commits as u64)
+        .map(|i| {
+            let started = std::time::Instant::now();
+            file.write_all_at(&record, (i * 300) % (size - 300))
+                .unwrap();
+            file.sync_data().unwrap();
+            started.elapsed()
+        })
+        .collect()
+}
+
 /// An environment variable parsed, or `default` (`SPOOL_BENCH_RUNS`, `SPOOL_BENCH_SCALE`).
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
