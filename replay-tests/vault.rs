@@ -17,6 +17,16 @@ fn passphrase_file(dir: &Path, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
+/// `spool vault get NAME` with the identity's passphrase read from `pass` (a file).
+fn vault_get(home: &Path, name: &str, pass: &str) -> std::process::Output {
+    spool(home, &["vault", "get", name, "--passphrase-file", pass], "")
+}
+
+/// As [`vault_get`], which must succeed: the secret printed.
+fn vault_got(home: &Path, name: &str, pass: &str) -> String {
+    ok(home, &["vault", "get", name, "--passphrase-file", pass], "")
+}
+
 /// A home with an install and an identity sealed under `passphrase`.
 fn vault_home(dir: &Path, label: &str, passphrase: &str) -> std::path::PathBuf {
     let home = dir.join(label);
@@ -35,17 +45,7 @@ fn round_trip(home: &Path, dir: &Path, passphrase: &str) {
     let secret = format!("sb_secret_{:016x}", rand::random::<u64>());
     ok(home, &["vault", "put", "supabase-service-key"], &secret);
     let file = passphrase_file(dir, passphrase);
-    let got = ok(
-        home,
-        &[
-            "vault",
-            "get",
-            "supabase-service-key",
-            "--passphrase-file",
-            &file,
-        ],
-        "",
-    );
+    let got = vault_got(home, "supabase-service-key", &file);
     assert_eq!(got, secret);
     // The log holds ciphertext and the access, never the secret.
     let log = ok(home, &["log", "--stream", "vault/supabase-service-key"], "");
@@ -79,11 +79,7 @@ fn a_wrong_passphrase_is_refused_without_a_hint_of_the_secret() {
     let secret = "ghp_0123456789abcdef";
     ok(&home, &["vault", "put", "github-token"], secret);
     let file = passphrase_file(dir.path(), "battery staple");
-    let out = spool(
-        &home,
-        &["vault", "get", "github-token", "--passphrase-file", &file],
-        "",
-    );
+    let out = vault_get(&home, "github-token", &file);
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("passphrase does not open"), "{said}");
@@ -185,11 +181,7 @@ fn a_removed_entry_is_gone_from_the_list_and_the_tables_until_written_again() {
         !listed.contains("old-token") && listed.contains("kept"),
         "{listed}"
     );
-    let out = spool(
-        &home,
-        &["vault", "get", "old-token", "--passphrase-file", &pass],
-        "",
-    );
+    let out = vault_get(&home, "old-token", &pass);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no entry old-token"));
     let out = spool(&home, &["vault", "rm", "old-token"], "");
@@ -205,11 +197,7 @@ fn a_removed_entry_is_gone_from_the_list_and_the_tables_until_written_again() {
     assert_eq!(row["removed"], 1, "{row}");
     assert_eq!(row["remove_reason"], "rotated", "{row}");
     ok(&home, &["vault", "put", "old-token"], "s-3");
-    let got = ok(
-        &home,
-        &["vault", "get", "old-token", "--passphrase-file", &pass],
-        "",
-    );
+    let got = vault_got(&home, "old-token", &pass);
     assert_eq!(got, "s-3");
 }
 
@@ -325,11 +313,7 @@ fn recipients_are_added_and_removed_with_a_rewrap_and_age_reads_the_entries() {
             None,
             "{name}: the removed identity still decrypts it"
         );
-        let got = ok(
-            &home,
-            &["vault", "get", name, "--passphrase-file", &pass],
-            "",
-        );
+        let got = vault_got(&home, name, &pass);
         assert_eq!(&got, secret);
     }
     let listed: Value =
@@ -477,11 +461,7 @@ fn no_secret_appears_in_plaintext_anywhere() {
     assert!(looked > 100 * 10, "{looked}");
     // The search finds a secret where one is: `get`'s own output.
     let pass = passphrase_file(dir.path(), "correct horse");
-    let got = spool(
-        &desk,
-        &["vault", "get", "k-0", "--passphrase-file", &pass],
-        "",
-    );
+    let got = vault_get(&desk, "k-0", &pass);
     assert!(contains(&got.stdout, secrets[0].as_bytes()));
     // And the secrets are there, encrypted: the Pi's log holds every entry.
     let listed: Value =
@@ -520,17 +500,7 @@ fn a_second_device_reads_once_it_is_a_recipient() {
         "",
     );
     // Not yet: the entry was written before the laptop was a recipient.
-    let early = spool(
-        &laptop,
-        &[
-            "vault",
-            "get",
-            "supabase",
-            "--passphrase-file",
-            &laptop_pass,
-        ],
-        "",
-    );
+    let early = vault_get(&laptop, "supabase", &laptop_pass);
     assert!(!early.status.success());
     assert!(String::from_utf8_lossy(&early.stderr).contains("not encrypted to this device"));
     ship(&laptop, &desk);
@@ -541,16 +511,6 @@ fn a_second_device_reads_once_it_is_a_recipient() {
         "",
     );
     ship(&desk, &laptop);
-    let got = ok(
-        &laptop,
-        &[
-            "vault",
-            "get",
-            "supabase",
-            "--passphrase-file",
-            &laptop_pass,
-        ],
-        "",
-    );
+    let got = vault_got(&laptop, "supabase", &laptop_pass);
     assert_eq!(got, secret);
 }
