@@ -1628,6 +1628,8 @@ fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was(
         Vec::new(),
     );
     let unlinked = shipped_bytes(origin(), 1, Hash([9; 32]), now_ms() << 16, Vec::new());
+    let first = shipped_bytes(origin(), 1, Hash::ZERO, now_ms() << 16, Vec::new());
+    let third = shipped_bytes(origin(), 3, first.0, now_ms() << 16, Vec::new());
     let mut damaged = unlinked.1.clone();
     damaged[3] ^= 0x40;
     type Hostile = Box<dyn FnOnce(&Arc<Machine>)>;
@@ -1646,6 +1648,24 @@ fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was(
             "bytes that are not the event their hash names",
             Box::new(move |m| write_records(m, &[vec![(Hash([7; 32]), damaged)]])),
             "",
+        ),
+        (
+            "a damaged record in the middle",
+            Box::new(|m| {
+                let mut state = m.state.lock().unwrap();
+                let file = &mut state.files[1];
+                let second = memchr::memmem::find_iter(&file.written, b"spw1")
+                    .nth(1)
+                    .unwrap();
+                file.written[second + 40] ^= 1;
+                file.durable = file.written.clone();
+            }),
+            "hides the records after it (seq 3 on)",
+        ),
+        (
+            "records that skip a seq",
+            Box::new(move |m| write_records(m, &[vec![first], vec![third]])),
+            "skip from seq 2 to seq 3",
         ),
         (
             "a file larger than a segment can be",
@@ -1690,7 +1710,8 @@ fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was(
     }
 
     // A frame whose header claims more than a record can be is not read (the writer never
-    // writes one, so it was never acknowledged): the log opens without the lost appends.
+    // writes one): nothing that size is allocated, and the records after it, which it hides,
+    // are named.
     let (image, _) = segment_only_appends(|m| {
         let mut state = m.state.lock().unwrap();
         let file = &mut state.files[1];
@@ -1699,6 +1720,11 @@ fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was(
         file.written[4..8].copy_from_slice(&(60u32 << 20).to_le_bytes());
         file.durable = file.written.clone();
     });
-    let log = open_image(&image).unwrap();
-    assert!(log.read().unwrap().get(1).unwrap().is_none());
+    match open_image(&image) {
+        Err(LogError::Corrupt(Corruption::Wal { detail, .. })) => {
+            assert!(detail.contains("hides the records after it (seq 2 on)"), "{detail}")
+        }
+        Err(other) => panic!("refused as {other}"),
+        Ok(_) => panic!("opened"),
+    }
 }

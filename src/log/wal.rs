@@ -49,6 +49,15 @@ pub enum OpenError {
     TooLarge { len: u64 },
 }
 
+/// What an open read from the segment.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The records from the segment's start, in order, up to the first frame that is not whole.
+    pub records: Vec<Vec<Logged>>,
+    /// Whole records after that frame, with their offsets.
+    pub beyond: Vec<(u64, Vec<Logged>)>,
+}
+
 pub struct Wal {
     storage: Box<dyn StorageBackend>,
     /// The segment's size.
@@ -61,12 +70,10 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the segment on `storage`, making it full size first if it is short, and reads the
-    /// records it holds, in order, up to the first frame that is not whole. `size` is at most
-    /// [`SEGMENT_BYTES_MAX`]; a file larger than that is refused.
-    pub fn open(
-        storage: Box<dyn StorageBackend>,
-        size: u64,
-    ) -> Result<(Wal, Vec<Vec<Logged>>), OpenError> {
+    /// records it holds: in order up to the first frame that is not whole, and then every whole
+    /// frame after it. `size` is at most [`SEGMENT_BYTES_MAX`]; a file larger than that is
+    /// refused.
+    pub fn open(storage: Box<dyn StorageBackend>, size: u64) -> Result<(Wal, Read), OpenError> {
         let len = storage.len()?;
         if len > SEGMENT_BYTES_MAX {
             return Err(OpenError::TooLarge { len });
@@ -83,11 +90,29 @@ impl Wal {
             }
             storage.sync_data()?;
         }
-        let mut records = Vec::new();
-        let mut at = 0u64;
-        while let Some((events, next)) = read_record(&*storage, at, size)? {
-            records.push(events);
+        let mut bytes = vec![0u8; size as usize];
+        storage.read(0, &mut bytes)?;
+        let mut read = Read::default();
+        let mut at = 0;
+        while let Some((events, next)) = frame(&bytes, at) {
+            read.records.push(events);
             at = next;
+        }
+        // Past the first frame that is not whole: an older pass's records (events redb holds),
+        // or, if a record in the middle was damaged, the records it hides.
+        let mut from = at + 1;
+        while let Some(found) = bytes
+            .get(from..)
+            .and_then(|rest| memchr::memmem::find(rest, &MAGIC))
+        {
+            let start = from + found;
+            from = match frame(&bytes, start) {
+                Some((events, next)) => {
+                    read.beyond.push((start as u64, events));
+                    next
+                }
+                None => start + 1,
+            };
         }
         let wal = Wal {
             storage,
@@ -95,7 +120,7 @@ impl Wal {
             end: 0,
             record: Vec::new(),
         };
-        Ok((wal, records))
+        Ok((wal, read))
     }
 
     /// Starts a record (the events follow through [`Wal::push`]).
@@ -156,31 +181,23 @@ fn checksum(len: &[u8], payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// The record at `at` and where the next one starts, or `None` if no whole record is there.
-fn read_record(
-    storage: &dyn StorageBackend,
-    at: u64,
-    size: u64,
-) -> io::Result<Option<(Vec<Logged>, u64)>> {
-    if at + HEADER as u64 > size {
-        return Ok(None);
-    }
-    let mut header = [0u8; HEADER];
-    storage.read(at, &mut header)?;
+/// The record at `at` of the segment's `bytes` and where the next one starts, or `None` if no
+/// whole record is there.
+fn frame(bytes: &[u8], at: usize) -> Option<(Vec<Logged>, usize)> {
+    let header = bytes.get(at..at.checked_add(HEADER)?)?;
     if header[0..4] != MAGIC {
-        return Ok(None);
+        return None;
     }
-    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
-    let end = at + HEADER as u64 + len;
-    if len < 4 || len > RECORD_LEN_MAX as u64 || end > size {
-        return Ok(None);
+    let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
+    if !(4..=RECORD_LEN_MAX).contains(&len) {
+        return None;
     }
-    let mut payload = vec![0u8; len as usize];
-    storage.read(at + HEADER as u64, &mut payload)?;
-    if checksum(&header[4..8], &payload) != header[8..HEADER] {
-        return Ok(None);
+    let end = at + HEADER + len;
+    let payload = bytes.get(at + HEADER..end)?;
+    if checksum(&header[4..8], payload) != header[8..HEADER] {
+        return None;
     }
-    Ok(parse(&payload).map(|events| (events, end)))
+    parse(payload).map(|events| (events, end))
 }
 
 /// A checked payload's events; `None` if its own lengths do not add up (a record this build
@@ -274,7 +291,7 @@ mod tests {
     fn records_read_back_in_order_and_reading_stops_at_a_torn_one() {
         let memory = Shared::default();
         let (mut wal, none) = Wal::open(Box::new(memory.clone()), SEGMENT_BYTES).unwrap();
-        assert!(none.is_empty());
+        assert!(none.records.is_empty() && none.beyond.is_empty());
         assert_eq!(memory.len().unwrap(), SEGMENT_BYTES);
         record(&mut wal, &[b"one", b"two"]);
         record(&mut wal, &[b"three"]);
@@ -282,6 +299,7 @@ mod tests {
         record(&mut wal, &[b"four"]);
         let (_, read) = Wal::open(Box::new(memory.clone()), SEGMENT_BYTES).unwrap();
         let bytes: Vec<Vec<&[u8]>> = read
+            .records
             .iter()
             .map(|r| r.iter().map(|(_, b)| b.as_slice()).collect())
             .collect();
@@ -289,21 +307,25 @@ mod tests {
             bytes,
             [vec![&b"one"[..], b"two"], vec![b"three"], vec![b"four"]]
         );
-        assert_eq!(read[0][0].0, Hash::of(b"one"));
+        assert_eq!(read.records[0][0].0, Hash::of(b"one"));
+        assert!(read.beyond.is_empty());
         // The last record torn: a byte of its payload changed.
         let mut data = memory.0.lock().unwrap().clone();
         data[second as usize + HEADER + 6] ^= 1;
         *memory.0.lock().unwrap() = data;
         let (_, read) = Wal::open(Box::new(memory.clone()), SEGMENT_BYTES).unwrap();
-        assert_eq!(read.len(), 2);
+        assert_eq!(read.records.len(), 2);
+        assert!(read.beyond.is_empty());
         // Started again: a shorter record over the first leaves the old second one's tail,
-        // which is no whole frame; the old third is whole and is read after it only if it
-        // follows directly, which it does not.
+        // which is no whole frame, and ends the records in order; the old second one, still
+        // whole after it, is found beyond (the old third is the torn one).
         let (mut wal, _) = Wal::open(Box::new(memory.clone()), SEGMENT_BYTES).unwrap();
         wal.restart();
         record(&mut wal, &[b"x"]);
         let (_, read) = Wal::open(Box::new(memory), SEGMENT_BYTES).unwrap();
-        assert_eq!(read.len(), 1);
-        assert_eq!(read[0][0].1, b"x");
+        assert_eq!(read.records.len(), 1);
+        assert_eq!(read.records[0][0].1, b"x");
+        let beyond: Vec<&[u8]> = read.beyond.iter().map(|(_, r)| r[0].1.as_slice()).collect();
+        assert_eq!(beyond, [&b"three"[..]]);
     }
 }

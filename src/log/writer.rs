@@ -95,7 +95,7 @@ impl Handle {
     ) -> Result<Handle, LogError> {
         let mut state = State::load(&db, origin, &options)?;
         let wal_path = path.with_extension("wal");
-        let (segment, records) =
+        let (segment, read) =
             Wal::open(segment, options.segment_bytes).map_err(|error| match error {
                 wal::OpenError::Io(source) => LogError::Io {
                     path: wal_path.clone(),
@@ -106,7 +106,7 @@ impl Handle {
                     detail: refused.to_string(),
                 }),
             })?;
-        replay(&db, &mut state, records, &wal_path)?;
+        replay(&db, &mut state, read, &wal_path)?;
         if state.fleet_changed || state.recipients_changed {
             // Read from the events at this open (a log from before they were saved): saved now,
             // so that the next open reads them back instead, whether or not this one appends.
@@ -1747,14 +1747,19 @@ fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
 
 /// Applies again the segment's events that redb lost (committed without a flush before a crash):
 /// this node's own, from the seq after its head in redb on, in one durable commit, then starts
-/// the segment again. Events redb holds are skipped; a gap ends the replay (what follows is
-/// older). Nothing but appends are ever in the segment, and every other commit is durable, so
+/// the segment again. Events redb holds are skipped (records from before the segment started
+/// again). Nothing but appends are ever in the segment, and every other commit is durable, so
 /// the lost events take the same positions, orders and keys again (the ingest path of an origin's
 /// own events, as a restore uses).
+///
+/// Every record past redb's head is the current pass's, and they follow one another: a gap in
+/// them, or a whole record past the first frame that is not whole holding an event after the
+/// ones applied, means a record in the middle was damaged, and hides events that may have been
+/// acknowledged. That is refused by name rather than dropped without a word.
 fn replay(
     db: &Database,
     state: &mut State,
-    records: Vec<Vec<wal::Logged>>,
+    read: wal::Read,
     path: &std::path::Path,
 ) -> Result<(), LogError> {
     let own = state.origin;
@@ -1766,7 +1771,7 @@ fn replay(
             detail,
         })
     };
-    'records: for record in records {
+    for record in read.records {
         for (hash, bytes) in record {
             let event = Shipped::verify(hash, bytes).map_err(|e| damaged(e.to_string()))?;
             let id = event.meta.id;
@@ -1777,10 +1782,28 @@ fn replay(
                 continue;
             }
             if id.seq > next {
-                break 'records;
+                return Err(damaged(format!(
+                    "its records skip from seq {next} to seq {}: one between them is damaged",
+                    id.seq
+                )));
             }
             lost.push(event);
             next += 1;
+        }
+    }
+    for (at, record) in read.beyond {
+        for (hash, bytes) in record {
+            let event = Shipped::verify(hash, bytes).map_err(|e| damaged(e.to_string()))?;
+            let id = event.meta.id;
+            if id.origin != own {
+                return Err(damaged(format!("holds an event of origin {}", id.origin)));
+            }
+            if id.seq >= next {
+                return Err(damaged(format!(
+                    "a damaged record before byte {at} hides the records after it (seq {} on)",
+                    id.seq
+                )));
+            }
         }
     }
     if lost.is_empty() {
