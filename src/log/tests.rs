@@ -1722,7 +1722,10 @@ fn a_segment_that_does_not_follow_its_log_is_refused_by_name_and_kept_as_it_was(
     });
     match open_image(&image) {
         Err(LogError::Corrupt(Corruption::Wal { detail, .. })) => {
-            assert!(detail.contains("hides the records after it (seq 2 on)"), "{detail}")
+            assert!(
+                detail.contains("hides the records after it (seq 2 on)"),
+                "{detail}"
+            )
         }
         Err(other) => panic!("refused as {other}"),
         Ok(_) => panic!("opened"),
