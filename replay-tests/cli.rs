@@ -470,19 +470,47 @@ fn a_restored_home_gets_its_own_keys_back_with_its_events() {
     assert_eq!(keys, ["k1", "k2", "k3"]);
 }
 
+/// `log.redb` restored without the `log.wal` beside it: the newer segment's records skip the
+/// restored log's next seq, and the log is refused by name (its segment may hold acknowledged
+/// events) until the segment is moved aside.
+#[test]
+fn a_log_restored_without_its_segment_is_refused_by_name_until_the_segment_is_moved_aside() {
+    let (dir, home) = new_home();
+    ok(&home, &["append"], &activity("s", "one"));
+    let backup = dir.path().join("log.redb.bak");
+    std::fs::copy(home.join("log.redb"), &backup).unwrap();
+    ok(&home, &["append"], &activity("s", "two"));
+    ok(&home, &["append"], &activity("s", "three"));
+    std::fs::copy(&backup, home.join("log.redb")).unwrap();
+    let o = spool(&home, &["append"], &activity("s", "x"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains("log.wal") && said.contains("restored without this file"),
+        "{said}"
+    );
+    std::fs::rename(home.join("log.wal"), dir.path().join("log.wal.refused")).unwrap();
+    ok(&home, &["append"], &activity("s", "x"));
+    ok(&home, &["verify"], "");
+}
+
 /// A projection whose checkpoint the log no longer holds (a log restored under it) is refused
 /// with a sentence that names commands that exist, not Rust's debug text.
 #[test]
 fn a_projection_ahead_of_a_restored_log_names_the_commands_that_rebuild_it() {
     let (dir, home) = new_home();
     ok(&home, &["append"], &activity("s", "one"));
-    let log = home.join("log.redb");
-    let backup = dir.path().join("log.redb.bak");
-    std::fs::copy(&log, &backup).unwrap();
+    // The log's two files, backed up together (a log.wal newer than its log.redb is refused).
+    let files = ["log.redb", "log.wal"];
+    for file in files {
+        std::fs::copy(home.join(file), dir.path().join(format!("{file}.bak"))).unwrap();
+    }
     ok(&home, &["append"], &activity("s", "two"));
     ok(&home, &["append"], &activity("s", "three"));
     // The log goes back; the projection (at position 3) stays; other events take 2 and 3.
-    std::fs::copy(&backup, &log).unwrap();
+    for file in files {
+        std::fs::copy(dir.path().join(format!("{file}.bak")), home.join(file)).unwrap();
+    }
     let o = spool(
         &home,
         &["append"],

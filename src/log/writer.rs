@@ -1783,7 +1783,8 @@ fn replay(
             }
             if id.seq > next {
                 return Err(damaged(format!(
-                    "its records skip from seq {next} to seq {}: one between them is damaged",
+                    "its records skip from seq {next} to seq {}: a record between them is \
+                     damaged, or the log was restored without this file",
                     id.seq
                 )));
             }
@@ -1800,7 +1801,8 @@ fn replay(
             }
             if id.seq >= next {
                 return Err(damaged(format!(
-                    "a damaged record before byte {at} hides the records after it (seq {} on)",
+                    "a damaged record before byte {at} hides the records after it (seq {} \
+                     on), or the log was restored without this file",
                     id.seq
                 )));
             }
