@@ -26,3 +26,16 @@ pub mod serve;
 pub mod sync;
 pub mod vault;
 pub mod wire;
+
+/// What the unit tests share.
+#[cfg(test)]
+mod testing {
+    /// A count the environment may set for a long test (`SPOOL_CRASH_POINTS`, `SPOOL_SIM_SEEDS`),
+    /// or `default`.
+    pub fn env_count(name: &str, default: u64) -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+}

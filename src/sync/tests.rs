@@ -608,10 +608,7 @@ struct Message {
 /// fork. `SPOOL_SIM_SEEDS` seeds (default 10 000), on every core.
 #[test]
 fn the_protocol_holds_under_loss_delay_partitions_crashes_and_forks() {
-    let seeds: u64 = std::env::var("SPOOL_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+    let seeds = crate::testing::env_count("SPOOL_SIM_SEEDS", 10_000);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let (forked, refused) = std::thread::scope(|s| {
         let runs: Vec<_> = (0..threads)
