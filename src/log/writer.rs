@@ -1,5 +1,7 @@
 //! The single writer: a thread that drains a bounded queue of append requests and commits as many
-//! as fit in one durable redb transaction (group commit).
+//! as fit in one durable redb transaction (group commit). One commit runs at a time: whoever
+//! commits holds the writer's state, and a blocking appender that finds no commit under way and
+//! nothing queued commits its own request on its own thread, through the same code.
 //!
 //! Invariants: a request's events are committed together or not at all; a reply is sent only after
 //! the commit that holds the request is durable; after any storage error the writer is poisoned:
@@ -8,9 +10,9 @@
 //! write that is not there).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,7 +84,28 @@ pub(super) struct Handle {
     queue: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
     depth: usize,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+}
+
+/// What the writer thread and an appender committing on its own thread share.
+struct Shared {
+    db: Arc<Database>,
+    options: LogOptions,
+    counters: Counters,
+    /// Requests sent to the queue and not yet answered. An appender commits on its own thread
+    /// only when there are none, so that it never goes ahead of them.
+    queued: AtomicUsize,
+    /// Whoever commits holds it: the writer thread for a group from the queue, or an appender
+    /// that found it free (see [`Handle::append`]).
+    core: Mutex<Core>,
+}
+
+/// What one commit at a time changes.
+struct Core {
+    state: State,
+    /// Why every later request is refused, after a storage error.
+    poisoned: Option<String>,
+    kernel_cache: Option<KernelCache>,
 }
 
 impl Handle {
@@ -122,43 +145,64 @@ impl Handle {
         };
         let (queue, requests) = mpsc::sync_channel(options.queue_requests_max);
         let depth = options.queue_requests_max;
-        let counters = Arc::new(Counters::default());
-        let writer_counters = counters.clone();
+        let shared = Arc::new(Shared {
+            db,
+            options,
+            counters: Counters::default(),
+            queued: AtomicUsize::new(0),
+            core: Mutex::new(Core {
+                state,
+                poisoned: None,
+                kernel_cache,
+            }),
+        });
+        let writer = shared.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
                 if !crate::priority::set_thread_nice(crate::priority::WRITER_NICE) {
                     tracing::debug!("the writer runs at the process's priority");
                 }
-                run(
-                    &db,
-                    state,
-                    requests,
-                    &options,
-                    &writer_counters,
-                    kernel_cache,
-                )
+                run(&writer, requests)
             })
             .map_err(|e| LogError::Storage(redb::Error::Io(e)))?;
         Ok(Handle {
             queue: Some(queue),
             thread: Some(thread),
             depth,
-            counters,
+            shared,
         })
     }
 
     pub(super) fn stats(&self) -> WriterStats {
         WriterStats {
-            commits: self.counters.commits.load(Ordering::Relaxed),
-            events: self.counters.events.load(Ordering::Relaxed),
+            commits: self.shared.counters.commits.load(Ordering::Relaxed),
+            events: self.shared.counters.events.load(Ordering::Relaxed),
         }
     }
 
     /// Appends and waits for durability; blocks while the queue is full.
+    ///
+    /// When no commit is under way, the appender commits its request itself, on its own thread:
+    /// a lone appender (a CLI append, a program writing one event at a time) then waits for the
+    /// flush alone, not also for two hand-offs between threads. Otherwise the request joins the
+    /// queue, and the writer commits it in the next group with the others waiting there. Either
+    /// way one commit runs at a time, through the same code.
     pub(super) fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Append(events, reply))?;
+        let request = Request::Append(events, reply);
+        let idle = self.shared.queued.load(Ordering::Acquire) == 0;
+        let request = match idle.then(|| self.shared.core.try_lock()) {
+            Some(Ok(mut core)) => {
+                core.serve(&self.shared, request, || None);
+                None
+            }
+            Some(Err(std::sync::TryLockError::Poisoned(_))) => return Err(LogError::WriterGone),
+            Some(Err(std::sync::TryLockError::WouldBlock)) | None => Some(request),
+        };
+        if let Some(request) = request {
+            self.send(request)?;
+        }
         answer.blocking_recv().map_err(|_| LogError::WriterGone)?
     }
 
@@ -178,18 +222,25 @@ impl Handle {
 
     fn send(&self, request: Request) -> Result<(), LogError> {
         let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
-        queue.send(request).map_err(|_| LogError::WriterGone)
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        queue.send(request).map_err(|_| {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            LogError::WriterGone
+        })
     }
 
     /// Queues without blocking; `Busy` when the queue is full. The answer arrives on the receiver.
     pub(super) fn submit(&self, events: Vec<NewEvent>) -> Result<Acknowledgement, LogError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(LogError::WriterGone)?;
-        match queue.try_send(Request::Append(events, reply)) {
-            Ok(()) => Ok(Acknowledgement(answer)),
-            Err(TrySendError::Full(_)) => Err(LogError::Busy(self.depth)),
-            Err(TrySendError::Disconnected(_)) => Err(LogError::WriterGone),
-        }
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        let refused = match queue.try_send(Request::Append(events, reply)) {
+            Ok(()) => return Ok(Acknowledgement(answer)),
+            Err(TrySendError::Full(_)) => LogError::Busy(self.depth),
+            Err(TrySendError::Disconnected(_)) => LogError::WriterGone,
+        };
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        Err(refused)
     }
 }
 
@@ -571,30 +622,67 @@ fn decode_deps(bytes: &[u8]) -> BTreeMap<Origin, u64> {
         .collect()
 }
 
-fn run(
-    db: &Database,
-    mut state: State,
-    requests: Receiver<Request>,
-    options: &LogOptions,
-    counters: &Counters,
-    mut kernel_cache: Option<KernelCache>,
-) {
-    let mut poisoned: Option<String> = None;
+/// The writer thread: takes the requests from the queue, a group at a time, until the queue is
+/// closed; then flushes the stream postings for a quick next open.
+fn run(shared: &Shared, requests: Receiver<Request>) {
     let mut held: Option<Request> = None;
+    // Requests taken from the queue and not yet answered.
+    let mut taken = 0;
     loop {
         let first = match held.take() {
             Some(request) => request,
             None => match requests.recv() {
-                Ok(request) => request,
+                Ok(request) => {
+                    taken += 1;
+                    request
+                }
                 Err(_) => break,
             },
         };
-        if let Some(cause) = &poisoned {
+        match shared.core.lock() {
+            Ok(mut core) => {
+                held = core.serve(shared, first, || {
+                    let request = requests.try_recv().ok();
+                    taken += usize::from(request.is_some());
+                    request
+                });
+            }
+            // A commit panicked: what it left half-done must not be built on.
+            Err(_) => first.refuse(LogError::WriterGone),
+        }
+        let answered = taken - usize::from(held.is_some());
+        shared.queued.fetch_sub(answered, Ordering::AcqRel);
+        taken -= answered;
+    }
+    let Ok(mut core) = shared.core.lock() else {
+        return;
+    };
+    if core.poisoned.is_none() {
+        if let Err(error) = flush_at_close(&shared.db, &mut core.state) {
+            tracing::warn!(%error, "stream index not flushed at close; the next open rebuilds it");
+        }
+    }
+}
+
+impl Core {
+    /// Commits `first`, with the appends `more` gives after it in one group when `first` is an
+    /// append, and answers each request. Returns a request `more` gave that does not belong in
+    /// the group: the next one to serve.
+    fn serve(
+        &mut self,
+        shared: &Shared,
+        first: Request,
+        mut more: impl FnMut() -> Option<Request>,
+    ) -> Option<Request> {
+        let (db, options, counters) = (&*shared.db, &shared.options, &shared.counters);
+        let state = &mut self.state;
+        if let Some(cause) = &self.poisoned {
             first.refuse(LogError::Poisoned {
                 cause: cause.clone(),
             });
-            continue;
+            return None;
         }
+        let mut held = None;
         // About what the commit adds to the file (payloads, or shipped events): `kernel_cache`.
         let bytes_written: u64;
         let outcome = match first {
@@ -609,7 +697,7 @@ fn run(
             }
             Request::Ingest(events, reply) => {
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
-                let outcome = commit_ingest(db, &mut state, events, false);
+                let outcome = commit_ingest(db, state, events, false);
                 if let Ok(report) = &outcome {
                     state.durable();
                     counters.committed(report.applied + report.released);
@@ -622,17 +710,17 @@ fn run(
                 let (mut n, mut bytes) = (events.len(), payload_bytes(&events));
                 let mut group = vec![(events, reply)];
                 while n < options.group_events_max && bytes < options.group_bytes_max {
-                    match requests.try_recv() {
-                        Ok(Request::Append(events, reply)) => {
+                    match more() {
+                        Some(Request::Append(events, reply)) => {
                             n += events.len();
                             bytes += payload_bytes(&events);
                             group.push((events, reply));
                         }
-                        Ok(other) => {
+                        Some(other) => {
                             held = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 if let Some(reason) = &state.halted {
@@ -640,10 +728,10 @@ fn run(
                         let reason = reason.clone();
                         let _ = reply.send(Err(LogError::Halted { reason }));
                     }
-                    continue;
+                    return held;
                 }
                 bytes_written = bytes as u64;
-                match commit_group(db, &mut state, &mut group, bytes) {
+                match commit_group(db, state, &mut group, bytes) {
                     Ok(results) => {
                         let written = results
                             .iter()
@@ -667,20 +755,16 @@ fn run(
                 }
             }
         };
-        if let (Ok(()), Some(cache)) = (&outcome, &mut kernel_cache) {
+        if let (Ok(()), Some(cache)) = (&outcome, &mut self.kernel_cache) {
             // After the answers: appenders do not wait for it.
             cache.after_commit(bytes_written);
         }
         if let Err(error) = outcome {
             let cause = error.to_string();
             tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
-            poisoned = Some(cause);
+            self.poisoned = Some(cause);
         }
-    }
-    if poisoned.is_none() {
-        if let Err(error) = flush_at_close(db, &mut state) {
-            tracing::warn!(%error, "stream index not flushed at close; the next open rebuilds it");
-        }
+        held
     }
 }
 
