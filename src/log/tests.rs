@@ -257,6 +257,8 @@ struct Disk {
     written: Mutex<Vec<u8>>,
     durable: Mutex<Vec<u8>>,
     fail_sync: AtomicBool,
+    /// A sync panics, as a bug in a commit would.
+    panic_sync: AtomicBool,
     hold_sync: Mutex<bool>,
     released: Condvar,
 }
@@ -301,6 +303,7 @@ impl redb::StorageBackend for Backend {
         if self.0.fail_sync.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("injected fsync failure"));
         }
+        assert!(!self.0.panic_sync.load(Ordering::SeqCst), "injected panic");
         *self.0.durable.lock().unwrap() = self.0.written.lock().unwrap().clone();
         Ok(())
     }
@@ -326,6 +329,12 @@ impl Disks {
     fn fail_sync(&self, fail: bool) {
         for disk in [&self.data, &self.wal] {
             disk.fail_sync.store(fail, Ordering::SeqCst);
+        }
+    }
+
+    fn panic_sync(&self, panic: bool) {
+        for disk in [&self.data, &self.wal] {
+            disk.panic_sync.store(panic, Ordering::SeqCst);
         }
     }
 
@@ -385,6 +394,38 @@ fn a_failed_fsync_poisons_the_writer_and_loses_nothing_acknowledged() {
     drop(reader);
     let next = log.append(vec![activity("s", "c", None)]).unwrap()[0];
     assert_eq!((next.seq, next.position), (3, 3));
+    assert!(log.verify(1).unwrap().ok());
+}
+
+#[test]
+fn a_commit_that_panics_leaves_the_writer_gone_not_the_appender_unwound() {
+    let disk = Disks::default();
+    let log = log_on(&disk, true, LogOptions::default());
+    let acked = log.append(vec![activity("s", "a", None)]).unwrap();
+
+    // Nothing else is writing: the appender commits on its own thread, and the panic stops
+    // there.
+    disk.panic_sync(true);
+    let err = log.append(vec![activity("s", "lost", None)]).unwrap_err();
+    assert!(matches!(err, LogError::WriterGone), "{err}");
+    // What the commit left half-done is not built on, whichever way a request comes.
+    disk.panic_sync(false);
+    let err = log.append(vec![activity("s", "later", None)]).unwrap_err();
+    assert!(matches!(err, LogError::WriterGone), "{err}");
+    let err = log
+        .submit(vec![activity("s", "queued", None)])
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, LogError::WriterGone), "{err}");
+    drop(log);
+
+    let disk = disk.after_crash();
+    let log = log_on(&disk, false, LogOptions::default());
+    let reader = log.read().unwrap();
+    assert_eq!(reader.len().unwrap(), 1);
+    assert_eq!(reader.get(1).unwrap().unwrap().hash, acked[0].hash);
+    drop(reader);
     assert!(log.verify(1).unwrap().ok());
 }
 

@@ -193,8 +193,15 @@ impl Handle {
         let request = Request::Append(events, reply);
         let idle = self.shared.queued.load(Ordering::Acquire) == 0;
         let request = match idle.then(|| self.shared.core.try_lock()) {
-            Some(Ok(mut core)) => {
-                core.serve(&self.shared, request, || None);
+            Some(Ok(core)) => {
+                // A bug that panics in a commit ends it as it would end the writer thread: the
+                // mutex, dropped while unwinding, is poisoned and refuses every later request,
+                // and this appender is told the writer is gone rather than unwound.
+                let shared = &self.shared;
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let mut core = core;
+                    core.serve(shared, request, || None);
+                }));
                 None
             }
             Some(Err(std::sync::TryLockError::Poisoned(_))) => return Err(LogError::WriterGone),
