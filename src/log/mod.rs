@@ -367,6 +367,10 @@ pub struct LogOptions {
     /// commits to redb durably, and the segment starts again. At most
     /// [`wal::SEGMENT_BYTES_MAX`] (a larger value is taken as that).
     pub segment_bytes: u64,
+    /// Small groups' events acknowledged and held in memory at most (with at most 1 MiB of
+    /// their bytes): they are durable in the segment, and reach redb's tables together, when a
+    /// read begins, at this bound, before any other commit, and at close. At least 1.
+    pub held_events_max: usize,
 }
 
 impl Default for LogOptions {
@@ -383,6 +387,7 @@ impl Default for LogOptions {
             fleet_root: None,
             durable_every: std::time::Duration::from_secs(1),
             segment_bytes: wal::SEGMENT_BYTES,
+            held_events_max: 512,
         }
     }
 }
@@ -1080,8 +1085,12 @@ impl Log {
         self.writer.stats()
     }
 
-    /// A consistent snapshot for reading; never blocks the writer.
+    /// A consistent snapshot for reading, holding every event acknowledged before it began.
+    /// It never blocks the writer. When the writer holds acknowledged events in memory (small
+    /// groups since redb's last commit), it first waits for a commit under way and has them
+    /// committed.
     pub fn read(&self) -> Result<Reader, LogError> {
+        self.writer.publish()?;
         Ok(Reader {
             txn: self.db.begin_read()?,
         })
@@ -1090,6 +1099,7 @@ impl Log {
     /// Checks every event's hash and archive, every origin's chain, the position index, the
     /// extents and the heads, using `threads` threads.
     pub fn verify(&self, threads: usize) -> Result<VerifyReport, LogError> {
+        self.writer.publish()?;
         verify::verify(&self.db.begin_read()?, threads)
     }
 

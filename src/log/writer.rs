@@ -95,6 +95,9 @@ struct Shared {
     /// Requests sent to the queue and not yet answered. An appender commits on its own thread
     /// only when there are none, so that it never goes ahead of them.
     queued: AtomicUsize,
+    /// Acknowledged events held in memory and not yet in redb ([`Held`]): a reader that finds
+    /// none begins at once; one that finds some has the writer publish them first.
+    held: AtomicUsize,
     /// Whoever commits holds it: the writer thread for a group from the queue, or an appender
     /// that found it free (see [`Handle::append`]).
     core: Mutex<Core>,
@@ -150,6 +153,7 @@ impl Handle {
             options,
             counters: Counters::default(),
             queued: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             core: Mutex::new(Core {
                 state,
                 poisoned: None,
@@ -249,6 +253,22 @@ impl Handle {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         Err(refused)
     }
+
+    /// Puts the acknowledged events held in memory into redb, so that a read begun next sees
+    /// every event acknowledged before it. Costs one atomic load when none are held; otherwise
+    /// it waits for a commit under way, then commits the held events (without a flush: the
+    /// segment already holds them).
+    pub(super) fn publish(&self) -> Result<(), LogError> {
+        if self.shared.held.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        match self.shared.core.lock() {
+            Ok(mut core) => core.publish(&self.shared),
+            // A commit panicked and what it held is not built on: reads see what redb holds,
+            // and the next open applies the rest again from the segment.
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 /// The answer to a submitted batch: a future that resolves once the batch is durable (or
@@ -293,6 +313,101 @@ struct Extent {
     len: u64,
 }
 
+/// Held events are published into redb once their bytes reach this (or their count
+/// `LogOptions::held_events_max`).
+const HELD_BYTES_MAX: usize = 1024 * 1024;
+
+/// The events of small groups acknowledged since redb's last commit: their segment record is
+/// flushed, and only their keys are in redb, in the transaction left open for the next group.
+/// They go into redb's blocks, with this node's head and last extent, when published: before a
+/// read begins, at a bound, before any other kind of commit, and at close.
+#[derive(Default)]
+struct Held {
+    first_position: u64,
+    bytes: Vec<u8>,
+    /// Per event, in position order: its hash, where its stored bytes end in `bytes`, and its
+    /// causal order.
+    events: Vec<(Hash, usize, u64)>,
+    /// The keys the held events took, with their positions: put into the open transaction as
+    /// each group is settled, and again into a new one if that transaction is dropped.
+    keys: Vec<(String, u64)>,
+    /// This node's head and last extent once the held events are in.
+    head: (u64, Hash),
+    extent: Option<Extent>,
+    /// `LogOptions::held_events_max`.
+    events_max: usize,
+}
+
+/// How far [`Held`] reached before a group: what a failed group is cut back to.
+#[derive(Clone, Copy)]
+struct Mark {
+    events: usize,
+    bytes: usize,
+    keys: usize,
+    head: (u64, Hash),
+    extent: Option<Extent>,
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn full(&self) -> bool {
+        self.events.len() >= self.events_max || self.bytes.len() >= HELD_BYTES_MAX
+    }
+
+    fn push(&mut self, position: u64, hash: &Hash, bytes: &[u8], order: u64) {
+        if self.events.is_empty() {
+            self.first_position = position;
+        }
+        self.bytes.extend_from_slice(bytes);
+        self.events.push((*hash, self.bytes.len(), order));
+    }
+
+    /// The held event at `position`: its hash and stored bytes.
+    fn get(&self, position: u64) -> Option<(&Hash, &[u8])> {
+        let index = usize::try_from(position.checked_sub(self.first_position)?).ok()?;
+        let (hash, end, _) = self.events.get(index)?;
+        let start = index.checked_sub(1).map_or(0, |i| self.events[i].1);
+        Some((hash, &self.bytes[start..*end]))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Hash, &[u8], u64)> {
+        let starts = std::iter::once(0).chain(self.events.iter().map(|e| e.1));
+        starts
+            .zip(&self.events)
+            .map(|(start, (hash, end, order))| (hash, &self.bytes[start..*end], *order))
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            events: self.events.len(),
+            bytes: self.bytes.len(),
+            keys: self.keys.len(),
+            head: self.head,
+            extent: self.extent,
+        }
+    }
+
+    fn truncate(&mut self, mark: Mark) {
+        self.events.truncate(mark.events);
+        self.bytes.truncate(mark.bytes);
+        self.keys.truncate(mark.keys);
+        self.head = mark.head;
+        self.extent = mark.extent;
+    }
+
+    /// Once redb holds them. The buffers are kept for the next groups: the bounds (and the
+    /// size of a small group) bound them.
+    fn clear(&mut self) {
+        self.events.clear();
+        self.bytes.clear();
+        self.keys.clear();
+        self.extent = None;
+    }
+}
+
 /// What the writer keeps in memory between commits; loaded from the log at open.
 struct State {
     origin: Origin,
@@ -321,6 +436,10 @@ struct State {
     /// The write-ahead segment small groups are made durable in (`None` only while opening).
     wal: Option<Wal>,
     wal_path: std::path::PathBuf,
+    /// The small groups' events acknowledged since redb's last commit, and the transaction
+    /// their keys are in (`Some` exactly while some are held).
+    held: Held,
+    open: Option<redb::WriteTransaction>,
     /// When redb last committed durably: a group after `durable_every` commits durably.
     durable_at: Instant,
     durable_every: std::time::Duration,
@@ -426,6 +545,11 @@ impl State {
             recipients_changed,
             wal: None,
             wal_path: Default::default(),
+            held: Held {
+                events_max: options.held_events_max.max(1),
+                ..Held::default()
+            },
+            open: None,
             durable_at: Instant::now(),
             durable_every: options.durable_every,
             clock: Hlc::new(clock, options.max_drift_ms),
@@ -666,7 +790,11 @@ fn run(shared: &Shared, requests: Receiver<Request>) {
     };
     if core.poisoned.is_none() {
         if let Err(error) = flush_at_close(&shared.db, &mut core.state) {
-            tracing::warn!(%error, "stream index not flushed at close; the next open rebuilds it");
+            tracing::warn!(
+                %error,
+                "not committed at close; the next open applies the segment again and rebuilds \
+                 the stream index"
+            );
         }
     }
 }
@@ -695,7 +823,7 @@ impl Core {
         let outcome = match first {
             Request::Evidence(evidence, reply) => {
                 bytes_written = evidence.iter().map(|e| e.bytes.len() as u64).sum();
-                let outcome = keep_evidence(db, &evidence);
+                let outcome = publish(db, state).and_then(|()| keep_evidence(db, &evidence));
                 if outcome.is_ok() {
                     state.durable();
                 }
@@ -704,7 +832,8 @@ impl Core {
             }
             Request::Ingest(events, reply) => {
                 bytes_written = events.iter().map(|e| e.bytes.len() as u64).sum();
-                let outcome = commit_ingest(db, state, events, false);
+                let outcome =
+                    publish(db, state).and_then(|()| commit_ingest(db, state, events, false));
                 if let Ok(report) = &outcome {
                     state.durable();
                     counters.committed(report.applied + report.released);
@@ -746,12 +875,18 @@ impl Core {
                             .flatten()
                             .filter(|a: &&Appended| !a.existing)
                             .count();
-                        // Counted before anyone is answered, so an answered appender sees it.
+                        // Counted before anyone is answered, so an answered appender sees it,
+                        // and a read it begins publishes what is held.
                         counters.committed(written as u64);
+                        shared.held.store(state.held.len(), Ordering::Release);
                         for ((_, reply), result) in group.into_iter().zip(results) {
                             let _ = reply.send(result);
                         }
-                        Ok(())
+                        // After the answers: the appenders do not wait for it.
+                        match state.held.full() {
+                            true => publish(db, state),
+                            false => Ok(()),
+                        }
                     }
                     Err(error) => {
                         for (_, reply) in group {
@@ -766,12 +901,31 @@ impl Core {
             // After the answers: appenders do not wait for it.
             cache.after_commit(bytes_written);
         }
+        shared.held.store(self.state.held.len(), Ordering::Release);
         if let Err(error) = outcome {
-            let cause = error.to_string();
-            tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
-            self.poisoned = Some(cause);
+            self.poison(&error);
         }
         held
+    }
+
+    /// Publishes the held events for a reader (see [`Handle::publish`]).
+    fn publish(&mut self, shared: &Shared) -> Result<(), LogError> {
+        if self.poisoned.is_some() {
+            // What was held was salvaged when the writer was poisoned.
+            return Ok(());
+        }
+        let outcome = publish(&shared.db, &mut self.state);
+        shared.held.store(self.state.held.len(), Ordering::Release);
+        outcome.map_err(|error| {
+            self.poison(&error);
+            poison_of(&error)
+        })
+    }
+
+    fn poison(&mut self, error: &LogError) {
+        let cause = error.to_string();
+        tracing::error!(%cause, "commit failed; the writer is poisoned until the log is reopened");
+        self.poisoned = Some(cause);
     }
 }
 
@@ -904,28 +1058,57 @@ impl Chunk {
     }
 }
 
-/// Writes every request of the group (`payload_bytes` of payloads) in one transaction and
-/// commits it durably.
+/// Makes every request of the group (`payload_bytes` of payloads) durable and visible to the
+/// writer's next group.
 ///
 /// A request reusing a key for a different request is refused whole first. A cheap sequential
 /// pass then settles which events are new (idempotency keys) and gives each its seq, position
-/// and stamp. The new events are encoded in chunks, each chunk's chain of hashes finished in
-/// order, and the chunk packed into blocks; the head, extent and meta follow.
+/// and stamp. The new events are encoded in chunks and each chunk's chain of hashes finished in
+/// order.
+///
+/// A small group is durable once its record in the segment is flushed, and is held: its events
+/// stay in memory ([`Held`]), its keys in redb's transaction left open for the next group, until
+/// they are published. Any other group (large, or the first after `durable_every`, or one whose
+/// record does not fit in the segment) goes into redb's blocks with what is held, with the
+/// head, extent and meta, in a durable commit. So does a small group that changes the
+/// membership or the vault's recipients, without a flush: their saved forms in `meta` follow
+/// the events redb holds.
+///
+/// After a failure what was held before the group is salvaged (see [`salvage`]).
 fn commit_group(
     db: &Database,
     state: &mut State,
     group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
     payload_bytes: usize,
 ) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
-    // A small group is made durable in the segment and committed to redb without a flush,
-    // unless redb last committed durably over `durable_every` ago.
+    let mark = state.held.mark();
+    let txn = match state.open.take() {
+        Some(txn) => txn,
+        None => db.begin_write()?,
+    };
+    let outcome = commit_group_in(state, txn, group, payload_bytes);
+    if outcome.is_err() {
+        salvage(db, state, mark);
+    }
+    outcome
+}
+
+fn commit_group_in(
+    state: &mut State,
+    txn: redb::WriteTransaction,
+    group: &mut [(Vec<NewEvent>, Reply<Vec<Appended>>)],
+    payload_bytes: usize,
+) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
     let logged = state.wal.is_some()
         && state.durable_at.elapsed() < state.durable_every
         && payload_bytes <= wal::RECORD_BYTES_MAX;
-    let mut txn = db.begin_write()?;
     let (head_seq, head_hash) = state.causal.head(state.origin).unwrap_or((0, Hash::ZERO));
     let first_position = state.next_position;
     let mut settled = settle(&txn, state, group, head_seq)?;
+    let hold = logged && !state.fleet_changed && !state.recipients_changed;
+    if !hold {
+        apply_held(&txn, state, false)?;
+    }
     if let (true, Some(wal)) = (logged, state.wal.as_mut()) {
         wal.begin();
     }
@@ -934,15 +1117,60 @@ fn commit_group(
     let orders = std::mem::take(&mut settled.orders);
     let mut fresh = settled.fresh.iter();
     let answers = &mut settled.answers;
-    let head_hash = write_events(&txn, state, logged, new_events, orders, head_hash, |hash| {
-        answers[*fresh.next().expect("one answer per new event")].hash = hash;
-    })?;
+    let sink = match hold {
+        true => Sink::Held,
+        false => Sink::Blocks,
+    };
+    let head_hash = write_events(
+        &txn,
+        state,
+        logged,
+        sink,
+        new_events,
+        orders,
+        head_hash,
+        |h| {
+            answers[*fresh.next().expect("one answer per new event")].hash = h;
+        },
+    )?;
     for &(at, first) in &settled.repeats {
         settled.answers[at].hash = settled.answers[first].hash;
     }
     state.next_position += written;
     if written > 0 {
-        advance_head(&txn, state, head_seq, first_position, written, head_hash)?;
+        advance_head(
+            &txn,
+            state,
+            sink,
+            head_seq,
+            first_position,
+            written,
+            head_hash,
+        )?;
+    }
+    // The segment's record is flushed before redb commits: a crash after it applies the group
+    // again at open; one before it loses a group nobody was told of.
+    let flushed = match (logged, state.wal.as_mut()) {
+        (true, Some(wal)) if written == 0 || wal.fits() => {
+            if written > 0 {
+                wal.commit(written as u32).map_err(|source| LogError::Io {
+                    path: state.wal_path.clone(),
+                    source,
+                })?;
+            }
+            true
+        }
+        _ => false,
+    };
+    if hold && flushed {
+        if state.held.len() > 0 {
+            state.open = Some(txn);
+        }
+        return Ok(settled.results());
+    }
+    if hold {
+        // Its record did not fit: into redb, durably, with what is held.
+        apply_held(&txn, state, false)?;
     }
     {
         let mut meta = txn.open_table(META)?;
@@ -955,35 +1183,116 @@ fn commit_group(
             flush_streams(state, &txn, &mut meta)?;
         }
     }
-    // The segment's record is flushed before redb commits: a crash after it applies the group
-    // again at open; one before it loses a group nobody was told of.
-    let durable = match (logged, state.wal.as_mut()) {
-        (true, Some(wal)) if written == 0 || wal.fits() => {
-            if written > 0 {
-                wal.commit(written as u32).map_err(|source| LogError::Io {
-                    path: state.wal_path.clone(),
-                    source,
-                })?;
-            }
-            txn.set_durability(redb::Durability::None)?;
-            false
-        }
-        _ => true,
-    };
+    let mut txn = txn;
+    if flushed {
+        txn.set_durability(redb::Durability::None)?;
+    }
     txn.commit()?;
-    if durable {
+    state.held.clear();
+    if !flushed {
         state.durable();
     }
-    let mut answers = settled.answers.into_iter();
-    Ok(settled
-        .lens
-        .into_iter()
-        .zip(settled.conflicts)
-        .map(|(n, refused)| match refused {
-            Some(refused) => Err(refused),
-            None => Ok(answers.by_ref().take(n).collect()),
-        })
-        .collect())
+    Ok(settled.results())
+}
+
+/// Where a group's new events go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// Into redb's blocks, head and extent, in the group's transaction.
+    Blocks,
+    /// Into [`Held`], and this node's head and extent in memory only.
+    Held,
+}
+
+/// Puts the held events into `txn`: into blocks from their first position on, with this node's
+/// head and last extent, the clock and the deps they took, and, with `keys`, their keys (which
+/// a dropped transaction took with it). The caller clears them once `txn` is committed.
+fn apply_held(txn: &redb::WriteTransaction, state: &mut State, keys: bool) -> Result<(), LogError> {
+    if state.held.len() == 0 {
+        return Ok(());
+    }
+    let held = &state.held;
+    {
+        let mut table = txn.open_table(EVENTS)?;
+        let block = std::mem::take(&mut state.block);
+        let mut blocks = Blocks::new(&mut table, held.first_position, block);
+        for (hash, bytes, order) in held.iter() {
+            blocks.push(hash, bytes, order)?;
+        }
+        state.block = blocks.close()?;
+    }
+    if keys {
+        let mut table = txn.open_table(KEYS)?;
+        for (key, position) in &held.keys {
+            table.insert(key.as_str(), position)?;
+        }
+    }
+    if let Some(extent) = held.extent {
+        txn.open_table(EXTENTS)?.insert(
+            (state.origin.0, extent.first_seq),
+            (extent.first_position, extent.len),
+        )?;
+    }
+    txn.open_table(HEADS)?
+        .insert(state.origin.0, (held.head.0, held.head.1 .0))?;
+    let mut meta = txn.open_table(META)?;
+    meta.insert("clock", state.clock.last().to_le_bytes().as_slice())?;
+    meta.insert("deps", [].as_slice())?;
+    Ok(())
+}
+
+/// Commits the held events into redb without a flush (the segment holds them), with the stream
+/// postings once enough have gathered. After a failure what was held is salvaged (see
+/// [`salvage`]), and the error returned poisons the writer.
+fn publish(db: &Database, state: &mut State) -> Result<(), LogError> {
+    let Some(txn) = state.open.take() else {
+        return Ok(());
+    };
+    let mark = state.held.mark();
+    let outcome = publish_in(state, txn);
+    match outcome {
+        Ok(()) => state.held.clear(),
+        Err(_) => salvage(db, state, mark),
+    }
+    outcome
+}
+
+fn publish_in(state: &mut State, mut txn: redb::WriteTransaction) -> Result<(), LogError> {
+    apply_held(&txn, state, false)?;
+    if state.pending.len() >= state.stream_flush_events {
+        let mut meta = txn.open_table(META)?;
+        flush_streams(state, &txn, &mut meta)?;
+    }
+    txn.set_durability(redb::Durability::None)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// After a failed commit: puts the events acknowledged before it (held, durable in the segment)
+/// into redb in a new transaction, without the failed group, so that reads go on seeing every
+/// acknowledged event until the log is reopened. Best effort: the writer is poisoned whatever
+/// happens here, and the next open applies them again from the segment.
+fn salvage(db: &Database, state: &mut State, mark: Mark) {
+    // Dropped first: it holds the failed group's keys, and redb makes one write at a time.
+    drop(state.open.take());
+    state.held.truncate(mark);
+    if state.held.len() > 0 {
+        let mut again = || -> Result<(), LogError> {
+            let mut txn = db.begin_write()?;
+            apply_held(&txn, state, true)?;
+            txn.set_durability(redb::Durability::None)?;
+            txn.commit()?;
+            Ok(())
+        };
+        if let Err(error) = again() {
+            tracing::error!(
+                %error,
+                "events acknowledged since redb's last commit stay out of reads until the log \
+                 is reopened, which applies them again from the segment"
+            );
+        }
+    }
+    state.held.clear();
 }
 
 /// What the sequential pass over a group settled.
@@ -1005,6 +1314,21 @@ struct Settled {
     orders: Vec<u64>,
 }
 
+impl Settled {
+    /// Each request's answer: its events' answers, or why it was refused whole.
+    fn results(self) -> Vec<Result<Vec<Appended>, LogError>> {
+        let mut answers = self.answers.into_iter();
+        self.lens
+            .into_iter()
+            .zip(self.conflicts)
+            .map(|(n, refused)| match refused {
+                Some(refused) => Err(refused),
+                None => Ok(answers.by_ref().take(n).collect()),
+            })
+            .collect()
+    }
+}
+
 /// Settles which events of the group are new (a key already stored, or given earlier in the
 /// group, answers with that event), records the new events' keys, and gives each new event its
 /// seq, position, stamp and deps.
@@ -1023,7 +1347,7 @@ fn settle(
         .iter()
         .any(|(batch, _)| batch.iter().any(|e| e.key.is_some()));
     let mut conflicts: Vec<Option<LogError>> = match keyed {
-        true => key_conflicts(&events, &keys, group)?
+        true => key_conflicts(&events, &state.held, &keys, group)?
             .into_iter()
             .map(|conflict| conflict.map(|index| LogError::KeyConflict { index }))
             .collect(),
@@ -1061,7 +1385,8 @@ fn settle(
                     continue;
                 }
                 if let Some(position) = keys.get(key.as_str())?.map(|v| v.value()) {
-                    out.answers.push(stored_answer(&events, position)?);
+                    out.answers
+                        .push(stored_answer(&events, &state.held, position)?);
                     continue;
                 }
             }
@@ -1070,6 +1395,7 @@ fn settle(
             if let Some(key) = &new.key {
                 keys.insert(key.as_str(), position)?;
                 keyed_here.insert(key.clone(), out.answers.len());
+                state.held.keys.push((key.clone(), position));
             }
             out.fresh.push(out.answers.len());
             out.answers.push(Appended {
@@ -1140,10 +1466,12 @@ fn settle(
 /// helper thread for a large group, while the next chunk is encoded), and packs them into
 /// blocks from the next position on; `hashed` is told each event's hash in order. Returns the
 /// new head's hash.
+#[allow(clippy::too_many_arguments)]
 fn write_events(
     txn: &redb::WriteTransaction,
     state: &mut State,
     logged: bool,
+    sink: Sink,
     new_events: Vec<Event>,
     orders: Vec<u64>,
     mut head_hash: Hash,
@@ -1151,15 +1479,26 @@ fn write_events(
 ) -> Result<Hash, LogError> {
     let written = new_events.len();
     let first_position = state.next_position;
-    let mut table = txn.open_table(EVENTS)?;
-    let mut blocks = Blocks::new(&mut table, first_position, std::mem::take(&mut state.block));
+    let mut table = match sink {
+        Sink::Blocks => Some(txn.open_table(EVENTS)?),
+        Sink::Held => None,
+    };
+    let mut blocks = table
+        .as_mut()
+        .map(|table| Blocks::new(table, first_position, std::mem::take(&mut state.block)));
+    let held = &mut state.held;
+    let mut at = first_position;
     let mut spare = std::mem::take(&mut state.spare);
     let mut orders = orders.into_iter();
     let mut wal = state.wal.as_mut().filter(|_| logged);
     let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
         for (bytes, hash) in chunk.events() {
             let order = orders.next().expect("one order per new event");
-            blocks.push(hash, bytes, order)?;
+            match blocks.as_mut() {
+                Some(blocks) => blocks.push(hash, bytes, order)?,
+                None => held.push(at, hash, bytes, order),
+            }
+            at += 1;
             if let Some(wal) = wal.as_mut() {
                 wal.push(hash, bytes);
             }
@@ -1213,7 +1552,9 @@ fn write_events(
             hashed.into_iter().try_for_each(|c| store(c, &mut spare))
         })?;
     }
-    state.block = blocks.close()?;
+    if let Some(blocks) = blocks {
+        state.block = blocks.close()?;
+    }
     spare.truncate(SPARE_CHUNKS);
     state.spare = spare;
     Ok(head_hash)
@@ -1224,6 +1565,7 @@ fn write_events(
 fn advance_head(
     txn: &redb::WriteTransaction,
     state: &mut State,
+    sink: Sink,
     head_seq: u64,
     first_position: u64,
     written: u64,
@@ -1231,14 +1573,18 @@ fn advance_head(
 ) -> Result<(), LogError> {
     let origin = state.origin;
     let extent = state.place(origin, head_seq + 1, first_position, written);
+    let head = (head_seq + written, head_hash);
+    state.causal.set_head(origin, head.0, head.1);
+    if sink == Sink::Held {
+        (state.held.head, state.held.extent) = (head, Some(extent));
+        return Ok(());
+    }
     txn.open_table(EXTENTS)?.insert(
         (origin.0, extent.first_seq),
         (extent.first_position, extent.len),
     )?;
-    let head = (head_seq + written, head_hash);
     txn.open_table(HEADS)?
         .insert(origin.0, (head.0, head.1 .0))?;
-    state.causal.set_head(origin, head.0, head.1);
     Ok(())
 }
 
@@ -1288,6 +1634,7 @@ fn unregistered(
 /// refused whole. The same request again is a duplicate, not a conflict.
 fn key_conflicts(
     events: &impl ReadableTable<u64, &'static [u8]>,
+    held: &Held,
     keys: &impl ReadableTable<&'static str, u64>,
     group: &[(Vec<NewEvent>, Reply<Vec<Appended>>)],
 ) -> Result<Vec<Option<usize>>, LogError> {
@@ -1304,12 +1651,7 @@ fn key_conflicts(
                 Some(earlier) => same_request(earlier, new),
                 None => match keys.get(key)?.map(|v| v.value()) {
                     Some(position) => {
-                        let record =
-                            super::entry_at(events, position)?.ok_or(Corruption::PositionGap {
-                                position,
-                                found: None,
-                            })?;
-                        same_as_stored(&record.event(), new)
+                        same_as_stored(&record_at(events, held, position)?.event(), new)
                     }
                     None => {
                         mine.insert(key, new);
@@ -1736,12 +2078,10 @@ fn apply(
 /// The answer for an idempotency key already in the log.
 fn stored_answer(
     events: &impl ReadableTable<u64, &'static [u8]>,
+    held: &Held,
     position: u64,
 ) -> Result<Appended, LogError> {
-    let record = super::entry_at(events, position)?.ok_or(Corruption::PositionGap {
-        position,
-        found: None,
-    })?;
+    let record = record_at(events, held, position)?;
     let event = record.event();
     Ok(Appended {
         origin: event.origin(),
@@ -1750,6 +2090,25 @@ fn stored_answer(
         hash: record.hash,
         existing: true,
     })
+}
+
+/// The event a stored key names: a held one, or one in the table.
+fn record_at(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    held: &Held,
+    position: u64,
+) -> Result<super::Record, LogError> {
+    let record = match held.get(position) {
+        Some((hash, bytes)) => {
+            let entry = [hash.0.as_slice(), bytes].concat();
+            Some(super::Record::check(position, &entry)?)
+        }
+        None => super::entry_at(events, position)?,
+    };
+    Ok(record.ok_or(Corruption::PositionGap {
+        position,
+        found: None,
+    })?)
 }
 
 /// Packs consecutive events, with their causal orders, into blocks and inserts each block as it
@@ -1818,13 +2177,18 @@ fn flush_streams(
     Ok(())
 }
 
-/// At a clean stop: flush the stream postings so the next open has no tail to rescan.
+/// At a clean stop: commit what is held and flush the stream postings, durably, so the next open
+/// has no segment to apply and no tail to rescan.
 fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
     let logged = state.wal.as_ref().is_some_and(|w| w.used() > 0);
-    if state.pending.len() == 0 && !logged {
+    if state.pending.len() == 0 && !logged && state.open.is_none() {
         return Ok(());
     }
-    let txn = db.begin_write()?;
+    let txn = match state.open.take() {
+        Some(txn) => txn,
+        None => db.begin_write()?,
+    };
+    apply_held(&txn, state, false)?;
     {
         let mut meta = txn.open_table(META)?;
         if state.pending.len() > 0 {
@@ -1832,6 +2196,7 @@ fn flush_at_close(db: &Database, state: &mut State) -> Result<(), LogError> {
         }
     }
     txn.commit()?;
+    state.held.clear();
     state.durable();
     Ok(())
 }
