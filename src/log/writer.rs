@@ -1069,10 +1069,10 @@ impl Chunk {
 /// A small group is durable once its record in the segment is flushed, and is held: its events
 /// stay in memory ([`Held`]), its keys in redb's transaction left open for the next group, until
 /// they are published. Any other group (large, or the first after `durable_every`, or one whose
-/// record does not fit in the segment) goes into redb's blocks with what is held, with the
-/// head, extent and meta, in a durable commit. So does a small group that changes the
-/// membership or the vault's recipients, without a flush: their saved forms in `meta` follow
-/// the events redb holds.
+/// record does not fit in the segment) goes into redb's blocks after what is held, with the
+/// head, extent and meta, in a durable commit. A small group that changes the membership or the
+/// vault's recipients is not held either: once its record is flushed it commits the same way
+/// without a flush, so that their saved forms in `meta` describe the events redb holds.
 ///
 /// After a failure what was held before the group is salvaged (see [`salvage`]).
 fn commit_group(
@@ -1117,22 +1117,14 @@ fn commit_group_in(
     let orders = std::mem::take(&mut settled.orders);
     let mut fresh = settled.fresh.iter();
     let answers = &mut settled.answers;
-    let sink = match hold {
-        true => Sink::Held,
-        false => Sink::Blocks,
+    let sink = match (hold, logged) {
+        (true, _) => Sink::Held,
+        (false, true) => Sink::Logged,
+        (false, false) => Sink::Blocks,
     };
-    let head_hash = write_events(
-        &txn,
-        state,
-        logged,
-        sink,
-        new_events,
-        orders,
-        head_hash,
-        |h| {
-            answers[*fresh.next().expect("one answer per new event")].hash = h;
-        },
-    )?;
+    let head_hash = write_events(&txn, state, sink, new_events, orders, head_hash, |h| {
+        answers[*fresh.next().expect("one answer per new event")].hash = h;
+    })?;
     for &(at, first) in &settled.repeats {
         settled.answers[at].hash = settled.answers[first].hash;
     }
@@ -1200,7 +1192,10 @@ fn commit_group_in(
 enum Sink {
     /// Into redb's blocks, head and extent, in the group's transaction.
     Blocks,
-    /// Into [`Held`], and this node's head and extent in memory only.
+    /// Into the segment's record, and into redb's as `Blocks`.
+    Logged,
+    /// Into the segment's record, and into [`Held`] with this node's head and extent in
+    /// memory only.
     Held,
 }
 
@@ -1463,14 +1458,12 @@ fn settle(
 }
 
 /// Encodes `new_events` in chunks, chains each chunk's hashes on `head_hash` in order (on a
-/// helper thread for a large group, while the next chunk is encoded), and packs them into
-/// blocks from the next position on; `hashed` is told each event's hash in order. Returns the
-/// new head's hash.
-#[allow(clippy::too_many_arguments)]
+/// helper thread for a large group, while the next chunk is encoded), and puts them where
+/// `sink` says from the next position on; `hashed` is told each event's hash in order. Returns
+/// the new head's hash.
 fn write_events(
     txn: &redb::WriteTransaction,
     state: &mut State,
-    logged: bool,
     sink: Sink,
     new_events: Vec<Event>,
     orders: Vec<u64>,
@@ -1480,7 +1473,7 @@ fn write_events(
     let written = new_events.len();
     let first_position = state.next_position;
     let mut table = match sink {
-        Sink::Blocks => Some(txn.open_table(EVENTS)?),
+        Sink::Blocks | Sink::Logged => Some(txn.open_table(EVENTS)?),
         Sink::Held => None,
     };
     let mut blocks = table
@@ -1490,7 +1483,7 @@ fn write_events(
     let mut at = first_position;
     let mut spare = std::mem::take(&mut state.spare);
     let mut orders = orders.into_iter();
-    let mut wal = state.wal.as_mut().filter(|_| logged);
+    let mut wal = state.wal.as_mut().filter(|_| sink != Sink::Blocks);
     let mut store = |chunk: Chunk, spare: &mut Vec<Chunk>| -> Result<(), LogError> {
         for (bytes, hash) in chunk.events() {
             let order = orders.next().expect("one order per new event");
