@@ -312,6 +312,33 @@ fn concurrent_appenders_share_commits_and_lose_nothing() {
     assert_eq!(report.events, (threads * per_thread) as u64);
 }
 
+#[test]
+fn a_read_begun_after_an_answer_sees_it_while_others_append() {
+    let (_dir, log) = temp_log();
+    let log = Arc::new(log);
+    // Half the threads read after every append, half only append: reads publish held events
+    // while groups are being held and committed around them.
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let log = log.clone();
+            s.spawn(move || {
+                for i in 0..150 {
+                    let key = (i % 10 == 0).then(|| format!("t{t}-{i}"));
+                    let event = activity(&format!("t{t}"), &format!("{i}"), key.as_deref());
+                    let a = log.append(vec![event]).unwrap()[0];
+                    if t % 2 == 0 {
+                        let record = log.read().unwrap().get(a.position).unwrap();
+                        assert_eq!(record.map(|r| r.hash), Some(a.hash), "t{t} {i}");
+                    }
+                }
+            });
+        }
+    });
+    let report = log.verify(2).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.events, 6 * 150);
+}
+
 /// A disk that keeps what was written apart from what a sync made durable, and can fail or hold
 /// a sync on demand.
 #[derive(Debug, Default)]
