@@ -1096,6 +1096,16 @@ impl Log {
         })
     }
 
+    /// The fleet's membership (`None` for a log of no fleet), read without waiting for a commit
+    /// under way, as a peer's TLS handshake needs: a group that changes the membership is never
+    /// held in the writer's memory, so what redb holds is what every acknowledged event made.
+    pub fn fleet(&self) -> Result<Option<crate::membership::Membership>, LogError> {
+        let reader = Reader {
+            txn: self.db.begin_read()?,
+        };
+        reader.fleet(self.fleet_root)
+    }
+
     /// Checks every event's hash and archive, every origin's chain, the position index, the
     /// extents and the heads, using `threads` threads.
     pub fn verify(&self, threads: usize) -> Result<VerifyReport, LogError> {

@@ -177,6 +177,43 @@ fn held_events_answer_keys_and_reads_before_and_after_they_reach_redb() {
 }
 
 #[test]
+fn a_pairing_is_never_held_so_the_fleet_reads_it_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::identity::NodeKey::generate();
+    let log = Log::create(
+        &dir.path().join("log.redb"),
+        root.origin(),
+        LogOptions {
+            signer: Some(root.public().0),
+            fleet_root: Some(root.origin()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let first = log.append(vec![activity("s", "held", None)]).unwrap()[0];
+    let peer = crate::identity::NodeKey::generate();
+    let paired = parse_request(&format!(
+        r#"{{"kind":"device.paired","stream":"device/{o}","actor":"test","data":{{"device_id":"{o}","label":"peer","capabilities":["sync"],"signing_public_key":"{k}","pairing_id":null}}}}"#,
+        o = peer.origin().to_hex(),
+        k = peer.public().to_hex(),
+    ))
+    .unwrap();
+    log.append(vec![paired]).unwrap();
+    // `Log::fleet` reads what redb holds, without asking the writer: the pairing and what was
+    // held before it are there.
+    let fleet = log.fleet().unwrap().unwrap();
+    assert!(fleet.member(peer.origin()).is_some());
+    let reader = Reader {
+        txn: log.db.begin_read().unwrap(),
+    };
+    assert_eq!(
+        reader.get(first.position).unwrap().unwrap().hash,
+        first.hash
+    );
+    assert_eq!(reader.len().unwrap(), 2);
+}
+
+#[test]
 fn a_key_reused_for_a_different_request_is_refused_whole() {
     let (_dir, log) = temp_log();
     log.append(vec![activity("s", "m", Some("k1"))]).unwrap();

@@ -97,11 +97,8 @@ impl Link {
 /// Whether `key` belongs to a current member of this node's fleet (a node of no fleet, made
 /// before keys, has no peers).
 pub fn member_key(log: &Log, key: &PublicKey) -> bool {
-    let Some(root) = log.fleet_root() else {
-        return false;
-    };
     let origin = crate::identity::origin_of(key);
-    match log.read().and_then(|r| r.fleet(Some(root))) {
+    match log.fleet() {
         Ok(Some(fleet)) => fleet.member(origin).is_some_and(|m| m.revoked.is_none()),
         _ => false,
     }
