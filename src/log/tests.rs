@@ -532,6 +532,30 @@ fn a_failed_fsync_poisons_the_writer_and_loses_nothing_acknowledged() {
 }
 
 #[test]
+fn held_keys_survive_a_failed_fsync_and_a_reopen() {
+    let disk = Disks::default();
+    let log = log_on(&disk, true, LogOptions::default());
+    let keyed = log.append(vec![activity("s", "k", Some("k1"))]).unwrap()[0];
+    disk.fail_sync(true);
+    let err = log
+        .append(vec![activity("s", "lost", Some("k2"))])
+        .unwrap_err();
+    assert!(matches!(err, LogError::Poisoned { .. }), "{err}");
+    disk.fail_sync(false);
+    drop(log);
+    // Reopened from what was written (no power cut): the key answers with its event. The
+    // failed request's record was written, if not flushed: it comes back whole or not at all.
+    let log = log_on(&disk, false, LogOptions::default());
+    let again = log.append(vec![activity("s", "k", Some("k1"))]).unwrap()[0];
+    assert!(again.existing);
+    assert_eq!((again.position, again.hash), (keyed.position, keyed.hash));
+    let lost = log.append(vec![activity("s", "lost", Some("k2"))]).unwrap()[0];
+    assert_eq!(lost.position, 2);
+    assert_eq!(log.read().unwrap().len().unwrap(), 2);
+    assert!(log.verify(1).unwrap().ok());
+}
+
+#[test]
 fn a_commit_that_panics_leaves_the_writer_gone_not_the_appender_unwound() {
     let disk = Disks::default();
     let log = log_on(&disk, true, LogOptions::default());

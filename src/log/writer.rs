@@ -1113,6 +1113,12 @@ fn commit_group_in(
         wal.begin();
     }
     let written = settled.new_events.len() as u64;
+    if hold {
+        // Kept to put into a new transaction if the open one is dropped (`salvage`).
+        let keyed = (first_position..).zip(&settled.new_events);
+        let keys = keyed.filter_map(|(at, e)| Some((e.key.clone()?, at)));
+        state.held.keys.extend(keys);
+    }
     let new_events = std::mem::take(&mut settled.new_events);
     let orders = std::mem::take(&mut settled.orders);
     let mut fresh = settled.fresh.iter();
@@ -1390,7 +1396,6 @@ fn settle(
             if let Some(key) = &new.key {
                 keys.insert(key.as_str(), position)?;
                 keyed_here.insert(key.clone(), out.answers.len());
-                state.held.keys.push((key.clone(), position));
             }
             out.fresh.push(out.answers.len());
             out.answers.push(Appended {
