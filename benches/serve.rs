@@ -158,19 +158,12 @@ fn main() {
     let find = |c, b| results.iter().find(|r| r.0 == c && r.1 == b).map(|r| &r.2);
     // How near each side's one client comes to the flush: 1.5x Postgres is within reach only
     // while Postgres runs below two thirds of it.
+    let share = |what: &str, rate: f64| println!("{what:<48} {:>11.2}x", rate / floor.rate);
     if let Some(ours) = find(1, 1) {
-        println!(
-            "{:<48} {:>11.2}x",
-            "  spool 1 client / the disk's flush",
-            ours.rate / floor.rate
-        );
+        share("  spool 1 client / the disk's flush", ours.rate);
     }
     if let Some((_, peer)) = peers.iter().find(|p| p.0 == 1) {
-        println!(
-            "{:<48} {:>11.2}x",
-            "  Postgres 1 client / the disk's flush",
-            peer.rate / floor.rate
-        );
+        share("  Postgres 1 client / the disk's flush", peer.rate);
     }
     let verdict = |target: &str, ok: Option<bool>| {
         let said = match ok {
